@@ -1,0 +1,194 @@
+"""The Part A network: a small CNN whose every structural choice is a hyperparameter.
+
+    input -> n_blocks x [conv -> (batch norm) -> activation -> max-pool 2x2/2 -> (dropout)]
+          -> flatten -> dense (dense_neurons) -> activation -> dropout -> dense (num_classes)
+
+No training code lives here. Shapes are derived analytically (``block_shapes``), so a configuration
+that shrinks the feature map to nothing fails with the block and the sizes before any weight exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "leaky_relu": nn.LeakyReLU,
+    "tanh": nn.Tanh,
+}
+FILTER_STRATEGIES = ("same", "double", "half")
+
+
+@dataclass
+class ModelConfig:
+    n_blocks: int = field(default=5, metadata={"help": "number of conv blocks"})
+    n_filters: int = field(default=64, metadata={"help": "filters in the first conv layer (m)"})
+    filter_strategy: str = field(default="same", metadata={
+        "help": "how filter counts change per block", "choices": FILTER_STRATEGIES})
+    kernel_size: int | list[int] = field(default=5, metadata={
+        "help": "conv kernel size k: one int, or a comma list with one per block"})
+    stride: int = field(default=1, metadata={"help": "conv stride"})
+    padding: int | str = field(default="same", metadata={
+        "help": "'same' (output size = ceil(input/stride), asymmetric for even kernels), 'valid', or an int"})
+    activation: str = field(default="gelu", metadata={
+        "help": "conv activation: " + ", ".join(ACTIVATIONS)})
+    dense_activation: str | None = field(default=None, metadata={
+        "help": "dense-layer activation; none = same as --activation"})
+    dense_neurons: int = field(default=128, metadata={"help": "neurons in the dense layer (n)"})
+    batch_norm: bool = field(default=True, metadata={"help": "batch norm after each conv"})
+    conv_bias: bool = field(default=True, metadata={"help": "bias term in conv layers"})
+    dropout: float = field(default=0.31396, metadata={"help": "dropout before the output layer"})
+    block_dropout: float = field(default=0.0, metadata={"help": "dropout after each conv block"})
+    input_size: int = field(default=224, metadata={"help": "input images are input_size x input_size"})
+    in_channels: int = field(default=3, metadata={"help": "input channels", "cli": False})
+    num_classes: int = field(default=10, metadata={"help": "output classes", "cli": False})
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[key]
+
+
+def filter_counts(config: ModelConfig) -> list[int]:
+    """Output channels of each block for the filter strategy (``half`` never drops below 1)."""
+    m = config.n_filters
+    if config.filter_strategy == "same":
+        return [m] * config.n_blocks
+    if config.filter_strategy == "double":
+        return [m * 2**i for i in range(config.n_blocks)]
+    if config.filter_strategy == "half":
+        return [max(1, m // 2**i) for i in range(config.n_blocks)]
+    raise ValueError(f"unknown filter_strategy {config.filter_strategy!r}; choose one of: "
+                     f"{', '.join(FILTER_STRATEGIES)}")
+
+
+def kernel_sizes(config: ModelConfig) -> list[int]:
+    k = config.kernel_size
+    sizes = [k] * config.n_blocks if isinstance(k, int) else list(k)
+    if len(sizes) != config.n_blocks:
+        raise ValueError(f"kernel_size lists {len(sizes)} values but there are {config.n_blocks} blocks; "
+                         "give one value or one per block")
+    if any(not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"kernel sizes must be positive integers, got {sizes}")
+    return sizes
+
+
+def conv_padding(padding: int | str, kernel: int, stride: int, size: int) -> tuple[int, int]:
+    """(before, after) padding on one spatial axis for an input of ``size``."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        # TensorFlow's rule: output = ceil(size / stride); the odd pixel goes after (bottom/right).
+        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        return total // 2, total - total // 2
+    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
+        return padding, padding
+    raise ValueError(f"padding must be 'same', 'valid' or a non-negative int, got {padding!r}")
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Analytic shapes of one block: input side, conv padding, conv output side, pooled side."""
+    in_channels: int
+    out_channels: int
+    kernel: int
+    in_size: int
+    pad: tuple[int, int]
+    conv_size: int
+    pool_size: int
+
+
+def block_shapes(config: ModelConfig) -> list[BlockShape]:
+    """Validate ``config`` and derive every block's shapes without building anything."""
+    for name in ("n_blocks", "n_filters", "dense_neurons", "stride", "input_size", "num_classes", "in_channels"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("dropout", "block_dropout"):
+        value = getattr(config, name)
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    activation_class(config.activation)
+    if config.dense_activation is not None:
+        activation_class(config.dense_activation)
+    channels, kernels = filter_counts(config), kernel_sizes(config)
+    shapes, size, in_ch = [], config.input_size, config.in_channels
+    for index, (out_ch, k) in enumerate(zip(channels, kernels), start=1):
+        pad = conv_padding(config.padding, k, config.stride, size)
+        conv_size = (size + sum(pad) - k) // config.stride + 1
+        pool_size = conv_size // 2 if conv_size >= 1 else 0
+        if conv_size < 1 or pool_size < 1:
+            raise ValueError(
+                f"block {index} shrinks the feature map to nothing: input {size}x{size}, kernel {k}, "
+                f"stride {config.stride}, padding {config.padding!r} gives a {max(conv_size, 0)}x"
+                f"{max(conv_size, 0)} conv output and a {max(pool_size, 0)}x{max(pool_size, 0)} pooled "
+                "output; use a larger input_size, fewer blocks, a smaller kernel or padding='same'")
+        shapes.append(BlockShape(in_ch, out_ch, k, size, pad, conv_size, pool_size))
+        size, in_ch = pool_size, out_ch
+    return shapes
+
+
+def flat_features(config: ModelConfig) -> int:
+    last = block_shapes(config)[-1]
+    return last.out_channels * last.pool_size * last.pool_size
+
+
+class ConvNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        shapes = block_shapes(config)  # raises before any weight is made
+        self.config = config
+        act = activation_class(config.activation)
+        dense_act = activation_class(config.dense_activation or config.activation)
+        blocks = []
+        for shape in shapes:
+            layers: list[nn.Module] = []
+            before, after = shape.pad
+            if before == after:
+                conv_pad = before
+            else:  # asymmetric 'same' padding for even kernels
+                layers.append(nn.ZeroPad2d((before, after, before, after)))
+                conv_pad = 0
+            layers.append(nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel,
+                                    stride=config.stride, padding=conv_pad, bias=config.conv_bias))
+            if config.batch_norm:
+                layers.append(nn.BatchNorm2d(shape.out_channels))
+            layers += [act(), nn.MaxPool2d(2, 2)]
+            if config.block_dropout > 0:
+                layers.append(nn.Dropout(config.block_dropout))
+            blocks.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat_features(config), config.dense_neurons),
+            dense_act(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.dense_neurons, config.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def first_conv(self) -> nn.Conv2d:
+        return next(m for m in self.features.modules() if isinstance(m, nn.Conv2d))
+
+    def last_conv_block(self) -> nn.Module:
+        return self.features[-1]
+
+
+def build_model(config: ModelConfig | dict) -> ConvNet:
+    if isinstance(config, dict):
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        config = ModelConfig(**{k: v for k, v in config.items() if k in names})
+    return ConvNet(config)
