@@ -83,6 +83,11 @@ def _parser_for(tp: Any):
     raise TypeError(f"no option parser for field type {tp!r}")
 
 
+def _is_optional_bool(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and \
+        [a for a in typing.get_args(tp) if a is not type(None)] == [bool]
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
     """Add one option per field of ``cls`` (a dataclass) to ``parser``, in a group of their own."""
     hints = typing.get_type_hints(cls)
@@ -95,9 +100,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | 
         help_text = field.metadata.get("help", "")
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         option = f"--{field.name}"
-        if tp is bool:
+        if tp is bool or _is_optional_bool(tp):
             # --flag, --flag=true, --flag false and --no-flag all work.
-            group.add_argument(option, type=parse_bool, nargs="?", const=True, default=default,
+            group.add_argument(option, type=_parser_for(tp), nargs="?", const=True, default=default,
                                metavar="BOOL", help=help_text)
             group.add_argument(f"--no-{field.name}", dest=field.name, action="store_false",
                                help=argparse.SUPPRESS)

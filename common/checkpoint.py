@@ -1,0 +1,114 @@
+"""Checkpoints that are never half-written and always loadable with ``weights_only=True``.
+
+A checkpoint is a plain dict (see docs/architecture.md). Writing goes to a temporary file in the
+same folder, which is flushed and fsynced, then renamed over the target: a crash or a full disk
+mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "inat12k-checkpoint"
+KINDS = ("part_a", "part_b")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not one of ours."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` to ``path`` (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, or raise ``CheckpointError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a best.pt or last.pt "
+                              "written by part_a/train.py or part_b/train.py")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); it is corrupt or "
+                              "truncated: use another checkpoint (best.pt / last.pt) of the run") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
+                              f"(no format={FORMAT!r}); pass a best.pt or last.pt from a run folder")
+    if state.get("kind") not in KINDS:
+        raise CheckpointError(f"checkpoint {path} has unknown kind {state.get('kind')!r}; expected one of {KINDS}")
+    return state
+
+
+def build_model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    """Rebuild the raw (uncompiled, unwrapped) model a checkpoint holds and load its weights."""
+    if state["kind"] == "part_a":
+        from part_a.model import build_model
+        model = build_model(state["model_config"])
+    else:
+        from part_b.model import build_from_config
+        model = build_from_config(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run draws from, as weights_only-safe plain data and tensors."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """Library versions and the git commit, so a checkpoint says what produced it (read once)."""
+    import torchvision
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                         "numpy": np.__version__},
+            "git_commit": commit}

@@ -1,0 +1,199 @@
+"""The hand-written training loop: one ``train_one_epoch``, one ``evaluate``, and ``fit``.
+
+Features are switches on a single code path, never copies of it: autocast and the GradScaler take
+``enabled=``; the model is a plain, channels_last, compiled or DDP-wrapped module, and the loop does
+not care which. Metrics accumulate on the device and are read (one host sync) only at log points.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:  # tqdm is optional at import time so that library users without it still get the loop
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+SYNC_EVERY = 50  # steps between host syncs (non-finite check, progress-bar loss)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class BatchSizeOOMError(RuntimeError):
+    """CUDA ran out of memory for the requested batch size."""
+
+
+@dataclass
+class StepContext:
+    """What the step needs besides model and data: device, precision and the update rule."""
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+    scaler: torch.amp.GradScaler
+    grad_clip: float = 0.0
+    channels_last: bool = True
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def _progress(iterable: Iterable, total: int, desc: str):
+    """A progress bar only when a person is watching (stderr is a terminal)."""
+    if tqdm is None or not sys.stderr.isatty():
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad_step.item())
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch}, step {bad + 1}: training stopped; the last good "
+            "checkpoint is kept. Try a lower --learning_rate, --grad_clip 1.0, or --precision fp32")
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
+                    loss_fn: Callable, ctx: StepContext, epoch: int) -> dict[str, float]:
+    """One pass over ``loader``; returns ``train_loss``, ``train_acc`` and throughput figures."""
+    model.train()
+    device = ctx.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = torch.zeros((), device=device, dtype=torch.int64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bar = _progress(loader, len(loader), f"epoch {epoch}")
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(bar):
+        with ctx.autocast():
+            logits = model(images)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        ctx.scaler.scale(loss).backward()
+        if ctx.grad_clip > 0:
+            ctx.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+
+        detached = loss.detach()
+        finite = torch.isfinite(detached)
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        loss_sum += detached.double() * labels.numel()
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += labels.numel()
+        if (step + 1) % SYNC_EVERY == 0:
+            _check_finite(first_bad, epoch)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
+    _check_finite(first_bad, epoch)
+    totals = _reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    loss_total, correct_total, seen_total = totals.tolist()
+    return {"train_loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
+            "train_time_s": elapsed, "images_per_s": seen_total / elapsed if elapsed > 0 else 0.0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
+             return_predictions: bool = False) -> dict:
+    """Loss and accuracy over every sample once; padding labels (-1) are ignored."""
+    model.eval()
+    device = ctx.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = torch.zeros((), device=device, dtype=torch.int64)
+    predictions, targets, probabilities = [], [], []
+    for images, labels in _progress(loader, len(loader), prefix):
+        with ctx.autocast():
+            logits = model(images)
+        logits = logits.float()
+        valid = labels >= 0
+        loss_sum += nn.functional.cross_entropy(logits, labels, ignore_index=-1, reduction="sum").double()
+        correct += ((logits.argmax(dim=1) == labels) & valid).sum()
+        seen += valid.sum()
+        if return_predictions:
+            predictions.append(logits.argmax(dim=1)[valid].cpu())
+            targets.append(labels[valid].cpu())
+            probabilities.append(logits.softmax(dim=1)[valid].cpu())
+    totals = _reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
+    loss_total, correct_total, seen_total = totals.tolist()
+    result = {f"{prefix}_loss": loss_total / max(seen_total, 1), f"{prefix}_acc": correct_total / max(seen_total, 1),
+              f"{prefix}_samples": int(seen_total)}
+    if return_predictions:
+        result["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+        result["targets"] = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
+        result["probabilities"] = torch.cat(probabilities) if probabilities else torch.empty(0)
+    return result
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Per-step LR factor: linear warmup, then constant, cosine to zero, or one-cycle.
+
+    One-cycle here is the usual fast-ai shape: warmup to the peak (30% of training when no warmup
+    is given), then cosine annealing to 1/1000 of the peak.
+    """
+    if schedule not in ("constant", "cosine", "onecycle"):
+        raise ValueError(f"lr_schedule must be constant, cosine or onecycle, got {schedule!r}")
+    if schedule == "onecycle" and warmup_steps == 0:
+        warmup_steps = max(1, int(0.3 * total_steps))
+    floor = 1e-3 if schedule == "onecycle" else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def fit(model: nn.Module, train_loader, val_loader, optimizer, scheduler, loss_fn, ctx: StepContext,
+        *, start_epoch: int, epochs: int,
+        on_epoch_start: Callable[[int], nn.Module | None] | None = None,
+        on_epoch_end: Callable[[int, dict], None] | None = None) -> None:
+    """Train from ``start_epoch`` to ``epochs`` inclusive; ``on_epoch_end`` checkpoints and logs.
+
+    ``on_epoch_start`` may return a new wrapper of the same raw module (Part B re-wraps the model
+    when gradual unfreezing changes which parameters train); ``None`` keeps the current one.
+    """
+    for epoch in range(start_epoch, epochs + 1):
+        if on_epoch_start is not None:
+            model = on_epoch_start(epoch) or model
+        train_loader.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        try:
+            train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, ctx, epoch)
+            val_metrics = evaluate(model, val_loader, ctx, prefix="val")
+        except torch.cuda.OutOfMemoryError as error:
+            batch = getattr(train_loader, "batch_size", "?")
+            raise BatchSizeOOMError(
+                f"CUDA ran out of memory at batch size {batch} (epoch {epoch}); try --batch_size "
+                f"{max(1, int(batch) // 2) if isinstance(batch, int) else 'smaller'}") from error
+        metrics = {"epoch": epoch, **train_metrics, **val_metrics,
+                   "lr": max(group["lr"] for group in optimizer.param_groups),
+                   "epoch_time_s": time.perf_counter() - epoch_start}
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)

@@ -1,0 +1,104 @@
+"""Experiment tracking: the local run folder always, a wandb run when wanted.
+
+The run folder (``runs/NAME/``) is the record that never depends on a network: ``config.json``,
+``metrics.jsonl`` (one JSON object per epoch), ``summary.json``. wandb mirrors it: online when
+credentials are configured, offline (``wandb sync`` later) otherwise, so no command waits on a
+server that is not there.
+"""
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+WANDB_MODES = ("online", "offline", "disabled")
+WANDB_HOST = "api.wandb.ai"
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_json(path: str | Path, updates: dict) -> dict:
+    merged = {**read_json(path), **updates}
+    write_json(path, merged)
+    return merged
+
+
+def append_metrics(path: str | Path, metrics: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(metrics) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_epoch: int) -> None:
+    """Drop lines logged after ``last_epoch`` (written before a crash that lost their checkpoint)."""
+    kept = [m for m in read_metrics(path) if m.get("epoch", 0) <= last_epoch]
+    tmp = Path(path).with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    os.replace(tmp, path)
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(requested: str | None) -> str:
+    """``--wandb_mode`` wins; then ``WANDB_MODE``; then online with credentials, offline without."""
+    if requested:
+        if requested not in WANDB_MODES:
+            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {requested!r}")
+        return requested
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode in WANDB_MODES:
+        return env_mode
+    if env_mode == "dryrun":
+        return "offline"
+    return "online" if has_wandb_credentials() else "offline"
+
+
+def start_wandb(mode: str | None, *, project: str, entity: str | None, name: str, group: str | None,
+                config: dict, run_dir: str | Path, resume_id: str | None = None):
+    """Start a wandb run (or return ``None`` when disabled). Never blocks long on a dead server.
+
+    Online with an unreachable server fails after a short init timeout and falls back to offline
+    logging, saying so; metrics are the same either way, only where they are stored differs.
+    """
+    mode = resolve_wandb_mode(mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    kwargs = dict(project=project, entity=entity, name=name, group=group, config=config,
+                  dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None)
+    try:
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **kwargs)
+    except Exception as error:  # wandb raises its own CommError/UsageError/timeouts
+        if mode != "online":
+            raise
+        print(f"wandb: could not reach the server ({type(error).__name__}); logging offline instead. "
+              f"Upload later with: wandb sync {Path(run_dir) / 'wandb'}", file=sys.stderr)
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
