@@ -1,0 +1,377 @@
+"""One training run from start to summary, shared by Part A and Part B.
+
+``run`` reads top to bottom: config checks, run folder, distributed setup, data, model placement,
+optimizer and schedule, resume, compile, the loop, the test evaluation, the summary. Everything a
+part does differently (the model, its normalisation, which parameters train) comes in as arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from common import checkpoint as ckpt_io
+from common import data as data_lib
+from common import engine, tracking
+from common.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
+
+OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Options that change the trajectory of a run: a resumed run must use the values it started with.
+RESUME_MUST_MATCH = ("batch_size", "optimizer", "learning_rate", "weight_decay", "momentum", "nesterov",
+                     "lr_schedule", "warmup_epochs", "label_smoothing", "grad_clip", "class_weights",
+                     "augment", "seed", "split_seed", "val_fraction")
+
+
+@dataclass
+class RunConfig:
+    data_dir: str = field(default="data", metadata={"help": "dataset root (prepared automatically if missing)"})
+    out_dir: str = field(default="runs", metadata={"help": "folder holding run folders"})
+    name: str | None = field(default=None, metadata={"help": "run folder name (default: kind and time)"})
+    epochs: int = field(default=40, metadata={"help": "training epochs"})
+    batch_size: int = field(default=32, metadata={"help": "training batch size per process"})
+    eval_batch_size: int = field(default=256, metadata={"help": "batch size for validation and test"})
+    optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": OPTIMIZERS})
+    learning_rate: float = field(default=0.00027, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.00133, metadata={"help": "weight decay (L2 for adam/nadam/sgd, decoupled for adamw)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum for SGD"})
+    lr_schedule: str = field(default="constant", metadata={"help": "LR schedule after warmup", "choices": SCHEDULES})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "linear LR warmup, in epochs"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the training loss"})
+    grad_clip: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    class_weights: bool = field(default=False, metadata={"help": "weight the loss by inverse class frequency"})
+    augment: bool = field(default=True, metadata={"help": "random resized crop + horizontal flip on the device"})
+    seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
+    split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
+    val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
+    precision: str = field(default="auto", metadata={"help": "autocast precision; auto = bf16 on CUDA, fp32 on CPU", "choices": PRECISIONS})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model; default: on for CUDA, off for CPU"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format for model and inputs"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
+    resume: bool = field(default=False, metadata={"help": "continue runs/NAME from its last.pt"})
+    wandb_mode: str | None = field(default=None, metadata={"help": "online, offline or disabled; default: online with credentials, else offline"})
+    wandb_project: str = field(default="inat12k", metadata={"help": "wandb project"})
+    wandb_entity: str | None = field(default=None, metadata={"help": "wandb entity (user or team)"})
+    wandb_group: str | None = field(default=None, metadata={"help": "wandb group (the sweep runner sets it)"})
+
+
+def validate_run_config(config: RunConfig) -> None:
+    """Raise ``ValueError`` for a bad option before any data is read."""
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(message)
+    require(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
+    require(config.batch_size >= 1 and config.eval_batch_size >= 1, "batch sizes must be >= 1")
+    require(config.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    require(config.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}")
+    require(config.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    require(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
+    require(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
+    require(0 <= config.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    require(config.grad_clip >= 0, f"grad_clip must be >= 0, got {config.grad_clip}")
+    require(config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
+    require(0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}")
+    tracking.resolve_wandb_mode(config.wandb_mode)
+    if config.name is not None:
+        require(config.name and "/" not in config.name and config.name not in (".", ".."),
+                f"name must be a plain folder name, got {config.name!r}")
+    resolve_device(config.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asks for CUDA, but torch sees no CUDA GPU here "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """Optimizer over all parameters; a group's ``lr_scale`` multiplies the base learning rate."""
+    groups = []
+    for group in param_groups or [{"params": list(model.parameters())}]:
+        group = dict(group)
+        group["lr_scale"] = float(group.get("lr_scale", 1.0))
+        group["lr"] = config.learning_rate * group["lr_scale"]
+        groups.append(group)
+    common = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov, **common)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam}
+    if config.optimizer == "nadam":
+        fused = {}  # NAdam has no fused kernel
+    return optimizer_class[config.optimizer](groups, **common, **fused)
+
+
+def _class_weight_tensor(labels: torch.Tensor, num_classes: int, device: torch.device) -> torch.Tensor:
+    counts = torch.bincount(labels.long(), minlength=num_classes).double().clamp_min(1)
+    return (counts.sum() / (num_classes * counts)).float().to(device)
+
+
+def _run_dir(config: RunConfig, kind: str, info: DistInfo) -> Path:
+    name = config.name or broadcast_object(f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", info)
+    run_dir = Path(config.out_dir) / name
+    last = run_dir / "last.pt"
+    if config.resume and not last.is_file():
+        raise ValueError(f"--resume: {last} does not exist, so there is nothing to resume; "
+                         "drop --resume to start the run")
+    if not config.resume and last.is_file():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                         "or choose another --name")
+    return run_dir
+
+
+def _check_resumable(state: dict, config: RunConfig, model_config: dict, path: Path) -> None:
+    if state["model_config"] != model_config:
+        diff = {k: (state["model_config"].get(k), v) for k, v in model_config.items()
+                if state["model_config"].get(k) != v}
+        raise ValueError(f"--resume: model options differ from those in {path} (saved, given): {diff}")
+    saved = state["run_config"]
+    diff = {k: (saved.get(k), getattr(config, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)}
+    if diff:
+        raise ValueError(f"--resume: training options differ from those in {path} (saved, given): {diff}; "
+                         "a resumed run must use its original values")
+
+
+def _format_epoch(metrics: dict, epochs: int) -> str:
+    return (f"epoch {metrics['epoch']:>3}/{epochs} | train loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} | "
+            f"lr {metrics['lr']:.2e} | {metrics['epoch_time_s']:6.1f} s | {metrics['images_per_s']:8.0f} img/s")
+
+
+def run(config: RunConfig, model: nn.Module, *, kind: str, model_config: dict, input_size: int,
+        mean=data_lib.PART_A_MEAN, std=data_lib.PART_A_STD, param_groups: list[dict] | None = None,
+        on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+        epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` (the raw module) as ``config`` says; return the summary."""
+    validate_run_config(config)
+    device = resolve_device(config.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        return _run(config, model, info=info, device=device, kind=kind, model_config=model_config,
+                    input_size=input_size, mean=mean, std=std, param_groups=param_groups,
+                    on_epoch_start=on_epoch_start, epoch_callback=epoch_callback)
+    finally:
+        shutdown(info)
+
+
+def _run(config, raw_model, *, info, device, kind, model_config, input_size, mean, std, param_groups,
+         on_epoch_start, epoch_callback):
+    run_dir = _run_dir(config, kind, info)
+    say = print if info.is_main else (lambda *args, **kwargs: None)
+
+    # Data: rank 0 prepares and decodes once; the others wait, then read the same cache.
+    if info.is_main:
+        split_dir = data_lib.prepare(config.data_dir, val_fraction=config.val_fraction, seed=config.split_seed)
+        train_set = data_lib.load_cache(split_dir, "train", input_size)
+        val_set = data_lib.load_cache(split_dir, "val", input_size)
+    barrier(info)
+    if not info.is_main:
+        split_dir = Path(config.data_dir) / "split"
+        train_set = data_lib.load_cache(split_dir, "train", input_size)
+        val_set = data_lib.load_cache(split_dir, "val", input_size)
+    classes = list(train_set.classes)
+    num_classes = model_config.get("num_classes", len(classes))
+    if num_classes != len(classes):
+        raise ValueError(f"the model has {num_classes} outputs but {split_dir} has {len(classes)} classes")
+    loader_options = dict(device=device, mean=mean, std=std, channels_last=config.channels_last,
+                          rank=info.rank, world_size=info.world_size)
+    train_loader = data_lib.DeviceLoader(train_set.images, train_set.labels, config.batch_size, train=True,
+                                         augment=config.augment, seed=config.seed, **loader_options)
+    val_loader = data_lib.DeviceLoader(val_set.images, val_set.labels, config.eval_batch_size, train=False,
+                                       **loader_options)
+    if len(train_loader) == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_set.labels)} training "
+                         f"images per process; use a smaller --batch_size")
+
+    # Model, precision, optimizer, schedule.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = resolve_precision(config.precision, device)
+    raw_model.to(device)
+    if config.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+    if info.enabled and device.type == "cuda":
+        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    optimizer = build_optimizer(config, raw_model, param_groups, device)
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.lr_lambda(
+        config.lr_schedule, config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    class_weight = _class_weight_tensor(train_set.labels, num_classes, device) if config.class_weights else None
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=config.label_smoothing, ignore_index=-1)
+    use_compile = device.type == "cuda" if config.compile is None else config.compile
+    ctx = engine.StepContext(device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip,
+                             channels_last=config.channels_last)
+
+    # Resume: weights, optimizer, schedule, scaler, RNG and the best-so-far all come back.
+    start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
+    if config.resume:
+        state = ckpt_io.load_checkpoint(run_dir / "last.pt", map_location=device)
+        _check_resumable(state, config, model_config, run_dir / "last.pt")
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt_io.set_rng_state(state["rng"])
+        start_epoch, best_val_acc, best_epoch = state["epoch"] + 1, state["best_val_acc"], state["best_epoch"]
+        wandb_id = state.get("wandb_id")
+        if info.is_main:
+            tracking.truncate_metrics(run_dir / "metrics.jsonl", state["epoch"])
+        say(f"resuming {run_dir} after epoch {state['epoch']} (best val_acc {best_val_acc:.4f} at epoch {best_epoch})")
+
+    # Wrappers around the raw module: DDP, then compile. Rebuilt if the trainable set changes
+    # (Part B's gradual unfreezing), because DDP fixes the parameters it synchronises when built.
+    def wrap(module: nn.Module) -> nn.Module:
+        wrapped = module
+        if info.enabled:
+            wrapped = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(wrapped, dynamic=False) if use_compile else wrapped
+
+    def trainable_signature() -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in raw_model.parameters())
+
+    model = wrap(raw_model)
+    signature = trainable_signature()
+
+    full_config = {"kind": kind, **model_config, **dataclasses.asdict(config)}
+    tracker = None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tracking.write_json(run_dir / "config.json", full_config)
+        tracker = tracking.start_wandb(config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity,
+                                       name=run_dir.name, group=config.wandb_group, config=full_config,
+                                       run_dir=run_dir, resume_id=wandb_id)
+        wandb_id = tracker.id if tracker is not None else None
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    say(f"{kind} | {run_dir} | device {device} x{info.world_size} | precision {config.precision}"
+        f"{'' if amp_dtype is None else ' (' + str(amp_dtype).replace('torch.', '') + ')'} | compile {use_compile} | "
+        f"channels_last {config.channels_last} | params {n_params:,} ({n_trainable:,} trainable) | "
+        f"train {len(train_set.labels)} val {len(val_set.labels)} images at {input_size}x{input_size}")
+
+    def base_state() -> dict:
+        return {"kind": kind, "model": raw_model.state_dict(), "model_config": model_config,
+                "run_config": dataclasses.asdict(config), "classes": classes, "input_size": input_size,
+                "mean": list(mean), "std": list(std), **ckpt_io.provenance()}
+
+    def start_epoch_hook(epoch: int) -> nn.Module | None:
+        nonlocal model, signature
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, raw_model)
+            if trainable_signature() != signature:
+                model, signature = wrap(raw_model), trainable_signature()
+                return model
+        return None
+
+    history_images_per_s: list[float] = []
+    stopped_by_callback: list[int] = []  # the epoch_callback asked to stop (e.g. a pruned sweep trial)
+
+    def end_epoch_hook(epoch: int, metrics: dict) -> None:
+        nonlocal best_val_acc, best_epoch
+        history_images_per_s.append(metrics["images_per_s"])
+        improved = metrics["val_acc"] > best_val_acc
+        if improved:
+            best_val_acc, best_epoch = metrics["val_acc"], epoch
+        if info.is_main:
+            state = base_state()
+            state.update(epoch=epoch, val_acc=metrics["val_acc"], best_val_acc=best_val_acc, best_epoch=best_epoch,
+                         wandb_id=wandb_id)
+            if improved:
+                ckpt_io.save_checkpoint(run_dir / "best.pt", state)
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), rng=ckpt_io.rng_state())
+            ckpt_io.save_checkpoint(run_dir / "last.pt", state)
+            tracking.append_metrics(run_dir / "metrics.jsonl", metrics)
+            if tracker is not None:
+                tracker.log(metrics)
+            say(_format_epoch(metrics, config.epochs), flush=True)
+        barrier(info)
+        if epoch_callback is not None:
+            try:
+                epoch_callback(epoch, metrics)
+            except BaseException:
+                stopped_by_callback.append(epoch)
+                raise
+
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "kind": kind, "device": str(device),
+                               "world_size": info.world_size, "params": n_params, "trainable_params": n_trainable}
+    started = time.perf_counter()
+    status = "running"
+    try:
+        engine.fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, ctx,
+                   start_epoch=start_epoch, epochs=config.epochs,
+                   on_epoch_start=start_epoch_hook, on_epoch_end=end_epoch_hook)
+        status = "finished"
+        if config.test and best_epoch > 0:
+            summary.update(_test(raw_model, model, run_dir, split_dir, input_size, config, ctx, loader_options,
+                                 classes, info))
+            if tracker is not None:
+                tracker.log({k: summary[k] for k in ("test_acc", "test_loss")})
+    except BaseException as error:
+        status = "stopped" if stopped_by_callback or isinstance(error, KeyboardInterrupt) else "failed"
+        summary["error"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        metrics_log = tracking.read_metrics(run_dir / "metrics.jsonl") if info.is_main else []
+        summary.update(status=status, best_val_acc=max(best_val_acc, 0.0), best_epoch=best_epoch,
+                       epochs_run=len(metrics_log), train_time_s=time.perf_counter() - started,
+                       median_images_per_s=float(np.median(history_images_per_s)) if history_images_per_s else 0.0)
+        if info.is_main and run_dir.is_dir():
+            summary = tracking.update_json(run_dir / "summary.json", summary)
+            if tracker is not None:
+                tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+                tracker.finish(exit_code=0 if status == "finished" else 1)
+    say(f"best val_acc {summary['best_val_acc']:.4f} at epoch {best_epoch}"
+        + (f" | test_acc {summary['test_acc']:.4f}" if "test_acc" in summary else "") + f" | {run_dir}")
+    return summary
+
+
+def _test(raw_model, model, run_dir, split_dir, input_size, config, ctx, loader_options, classes, info) -> dict:
+    """Evaluate best.pt once on the test split (the original val/)."""
+    barrier(info)  # rank 0 wrote best.pt; every rank reads it from the shared run folder
+    raw_model.load_state_dict(ckpt_io.load_checkpoint(run_dir / "best.pt", map_location=ctx.device)["model"])
+    test_set = data_lib.load_cache(split_dir, "test", input_size)
+    if list(test_set.classes) != classes:
+        raise ValueError(f"test classes {test_set.classes} differ from training classes {classes}")
+    test_loader = data_lib.DeviceLoader(test_set.images, test_set.labels, config.eval_batch_size, train=False,
+                                        **loader_options)
+    result = engine.evaluate(model, test_loader, ctx, prefix="test")
+    return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "test_samples": result["test_samples"]}

@@ -1,0 +1,48 @@
+"""torchrun with two CPU processes (gloo) trains like one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(args: list[str], tmp_path: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "part_a/train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(prepared_data, tmp_path):
+    # No batch norm (per-process statistics on CPU, where SyncBatchNorm does not run) and no
+    # dropout (per-process random masks): everything else is deterministic and must agree.
+    common = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
+              "--batch_norm=false", "--dropout=0", "--epochs=2", "--device=cpu", "--compile=false",
+              "--learning_rate=0.003", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--eval_batch_size=7"]
+    _train([*common, "--batch_size=8", "--name=single"], tmp_path, [sys.executable])
+    ddp = _train([*common, "--batch_size=4", "--name=ddp"], tmp_path,
+                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+
+    single_state, ddp_state = load_checkpoint(tmp_path / "single" / "last.pt"), load_checkpoint(tmp_path / "ddp" / "last.pt")
+    for key, value in single_state["model"].items():
+        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    single_metrics = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    ddp_metrics = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(ddp_metrics) == 2  # one line per epoch: only rank 0 writes
+    for one, two in zip(single_metrics, ddp_metrics):
+        assert two["val_acc"] == pytest.approx(one["val_acc"])  # every val sample counted once across ranks
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+    assert ddp.stdout.count("epoch   2/2") == 1  # rank 1 prints nothing
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2

@@ -1,0 +1,263 @@
+"""The training engine, checkpoints, resume and the part_a/train.py entry point."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import checkpoint as ckpt_io
+from common import engine, training
+from common.config import to_cli
+from part_a import train as part_a_train
+from part_a.model import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_NAMES = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def tiny_config(data_root: Path, out_dir: Path, name: str, **overrides) -> part_a_train.TrainConfig:
+    """A model and run small enough for a 2-core CPU, exercising dropout, BN and augmentation."""
+    values = dict(data_dir=str(data_root), out_dir=str(out_dir), name=name, input_size=32, n_filters=4,
+                  n_blocks=3, kernel_size=3, dense_neurons=16, epochs=2, batch_size=8, eval_batch_size=16,
+                  learning_rate=3e-3, wandb_mode="disabled", device="cpu", compile=False)
+    values.update(overrides)
+    return part_a_train.TrainConfig(**values)
+
+
+# ---------------------------------------------------------------- options
+
+def _non_default(value, name):
+    if isinstance(value, bool):
+        return not value
+    if name in ("kernel_size",):
+        return [3, 5, 5, 3, 3]
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 + 0.01
+    choices = {"filter_strategy": "double", "padding": "valid", "activation": "mish", "optimizer": "sgd",
+               "lr_schedule": "cosine", "precision": "fp32", "device": "cpu", "dense_activation": "relu",
+               "wandb_mode": "offline", "compile": True}
+    return choices.get(name, "x" if value is None else f"{value}_changed")
+
+
+def test_every_option_round_trips_through_the_command_line():
+    default = part_a_train.TrainConfig()
+    changed = {f.name: _non_default(getattr(default, f.name), f.name)
+               for f in dataclasses.fields(default) if f.metadata.get("cli") is not False}
+    parsed = part_a_train.get_args_parser().parse_args(to_cli(changed))
+    for name, value in changed.items():
+        assert getattr(parsed, name) == value, name
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--batch_norm=True"], True), (["--batch_norm=false"], False), (["--batch_norm"], True),
+    (["--no-batch_norm"], False), (["--batch_norm", "0"], False), (["--batch_norm=yes"], True)])
+def test_boolean_spellings(argv, expected):
+    assert part_a_train.get_args_parser().parse_args(argv).batch_norm is expected
+
+
+def test_defaults_are_the_best_sweep_configuration():
+    c = part_a_train.TrainConfig()
+    assert (c.activation, c.learning_rate, c.optimizer, c.epochs, c.n_filters, c.filter_strategy) == \
+        ("gelu", 0.00027, "adam", 40, 64, "same")
+    assert (c.kernel_size, c.padding, c.batch_size, c.batch_norm, c.augment, c.dropout, c.dense_neurons,
+            c.weight_decay, c.input_size) == (5, "same", 32, True, True, 0.31396, 128, 0.00133, 224)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--activation=swishy"], "unknown activation"),
+    (["--optimizer=lbfgs"], "invalid choice"),
+    (["--learning_rate=-1"], "learning_rate"),
+    (["--input_size=16", "--padding=valid"], "shrinks the feature map"),
+    (["--device=cuda:7"] if not torch.cuda.is_available() else ["--epochs=0"], "cuda" if not torch.cuda.is_available() else "epochs"),
+])
+def test_bad_values_fail_before_any_data_is_read(tmp_path, capsys, argv, fragment):
+    data_dir = tmp_path / "never_created"
+    code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}"] + argv)
+    assert code == 2
+    assert fragment.lower() in capsys.readouterr().err.lower()
+    assert not data_dir.exists()
+
+
+# ---------------------------------------------------------------- engine
+
+class RepeatLoader:
+    """The same batch, ``steps`` times: an epoch for the overfitting test."""
+
+    def __init__(self, images, labels, steps):
+        self.images, self.labels, self.steps, self.batch_size = images, labels, steps, len(labels)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return iter([(self.images, self.labels)] * self.steps)
+
+
+def test_overfitting_one_batch_drives_the_loss_near_zero():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(input_size=32, n_filters=8, n_blocks=3, kernel_size=3, dense_neurons=32,
+                                    dropout=0.0))
+    images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ctx = engine.StepContext(device=torch.device("cpu"), amp_dtype=None,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False))
+    first = engine.train_one_epoch(model, RepeatLoader(images, labels, 1), optimizer, None,
+                                   torch.nn.CrossEntropyLoss(), ctx, epoch=1)
+    last = engine.train_one_epoch(model, RepeatLoader(images, labels, 120), optimizer, None,
+                                  torch.nn.CrossEntropyLoss(), ctx, epoch=2)
+    result = engine.evaluate(model, RepeatLoader(images, labels, 1), ctx)
+    assert first["train_loss"] > 1.5
+    assert result["val_loss"] < 0.05 and result["val_acc"] == 1.0
+
+
+def test_evaluate_ignores_padding_labels():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    images = torch.randn(6, 3, 2, 2)
+    labels = torch.tensor([0, 1, 2, 0, -1, -1])
+    ctx = engine.StepContext(device=torch.device("cpu"), amp_dtype=None,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False))
+    result = engine.evaluate(model, RepeatLoader(images, labels, 1), ctx, return_predictions=True)
+    logits = model(images[:4])
+    assert result["val_samples"] == 4
+    assert result["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels[:4]).item(), rel=1e-6)
+    assert result["predictions"].shape == (4,)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_lr_schedules_warm_up_then_follow_their_shape(schedule):
+    factor = engine.lr_lambda(schedule, total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    if schedule == "constant":
+        assert factor(99) == 1.0
+    else:
+        assert factor(99) < 0.01 and factor(50) < factor(20)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt_io.save_checkpoint(path, {"kind": "part_a", "epoch": 1, "weights": torch.ones(3)})
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"partial bytes")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.save_checkpoint(path, {"kind": "part_a", "epoch": 2, "weights": torch.zeros(3)})
+    monkeypatch.undo()
+    state = ckpt_io.load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_corrupt_or_foreign_checkpoints_get_errors_naming_the_file(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02 not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, fragment in [(corrupt, "cannot be read"), (foreign, "not a checkpoint of this project"),
+                           (tmp_path / "missing.pt", "does not exist")]:
+        with pytest.raises(ckpt_io.CheckpointError, match=fragment) as info:
+            ckpt_io.load_checkpoint(path)
+        assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------- whole runs
+
+def _weights(path: Path) -> dict:
+    return ckpt_io.load_checkpoint(path)["model"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resumed_run_reaches_the_same_weights_bit_for_bit(prepared_data, tmp_path):
+    options = dict(epochs=4, augment=True, dropout=0.3, lr_schedule="cosine", warmup_epochs=1)
+    part_a_train.run(tiny_config(prepared_data, tmp_path, "straight", **options))
+
+    def stop_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        part_a_train.run(tiny_config(prepared_data, tmp_path, "interrupted", **options), epoch_callback=stop_after_two)
+    interrupted = json.loads((tmp_path / "interrupted" / "summary.json").read_text())
+    assert interrupted["status"] == "stopped" and interrupted["epochs_run"] == 2
+    part_a_train.run(tiny_config(prepared_data, tmp_path, "interrupted", resume=True, **options))
+
+    straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "interrupted" / "last.pt")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    metrics = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_changed_training_options(prepared_data, tmp_path):
+    part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=1))
+    with pytest.raises(ValueError, match="learning_rate"):
+        part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=2, resume=True, learning_rate=0.1))
+    with pytest.raises(ValueError, match="already holds a run"):
+        part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=2))
+
+
+def test_injected_nan_stops_training_and_keeps_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    n_train = sum(1 for p in (prepared_data / "split" / "train").rglob("*") if p.is_file())
+    steps_per_epoch = n_train // 8  # batch_size 8, last partial batch dropped
+
+    class PoisonedLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, labels):
+            calls["n"] += 1
+            loss = super().forward(logits, labels)
+            return loss * float("nan") if calls["n"] > steps_per_epoch + 2 else loss
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedLoss)
+    config = tiny_config(prepared_data, tmp_path, "nan", epochs=3)
+    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 2, step 3"):
+        part_a_train.run(config)
+    state = ckpt_io.load_checkpoint(tmp_path / "nan" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert json.loads((tmp_path / "nan" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_cli_end_to_end_writes_every_file_and_an_offline_wandb_run(prepared_data, tmp_path):
+    env_args = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
+                "--epochs=2", "--batch_size=8", "--device=cpu", "--compile=false", "--test",
+                f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=e2e", "--wandb_mode=offline"]
+    result = subprocess.run([sys.executable, "part_a/train.py", *env_args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "e2e"
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(METRIC_NAMES <= m.keys() for m in metrics)
+    assert all(0.0 <= m["val_acc"] <= 1.0 for m in metrics)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["status"] == "finished"
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["best_epoch"] in (1, 2)
+    assert summary["best_val_acc"] == max(m["val_acc"] for m in metrics)
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run folder"
+    assert "epoch   2/2" in result.stdout
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "versions", "git_commit", "model_config",
+            "run_config", "classes"} <= state.keys()
