@@ -129,11 +129,14 @@ def block_shapes(config: ModelConfig) -> list[BlockShape]:
         conv_size = (size + sum(pad) - k) // config.stride + 1
         pool_size = conv_size // 2 if conv_size >= 1 else 0
         if conv_size < 1 or pool_size < 1:
+            # Suggest padding='same' only where it is not already the padding.
+            remedies = "a larger input_size, fewer blocks, a smaller kernel" + (
+                "" if config.padding == "same" else " or padding='same'")
             raise ValueError(
                 f"block {index} shrinks the feature map to nothing: input {size}x{size}, kernel {k}, "
                 f"stride {config.stride}, padding {config.padding!r} gives a {max(conv_size, 0)}x"
                 f"{max(conv_size, 0)} conv output and a {max(pool_size, 0)}x{max(pool_size, 0)} pooled "
-                "output; use a larger input_size, fewer blocks, a smaller kernel or padding='same'")
+                f"output; use {remedies}")
         shapes.append(BlockShape(in_ch, out_ch, k, size, pad, conv_size, pool_size))
         size, in_ch = pool_size, out_ch
     return shapes
