@@ -109,6 +109,6 @@ def provenance() -> dict[str, Any]:
                                 capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                         "numpy": np.__version__},
+    return {"versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+                         "numpy": str(np.__version__)},
             "git_commit": commit}

@@ -86,7 +86,10 @@ def test_defaults_are_the_best_sweep_configuration():
 ])
 def test_bad_values_fail_before_any_data_is_read(tmp_path, capsys, argv, fragment):
     data_dir = tmp_path / "never_created"
-    code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}"] + argv)
+    try:
+        code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}"] + argv)
+    except SystemExit as exit_:  # argparse's own errors (bad choices) exit with 2
+        code = exit_.code
     assert code == 2
     assert fragment.lower() in capsys.readouterr().err.lower()
     assert not data_dir.exists()
