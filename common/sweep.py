@@ -1,0 +1,431 @@
+"""Run the sweep in sweep.yaml locally with Optuna (no wandb server needed), and report on it.
+
+    python common/sweep.py sweep.yaml --count 30 [--study NAME] [--storage URL] [--workers K]
+                           [--out_dir runs] [--data_dir data] [--set epochs=10 input_size=128 ...]
+    python common/sweep.py report --study NAME [--storage URL] [--out DIR]
+
+Each trial is one in-process training run of the sweep's ``program`` (its ``config_from_args`` and
+``run``), in ``out_dir/<study>/trial_<number>``, logged to wandb in the group ``<study>``. The study
+lives in a database (SQLite at ``out_dir/sweeps/<study>.db`` unless ``--storage`` names another), so
+``--workers K`` processes, or several machines sharing one PostgreSQL ``--storage``, cooperate on
+one study, and the same command again continues it. ``docs/sweeps.md`` has the whole workflow.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
+
+import argparse
+import contextlib
+import gc
+import importlib
+import importlib.util
+import io
+import multiprocessing
+import os
+import re
+import shlex
+import signal
+import socket
+import threading
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import optuna
+import yaml
+from optuna.distributions import BaseDistribution
+
+from common.config import to_cli
+from common.sweep_space import (SweepConfigError, SweepSpec, load_sweep, make_pruner, make_sampler,
+                                sample_values, suggest)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAM_API = ("get_args_parser", "config_from_args", "run")
+# Options the runner sets per trial, on top of the sweep's parameters.
+RUNNER_OPTIONS = ("out_dir", "name", "wandb_group")
+
+
+@dataclass
+class SweepOptions:
+    """The runner's command line."""
+    config: str
+    count: int
+    study: str | None = None
+    storage: str | None = None
+    workers: int = 1
+    out_dir: str | None = None   # default: the sweep file's out_dir value, else runs
+    data_dir: str | None = None  # default: the sweep file's data_dir value, else data
+    overrides: dict[str, Any] | None = None
+
+
+def load_program(path: str) -> ModuleType:
+    """Import the sweep's training script; it must offer get_args_parser, config_from_args and run."""
+    file = Path(path)
+    if not file.is_absolute():
+        file = next((base / file for base in (Path.cwd(), ROOT) if (base / file).is_file()), file)
+    if not file.is_file():
+        raise SweepConfigError(f"program {path} not found (looked in {Path.cwd()} and {ROOT})")
+    file = file.resolve()
+    if file.is_relative_to(ROOT):  # import under its real name (part_a.train), once
+        module = importlib.import_module(".".join(file.relative_to(ROOT).with_suffix("").parts))
+    else:  # elsewhere (a test's fake program): load the file itself, once per path
+        name = f"sweep_program_{abs(hash(str(file)))}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, file)
+            sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[name])
+        module = sys.modules[name]
+    missing = [name for name in PROGRAM_API if not hasattr(module, name)]
+    if missing:
+        raise SweepConfigError(f"program {path} lacks {', '.join(missing)}; the local runner calls "
+                               f"{', '.join(PROGRAM_API)} (see docs/architecture.md)")
+    return module
+
+
+def parse_quietly(parse, argv: list[str]):
+    """Call an argparse-based ``parse(argv)``; turn its print-and-exit into a ValueError with the message."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parse(argv)
+    except SystemExit as exit_:
+        lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+        # argparse's last line is "PROG: error: MESSAGE"; PROG would name this runner, not the program.
+        message = lines[-1].split("error: ", 1)[-1] if lines else f"option parsing exited with code {exit_.code}"
+        raise ValueError(message) from None
+
+
+def check_program_accepts(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) -> None:
+    """Fail before any trial when a parameter is not an option of the program or a value does not parse."""
+    parser = program.get_args_parser()
+    candidates: dict[str, BaseDistribution | Any] = {**fixed, **spec.search_space}
+    candidates.update({name: "x" for name in RUNNER_OPTIONS})
+    for name, dist in candidates.items():
+        for value in sample_values(dist):
+            try:
+                parse_quietly(parser.parse_args, to_cli({name: value}))
+            except ValueError as error:
+                raise SweepConfigError(f"sweep parameter {name}={value!r} is not accepted by "
+                                       f"{spec.program}: {error}") from None
+
+
+@dataclass
+class TrialRunner:
+    """The Optuna objective: one training run of ``program`` per trial (picklable for workers)."""
+    program: str
+    study: str
+    search_space: dict[str, BaseDistribution]
+    fixed: dict[str, Any]  # the same for every trial; includes data_dir and out_dir
+    metric: str
+    goal: str
+    trials_dir: str
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.search_space)
+        values = {"wandb_group": self.study, **self.fixed, **params,
+                  "out_dir": self.trials_dir, "name": f"trial_{trial.number}"}
+        for key, value in (("program", self.program), ("fixed", self.fixed),
+                           ("run_dir", str(Path(self.trials_dir) / values["name"])),
+                           ("host", f"{socket.gethostname()}:{os.getpid()}")):
+            trial.set_user_attr(key, value)
+        reported: list[float] = []
+
+        def report_epoch(epoch: int, metrics: dict) -> None:
+            if self.metric not in metrics:
+                raise KeyError(f"the program logged no {self.metric!r} (the sweep's metric); it logged "
+                               f"{', '.join(sorted(metrics))}")
+            value = float(metrics[self.metric])
+            reported.append(value)
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned by hyperband after epoch {epoch} ({self.metric} {value:.4f})")
+
+        try:
+            program = load_program(self.program)
+            config = parse_quietly(program.config_from_args, to_cli(values))
+            program.run(config, epoch_callback=report_epoch)
+            if not reported:
+                raise RuntimeError(f"the run finished without reporting {self.metric}")
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            raise
+        except Exception as error:  # recorded with the trial; the sweep goes on (optimize's catch)
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            _free_accelerator_memory()
+        return max(reported) if self.goal == "maximize" else min(reported)
+
+
+def _free_accelerator_memory() -> None:
+    """After an out-of-memory trial, give its cached blocks back before the next trial allocates."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The study database. Heartbeats let any worker mark a killed worker's trial as failed."""
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait on locks
+    with warnings.catch_warnings():  # heartbeats are marked experimental, and have been for years
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                          grace_period=180)
+
+
+def default_storage(out_dir: str | Path, study: str) -> str:
+    path = (Path(out_dir) / "sweeps" / f"{study}.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _take_ticket(tickets) -> bool:
+    """Claim one of the trials this invocation may start; shared by all workers, so none overshoots."""
+    with tickets.get_lock():
+        if tickets.value <= 0:
+            return False
+        tickets.value -= 1
+        return True
+
+
+def _grid_exhausted(study: optuna.Study) -> bool:
+    sampler = study.sampler
+    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+
+
+@contextlib.contextmanager
+def _interrupt_once():
+    """The first Ctrl-C stops the sweep; later ones are ignored so Optuna can still record the trial."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets) -> None:
+    """One worker: run trials against the shared study until the tickets (or the grid) run out."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
+                              sampler=make_sampler(spec), pruner=make_pruner(spec))
+    while not _grid_exhausted(study) and _take_ticket(tickets):
+        # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on; Ctrl-C is
+        # recorded as FAIL too and then propagates.
+        study.optimize(runner, n_trials=1, catch=(Exception,), gc_after_trial=True)
+
+
+def _worker_process(index: int, gpus: list[str], *args) -> None:
+    if gpus:  # before the program touches CUDA: worker i trains on GPU i % count
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    try:
+        with _interrupt_once():
+            _work(*args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _visible_gpus() -> list[str]:
+    import torch  # only here: the fake programs of the tests never need it
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [part.strip() for part in listed.split(",") if part.strip()] or [
+        str(i) for i in range(torch.cuda.device_count())]
+    return ids[:torch.cuda.device_count()]
+
+
+def run_sweep(spec: SweepSpec, runner: TrialRunner, *, study_name: str, storage_url: str, count: int,
+              workers: int = 1) -> tuple[optuna.Study, bool]:
+    """Run ``count`` more trials of the study (created or continued); return it and whether Ctrl-C stopped it."""
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url),
+                                direction=spec.goal, load_if_exists=True)
+    if study.direction.name.lower() != spec.goal:
+        raise SweepConfigError(f"study {study_name} exists and {study.direction.name.lower()}s; the sweep "
+                               f"file says {spec.goal}; use another --study name")
+    study.set_user_attr("metric", spec.metric)  # for the report
+    context = multiprocessing.get_context("spawn")  # fresh processes: CUDA cannot be forked
+    tickets = context.Value("i", count)
+    args = (study_name, storage_url, spec, runner, tickets)
+    interrupted = False
+    if workers == 1:
+        try:
+            with _interrupt_once():
+                _work(*args)
+        except KeyboardInterrupt:
+            interrupted = True
+    else:
+        gpus = _visible_gpus()
+        processes = [context.Process(target=_worker_process, args=(i, gpus, *args), name=f"sweep-worker-{i}")
+                     for i in range(workers)]
+        for process in processes:
+            process.start()
+        try:
+            with _interrupt_once():
+                for process in processes:
+                    process.join()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\nInterrupted: waiting (up to 2 minutes) for the workers to record their running trials",
+                  file=sys.stderr)
+            for process in processes:  # a worker that already got the terminal's Ctrl-C ignores this one
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGINT)
+            for process in processes:
+                process.join(timeout=120)
+                if process.is_alive():  # its trial stays RUNNING until the heartbeat marks it failed
+                    process.terminate()
+                    process.join()
+        failed = [p.name for p in processes if p.exitcode not in (0, 130)]
+        if failed and not interrupted:
+            raise RuntimeError(f"{', '.join(failed)} exited abnormally (exit codes "
+                               f"{[p.exitcode for p in processes]}); see the messages above")
+    return study, interrupted
+
+
+def _input_sizes(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) -> list[int]:
+    """Every input_size a trial can train at: fixed, listed, or the program's default."""
+    dist = spec.search_space.get("input_size")
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return [int(size) for size in dist.choices]
+    if dist is not None:  # a range: too many sizes to decode ahead; trials build what they need
+        return []
+    size = fixed.get("input_size", program.get_args_parser().get_default("input_size"))
+    return [int(size)] if size is not None else []
+
+
+def _study_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise SweepConfigError(f"study name {text!r} must be letters, digits, '_', '.', '-' (it names files)")
+    return text
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SweepConfigError(f"--set takes key=value, got {item!r}")
+        overrides[key.lstrip("-")] = yaml.safe_load(value) if value else ""  # 2 -> int, true -> bool
+    return overrides
+
+
+def sweep_main(options: SweepOptions) -> int:
+    if options.count < 1 or options.workers < 1:
+        raise SweepConfigError(f"--count and --workers must be >= 1, got {options.count} and {options.workers}")
+    spec = load_sweep(options.config, options.overrides)
+    study = _study_name(options.study or spec.name or Path(options.config).stem)
+    out_dir = options.out_dir or str(spec.fixed.get("out_dir", "runs"))
+    data_dir = options.data_dir or str(spec.fixed.get("data_dir", "data"))
+    fixed = {**spec.fixed, "data_dir": data_dir, "out_dir": out_dir}
+    program = load_program(spec.program)
+    check_program_accepts(program, spec, fixed)
+
+    # Prepare the data once here, so parallel workers never race to download or split it (the
+    # split options are the program's val_fraction and split_seed when the sweep fixes them).
+    from common import data
+    split_options = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}
+    split_dir = data.prepare(data_dir, **{k: v for k, v in split_options.items() if v is not None})
+    if options.workers > 1:  # else each worker's first trial would decode the same images at once
+        for size in _input_sizes(program, spec, fixed):
+            for split in ("train", "val"):
+                data.load_cache(split_dir, split, size)
+
+    from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
+    storage_url = options.storage or default_storage(out_dir, study)
+    trials_dir = Path(out_dir) / study
+    known = optuna.study.get_all_study_names(storage=open_storage(storage_url))
+    if study not in known and trials_dir.is_dir() and any(trials_dir.iterdir()):
+        # A new study numbers its trials from 0 again, and trial_0 ... would collide with these runs.
+        raise SweepConfigError(f"{trials_dir} holds runs of an earlier study {study}, which {storage_url} does not "
+                               "have; pass that study's --storage to continue it, or choose another --study")
+    runner = TrialRunner(program=spec.program, study=study, search_space=spec.search_space, fixed=fixed,
+                         metric=spec.metric, goal=spec.goal, trials_dir=str(trials_dir))
+    result, interrupted = run_sweep(spec, runner, study_name=study, storage_url=storage_url,
+                                    count=options.count, workers=options.workers)
+    csv_path = Path(out_dir) / "sweeps" / f"{study}_trials.csv"
+    write_trials_csv(result, csv_path)
+    print(f"\n{len(result.trials)} trials in study {study} ({storage_url}); table: {csv_path}")
+    command = best_command(result)
+    print(f"best configuration:\n  {command}" if command else "no trial has completed yet")
+    print(f"report: python common/sweep.py report --study {study}"
+          + (f" --storage {shlex.quote(storage_url)}" if options.storage else "")
+          + (f" --out_dir {shlex.quote(out_dir)}" if out_dir != "runs" else ""))
+    return 130 if interrupted else 0
+
+
+def report_main(study: str, storage: str | None, out_dir: str, out: str | None) -> int:
+    from common.sweep_report import write_report
+    storage_url = storage or f"sqlite:///{(Path(out_dir) / 'sweeps' / f'{study}.db').resolve()}"
+    if storage is None and not (Path(out_dir) / "sweeps" / f"{study}.db").is_file():
+        raise SweepConfigError(f"no study database at {Path(out_dir) / 'sweeps' / f'{study}.db'}; pass the "
+                               "runner's --out_dir, or --storage URL")
+    try:
+        loaded = optuna.load_study(study_name=study, storage=storage_url)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage_url)]
+        raise SweepConfigError(f"no study {study!r} in {storage_url}; it holds: {', '.join(names) or 'none'}") from None
+    target = Path(out or Path(out_dir) / "sweeps" / f"{study}_report")
+    written = write_report(loaded, target)
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run sweep.yaml locally with Optuna "
+                                     "(report: python common/sweep.py report --study NAME).")
+    parser.add_argument("config", help="the sweep file, e.g. sweep.yaml")
+    parser.add_argument("--count", type=int, required=True, help="trials to run in this invocation, across workers")
+    parser.add_argument("--study", help="study name (default: the file's name key, else its stem)")
+    parser.add_argument("--storage", help="Optuna database URL, e.g. postgresql://user:pw@host/db "
+                        "(default: sqlite under OUT_DIR/sweeps/)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    parser.add_argument("--out_dir", help="runs folder (default: the file's out_dir value, else runs)")
+    parser.add_argument("--data_dir", help="dataset root (default: the file's data_dir value, else data)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="fix a parameter for every trial (searched or not), e.g. --set epochs=5")
+    return parser
+
+
+def get_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweep.py report", description="Analyse a sweep study.")
+    parser.add_argument("--study", required=True, help="study name")
+    parser.add_argument("--storage", help="Optuna database URL (default: sqlite under OUT_DIR/sweeps/)")
+    parser.add_argument("--out_dir", default="runs", help="the runner's --out_dir (finds the default database)")
+    parser.add_argument("--out", help="report folder (default: OUT_DIR/sweeps/<study>_report)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["report"]:
+            args = get_report_parser().parse_args(argv[1:])
+            return report_main(args.study, args.storage, args.out_dir, args.out)
+        args = get_args_parser().parse_args(argv)
+        options = SweepOptions(config=args.config, count=args.count, study=args.study, storage=args.storage,
+                               workers=args.workers, out_dir=args.out_dir, data_dir=args.data_dir,
+                               overrides=_parse_overrides(args.overrides))
+        return sweep_main(options)
+    except SweepConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # Run the importable copy, so worker processes unpickle common.sweep names rather than __main__ ones.
+    from common import sweep
+    sys.exit(sweep.main())

@@ -1,0 +1,325 @@
+"""The sweep: sweep.yaml -> Optuna mapping, the local runner, parallel workers, pruning, the report.
+
+Most runner tests drive a fake training program (written to tmp_path) through the same code path as
+part_a/train.py: it has the same three functions and reports val_acc per epoch, but takes
+milliseconds. One end-to-end test trains the real CNN on the tiny generated dataset.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import shlex
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from common import sweep
+from common.config import to_cli
+from common.sweep_report import best_command, spearman, write_report, write_trials_csv
+from common.sweep_space import SweepConfigError, load_sweep, make_pruner, make_sampler, parse_parameter, suggest
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FAKE_PROGRAM = '''
+import argparse
+import time
+from pathlib import Path
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser()
+    for name in ("out_dir", "name", "wandb_group", "data_dir"):
+        parser.add_argument(f"--{name}")
+    parser.add_argument("--quality", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--crash", choices=["no", "yes"], default="no")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    return parser
+
+
+def config_from_args(argv):
+    return get_args_parser().parse_args(argv)
+
+
+def run(config, epoch_callback=None):
+    Path(config.out_dir, config.name).mkdir(parents=True)
+    if config.crash == "yes":
+        raise RuntimeError("CUDA out of memory (simulated)")
+    time.sleep(config.sleep)
+    for epoch in range(1, config.epochs + 1):
+        epoch_callback(epoch, {"val_acc": config.quality * epoch / config.epochs, "epoch": epoch})
+    return {"best_val_acc": config.quality}
+'''
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+
+
+def fake_sweep(tmp_path, parameters: dict, *, method="random", early_terminate=None):
+    """A sweep file for the fake program; returns its spec."""
+    program = tmp_path / "fake_train.py"
+    program.write_text(FAKE_PROGRAM)
+    config = {"program": str(program), "method": method, "metric": {"name": "val_acc", "goal": "maximize"},
+              "parameters": parameters}
+    if early_terminate:
+        config["early_terminate"] = early_terminate
+    path = tmp_path / "fake_sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_sweep(path)
+
+
+def run_fake(tmp_path, spec, study, count, workers=1, enqueue=()):
+    storage = f"sqlite:///{tmp_path / f'{study}.db'}"
+    if enqueue:
+        created = optuna.create_study(study_name=study, storage=storage, direction="maximize")
+        for params in enqueue:
+            created.enqueue_trial(params)
+    runner = sweep.TrialRunner(program=spec.program, study=study, search_space=spec.search_space,
+                               fixed=spec.fixed, metric=spec.metric, goal=spec.goal,
+                               trials_dir=str(tmp_path / "runs" / study))
+    return sweep.run_sweep(spec, runner, study_name=study, storage_url=storage, count=count, workers=workers)
+
+
+# --- sweep.yaml -> Optuna -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"values": [16, 32, 64]}, CategoricalDistribution([16, 32, 64])),
+    ({"values": [True, False]}, CategoricalDistribution([True, False])),
+    ({"values": [[3, 5, 5], [3, 3, 3]]}, CategoricalDistribution(["3,5,5", "3,3,3"])),
+    ({"distribution": "uniform", "min": 0.1, "max": 0.6}, FloatDistribution(0.1, 0.6)),
+    ({"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01}, FloatDistribution(1e-4, 1e-2, log=True)),
+    ({"distribution": "int_uniform", "min": 2, "max": 9}, IntDistribution(2, 9)),
+    ({"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25}, FloatDistribution(0.0, 1.0, step=0.25)),
+    ({"distribution": "q_uniform", "min": 16, "max": 128, "q": 16}, IntDistribution(16, 128, step=16)),
+    ({"min": 1, "max": 5}, IntDistribution(1, 5)),  # inferred as wandb does: both ints -> int_uniform
+    ({"min": 1, "max": 5.0}, FloatDistribution(1.0, 5.0)),
+])
+def test_distribution_maps_and_samples_stay_in_range(spec, expected):
+    dist = parse_parameter("p", spec)
+    assert dist == expected
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    samples = []
+    for _ in range(300):
+        trial = study.ask()
+        samples.append(suggest(trial, {"p": dist})["p"])
+        study.tell(trial, 0.0)
+    if isinstance(dist, CategoricalDistribution):
+        assert set(samples) == set(dist.choices)  # every value proposed, nothing else
+        return
+    assert all(dist.low <= s <= dist.high for s in samples)
+    if isinstance(dist, IntDistribution):
+        assert all(isinstance(s, int) and (s - dist.low) % dist.step == 0 for s in samples)
+    if dist.step is not None:
+        assert all(math.isclose(round((s - dist.low) / dist.step) * dist.step + dist.low, s) for s in samples)
+    if dist.log:  # log-uniform: half the samples below the geometric middle (uniform would give 9%)
+        assert 0.35 < sum(s < 1e-3 for s in samples) / len(samples) < 0.65
+
+
+def test_fixed_value_is_not_searched(tmp_path):
+    spec = fake_sweep(tmp_path, {"quality": {"value": 0.7}, "epochs": {"distribution": "constant", "value": 2},
+                                 "crash": {"values": ["no"]}})
+    assert spec.fixed == {"quality": 0.7, "epochs": 2}
+    assert list(spec.search_space) == ["crash"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"distribution": "log_uniform", "min": -9.21, "max": -4.61}, "log_uniform_values with min: 0.0001"),
+    ({"distribution": "normal", "mu": 0, "sigma": 1}, "cannot be mapped to Optuna; use uniform"),
+    ({"distribution": "q_log_uniform_values", "min": 1, "max": 64, "q": 1}, "use log_uniform_values"),
+    ({"distribution": "q_uniform", "min": 0, "max": 10, "q": 3}, "multiple of q"),
+    ({"distribution": "uniform", "min": "1e-4", "max": 0.1}, "write 1.0e-4"),
+    ({"distribution": "uniform", "min": 1.0, "max": 0.1}, "above max"),
+    ({"distribution": "log_uniform_values", "min": 0.0, "max": 0.1}, "min > 0"),
+    ({"distribution": "uniform", "max": 0.1}, "needs min and max"),
+    ({"distribution": "cauchy", "min": 0, "max": 1}, "unknown distribution"),
+    ({"values": [1, 2], "probabilities": [0.5, 0.5]}, "probabilities"),
+    ({"values": []}, "non-empty list"),
+])
+def test_unmappable_parameter_errors_name_the_fix(spec, message):
+    with pytest.raises(SweepConfigError, match="parameter 'p'") as raised:
+        parse_parameter("p", spec)
+    assert message in str(raised.value)
+
+
+def test_methods_goal_and_hyperband_map(tmp_path):
+    spec = fake_sweep(tmp_path, {"quality": {"values": [0.1, 0.9]}}, method="grid",
+                      early_terminate={"type": "hyperband", "min_iter": 3, "eta": 2})
+    assert isinstance(make_sampler(spec), optuna.samplers.GridSampler)
+    pruner = make_pruner(spec)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._reduction_factor) == (3, 2)
+    assert spec.goal == "maximize"
+    assert isinstance(make_sampler(fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}})),
+                      optuna.samplers.RandomSampler)
+    with pytest.raises(SweepConfigError, match="grid search needs values"):
+        fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}}, method="grid")
+    with pytest.raises(SweepConfigError, match="early_terminate"):
+        fake_sweep(tmp_path, {"quality": {"values": [1.0]}}, early_terminate={"type": "envelope"})
+
+
+# --- the project's sweep.yaml against part_a/train.py ---------------------------------------------
+
+def test_sweep_yaml_is_a_valid_wandb_sweep_for_part_a_train():
+    raw = yaml.safe_load(open("sweep.yaml"))
+    assert raw["program"] == "part_a/train.py" and raw["method"] == "bayes"
+    assert raw["metric"] == {"name": "val_acc", "goal": "maximize"}
+    assert raw["early_terminate"]["type"] == "hyperband" and raw["early_terminate"]["min_iter"] >= 1
+    assert raw["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
+    expected = {"n_filters", "activation", "filter_strategy", "augment", "batch_norm", "conv_bias", "dropout",
+                "learning_rate", "weight_decay", "epochs", "kernel_size", "padding", "dense_neurons",
+                "batch_size", "optimizer"}
+    spec = load_sweep("sweep.yaml")
+    assert expected <= set(spec.search_space)
+    assert spec.search_space["learning_rate"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert spec.search_space["weight_decay"] == FloatDistribution(1e-5, 1e-3, log=True)
+    assert spec.search_space["dropout"] == FloatDistribution(0.1, 0.6)
+
+
+def test_every_sweep_value_parses_as_a_train_option():
+    from part_a import train
+    spec = load_sweep("sweep.yaml")
+    sweep.check_program_accepts(sweep.load_program(spec.program), spec, spec.fixed)
+    # Each parameter alone: an option of the script that keeps the proposed value.
+    for name, dist in {**spec.fixed, **spec.search_space}.items():
+        for value in sweep.sample_values(dist):
+            config = train.config_from_args(to_cli({name: value}))
+            assert getattr(config, name) == value, (name, value)
+    # Every combination of the structural choices builds at the default input size.
+    structure = ["n_filters", "filter_strategy", "kernel_size", "padding"]
+    for combo in itertools.product(*(spec.search_space[name].choices for name in structure)):
+        train.config_from_args(to_cli(dict(zip(structure, combo))))
+
+
+def test_a_parameter_the_program_lacks_fails_before_any_trial(tmp_path):
+    spec = fake_sweep(tmp_path, {"quality": {"values": [0.5]}, "momentum": {"values": [0.9]}})
+    with pytest.raises(SweepConfigError, match="momentum=0.9 is not accepted"):
+        sweep.check_program_accepts(sweep.load_program(spec.program), spec, spec.fixed)
+    spec = fake_sweep(tmp_path, {"crash": {"values": ["no", "maybe"]}})
+    with pytest.raises(SweepConfigError, match="crash='maybe'.*invalid choice"):
+        sweep.check_program_accepts(sweep.load_program(spec.program), spec, spec.fixed)
+
+
+# --- the runner -----------------------------------------------------------------------------------
+
+def test_crashing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path):
+    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "crash": {"values": ["no", "yes"]},
+                                 "epochs": {"value": 2}})
+    study, interrupted = run_fake(tmp_path, spec, "crashy", count=3, enqueue=[
+        {"quality": 0.3, "crash": "no"}, {"quality": 0.9, "crash": "yes"}, {"quality": 0.6, "crash": "no"}])
+    assert not interrupted
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].user_attrs["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert study.best_trial.number == 2 and study.best_value == pytest.approx(0.6)
+    assert all((tmp_path / "runs" / "crashy" / f"trial_{n}").is_dir() for n in range(3))
+
+    rows = list(csv.DictReader(open(write_trials_csv(study, tmp_path / "crashy.csv"))))
+    assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert rows[1]["error"].startswith("RuntimeError") and rows[0]["val_acc"] == "0.3"
+    assert rows[0]["epochs"] == "2" and rows[2]["crash"] == "no"  # fixed and searched parameters
+    command = best_command(study)
+    assert shlex.split(command)[:2] == ["python", spec.program]
+    assert sorted(shlex.split(command)[2:]) == ["--crash=no", "--epochs=2", "--name=crashy_best", "--quality=0.6"]
+
+
+def test_two_workers_finish_exactly_the_requested_trials(tmp_path):
+    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "sleep": {"value": 0.3},
+                                 "epochs": {"value": 2}})
+    study, _ = run_fake(tmp_path, spec, "shared", count=6, workers=2)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["host"] for t in trials}) == 2  # both workers ran trials
+    study, _ = run_fake(tmp_path, spec, "shared", count=2)  # the same command again continues
+    assert sorted(t.number for t in study.get_trials()) == list(range(8))
+
+
+def test_hyperband_prunes_a_clearly_bad_trial(tmp_path):
+    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 9}},
+                      early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 9, "eta": 3})
+    good, bad = [0.9, 0.88, 0.92, 0.9], [0.05, 0.04, 0.06]
+    study, _ = run_fake(tmp_path, spec, "pruning", count=7, enqueue=[{"quality": q} for q in good + bad])
+    assert study.trials[0].state == TrialState.COMPLETE
+    stopped_early = [t for t in study.trials[len(good):]
+                     if t.state == TrialState.PRUNED and len(t.intermediate_values) < 9]
+    assert stopped_early, [(t.params, t.state, len(t.intermediate_values)) for t in study.trials]
+
+
+def test_report_on_a_small_study(tmp_path):
+    study = optuna.create_study(study_name="small", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=1))
+    study.set_user_attr("metric", "val_acc")
+    for _ in range(12):  # val_acc driven by learning_rate; the rest is noise
+        trial = study.ask()
+        lr = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+        trial.suggest_categorical("activation", ["relu", "gelu"])
+        trial.suggest_int("dense_neurons", 32, 128)
+        trial.set_user_attr("fixed", {"epochs": 5})
+        study.tell(trial, 0.1 + 0.1 * math.log10(lr / 1e-4))
+    pruned = study.ask()
+    pruned.report(0.05, 1)
+    study.tell(pruned, state=TrialState.PRUNED)
+    study.tell(study.ask(), state=TrialState.FAIL)
+
+    written = write_report(study, tmp_path / "report")
+    assert {p.name for p in written} == {"summary.md", "parallel_coordinates.png", "metric_per_trial.png"}
+    assert all(p.stat().st_size > 10_000 for p in written if p.suffix == ".png")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    ranking = summary.split("## Parameter importance")[1].split("##")[0]
+    assert "| 1 | learning_rate |" in ranking
+    assert "| learning_rate | +1.00 | 12 |" in summary  # Spearman: monotone in learning_rate
+    assert "| activation | " in summary and "## What the top 3 trials share" in summary
+    assert "--learning_rate=" in summary and "12 complete, 1 pruned, 1 fail" in summary
+
+
+def test_spearman_matches_hand_computed_values():
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(math.sqrt(0.8))  # ties averaged
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_report_with_too_few_trials_says_so(tmp_path):
+    study = optuna.create_study(study_name="tiny", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("dropout", 0.1, 0.6), n_trials=2)
+    write_report(study, tmp_path)
+    assert "only 2 completed trials" in (tmp_path / "summary.md").read_text()
+
+
+# --- end to end: the real CNN on the tiny generated dataset ---------------------------------------
+
+@pytest.mark.slow
+def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
+    out_dir = tmp_path / "runs"
+    tiny = ["epochs=2", "input_size=32", "batch_size=8", "n_filters=4", "dense_neurons=8", "kernel_size=3",
+            "padding=same", "device=cpu", "compile=false", "wandb_mode=disabled"]
+    code = sweep.main(["sweep.yaml", "--count", "3", "--study", "e2e", "--out_dir", str(out_dir),
+                       "--data_dir", str(prepared_data), "--set", *tiny])
+    assert code == 0
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{out_dir / 'sweeps' / 'e2e.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert all(0.0 <= t.value <= 1.0 for t in study.trials)
+    assert all((out_dir / "e2e" / f"trial_{t.number}" / "summary.json").is_file() for t in study.trials)
+    # Every trial read the one decoded cache at 32 px rather than building its own.
+    assert len(list((prepared_data / "split" / "cache").glob("train-32-*.npy"))) == 1
+    rows = list(csv.DictReader(open(out_dir / "sweeps" / "e2e_trials.csv")))
+    assert len(rows) == 3 and rows[0]["input_size"] == "32"
+
+    from part_a import train
+    command = capsys.readouterr().out.split("best configuration:\n")[1].splitlines()[0]
+    args = shlex.split(command)
+    assert args[:2] == ["python", "part_a/train.py"]
+    config = train.config_from_args(args[2:])
+    assert (config.epochs, config.input_size, config.name) == (2, 32, "e2e_best")
+    assert config.learning_rate == study.best_params["learning_rate"]
+
+    assert sweep.main(["report", "--study", "e2e", "--out_dir", str(out_dir)]) == 0
+    report = out_dir / "sweeps" / "e2e_report"
+    assert {p.name for p in report.iterdir()} == {"summary.md", "parallel_coordinates.png", "metric_per_trial.png"}
