@@ -1,0 +1,180 @@
+"""Decode once: every image of a split is decoded and resized a single time, into a uint8 array.
+
+``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8
+tensor, building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes
+the split's manifest rows (path, class, bytes, sha256) and S, so changed files or another size get a
+new cache automatically and a stale one is never read. Files are written to a temporary name and
+renamed; the JSON meta is written last and marks the cache complete.
+
+Decoding (``open_rgb``) turns every mode PIL reads into correct RGB; resizing matches torchvision's
+``transforms.Resize((S, S))`` on a PIL image (PIL bilinear, which antialiases when shrinking).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from common.data_fetch import DataError
+
+# Larger images are reported and left out rather than decoded: 50 MP is far above any photo in the
+# dataset (about 0.5 MP) and below PIL's own decompression-bomb limit.
+MAX_PIXELS = 50_000_000
+# Transparent pixels are composited onto this colour, so RGBA, LA and palette images with
+# transparency always give the same RGB.
+BACKGROUND = (255, 255, 255)
+MANIFEST = "manifest.csv"
+CACHE_FORMAT = 1
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class CachedSplit:
+    images: torch.Tensor  # uint8 [N, S, S, 3], HWC, memory-mapped from the cache file
+    labels: torch.Tensor  # int64 [N], indices into classes
+    classes: list[str]
+    paths: list[Path]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Correct 8-bit RGB for every mode: 16-bit scaled (not clipped), transparency composited."""
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        values = np.asarray(img).astype(np.float64)
+        if img.mode in _SIXTEEN_BIT or (img.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0  # 65535 -> 255; PIL's own convert would clip instead
+        elif img.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or "transparency" in img.info:
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(background, img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` fully to RGB with EXIF orientation applied; raises for unreadable or huge images.
+
+    With ``draft_size`` a JPEG is decoded at the largest 1/2, 1/4 or 1/8 scale that keeps both sides
+    >= draft_size (PIL's draft picks exactly that), which is several times faster and, followed by the
+    antialiased resize, gives nearly the same pixels as a full decode.
+    """
+    with Image.open(path) as img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,} pixel limit")
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """uint8 ``[size, size, 3]``: the image as ``transforms.Resize((size, size))`` would give it."""
+    img = open_rgb(path, draft_size=size)
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parallel_map(fn: Callable[[T], R], items: list[T], desc: str, chunksize: int = 16) -> Iterator[R]:
+    """``map(fn, items)`` in order over worker processes, with a progress bar; in-process when tiny."""
+    workers = min(usable_cpus(), -(-len(items) // chunksize))
+    with tqdm(total=len(items), desc=desc, unit="img") as bar:
+        if workers <= 1:
+            results: Iterable[R] = map(fn, items)
+            for result in results:
+                bar.update()
+                yield result
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for result in pool.map(fn, items, chunksize=chunksize):
+                bar.update()
+                yield result
+
+
+def read_manifest(split_dir: Path) -> list[dict[str, str]]:
+    path = Path(split_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"no {MANIFEST} in {split_dir}; prepare the data first: "
+                        f"python common/data.py prepare --root {Path(split_dir).parent}")
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _decode_for_cache(task: tuple[str, int]) -> np.ndarray:
+    return decode_image(*task)
+
+
+def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
+    """The decoded split at ``size`` x ``size``, building the cache first when missing or stale."""
+    split_dir = Path(split_dir)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"cache size must be a positive integer, got {size!r}")
+    manifest = read_manifest(split_dir)
+    classes = sorted({row["class"] for row in manifest})
+    rows = [row for row in manifest if row["split"] == split]
+    if not rows:
+        raise DataError(f"{split_dir / MANIFEST} lists no images for split {split!r}; splits present: "
+                        f"{sorted({row['split'] for row in manifest})}")
+    content = json.dumps([CACHE_FORMAT, size, classes,
+                          [[r["path"], r["class"], r["bytes"], r["sha256"]] for r in rows]])
+    key = hashlib.sha256(content.encode()).hexdigest()[:16]
+    cache_dir = split_dir / "cache"
+    stem = cache_dir / f"{split}-{size}-{key}"
+    array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    if not (meta_path.is_file() and array_path.is_file()):
+        _build(split_dir, rows, classes, size, key, array_path, meta_path)
+    meta = json.loads(meta_path.read_text())
+    images = np.load(array_path, mmap_mode="c")  # copy-on-write: a writable tensor, the file never changes
+    if images.shape != (len(rows), size, size, 3):
+        raise DataError(f"cache {array_path} has shape {images.shape}, expected {(len(rows), size, size, 3)}; "
+                        f"delete {cache_dir} and run again")
+    return CachedSplit(images=torch.from_numpy(images), labels=torch.tensor(meta["labels"], dtype=torch.int64),
+                       classes=meta["classes"], paths=[split_dir / p for p in meta["paths"]])
+
+
+def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size: int, key: str,
+           array_path: Path, meta_path: Path) -> None:
+    cache_dir = array_path.parent
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for path in rows:
+        if not (split_dir / path["path"]).is_file():
+            raise DataError(f"{split_dir / path['path']} is listed in {MANIFEST} but missing; "
+                            f"run python common/data.py prepare --root {split_dir.parent} again")
+    tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
+    tasks = [(str(split_dir / row["path"]), size) for row in rows]
+    split = rows[0]["split"]
+    for index, image in enumerate(parallel_map(_decode_for_cache, tasks, f"cache {split} {size}px")):
+        array[index] = image
+    array.flush()
+    del array
+    os.replace(tmp, array_path)
+    meta = {"format": CACHE_FORMAT, "key": key, "split": split, "size": size, "count": len(rows),
+            "classes": classes, "labels": [classes.index(row["class"]) for row in rows],
+            "paths": [row["path"] for row in rows]}
+    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)
+    # Older caches of this split and size can never match again: free their space.
+    for stale in cache_dir.glob(f"{split}-{size}-*"):
+        if stale.suffix in (".npy", ".json") and stale.stem != array_path.stem:
+            stale.unlink(missing_ok=True)

@@ -1,0 +1,242 @@
+"""``prepare``: from the archive (or an unpacked copy) to a validated, stratified split on disk.
+
+    root/nature_12K.zip                         the archive, when downloaded (kept; delete it to save space)
+    root/inaturalist_12K/{train,val}/<Class>/   the original, never moved or changed
+    root/split/{train,val,test}/<Class>/        hard links (copies where linking fails)
+    root/split/manifest.csv                     path, class, split, bytes, sha256
+    root/split/skipped.csv                      unreadable images, by name and reason
+    root/split/duplicates.csv                   byte-identical files in different splits (leak check)
+    root/split/prepare.json                     what the split was made from; makes reruns free
+
+``val`` is a stratified ``val_fraction`` of each class of the original ``train/``, chosen by ``seed``;
+``test`` is the original ``val/``. A rerun with the same options on unchanged files does nothing.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import UnidentifiedImageError
+
+from common.data_cache import MANIFEST, open_rgb, parallel_map
+from common.data_fetch import DATASET_DIR, DATASET_URL, DataError, download, extract
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLITS = ("train", "val", "test")
+PREPARE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    source: Path  # the original file
+    label: str  # class name
+    relative: str  # path below the class folder, posix style
+    origin: str  # "train" or "val" folder of the original
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    bytes: int
+    sha256: str
+    problem: str | None  # why the image is left out; None when it decodes
+
+
+def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | None = None,
+            val_fraction: float = 0.2, seed: int = 42) -> Path:
+    """Make ``root/split`` (see the module docstring) and return it; cheap when already done."""
+    root = Path(root)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    source = find_or_fetch_source(root, url, zip_path)
+    files = scan_class_folders(source / "train", "train") + scan_class_folders(source / "val", "val")
+    check_class_sets(source, files)
+    split_dir = root / "split"
+    state = {"format": PREPARE_FORMAT, "val_fraction": val_fraction, "seed": seed,
+             "fingerprint": fingerprint(files)}
+    if (split_dir / MANIFEST).is_file() and _read_json(split_dir / "prepare.json") == state:
+        print(f"data ready: {split_dir} (same files, seed {seed}, val_fraction {val_fraction})")
+        return split_dir
+
+    checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate")))
+    good = [f for f in files if checks[f].problem is None]
+    check_no_empty_class(files, good)
+    assigned = assign_splits(good, val_fraction, seed)
+    _write_split(root, split_dir, assigned, checks, files, state)
+    return split_dir
+
+
+def find_or_fetch_source(root: Path, url: str, zip_path: str | Path | None) -> Path:
+    """``root/inaturalist_12K`` with ``train/`` and ``val/``: as found, else extracted from a zip."""
+    source = root / DATASET_DIR
+    if (source / "train").is_dir() and (source / "val").is_dir():
+        return source
+    if source.exists():
+        raise DataError(f"{source} exists but has no train/ and val/ folders; remove it (or move the "
+                        "folders there) and run again")
+    if zip_path is None:
+        zip_path = download(url, root / (Path(urllib.parse.urlsplit(url).path).name or "nature_12K.zip"))
+    elif not Path(zip_path).is_file():
+        raise DataError(f"--zip {zip_path}: no such file")
+    return extract(Path(zip_path), root)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def scan_class_folders(folder: Path, origin: str) -> list[ImageFile]:
+    """Image files below ``folder/<Class>/``; hidden folders and non-image files are ignored."""
+    found = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name)):
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            for name in sorted(filenames):
+                if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue  # .DS_Store, *:Zone.Identifier, notes, ...
+                path = Path(dirpath) / name
+                found.append(ImageFile(path, class_dir.name, path.relative_to(class_dir).as_posix(), origin))
+    return found
+
+
+def check_class_sets(source: Path, files: list[ImageFile]) -> None:
+    train = {f.label for f in files if f.origin == "train"}
+    test = {f.label for f in files if f.origin == "val"}
+    for origin in ("train", "val"):
+        empty = sorted(p.name for p in (source / origin).iterdir() if p.is_dir() and not _is_hidden(p.name)
+                       and p.name not in (train if origin == "train" else test))
+        if empty:
+            raise DataError(f"class folders with no images in {source / origin}: {', '.join(empty)}; "
+                            "add their images or remove the folders")
+    if train != test:
+        raise DataError(f"train and val (test) folders of {source} hold different classes: only in train: "
+                        f"{sorted(train - test) or 'none'}; only in val: {sorted(test - train) or 'none'}")
+
+
+def fingerprint(files: list[ImageFile]) -> str:
+    """Hash of every file's name, size and modification time: changes when any image changes."""
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.source.stat()
+        digest.update(f"{f.origin}/{f.label}/{f.relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def check_file(path: Path) -> FileCheck:
+    """Hash the bytes and decode the image fully once; a problem is returned, never raised."""
+    data = path.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not data:
+        return FileCheck(0, sha256, "empty file (0 bytes)")
+    try:
+        open_rgb(io.BytesIO(data))
+    except UnidentifiedImageError:
+        problem = "not an image PIL can read"
+    except ValueError as error:  # our pixel limit
+        problem = str(error)
+    except Exception as error:  # truncated or corrupt data, decompression bombs, ...
+        problem = f"cannot decode: {type(error).__name__}: {error}"
+    else:
+        problem = None
+    return FileCheck(len(data), sha256, problem)
+
+
+def check_no_empty_class(files: list[ImageFile], good: list[ImageFile]) -> None:
+    before = Counter((f.origin, f.label) for f in files)
+    after = Counter((f.origin, f.label) for f in good)
+    lost = sorted(f"{origin}/{label}" for origin, label in before if after[(origin, label)] == 0)
+    if lost:
+        raise DataError(f"no readable images left in {', '.join(lost)} (see the skipped files above); "
+                        "replace the broken files")
+
+
+def assign_splits(good: list[ImageFile], val_fraction: float, seed: int) -> dict[ImageFile, str]:
+    """Original val/ -> test; per class of train/, round(n * val_fraction) files (at least 1) -> val."""
+    assigned = {f: "test" for f in good if f.origin == "val"}
+    for label in sorted({f.label for f in good if f.origin == "train"}):
+        members = sorted((f for f in good if f.origin == "train" and f.label == label), key=lambda f: f.relative)
+        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
+        # A string seed is hashed deterministically (not with Python's per-process hash salt).
+        chosen = set(random.Random(f"{seed}:{label}").sample(range(len(members)), n_val))
+        for index, f in enumerate(members):
+            assigned[f] = "val" if index in chosen else "train"
+    return assigned
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:  # another file system, or links not allowed: a copy keeps the original untouched
+        shutil.copy2(source, dest)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_split(root: Path, split_dir: Path, assigned: dict[ImageFile, str], checks: dict[ImageFile, FileCheck],
+                 files: list[ImageFile], state: dict) -> None:
+    """Build the split in a fresh folder, then swap it in, so a crash never leaves half a split."""
+    building = root / "split.partial"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    order = {name: i for i, name in enumerate(SPLITS)}
+    entries = sorted(assigned.items(), key=lambda item: (order[item[1]], item[0].label, item[0].relative))
+    manifest = []
+    for f, split in entries:
+        relative = f"{split}/{f.label}/{f.relative}"
+        _link_or_copy(f.source, building / relative)
+        manifest.append([relative, f.label, split, checks[f].bytes, checks[f].sha256])
+    _write_csv(building / MANIFEST, ["path", "class", "split", "bytes", "sha256"], manifest)
+
+    skipped = [[str(f.source), checks[f].problem] for f in files if checks[f].problem is not None]
+    _write_csv(building / "skipped.csv", ["path", "reason"], skipped)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+
+    by_hash: dict[str, list[list]] = {}
+    for row in manifest:
+        by_hash.setdefault(row[4], []).append(row)
+    duplicates = [[sha, row[2], row[0]] for sha, rows in by_hash.items() if len({r[2] for r in rows}) > 1
+                  for row in rows]
+    _write_csv(building / "duplicates.csv", ["sha256", "split", "path"], duplicates)
+    if duplicates:
+        print(f"warning: {len({d[0] for d in duplicates})} images appear byte-identical in more than one split "
+              f"(possible leak): see {split_dir / 'duplicates.csv'}")
+
+    if (split_dir / "cache").is_dir():  # caches are keyed by content: those of unchanged splits stay valid
+        os.replace(split_dir / "cache", building / "cache")
+    (building / "prepare.json").write_text(json.dumps(state, indent=2) + "\n")
+    old = root / "split.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if split_dir.exists():
+        os.replace(split_dir, old)
+    os.replace(building, split_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+    counts = Counter((split, f.label) for f, split in assigned.items())
+    classes = sorted({f.label for f in assigned})
+    print(f"{'class':<12}" + "".join(f"{s:>7}" for s in SPLITS))
+    for label in classes:
+        print(f"{label:<12}" + "".join(f"{counts[(s, label)]:>7}" for s in SPLITS))
+    print(f"{'total':<12}" + "".join(f"{sum(counts[(s, c)] for c in classes):>7}" for s in SPLITS)
+          + f"   skipped {len(skipped)}  -> {split_dir}")
