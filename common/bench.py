@@ -1,0 +1,51 @@
+"""Benchmarks, one section per subcommand; each prints one JSON object on stdout (progress on stderr).
+
+    python common/bench.py data [--quick]    decode-once cache + DeviceLoader vs ImageFolder + DataLoader
+
+A section is a config dataclass (its fields become the options) and a ``run(config) -> dict``; adding
+one is one more entry in ``SECTIONS``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+if __package__ in (None, ""):  # run as `python common/bench.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import bench_data
+from common.config import add_dataclass_args, from_namespace
+
+
+class Section(NamedTuple):
+    help: str
+    config: type
+    run: Callable[[object], dict]
+
+
+SECTIONS: dict[str, Section] = {
+    "data": Section("images/s of the cached device loader vs ImageFolder + DataLoader, and the cache build rate",
+                    bench_data.DataBenchConfig, bench_data.run),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="project benchmarks; each section prints one JSON object")
+    sections = parser.add_subparsers(dest="section", required=True)
+    for name, section in SECTIONS.items():
+        add_dataclass_args(sections.add_parser(name, help=section.help), section.config, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    section = SECTIONS[args.section]
+    print(json.dumps(section.run(from_namespace(section.config, args)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

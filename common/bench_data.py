@@ -1,0 +1,158 @@
+"""Data-path benchmark: the decode-once cache + DeviceLoader against ImageFolder + DataLoader.
+
+Both sides serve the same generated 800x600 JPEGs at the same resolution with the same augmentation
+(random resized crop, scale (0.25, 1), and horizontal flip), batch size and number of workers, in
+one process, one after the other. The cache side is also timed without augmentation (to show what the
+resampling costs on the device) and for its one-time costs: validating the files (``prepare``) and
+building the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.data import PART_A_MEAN, PART_A_STD, DeviceLoader, load_cache, prepare
+from common.data_cache import parallel_map
+from common.data_fetch import DATASET_DIR
+
+CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
+           "Plantae", "Reptilia"]
+QUICK = dict(images=60, batch_size=8)
+
+
+@dataclass
+class DataBenchConfig:
+    images: int = field(default=500, metadata={"help": "generated training images"})
+    size: int = field(default=224, metadata={"help": "training resolution S"})
+    batch_size: int = field(default=64, metadata={"help": "batch size of both loaders"})
+    workers: int = field(default=2, metadata={"help": "DataLoader workers (the cache build uses all cores)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {QUICK}"})
+    work_dir: str | None = field(default=None, metadata={"help": "where to write the images (default: a temp folder)"})
+
+
+def _photo_like(task: tuple[int, Path]) -> None:
+    """An 800x600 JPEG with smooth structure and mild noise: it compresses and decodes like a photo."""
+    seed, path = task
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((800, 600), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 8, (600, 800, 3)).astype(np.int16)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def generate(root: Path, n_train: int) -> None:
+    """``n_train`` training images over 10 classes, plus one test image per class (prepare needs them)."""
+    tasks = []
+    for origin, count in (("train", n_train), ("val", len(CLASSES))):
+        for i in range(count):
+            folder = root / DATASET_DIR / origin / CLASSES[i % len(CLASSES)]
+            folder.mkdir(parents=True, exist_ok=True)
+            tasks.append((len(tasks), folder / f"{i:05d}.jpg"))
+    for _ in parallel_map(_photo_like, tasks, "generate"):
+        pass
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (DataLoader workers are joined at epoch end)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _epoch(batches, device: torch.device) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, images) for one pass with every batch on ``device`` and finished.
+
+    CPU seconds are reported too because wall time on a shared machine depends on what else runs."""
+    seen = 0
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    for x, _ in batches:
+        x = x.to(device, non_blocking=True)
+        seen += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, _cpu_seconds() - cpu, seen
+
+
+def imagefolder_loader(train_dir: Path, config: DataBenchConfig, device: torch.device):
+    """The usual torchvision pipeline: decode and resize each JPEG every epoch, in worker processes."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.Resize((config.size, config.size)),
+        transforms.RandomResizedCrop(config.size, scale=(0.25, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(PART_A_MEAN, PART_A_STD),
+    ])
+    return torch.utils.data.DataLoader(datasets.ImageFolder(train_dir, transform), batch_size=config.batch_size,
+                                       shuffle=True, drop_last=True, num_workers=config.workers,
+                                       pin_memory=device.type == "cuda")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def run(config: DataBenchConfig) -> dict:
+    if config.quick:
+        config = DataBenchConfig(**{**config.__dict__, **QUICK})
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    with tempfile.TemporaryDirectory(prefix="bench-data-", dir=config.work_dir) as tmp:
+        root = Path(tmp)
+        generate(root, config.images)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+            started = time.perf_counter()
+            split_dir = prepare(root, val_fraction=0.01)  # 1 image per class to val: prepare needs one
+            prepare_s = time.perf_counter() - started
+        n_total = config.images + len(CLASSES)
+
+        started = time.perf_counter()
+        cached = load_cache(split_dir, "train", config.size)
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        cached = load_cache(split_dir, "train", config.size)
+        load_s = time.perf_counter() - started
+
+        loader = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=True,
+                              seed=0, mean=PART_A_MEAN, std=PART_A_STD)
+        cache_wall, cache_cpu, cache_seen = _epoch(loader, device)
+        plain = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=False,
+                             seed=0, mean=PART_A_MEAN, std=PART_A_STD)
+        plain_wall, _, plain_seen = _epoch(plain, device)  # what the augmentation costs on this device
+        folder = imagefolder_loader(split_dir / "train", config, device)
+        folder_wall, folder_cpu, folder_seen = _epoch(folder, device)
+
+    return {
+        "section": "data",
+        "hardware": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "device": str(device),
+                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "source_images": "800x600 JPEG, quality 90",
+        "size": config.size, "batch_size": config.batch_size, "workers": config.workers,
+        "train_images": len(cached.labels), "epoch_images": {"cache": cache_seen, "imagefolder": folder_seen},
+        "prepare_images_per_s": round(n_total / prepare_s, 1),
+        "cache_build_images_per_s": round(len(cached.labels) / build_s, 1),
+        "cache_load_s": round(load_s, 4),
+        "cache_epoch_images_per_s": round(cache_seen / cache_wall, 1),
+        "imagefolder_epoch_images_per_s": round(folder_seen / folder_wall, 1),
+        "cache_epoch_no_augment_images_per_s": round(plain_seen / plain_wall, 1),
+        "speedup": round(folder_wall / folder_seen * cache_seen / cache_wall, 1),
+        "cache_epoch_cpu_ms_per_image": round(1000 * cache_cpu / cache_seen, 2),
+        "imagefolder_epoch_cpu_ms_per_image": round(1000 * folder_cpu / folder_seen, 2),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
