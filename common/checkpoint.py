@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -51,10 +52,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               "written by part_a/train.py or part_b/train.py")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); it is corrupt or "
-                              "truncated: use another checkpoint (best.pt / last.pt) of the run") from error
+    except Exception as error:  # torch raises many types for truncated, damaged or foreign files
+        if "Unsupported global" in str(error):
+            # A readable pickle of arbitrary Python objects: a foreign file, not a damaged one.
+            raise CheckpointError(f"{path} holds Python objects other than tensors and plain data, so it "
+                                  "is not a checkpoint of this project; pass a best.pt or last.pt from a "
+                                  "run folder") from error
+        # torch's own text for a damaged pickle suggests weights_only=False, which is wrong here.
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n")[0]
+        detail = "" if not detail or detail.startswith("Weights only load failed") else f": {detail}"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}{detail}); it is "
+                              "corrupt or truncated: use another checkpoint (best.pt / last.pt) of the run") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
                               f"(no format={FORMAT!r}); pass a best.pt or last.pt from a run folder")

@@ -40,7 +40,6 @@ class StepContext:
     amp_dtype: torch.dtype | None  # None: full fp32
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
-    channels_last: bool = True
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -57,7 +57,7 @@ class RunConfig:
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
     precision: str = field(default="auto", metadata={"help": "autocast precision; auto = bf16 on CUDA, fp32 on CPU", "choices": PRECISIONS})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model; default: on for CUDA, off for CPU"})
-    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format for model and inputs"})
+    channels_last: bool | None = field(default=None, metadata={"help": "channels_last memory format for model and inputs; default: on with CUDA or compile (eager CPU convolutions are slower in it)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
     resume: bool = field(default=False, metadata={"help": "continue runs/NAME from its last.pt"})
@@ -208,7 +208,9 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     num_classes = model_config.get("num_classes", len(classes))
     if num_classes != len(classes):
         raise ValueError(f"the model has {num_classes} outputs but {split_dir} has {len(classes)} classes")
-    loader_options = dict(device=device, mean=mean, std=std, channels_last=config.channels_last,
+    use_compile = device.type == "cuda" if config.compile is None else config.compile
+    channels_last = (device.type == "cuda" or use_compile) if config.channels_last is None else config.channels_last
+    loader_options = dict(device=device, mean=mean, std=std, channels_last=channels_last,
                           rank=info.rank, world_size=info.world_size)
     train_loader = data_lib.DeviceLoader(train_set.images, train_set.labels, config.batch_size, train=True,
                                          augment=config.augment, seed=config.seed, **loader_options)
@@ -225,7 +227,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
         torch.backends.cudnn.allow_tf32 = True
     amp_dtype = resolve_precision(config.precision, device)
     raw_model.to(device)
-    if config.channels_last:
+    if channels_last:
         raw_model.to(memory_format=torch.channels_last)
     if info.enabled and device.type == "cuda":
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
@@ -236,9 +238,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     class_weight = _class_weight_tensor(train_set.labels, num_classes, device) if config.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=config.label_smoothing, ignore_index=-1)
-    use_compile = device.type == "cuda" if config.compile is None else config.compile
-    ctx = engine.StepContext(device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip,
-                             channels_last=config.channels_last)
+    ctx = engine.StepContext(device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip)
 
     # Resume: weights, optimizer, schedule, scaler, RNG and the best-so-far all come back.
     start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
@@ -284,7 +284,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     say(f"{kind} | {run_dir} | device {device} x{info.world_size} | precision {config.precision}"
         f"{'' if amp_dtype is None else ' (' + str(amp_dtype).replace('torch.', '') + ')'} | compile {use_compile} | "
-        f"channels_last {config.channels_last} | params {n_params:,} ({n_trainable:,} trainable) | "
+        f"channels_last {channels_last} | params {n_params:,} ({n_trainable:,} trainable) | "
         f"train {len(train_set.labels)} val {len(val_set.labels)} images at {input_size}x{input_size}")
 
     def base_state() -> dict:
