@@ -1,6 +1,8 @@
 """Benchmarks, one section per subcommand; each prints one JSON object on stdout (progress on stderr).
 
     python common/bench.py data [--quick]    decode-once cache + DeviceLoader vs ImageFolder + DataLoader
+    python common/bench.py step [--quick]    training step: eager, channels_last, autocast, compile; MFU
+    python common/bench.py e2e [--quick]     a whole epoch, data included: ours vs ImageFolder + plain loop
 
 A section is a config dataclass (its fields become the options) and a ``run(config) -> dict``; adding
 one is one more entry in ``SECTIONS``.
@@ -16,7 +18,7 @@ from typing import Callable, NamedTuple
 if __package__ in (None, ""):  # run as `python common/bench.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import bench_data
+from common import bench_data, bench_step
 from common.config import add_dataclass_args, from_namespace
 
 
@@ -29,6 +31,10 @@ class Section(NamedTuple):
 SECTIONS: dict[str, Section] = {
     "data": Section("images/s of the cached device loader vs ImageFolder + DataLoader, and the cache build rate",
                     bench_data.DataBenchConfig, bench_data.run),
+    "step": Section("training-step images/s per variant (eager fp32 NCHW, channels_last, autocast, compile) with "
+                    "ratios to eager, MFU and compile time", bench_step.StepBenchConfig, bench_step.run_step),
+    "e2e": Section("one epoch with data: decode-once cache + our engine vs ImageFolder + a plain eager loop",
+                   bench_step.E2EBenchConfig, bench_step.run_e2e),
 }
 
 

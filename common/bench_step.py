@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -108,8 +108,11 @@ def bench_variant(make_model, variant: Variant, *, input_size: int, batch_size: 
 def bench_model(name: str, make_model, forward_flops: int, *, input_size: int, batch_size: int, steps: int,
                 repeats: int, device: torch.device, variants=VARIANTS) -> dict:
     """All variants of one model with their ratio to eager and their MFU."""
+    # The matmul peak of each precision the variants use (a bf16 matmul on a CPU without bf16
+    # units is slow to measure and only needed when an autocast variant runs).
     peaks = {"fp32": matmul_flops_per_s(device, torch.float32)}
-    peaks[str(amp_dtype_for(device)).replace("torch.", "")] = matmul_flops_per_s(device, amp_dtype_for(device))
+    if any(v.autocast for v in variants):
+        peaks[str(amp_dtype_for(device)).replace("torch.", "")] = matmul_flops_per_s(device, amp_dtype_for(device))
     results = {}
     for variant in variants:
         try:
@@ -128,3 +131,152 @@ def bench_model(name: str, make_model, forward_flops: int, *, input_size: int, b
             result["ratio_to_eager"] = result["images_per_s"] / eager
     return {"model": name, "input_size": input_size, "batch_size": batch_size, "forward_gflops_per_image":
             forward_flops / 1e9, "matmul_tflop_s": {k: v / 1e12 for k, v in peaks.items()}, "variants": results}
+
+
+# ---------------------------------------------------------------- command-line sections
+
+STEP_QUICK = dict(input_size=32, batch_size=8, steps=2, repeats=1, models="part_a", variants="eager_fp32_nchw,channels_last")
+E2E_QUICK = dict(images=40, input_size=32, batch_size=8)
+
+
+@dataclass
+class StepBenchConfig:
+    models: str = field(default="part_a,resnet50", metadata={"help": "comma list: part_a (the best configuration), resnet50"})
+    input_size: int = field(default=224, metadata={"help": "square input side"})
+    batch_size: int = field(default=64, metadata={"help": "training batch size"})
+    steps: int = field(default=20, metadata={"help": "steps per timed repeat"})
+    repeats: int = field(default=3, metadata={"help": "timed repeats (the median is reported)"})
+    variants: str = field(default="all", metadata={"help": "comma list of variants or 'all': " + ", ".join(v.name for v in VARIANTS)})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {STEP_QUICK}"})
+
+
+@dataclass
+class E2EBenchConfig:
+    images: int = field(default=500, metadata={"help": "generated 800x600 training JPEGs"})
+    input_size: int = field(default=224, metadata={"help": "training resolution"})
+    batch_size: int = field(default=32, metadata={"help": "training batch size (both loops)"})
+    workers: int = field(default=2, metadata={"help": "DataLoader workers of the plain loop"})
+    compile: bool | None = field(default=None, metadata={"help": "compile our loop's model; default: on for CUDA"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {E2E_QUICK}"})
+
+
+def _device(name: str) -> torch.device:
+    from common.training import resolve_device
+    return resolve_device(name)
+
+
+def _model_factory(name: str, input_size: int):
+    if name == "part_a":
+        from part_a.model import ModelConfig, build_model
+        return lambda: build_model(ModelConfig(input_size=input_size))
+    if name == "resnet50":
+        import torchvision
+        return lambda: torchvision.models.resnet50(num_classes=10)
+    raise ValueError(f"unknown benchmark model {name!r}; use part_a or resnet50")
+
+
+def _hardware(device: torch.device) -> dict:
+    from common.bench_data import cpu_model
+    info = {"device": str(device), "cpu": cpu_model(), "torch": str(torch.__version__),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_step(config: StepBenchConfig) -> dict:
+    """Training-step images/s per model and variant, with ratios to eager, MFU and warm-up time."""
+    from common.flops import count_module
+    if config.quick:  # quick mode replaces only the options left at their defaults
+        defaults = StepBenchConfig()
+        config = StepBenchConfig(**{k: STEP_QUICK[k] if k in STEP_QUICK and v == getattr(defaults, k) else v
+                                    for k, v in config.__dict__.items()})
+    device = _device(config.device)
+    wanted = [v.strip() for v in config.variants.split(",")] if config.variants != "all" else [v.name for v in VARIANTS]
+    unknown = set(wanted) - {v.name for v in VARIANTS}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {[v.name for v in VARIANTS]}")
+    variants = [v for v in VARIANTS if v.name in wanted]
+    results = []
+    for name in [m.strip() for m in config.models.split(",") if m.strip()]:
+        make_model = _model_factory(name, config.input_size)
+        forward_flops = count_module(make_model(), (3, config.input_size, config.input_size)).flops
+        results.append(bench_model(name, make_model, forward_flops, input_size=config.input_size,
+                                   batch_size=config.batch_size, steps=config.steps, repeats=config.repeats,
+                                   device=device, variants=variants))
+    return {"section": "step", "hardware": _hardware(device), "config": config.__dict__, "models": results}
+
+
+def _plain_epoch(model: nn.Module, loader, device: torch.device) -> tuple[float, int]:
+    """The loop most scripts write: eager fp32, NCHW, a host sync per step for the loss."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+    seen, start = 0, time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        seen += len(labels)
+    _sync(device)
+    return time.perf_counter() - start, seen
+
+
+def run_e2e(config: E2EBenchConfig) -> dict:
+    """One training epoch, data included: our cache + engine versus ImageFolder + a plain loop."""
+    import contextlib
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from common import bench_data, training
+    from common.data import PART_A_MEAN, PART_A_STD, DeviceLoader, load_cache, prepare
+    if config.quick:
+        config = E2EBenchConfig(**{**config.__dict__, **E2E_QUICK})
+    device = _device(config.device)
+    use_compile = device.type == "cuda" if config.compile is None else config.compile
+    make_model = _model_factory("part_a", config.input_size)
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        root = Path(tmp)
+        bench_data.generate(root, config.images)
+        with contextlib.redirect_stdout(sys.stderr):
+            split_dir = prepare(root, val_fraction=0.01)
+        start = time.perf_counter()
+        cached = load_cache(split_dir, "train", config.input_size)
+        cache_build_s = time.perf_counter() - start
+
+        # Ours: the project's defaults for this device (bf16 + channels_last + compile on CUDA).
+        torch.manual_seed(0)
+        channels_last = device.type == "cuda" or use_compile
+        model = make_model().to(device).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        amp_dtype = training.resolve_precision("auto", device)
+        ctx = engine.StepContext(device=device, amp_dtype=amp_dtype,
+                                 scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+        optimizer = training.build_optimizer(training.RunConfig(learning_rate=1e-4, weight_decay=0.0), model, None, device)
+        runnable = torch.compile(model, dynamic=False) if use_compile else model
+        loader = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=True,
+                              seed=0, mean=PART_A_MEAN, std=PART_A_STD, channels_last=channels_last)
+        loss_fn = nn.CrossEntropyLoss()
+        start = time.perf_counter()
+        loader.set_epoch(0)
+        engine.train_one_epoch(runnable, loader, optimizer, None, loss_fn, ctx, epoch=0)  # warm-up/compile
+        warmup_s = time.perf_counter() - start
+        loader.set_epoch(1)
+        ours = engine.train_one_epoch(runnable, loader, optimizer, None, loss_fn, ctx, epoch=1)
+
+        torch.manual_seed(0)
+        plain_model = make_model().to(device)
+        folder = bench_data.imagefolder_loader(split_dir / "train", bench_data.DataBenchConfig(
+            size=config.input_size, batch_size=config.batch_size, workers=config.workers), device)
+        plain_s, plain_seen = _plain_epoch(plain_model, folder, device)
+    plain_rate = plain_seen / plain_s
+    return {"section": "e2e", "hardware": _hardware(device), "config": config.__dict__,
+            "ours": {"images_per_s": ours["images_per_s"], "compile": use_compile, "channels_last": channels_last,
+                     "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+                     "first_epoch_s_incl_compile": warmup_s, "cache_build_s": cache_build_s},
+            "plain_imagefolder_eager": {"images_per_s": plain_rate, "workers": config.workers},
+            "ratio": ours["images_per_s"] / plain_rate}
