@@ -7,7 +7,6 @@ part does differently (the model, its normalisation, which parameters train) com
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import sys
 import time
@@ -375,3 +374,22 @@ def _test(raw_model, model, run_dir, split_dir, input_size, config, ctx, loader_
                                         **loader_options)
     result = engine.evaluate(model, test_loader, ctx, prefix="test")
     return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "test_samples": result["test_samples"]}
+
+
+def cli_main(config_from_args: Callable[[list[str] | None], Any], run_fn: Callable[[Any], dict],
+             argv: list[str] | None = None) -> int:
+    """The shared ``main`` of both train scripts: a user error is one line on stderr, not a traceback.
+
+    Exit codes: 2 for a bad option (nothing was read), 1 for a run that failed (its folder says how).
+    """
+    try:
+        config = config_from_args(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        run_fn(config)
+    except (ValueError, ckpt_io.CheckpointError, engine.NonFiniteLossError, engine.BatchSizeOOMError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -23,9 +23,7 @@ from typing import Callable
 import torch
 
 from common import training
-from common.checkpoint import CheckpointError
 from common.config import add_dataclass_args, from_namespace
-from common.engine import BatchSizeOOMError, NonFiniteLossError
 from part_b import weights as weights_lib
 from part_b.model import (FineTuneNet, ModelBConfig, build_from_config, build_model, normalisation,
                           parameter_counts, resolve_config)
@@ -106,17 +104,7 @@ def run(config: TrainConfig, epoch_callback: Callable[[int, dict], None] | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = config_from_args(argv)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        run(config)
-    except (ValueError, CheckpointError, NonFiniteLossError, BatchSizeOOMError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return training.cli_main(config_from_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -353,20 +353,6 @@ def test_the_grid_shows_three_images_of_every_class_chosen_deterministically():
     assert all(labels[i] == label for label, indices in enumerate(first) for i in indices)
 
 
-def test_wandb_offline_gets_the_figures_and_a_predictions_table(trained_run, prepared_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    checkpoint = run_dir / "best.pt"
-    checkpoint.write_bytes(trained_run.read_bytes())
-    code, _, err = run_main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data), "--device", "cpu",
-                             "--wandb_mode", "offline"], capsys)
-    assert code == 0, err
-    media = [p for p in run_dir.glob("wandb/offline-run-*/files/media/**/*") if p.is_file()]
-    names = {p.name.split("_")[0] for p in media}
-    assert {"confusion", "prediction", "first", "guided"} <= names, names
-    assert any(p.name.endswith(".table.json") for p in media)
-
-
 def test_images_option_prints_the_top_three_classes(trained_run, tmp_path, capsys):
     paths = []
     for index, size in enumerate([(50, 30), (20, 64)]):
