@@ -389,7 +389,8 @@ def cli_main(config_from_args: Callable[[list[str] | None], Any], run_fn: Callab
         return 2
     try:
         run_fn(config)
-    except (ValueError, ckpt_io.CheckpointError, engine.NonFiniteLossError, engine.BatchSizeOOMError) as error:
+    except (ValueError, data_lib.DataError, ckpt_io.CheckpointError, engine.NonFiniteLossError,
+            engine.BatchSizeOOMError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

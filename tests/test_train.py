@@ -264,3 +264,16 @@ def test_cli_end_to_end_writes_every_file_and_an_offline_wandb_run(prepared_data
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "versions", "git_commit", "model_config",
             "run_config", "classes"} <= state.keys()
+
+
+def test_missing_data_without_network_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    from common import data as data_lib
+
+    def offline_prepare(root, **kwargs):
+        raise data_lib.DataError("cannot download the archive: no network. ... pass --zip FILE")
+    monkeypatch.setattr(data_lib, "prepare", offline_prepare)
+    code = part_a_train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path}", "--device=cpu",
+                              "--wandb_mode=disabled", "--input_size=32", "--n_blocks=3"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: cannot download") and "--zip" in err
+    assert "Traceback" not in err
