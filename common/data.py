@@ -9,6 +9,7 @@ holds the loader, which serves batches from the uint8 cache with all per-epoch w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as `python common/data.py`: make the reposi
 import numpy as np
 import torch
 
-from common.augment import crop_flip, sample_crops, sample_flips
+from common.augment import crop_flip, one_thread, sample_crops, sample_flips, to_float
 from common.config import add_dataclass_args, from_namespace
 from common.data_cache import CachedSplit, decode_image, load_cache, open_rgb
 from common.data_fetch import DATASET_URL, DataError
@@ -180,12 +181,11 @@ class DeviceLoader:
             yield batch
 
     def _to_input(self, raw: torch.Tensor, crops: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
-        # [B, S, S, 3] permuted to [B, 3, S, S] already has channels_last strides; float() keeps them.
-        x = raw.permute(0, 3, 1, 2).float()
-        if crops is not None:
-            x = crop_flip(x, crops, flips, self.size)
-        x = x.mul_(self.scale).sub_(self.shift)
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        with one_thread() if self.device.type == "cpu" else contextlib.nullcontext():
+            # Both give float [B, 3, S, S] with channels_last strides, values in [0, 255].
+            x = crop_flip(raw, crops, flips, self.size) if crops is not None else to_float(raw)
+            x = x.mul_(self.scale).sub_(self.shift)
+            return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
 @dataclass

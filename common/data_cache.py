@@ -3,8 +3,11 @@
 ``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8
 tensor, building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes
 the split's manifest rows (path, class, bytes, sha256) and S, so changed files or another size get a
-new cache automatically and a stale one is never read. Files are written to a temporary name and
-renamed; the JSON meta is written last and marks the cache complete.
+new cache automatically and a stale one is never read. Files are written to a temporary name unique
+to the writer (process id, thread and a random part, so sweep workers on several hosts or threads
+can build the same cache at once) and renamed atomically; the JSON meta is renamed last and marks
+the cache complete, so a reader never sees a half-written file. Concurrent builders of one cache
+write identical bytes, so whichever rename lands last is as good as the first.
 
 Decoding (``open_rgb``) turns every mode PIL reads into correct RGB; resizing matches torchvision's
 ``transforms.Resize((S, S))`` on a PIL image (PIL bilinear, which antialiases when shrinking).
@@ -15,6 +18,8 @@ import csv
 import hashlib
 import json
 import os
+import threading
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +156,11 @@ def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
                        classes=meta["classes"], paths=[split_dir / p for p in meta["paths"]])
 
 
+def _writer_id() -> str:
+    """Unique to this writer: a process id alone repeats across hosts sharing a file system and threads."""
+    return f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+
+
 def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size: int, key: str,
            array_path: Path, meta_path: Path) -> None:
     cache_dir = array_path.parent
@@ -159,7 +169,7 @@ def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size
         if not (split_dir / path["path"]).is_file():
             raise DataError(f"{split_dir / path['path']} is listed in {MANIFEST} but missing; "
                             f"run python common/data.py prepare --root {split_dir.parent} again")
-    tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+    tmp = array_path.with_name(f".{array_path.name}.{_writer_id()}.tmp")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
     tasks = [(str(split_dir / row["path"]), size) for row in rows]
     split = rows[0]["split"]
@@ -171,7 +181,7 @@ def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size
     meta = {"format": CACHE_FORMAT, "key": key, "split": split, "size": size, "count": len(rows),
             "classes": classes, "labels": [classes.index(row["class"]) for row in rows],
             "paths": [row["path"] for row in rows]}
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta = meta_path.with_name(f".{meta_path.name}.{_writer_id()}.tmp")
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_meta, meta_path)
     # Older caches of this split and size can never match again: free their space.

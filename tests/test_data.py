@@ -24,7 +24,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from common import data, data_cache, data_prepare
-from common.augment import crop_flip, sample_crops
+from common.augment import crop_flip, sample_crops, sample_flips
 from common.data_fetch import download
 from common.data import DataError, DeviceLoader, load_cache, prepare
 from conftest import class_image, make_image_tree
@@ -270,6 +270,24 @@ def test_cache_matches_torchvision_resize_and_rebuilds_when_files_or_size_change
     assert load_cache(split_dir, "train", 8).images.shape[1:] == (8, 8, 3)
 
 
+def test_concurrent_builds_of_one_cache_are_safe(prepared_data, tmp_path, monkeypatch):
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    split_dir = shutil.copytree(prepared_data / "split", tmp_path / "split")
+    both_writing = threading.Barrier(2, timeout=30)
+
+    def in_step(fn, items, desc, chunksize=16):  # both builders are mid-write before either finishes
+        both_writing.wait()
+        yield from map(fn, items)
+
+    monkeypatch.setattr(data_cache, "parallel_map", in_step)
+    with ThreadPoolExecutor(2) as pool:  # threads share a process id: temp names must still differ
+        first, second = pool.map(lambda _: load_cache(split_dir, "train", 16), range(2))
+    assert torch.equal(first.images, second.images) and first.paths == second.paths
+    assert sorted(p.suffix for p in (split_dir / "cache").iterdir()) == [".json", ".npy"]  # no temp files left
+
+
 # ---------------------------------------------------------------- device loader
 
 def numbered_images(n: int, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,15 +357,44 @@ def test_augmentation_is_per_image_and_a_pure_function_of_seed_and_epoch():
     assert all(torch.allclose(img, expected, atol=1e-6) for img in epoch_batches(plain, 0)[0][0])
 
 
+def reference_crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision, one image at a time, in float: ``hflip(resized_crop(...))`` of each ``[H, W, 3]`` image."""
+    out = []
+    for image, (top, left, height, width), flip in zip(images, crops.long().tolist(), flips.tolist()):
+        resized = TF.resized_crop(image.permute(2, 0, 1).float(), top, left, height, width, [size, size],
+                                  antialias=False)
+        out.append(TF.hflip(resized) if flip else resized)
+    return torch.stack(out)
+
+
 def test_crop_flip_matches_torchvision_resized_crop_and_hflip():
-    image = torch.rand(1, 3, 20, 30) * 255
-    top, left, height, width, size = 3, 5, 12, 16, 18
-    crops = torch.tensor([[top, left, height, width]], dtype=torch.float32)
-    ours = crop_flip(image, crops, torch.tensor([True]), size)[0]
-    reference = TF.hflip(TF.resized_crop(image[0], top, left, height, width, [size, size], antialias=False))
-    # Inside the output both sample the same points; the outermost ring may blend one pixel beyond the
-    # crop (grid_sample) where torchvision clamps to the crop's edge.
-    assert torch.allclose(ours[:, 1:-1, 1:-1], reference[:, 1:-1, 1:-1], atol=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 20, 30, 3), dtype=torch.uint8, generator=generator)
+    crops = torch.cat([torch.tensor([[3, 5, 12, 16], [0, 0, 20, 30], [19, 29, 1, 1]], dtype=torch.float32),
+                       sample_crops(21, 20, 30, generator)])
+    flips = torch.arange(24) % 2 == 0
+    size = 18
+    reference = reference_crop_flip(images, crops, flips, size)
+    # The matmul kernel (the GPU's) is exact bilinear in float32, over the whole output, edges included.
+    exact = crop_flip(images, crops, flips, size, kernel="matmul")
+    assert exact.shape == (24, 3, size, size) and exact.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(exact, reference, atol=1e-3)
+    # The resize kernel (the CPU's) rounds to uint8 once: within one level, and the default on CPU.
+    rounded = crop_flip(images, crops, flips, size, kernel="resize")
+    assert rounded.is_contiguous(memory_format=torch.channels_last)
+    assert (rounded - reference).abs().max() <= 1.01 and (rounded - reference).abs().mean() < 0.5
+    assert torch.equal(crop_flip(images, crops, flips, size), rounded)
+
+
+def test_crop_flip_kernels_agree_at_training_size():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 224, 224, 3), dtype=torch.uint8, generator=generator)
+    crops, flips = sample_crops(8, 224, 224, generator), sample_flips(8, generator)
+    difference = crop_flip(images, crops, flips, 224, kernel="resize") - crop_flip(images, crops, flips, 224,
+                                                                                   kernel="matmul")
+    assert difference.abs().max() <= 1.01 and difference.abs().mean() < 0.5
+    with pytest.raises(ValueError, match="kernel"):
+        crop_flip(images, crops, flips, 224, kernel="grid")
 
 
 def test_sampled_crops_obey_scale_and_ratio_bounds():
