@@ -70,7 +70,7 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int | Non
         a @ b
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 / min(times)  # a peak: the best repeat, least disturbed by other work
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype:
@@ -79,52 +79,66 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def bench_variant(make_model, variant: Variant, *, input_size: int, batch_size: int, steps: int, repeats: int,
-                  device: torch.device, num_classes: int = 10, seed: int = 0) -> dict:
-    """Median steady-state images/s over ``repeats`` epochs of ``steps`` steps, plus warm-up time."""
-    torch.manual_seed(seed)
-    model = make_model().to(device)
-    memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    images = torch.randn(batch_size, 3, input_size, input_size, device=device).to(memory_format=memory_format)
-    labels = torch.randint(0, num_classes, (batch_size,), device=device)
-    amp_dtype = amp_dtype_for(device) if variant.autocast else None
-    ctx = engine.StepContext(device=device, amp_dtype=amp_dtype,
-                             scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    runnable = torch.compile(model, dynamic=False) if variant.compile else model
-    loss_fn = nn.CrossEntropyLoss()
-    # Warm-up: compilation, cudnn autotuning, allocator growth. Reported apart from steady state.
-    start = time.perf_counter()
-    engine.train_one_epoch(runnable, _SameBatch(images, labels, 3), optimizer, None, loss_fn, ctx, epoch=0)
-    _sync(device)
-    warmup_s = time.perf_counter() - start
-    rates = [engine.train_one_epoch(runnable, _SameBatch(images, labels, steps), optimizer, None, loss_fn, ctx,
-                                    epoch=1)["images_per_s"] for _ in range(repeats)]
-    return {"images_per_s": statistics.median(rates), "runs": rates, "warmup_s": warmup_s,
-            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"}
+class _Prepared:
+    """One variant, built and warmed up (compiled, autotuned), ready to be timed."""
+
+    def __init__(self, make_model, variant: Variant, *, input_size: int, batch_size: int, steps: int,
+                 device: torch.device, num_classes: int = 10, seed: int = 0):
+        torch.manual_seed(seed)
+        memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
+        model = make_model().to(device).to(memory_format=memory_format)
+        images = torch.randn(batch_size, 3, input_size, input_size, device=device).to(memory_format=memory_format)
+        labels = torch.randint(0, num_classes, (batch_size,), device=device)
+        self.amp_dtype = amp_dtype_for(device) if variant.autocast else None
+        self.ctx = engine.StepContext(device=device, amp_dtype=self.amp_dtype, scaler=torch.amp.GradScaler(
+            device.type, enabled=self.amp_dtype == torch.float16))
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        self.model = torch.compile(model, dynamic=False) if variant.compile else model
+        self.loader = _SameBatch(images, labels, steps)
+        # Warm-up: compilation, cudnn autotuning, allocator growth; reported apart from steady state.
+        start = time.perf_counter()
+        self._epoch(_SameBatch(images, labels, 3))
+        _sync(device)
+        self.warmup_s = time.perf_counter() - start
+
+    def _epoch(self, loader) -> dict:
+        return engine.train_one_epoch(self.model, loader, self.optimizer, None, nn.functional.cross_entropy,
+                                      self.ctx, epoch=0)
+
+    def time_once(self) -> float:
+        return self._epoch(self.loader)["images_per_s"]
 
 
 def bench_model(name: str, make_model, forward_flops: int, *, input_size: int, batch_size: int, steps: int,
                 repeats: int, device: torch.device, variants=VARIANTS) -> dict:
-    """All variants of one model with their ratio to eager and their MFU."""
+    """All variants of one model: median images/s, ratio to eager, MFU and warm-up time.
+
+    Repeats are interleaved (variant 1, 2, 3, then 1, 2, 3 again ...) so that a change in machine
+    load during the run affects every variant alike and the ratios stay fair.
+    """
     # The matmul peak of each precision the variants use (a bf16 matmul on a CPU without bf16
     # units is slow to measure and only needed when an autocast variant runs).
     peaks = {"fp32": matmul_flops_per_s(device, torch.float32)}
     if any(v.autocast for v in variants):
         peaks[str(amp_dtype_for(device)).replace("torch.", "")] = matmul_flops_per_s(device, amp_dtype_for(device))
-    results = {}
+    prepared, results = {}, {}
     for variant in variants:
         try:
-            result = bench_variant(make_model, variant, input_size=input_size, batch_size=batch_size, steps=steps,
-                                   repeats=repeats, device=device)
+            prepared[variant.name] = _Prepared(make_model, variant, input_size=input_size, batch_size=batch_size,
+                                               steps=steps, device=device)
         except Exception as error:  # e.g. no compiler toolchain for torch.compile: report, keep going
             results[variant.name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-            continue
-        achieved = result["images_per_s"] * 3 * forward_flops
-        result["achieved_tflop_s"] = achieved / 1e12
-        result["mfu"] = achieved / peaks[result["amp_dtype"]]
-        results[variant.name] = result
+    runs: dict[str, list[float]] = {name: [] for name in prepared}
+    for _ in range(repeats):
+        for variant_name, runner in prepared.items():
+            runs[variant_name].append(runner.time_once())
+    for variant_name, runner in prepared.items():
+        rate = statistics.median(runs[variant_name])
+        precision = str(runner.amp_dtype).replace("torch.", "") if runner.amp_dtype else "fp32"
+        achieved = rate * 3 * forward_flops
+        results[variant_name] = {"images_per_s": rate, "runs": runs[variant_name], "warmup_s": runner.warmup_s,
+                                 "amp_dtype": precision, "achieved_tflop_s": achieved / 1e12,
+                                 "mfu": achieved / peaks[precision]}
     eager = results.get(VARIANTS[0].name, {}).get("images_per_s")
     for result in results.values():
         if eager and "images_per_s" in result:
