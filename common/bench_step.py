@@ -265,7 +265,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
 
         # Ours: the project's defaults for this device (bf16 + channels_last + compile on CUDA).
         torch.manual_seed(0)
-        channels_last = device.type == "cuda" or use_compile
+        channels_last = True
         model = make_model().to(device).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         amp_dtype = training.resolve_precision("auto", device)
         ctx = engine.StepContext(device=device, amp_dtype=amp_dtype,

@@ -56,7 +56,7 @@ class RunConfig:
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
     precision: str = field(default="auto", metadata={"help": "autocast precision; auto = bf16 on CUDA, fp32 on CPU", "choices": PRECISIONS})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model; default: on for CUDA, off for CPU"})
-    channels_last: bool | None = field(default=None, metadata={"help": "channels_last memory format for model and inputs; default: on with CUDA or compile (eager CPU convolutions are slower in it)"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format for model and inputs"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
     resume: bool = field(default=False, metadata={"help": "continue runs/NAME from its last.pt"})
@@ -208,7 +208,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     if num_classes != len(classes):
         raise ValueError(f"the model has {num_classes} outputs but {split_dir} has {len(classes)} classes")
     use_compile = device.type == "cuda" if config.compile is None else config.compile
-    channels_last = (device.type == "cuda" or use_compile) if config.channels_last is None else config.channels_last
+    channels_last = config.channels_last
     loader_options = dict(device=device, mean=mean, std=std, channels_last=channels_last,
                           rank=info.rank, world_size=info.world_size)
     train_loader = data_lib.DeviceLoader(train_set.images, train_set.labels, config.batch_size, train=True,

@@ -49,7 +49,7 @@ def _non_default(value, name):
         return value * 0.5 + 0.01
     choices = {"filter_strategy": "double", "padding": "valid", "activation": "mish", "optimizer": "sgd",
                "lr_schedule": "cosine", "precision": "fp32", "device": "cpu", "dense_activation": "relu",
-               "wandb_mode": "offline", "compile": True, "channels_last": False}
+               "wandb_mode": "offline", "compile": True}
     return choices.get(name, "x" if value is None else f"{value}_changed")
 
 
