@@ -7,7 +7,9 @@ part does differently (the model, its normalisation, which parameters train) com
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,8 +141,17 @@ def _class_weight_tensor(labels: torch.Tensor, num_classes: int, device: torch.d
     return (counts.sum() / (num_classes * counts)).float().to(device)
 
 
+def default_run_name(kind: str) -> str:
+    """A folder name that two runs started in the same second (e.g. agents on two GPUs) never share.
+
+    Under ``wandb agent`` it is the wandb run id the agent assigned, so folder and run match.
+    """
+    run_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+    return f"{kind}-{run_id}" if run_id else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
 def _run_dir(config: RunConfig, kind: str, info: DistInfo) -> Path:
-    name = config.name or broadcast_object(f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", info)
+    name = config.name or broadcast_object(default_run_name(kind), info)
     run_dir = Path(config.out_dir) / name
     last = run_dir / "last.pt"
     if config.resume and not last.is_file():
