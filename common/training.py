@@ -278,6 +278,11 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     def trainable_signature() -> tuple[bool, ...]:
         return tuple(p.requires_grad for p in raw_model.parameters())
 
+    if use_compile:
+        # Sweep trials run one after another in one process; without a reset, Dynamo's per-function
+        # cache (8 entries by default) fills with earlier trials' graphs and later ones silently
+        # fall back to eager.
+        torch._dynamo.reset()
     model = wrap(raw_model)
     signature = trainable_signature()
 
