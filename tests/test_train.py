@@ -277,3 +277,20 @@ def test_missing_data_without_network_is_one_clear_line(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: cannot download") and "--zip" in err
     assert "Traceback" not in err
+
+
+def test_compiled_training_does_not_recompile_after_the_first_epoch(prepared_data, tmp_path):
+    """Fixed training shapes and padded evaluation batches: epoch 2 and 3 reuse epoch 1's graphs."""
+    from torch._dynamo.utils import counters
+    compiled_frames = []
+
+    def count(epoch, metrics):
+        compiled_frames.append(counters["frames"]["ok"])
+    # eval_batch_size 7 leaves a partial last validation batch (20 images), which padding keeps fixed.
+    summary = part_a_train.run(tiny_config(prepared_data, tmp_path, "compiled", epochs=3, compile=True,
+                                           eval_batch_size=7), epoch_callback=count)
+    assert summary["status"] == "finished"
+    assert compiled_frames[0] > 0, "nothing was compiled"
+    assert compiled_frames[0] == compiled_frames[1] == compiled_frames[2], compiled_frames
+    # One graph for training, one for evaluation: the partial validation batch made no third one.
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
