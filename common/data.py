@@ -90,9 +90,15 @@ class DeviceLoader:
         # One row per image: a gather is then one memcpy per image.
         self.rows = self.images.reshape(len(self.images), -1)
         self.labels = labels.to(self.device, torch.int64)
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.scale, self.shift = 1.0 / (255.0 * std_t), mean_t / std_t  # (x/255 - mean)/std = x*scale - shift
+        # (x/255 - mean)/std = x*scale - shift. With one mean and std for all channels (Part A) they
+        # are Python floats: a scalar multiply runs over the channels_last batch as one dense array,
+        # while a [1, 3, 1, 1] broadcast takes a strided path (CPU, 64 images at 224: 11 ms vs 24 ms).
+        if len(set(mean)) == 1 and len(set(std)) == 1:
+            self.scale, self.shift = 1.0 / (255.0 * std[0]), mean[0] / std[0]
+        else:
+            std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+            mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+            self.scale, self.shift = 1.0 / (255.0 * std_t), mean_t / std_t
 
     def _place(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(where batches are gathered from, whether they need copying to the device)."""
