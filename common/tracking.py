@@ -16,6 +16,7 @@ from typing import Any
 
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_HOST = "api.wandb.ai"
+INIT_TIMEOUT_S = 30  # how long an online start may wait for the server (WANDB_INIT_TIMEOUT overrides)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -95,7 +96,8 @@ def start_wandb(mode: str | None, *, project: str, entity: str | None, name: str
     kwargs = dict(project=project, entity=entity, name=name, group=group, config=config,
                   dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None)
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **kwargs)
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout, silent=True), **kwargs)
     except Exception as error:  # wandb raises its own CommError/UsageError/timeouts
         if mode != "online":
             raise
