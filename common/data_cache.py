@@ -102,7 +102,7 @@ def usable_cpus() -> int:
 def parallel_map(fn: Callable[[T], R], items: list[T], desc: str, chunksize: int = 16) -> Iterator[R]:
     """``map(fn, items)`` in order over worker processes, with a progress bar; in-process when tiny."""
     workers = min(usable_cpus(), -(-len(items) // chunksize))
-    with tqdm(total=len(items), desc=desc, unit="img") as bar:
+    with tqdm(total=len(items), desc=desc, unit="img", disable=None) as bar:  # None: only on a terminal
         if workers <= 1:
             results: Iterable[R] = map(fn, items)
             for result in results:

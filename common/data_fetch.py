@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+# Downloads and extraction take minutes: a live bar on a terminal, a line every 30 s in a log file.
+LOG_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 
 DATASET_URL = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
 DATASET_DIR = "inaturalist_12K"
@@ -83,7 +87,7 @@ def _resume_point(response, have: int) -> tuple[int | None, int | None]:
 def _copy_body(response, part: Path, start: int, total: int | None, url: str) -> None:
     with open(part, "r+b" if start else "wb") as out, \
             tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                 desc=f"download {Path(part).name[:-5]}") as bar:
+                 desc=f"download {Path(part).name[:-5]}", mininterval=LOG_INTERVAL_S) as bar:
         out.seek(start)
         out.truncate()
         try:
@@ -146,7 +150,7 @@ def extract(zip_path: Path, root: Path) -> Path:
         files = [e for e in files if e.filename.replace("\\", "/").startswith(prefix)]
         shutil.rmtree(partial, ignore_errors=True)
         with tqdm(total=sum(e.file_size for e in files), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"extract {zip_path.name}") as bar:
+                  desc=f"extract {zip_path.name}", mininterval=LOG_INTERVAL_S) as bar:
             for entry in files:
                 out = partial / entry.filename.replace("\\", "/")[len(prefix):]
                 out.parent.mkdir(parents=True, exist_ok=True)
