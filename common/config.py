@@ -122,10 +122,6 @@ def from_namespace(cls: type, namespace: argparse.Namespace | dict):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init]
-
-
 def to_cli(config: Any, names: Iterable[str] | None = None) -> list[str]:
     """The ``--name=value`` arguments that reproduce ``config`` (for printing ready-to-run commands)."""
     data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)

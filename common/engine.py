@@ -96,7 +96,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
         detached = loss.detach()
         finite = torch.isfinite(detached)
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         loss_sum += detached.double() * labels.numel()
         correct += (logits.detach().argmax(dim=1) == labels).sum()
         seen += labels.numel()

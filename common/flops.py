@@ -103,8 +103,6 @@ class Report:
                 "element_ops": self.element_ops, "params": self.params, "conventions": CONVENTIONS,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
     def table(self) -> str:
         """An aligned text table, one row per layer, then the totals."""

@@ -12,6 +12,7 @@ the metric instead, and the summary says so.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import shlex
 from collections import Counter
@@ -148,10 +149,9 @@ def parameter_importance(study: optuna.Study) -> tuple[dict[str, float], str]:
     if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
         return {}, (f"only {len(complete)} completed trials (importance needs {MIN_TRIALS_FOR_IMPORTANCE}); "
                     "parameters are ranked by the strength of their correlation with the metric instead")
-    try:
-        import sklearn  # noqa: F401  fANOVA's random forest
+    if importlib.util.find_spec("sklearn") is not None:  # fANOVA's random forest
         evaluator, method = optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
-    except ImportError:
+    else:
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
         method = "PED-ANOVA (install scikit-learn for fANOVA)"
     try:

@@ -204,16 +204,14 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     run_dir = _run_dir(config, kind, info)
     say = print if info.is_main else (lambda *args, **kwargs: None)
 
-    # Data: rank 0 prepares and decodes once; the others wait, then read the same cache.
+    # Data: rank 0 prepares and decodes once; the others wait, then every rank maps the same cache.
+    split_dir = None
     if info.is_main:
         split_dir = data_lib.prepare(config.data_dir, val_fraction=config.val_fraction, seed=config.split_seed)
-        train_set = data_lib.load_cache(split_dir, "train", input_size)
-        val_set = data_lib.load_cache(split_dir, "val", input_size)
-    barrier(info)
-    if not info.is_main:
-        split_dir = Path(config.data_dir) / "split"
-        train_set = data_lib.load_cache(split_dir, "train", input_size)
-        val_set = data_lib.load_cache(split_dir, "val", input_size)
+        for split in ("train", "val"):
+            data_lib.load_cache(split_dir, split, input_size)  # builds the cache if it is missing
+    split_dir = Path(broadcast_object(str(split_dir), info))
+    train_set, val_set = (data_lib.load_cache(split_dir, split, input_size) for split in ("train", "val"))
     classes = list(train_set.classes)
     num_classes = model_config.get("num_classes", len(classes))
     if num_classes != len(classes):
