@@ -14,7 +14,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CROP_SCALE = (0.25, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -63,8 +62,8 @@ def sample_flips(n: int, generator: torch.Generator, p: float = FLIP_PROBABILITY
 def one_thread() -> Iterator[None]:
     """Run the block with one intra-op thread. Per-image resizes are far too small to split: with two
     threads on a 2-core machine that also runs other jobs, each call waits for the busy core and the
-    batch took 490 ms instead of 8 ms (torch 2.14, 2-core EPYC, 64 images at 224). Whole-batch
-    conversions are memory-bound and were faster with one thread there too (24 ms against 40 ms)."""
+    batch took 490 ms instead of 8 ms (torch 2.14, 2-core EPYC, 64 images at 224). To use more cores,
+    give threads whole images (``DeviceLoader`` on the CPU does, through ``data.share_out``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -82,10 +81,8 @@ def crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, si
     half-pixel centres, clamped to the crop's own edges. Two kernels compute it, chosen by device
     (``kernel`` overrides, for tests):
 
-    - ``"resize"`` (CPU): one ``F.interpolate`` per image on the uint8 crop, which runs torch's AVX2
-      uint8 kernel, then one conversion of the whole batch to float. Rounded to uint8 on the way
-      (|error| <= 1 level of 255). Measured on a 2-core EPYC for 64 images at 224: 8 ms, against
-      130 ms for ``grid_sample`` and 320 ms for the matmuls below.
+    - ``"resize"`` (CPU): ``resize_crops`` (uint8 out, one resize per image), then one conversion of
+      the whole batch to float. Rounded to uint8 on the way (|error| <= 1 level of 255).
     - ``"matmul"`` (other devices): separable bilinear as two batched matrix products,
       ``Wy @ image @ Wx^T``, with the flip folded into ``Wx``; exact up to float rounding (TF32 where
       the caller enables it for matmuls: |error| below 0.3 of 255). One launch-friendly batched path.
@@ -93,40 +90,57 @@ def crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, si
     if kernel is None:
         kernel = "resize" if images.device.type == "cpu" else "matmul"
     if kernel == "resize":
-        return _crop_flip_resize(images, crops, flips, size)
+        return to_float(resize_crops(images, crops, flips, size))
     if kernel == "matmul":
         return _crop_flip_matmul(images, crops, flips, size)
     raise ValueError(f"unknown crop_flip kernel {kernel!r}; use 'resize' or 'matmul'")
 
 
-def _crop_flip_resize(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images.device)
-    boxes = crops.to(torch.int64).tolist()
+def resize_crops(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``crop_flip`` in uint8 on the CPU: ``[B, size, size, 3]``, written into ``out`` if given.
+
+    One resize per image, run by torch's AVX2 uint8 kernel straight into the image's slot of ``out``
+    (the ``.out`` form of the op: no per-image result to copy), with one intra-op thread (each image is
+    far too small to split; see ``one_thread``). That kernel needs a contiguous channels_last input, so
+    the crop is copied first, and the flip is applied during that copy: bilinear resizing with
+    half-pixel centres commutes with mirroring, and the crop is never larger than the output.
+    ``antialias=True`` selects the fast kernel; when upsampling, which every training crop is (a crop
+    is at most the image, resized back to the image size), it is plain bilinear. A crop larger than
+    ``size`` in either direction is resized with plain bilinear, like the matmul kernel. Measured for
+    64 images at 224 on a 2-core EPYC, one thread (torch 2.14): 8 ms, against 12 ms resizing into a new
+    tensor and then flipping and copying each result, 20 ms with ``antialias=False``, 27 ms resizing
+    float crops, 85 ms for one ``grid_sample`` and 320 ms for the matmul kernel. The op releases the
+    GIL, so threads can resize different images at once (``DeviceLoader`` does).
+    """
+    if out is None:
+        out = torch.empty((len(images), size, size, 3), dtype=torch.uint8)
+    source, target = images.permute(0, 3, 1, 2), out.permute(0, 3, 1, 2)  # NCHW views, channels_last strides
+    antialiased, plain = torch.ops.aten._upsample_bilinear2d_aa.out, torch.ops.aten.upsample_bilinear2d.out
+    channels_last, output_size = torch.channels_last, [size, size]
     with one_thread():
-        for i, ((top, left, height, width), flip) in enumerate(zip(boxes, flips.tolist())):
-            # A contiguous channels_last uint8 input with antialias=True takes torch's fast AVX2 kernel
-            # (8 ms per batch against 20 ms with antialias=False). When upsampling, which is every crop of
-            # training (a crop is at most the image, resized back to the image size), antialiased
-            # bilinear is plain bilinear; a shrinking crop keeps plain bilinear, like the matmul kernel.
-            crop = images[i, top:top + height, left:left + width].permute(2, 0, 1).unsqueeze(0)
-            crop = crop.contiguous(memory_format=torch.channels_last)
-            resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
-                                    antialias=height <= size and width <= size)
-            resized = resized[0].permute(1, 2, 0)  # [size, size, 3]
-            out[i] = resized.flip(1) if flip else resized
-        return to_float(out)
+        for i, ((top, left, height, width), flip) in enumerate(zip(crops.to(torch.int64).tolist(), flips.tolist())):
+            crop = source[i:i + 1, :, top:top + height, left:left + width]
+            if flip:
+                crop = crop.flip(3)  # a copy, laid out channels_last like its input
+            crop = crop.contiguous(memory_format=channels_last)
+            resize = antialiased if height <= size and width <= size else plain
+            resize(crop, output_size, False, None, None, out=target[i:i + 1])
+    return out
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
+def to_float(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[B, 3, H, W]`` with channels_last strides (``[B, H, W, 3]`` permuted) from uint8
-    ``[B, H, W, 3]``, values unchanged, on the same device.
+    ``[B, H, W, 3]``, values unchanged, on the same device; written into ``out`` (float32
+    ``[B, H, W, 3]``) if given.
 
-    On the CPU the buffer comes from numpy, which asks the kernel for transparent huge pages on large
+    On the CPU a new buffer comes from numpy, which asks the kernel for transparent huge pages on large
     arrays: first-touching a fresh 38 MB batch from torch's allocator costs one page fault per 4 kB,
     which made the conversion 2-3x slower (2-core EPYC, 64 images at 224)."""
-    if images.device.type != "cpu":
-        return images.permute(0, 3, 1, 2).float()
-    out = torch.from_numpy(np.empty(tuple(images.shape), dtype=np.float32))
+    if out is None:
+        if images.device.type != "cpu":
+            return images.permute(0, 3, 1, 2).float()
+        out = torch.from_numpy(np.empty(tuple(images.shape), dtype=np.float32))
     return out.copy_(images).permute(0, 3, 1, 2)
 
 

@@ -1,11 +1,13 @@
 """Data-path benchmark: the decode-once cache + DeviceLoader against ImageFolder + DataLoader.
 
 Both sides serve the same generated 800x600 JPEGs at the same resolution with the same augmentation
-(random resized crop, scale (0.25, 1), and horizontal flip), batch size and number of workers, in
-one process, one after the other. The cache side's first epoch is reported separately (it also pages
-the cache file in, once per run); its epoch rate is that of a later epoch. It is also timed without
-augmentation (to show what the resampling costs on the device) and for its one-time costs:
-validating the files (``prepare``) and building the cache.
+(random resized crop, scale (0.25, 1), and horizontal flip), batch size and number of workers
+(DataLoader worker processes; the loader's threads on the CPU), in one process, one after the other.
+The cache side's first epoch is reported separately (it also pages the cache file in and maps its
+buffers, once per run); its epoch rate is the median of the next ``epochs``. ImageFolder's is its
+second epoch, with persistent workers (its steady state; the first pays for starting the workers).
+The cache side is also timed with one thread and without augmentation (what the resampling costs on
+the device), and for its one-time costs: validating the files (``prepare``) and building the cache.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from common.data_fetch import DATASET_DIR
 
 CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
            "Plantae", "Reptilia"]
-QUICK = dict(images=60, batch_size=8)
+QUICK = dict(images=60, batch_size=8, epochs=2)
 
 
 @dataclass
@@ -37,7 +39,9 @@ class DataBenchConfig:
     images: int = field(default=500, metadata={"help": "generated training images"})
     size: int = field(default=224, metadata={"help": "training resolution S"})
     batch_size: int = field(default=64, metadata={"help": "batch size of both loaders"})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers (the cache build uses all cores)"})
+    workers: int = field(default=2, metadata={"help": "DataLoader workers, and the cache loader's threads on the "
+                                                      "CPU (the cache build uses all cores)"})
+    epochs: int = field(default=5, metadata={"help": "cache epochs timed after the first; the median is reported"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {QUICK}"})
     work_dir: str | None = field(default=None, metadata={"help": "where to write the images (default: a temp folder)"})
@@ -65,9 +69,17 @@ def generate(root: Path, n_train: int) -> None:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (DataLoader workers are joined at epoch end)."""
+    """CPU time of this process and of its children, running (DataLoader workers; read from /proc on
+    Linux) or finished."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+            if int(fields[1]) == me:
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime, in clock ticks
+    return total
 
 
 def _epoch(batches, device: torch.device) -> tuple[float, float, int]:
@@ -84,6 +96,11 @@ def _epoch(batches, device: torch.device) -> tuple[float, float, int]:
     return time.perf_counter() - wall, _cpu_seconds() - cpu, seen
 
 
+def _median(timed: list[tuple[float, float, int]]) -> tuple[float, float, int]:
+    """The (wall, CPU, images) of the epoch with the median wall time."""
+    return sorted(timed)[len(timed) // 2]
+
+
 def imagefolder_loader(train_dir: Path, config: DataBenchConfig, device: torch.device):
     """The usual torchvision pipeline: decode and resize each JPEG every epoch, in worker processes."""
     from torchvision import datasets, transforms
@@ -97,7 +114,7 @@ def imagefolder_loader(train_dir: Path, config: DataBenchConfig, device: torch.d
     ])
     return torch.utils.data.DataLoader(datasets.ImageFolder(train_dir, transform), batch_size=config.batch_size,
                                        shuffle=True, drop_last=True, num_workers=config.workers,
-                                       pin_memory=device.type == "cuda")
+                                       persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
 
 
 def cpu_model() -> str:
@@ -129,18 +146,31 @@ def run(config: DataBenchConfig) -> dict:
         cached = load_cache(split_dir, "train", config.size)
         load_s = time.perf_counter() - started
 
-        loader = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=True,
-                              seed=0, mean=PART_A_MEAN, std=PART_A_STD)
-        # The first pass also maps the cache file's pages into memory (page faults), once per run: it is
-        # reported on its own, and the epoch rate is that of every later epoch.
-        first_wall, _, first_seen = _epoch(loader, device)
-        loader.set_epoch(1)
-        cache_wall, cache_cpu, cache_seen = _epoch(loader, device)
-        plain = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=False,
-                             seed=0, mean=PART_A_MEAN, std=PART_A_STD)
-        plain_wall, _, plain_seen = _epoch(plain, device)  # what the augmentation costs on this device
-        folder = imagefolder_loader(split_dir / "train", config, device)
-        folder_wall, folder_cpu, folder_seen = _epoch(folder, device)
+        def cache_loader(augment: bool, threads: int) -> DeviceLoader:
+            return DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True,
+                                augment=augment, seed=0, mean=PART_A_MEAN, std=PART_A_STD, threads=threads)
+
+        def epochs(loader, count: int, first: int = 0) -> list[tuple[float, float, int]]:
+            timed = []
+            for epoch in range(first, first + count):
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(epoch)
+                timed.append(_epoch(loader, device))
+            return timed
+
+        loader = cache_loader(True, config.workers)
+        # The first pass also maps the cache file's pages and the batch buffers into memory (page
+        # faults), once per run: it is reported on its own.
+        (first_wall, _, first_seen), = epochs(loader, 1)
+        cache = _median(epochs(loader, config.epochs, first=1))
+        one_thread = cache_loader(True, 1)
+        one_thread_rate = _median(epochs(one_thread, config.epochs + 1)[1:])
+        plain = _median(epochs(cache_loader(False, config.workers), config.epochs + 1)[1:])
+        folder_loader = imagefolder_loader(split_dir / "train", config, device)
+        folder = epochs(folder_loader, 2)[-1]  # the second: the workers are running already
+        del folder_loader
+        cache_wall, cache_cpu, cache_seen = cache
+        folder_wall, folder_cpu, folder_seen = folder
 
     return {
         "section": "data",
@@ -149,6 +179,7 @@ def run(config: DataBenchConfig) -> dict:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "source_images": "800x600 JPEG, quality 90",
         "size": config.size, "batch_size": config.batch_size, "workers": config.workers,
+        "cache_epochs_timed": config.epochs,
         "train_images": len(cached.labels), "epoch_images": {"cache": cache_seen, "imagefolder": folder_seen},
         "prepare_images_per_s": round(n_total / prepare_s, 1),
         "cache_build_images_per_s": round(len(cached.labels) / build_s, 1),
@@ -156,7 +187,8 @@ def run(config: DataBenchConfig) -> dict:
         "cache_first_epoch_images_per_s": round(first_seen / first_wall, 1),
         "cache_epoch_images_per_s": round(cache_seen / cache_wall, 1),
         "imagefolder_epoch_images_per_s": round(folder_seen / folder_wall, 1),
-        "cache_epoch_no_augment_images_per_s": round(plain_seen / plain_wall, 1),
+        "cache_epoch_one_thread_images_per_s": round(one_thread_rate[2] / one_thread_rate[0], 1),
+        "cache_epoch_no_augment_images_per_s": round(plain[2] / plain[0], 1),
         "speedup": round(folder_wall / folder_seen * cache_seen / cache_wall, 1),
         "cache_epoch_cpu_ms_per_image": round(1000 * cache_cpu / cache_seen, 2),
         "imagefolder_epoch_cpu_ms_per_image": round(1000 * folder_cpu / folder_seen, 2),

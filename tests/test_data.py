@@ -357,6 +357,98 @@ def test_augmentation_is_per_image_and_a_pure_function_of_seed_and_epoch():
     assert all(torch.allclose(img, expected, atol=1e-6) for img in epoch_batches(plain, 0)[0][0])
 
 
+def random_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator), torch.arange(n)
+
+
+def test_cpu_loader_gives_the_same_batches_with_any_number_of_threads():
+    images, labels = random_images(40, 20)
+    runs = {}
+    for threads in (1, 2, 3, 7):  # 7 threads for batches of 6: some threads get one image
+        loader = DeviceLoader(images, labels, 6, "cpu", train=True, augment=True, seed=2, threads=threads, **NORM)
+        runs[threads] = [(x.clone(), y) for x, y in epoch_batches(loader, 1)]
+    with torch.inference_mode():  # as in evaluation: the helper threads must write inference tensors too
+        loader = DeviceLoader(images, labels, 6, "cpu", train=True, augment=True, seed=2, threads=3, **NORM)
+        runs["inference"] = epoch_batches(loader, 1)
+    for threads, batches in runs.items():
+        assert len(batches) == 6
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(runs[1], batches)), threads
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        DeviceLoader(images, labels, 6, "cpu", train=True, threads=0, **NORM)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_cpu_loader_normalises_per_channel_like_the_formula(augment):
+    images, labels = random_images(12, 16, seed=4)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # a Part B model's statistics
+    loader = DeviceLoader(images, labels, 4, "cpu", train=True, augment=augment, seed=1, mean=mean, std=std)
+    loader.set_epoch(3)
+    indices, crops, flips = loader._plan()
+    for step, (x, y) in enumerate(loader):
+        raw = images[indices[step]]
+        pixels = crop_flip(raw, crops[step], flips[step], 16) if augment else raw.permute(0, 3, 1, 2).float()
+        expected = (pixels / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        assert torch.equal(y, labels[indices[step]])
+        torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+
+
+def test_cpu_loader_reuses_a_batch_buffer_only_once_nothing_refers_to_it():
+    images, labels = random_images(64, 16, seed=5)
+    loader = DeviceLoader(images, labels, 4, "cpu", train=True, augment=True, seed=0, threads=2, **NORM)
+    # Held batches (and a slice of one) are never written again: compare with copies taken at once.
+    held, copies = [], []
+    for x, _ in epoch_batches(loader, 0):
+        held.append(x[:2] if len(held) == 3 else x)
+        copies.append(held[-1].clone())
+    assert len({x.data_ptr() for x in held}) == len(held) == 16
+    assert all(torch.equal(x, c) for x, c in zip(held, copies))
+    # Released batches are written again: an epoch that drops each batch uses a few buffers only.
+    del held, x
+    loader.set_epoch(1)
+    addresses = {x.data_ptr() for x, _ in loader}
+    assert len(addresses) <= 3
+    # channels_last=False gives contiguous tensors with the same values.
+    plain = DeviceLoader(images, labels, 4, "cpu", train=True, augment=True, seed=0, channels_last=False, **NORM)
+    first = [x for x, _ in epoch_batches(plain, 1)]
+    assert all(x.is_contiguous() for x in first)
+    assert all(torch.equal(a, b[0].contiguous()) for a, b in zip(first, epoch_batches(loader, 1)))
+
+
+def test_gather_rows_refuses_an_index_out_of_range():
+    rows = torch.arange(12, dtype=torch.uint8).view(4, 3)
+    assert torch.equal(data.gather_rows(rows, torch.tensor([3, 0])), rows[[3, 0]])
+    for bad in ([4], [-1]):
+        with pytest.raises(IndexError, match=r"out of range \[0, 4\)"):
+            data.gather_rows(rows, torch.tensor(bad), out=torch.empty(1, 3, dtype=torch.uint8))
+
+
+def _loader_in_forked_child(queue) -> None:
+    # As in DataLoader workers: with GNU OpenMP, a forked child that runs a multi-threaded op after
+    # its parent did hangs, whatever this project does (torch 2.14: `torch.rand(100000).exp()`).
+    torch.set_num_threads(1)
+    images, labels = random_images(16, 12)
+    loader = DeviceLoader(images, labels, 8, "cpu", train=True, augment=True, seed=0, threads=2, **NORM)
+    queue.put(torch.cat([x for x, _ in loader]).sum().item())
+
+
+def test_cpu_loader_threads_work_in_a_forked_child():
+    import multiprocessing
+
+    images, labels = random_images(16, 12)
+    loader = DeviceLoader(images, labels, 8, "cpu", train=True, augment=True, seed=0, threads=2, **NORM)
+    expected = torch.cat([x for x, _ in loader]).sum().item()  # the parent's helper threads exist now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_loader_in_forked_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("a forked child hung using the loader's helper threads")
+    assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
+
+
 def reference_crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
     """torchvision, one image at a time, in float: ``hflip(resized_crop(...))`` of each ``[H, W, 3]`` image."""
     out = []
