@@ -71,8 +71,9 @@ def share_out(work: Callable[[int, int], None], n: int, threads: int) -> None:
 
     Whole ranges per thread, not torch's intra-op threads: a 64-image batch at 224 is 64 small ops
     per stage, and OpenMP's threads, which spin for a while after each parallel op, kept a helper
-    thread from its core (2-core EPYC, torch 2.14: 13.4 ms per batch with torch's two threads for
-    the whole-batch stages and two resize threads, 11 ms with every stage shared out this way)."""
+    thread from its core (2-core EPYC, torch 2.14: 14.5-15.2 ms per batch with torch's two threads
+    for the whole-batch stages and two resize threads, 13.4-13.7 ms with one resize thread, 10.7-10.9
+    ms with every stage shared out this way)."""
     threads = max(1, min(threads, n))
     bounds = [n * k // threads for k in range(threads + 1)]
     ranges = list(zip(bounds[:-1], bounds[1:]))
