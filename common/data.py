@@ -192,7 +192,10 @@ class DeviceLoader:
         std_t, mean_t = torch.tensor(std, dtype=torch.float64), torch.tensor(mean, dtype=torch.float64)
         self.scale = (1.0 / (255.0 * std_t)).float().repeat(self.size).to(self.device)
         self.shift = (-mean_t / std_t).float().repeat(self.size).to(self.device)
-        self.buffers = HostBuffers() if self.device.type == "cpu" else None
+        # CPU batches are built by threads into reused buffers; other devices run whole-batch ops. The
+        # tests switch this off on the CPU to run the device path (its kernel is chosen by device).
+        self.host_batches = self.device.type == "cpu"
+        self.buffers = HostBuffers()
 
     def _place(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(where batches are gathered from, whether they need copying to the device)."""
@@ -242,7 +245,7 @@ class DeviceLoader:
         host_indices = indices
         indices = indices.to(self.device)
         shape = (self.batch_size, self.size, self.size, 3)
-        if self.device.type == "cpu":
+        if self.host_batches:
             yield from self._cpu_batches(indices, crops, flips)
             return
         if self.prefetch:

@@ -378,6 +378,18 @@ def test_cpu_loader_gives_the_same_batches_with_any_number_of_threads():
         DeviceLoader(images, labels, 6, "cpu", train=True, threads=0, **NORM)
 
 
+def test_device_path_gives_the_cpu_path_batches():
+    """The whole-batch path that GPUs take, run on the CPU (where it picks the same resize kernel)."""
+    images, labels = random_images(30, 16, seed=6)
+    for augment, mean, std in ((True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), (False, *NORM.values())):
+        host = DeviceLoader(images, labels, 4, "cpu", train=True, augment=augment, seed=8, mean=mean, std=std)
+        device = DeviceLoader(images, labels, 4, "cpu", train=True, augment=augment, seed=8, mean=mean, std=std)
+        device.host_batches = False
+        for (a, ya), (b, yb) in zip(epoch_batches(host, 2), epoch_batches(device, 2), strict=True):
+            assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(ya, yb)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("augment", [False, True])
 def test_cpu_loader_normalises_per_channel_like_the_formula(augment):
     images, labels = random_images(12, 16, seed=4)
