@@ -8,9 +8,11 @@ step is counted as 3x the forward FLOPs (backward is about twice the forward: Ka
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -74,9 +76,30 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int | Non
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """What ``--precision auto`` trains with on CUDA; bf16 elsewhere (the CPU autocast type)."""
+    from common.training import cuda_amp_dtype
+    return cuda_amp_dtype(device) if device.type == "cuda" else torch.bfloat16
+
+
+def fp32_name(device: torch.device) -> str:
+    """fp32 matmuls and convolutions run on TF32 tensor cores under the training flags on CUDA."""
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+@contextlib.contextmanager
+def training_backends(device: torch.device) -> Iterator[None]:
+    """The backend flags a training run sets on CUDA (cuDNN autotuning, TF32), restored afterwards so
+    that a baseline measured later in the same process runs with torch's defaults."""
+    if device.type != "cuda":
+        yield
+        return
+    from common.training import configure_cuda_backends
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    configure_cuda_backends()
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class _Prepared:
@@ -92,7 +115,8 @@ class _Prepared:
         self.amp_dtype = amp_dtype_for(device) if variant.autocast else None
         self.ctx = engine.StepContext(device=device, amp_dtype=self.amp_dtype, scaler=torch.amp.GradScaler(
             device.type, enabled=self.amp_dtype == torch.float16))
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        from common.training import RunConfig, build_optimizer
+        self.optimizer = build_optimizer(RunConfig(learning_rate=1e-4, weight_decay=0.0), model, None, device)
         self.model = torch.compile(model, dynamic=False) if variant.compile else model
         self.loader = _SameBatch(images, labels, steps)
         # Warm-up: compilation, cudnn autotuning, allocator growth; reported apart from steady state.
@@ -116,9 +140,16 @@ def bench_model(name: str, make_model, forward_flops: int, *, input_size: int, b
     Repeats are interleaved (variant 1, 2, 3, then 1, 2, 3 again ...) so that a change in machine
     load during the run affects every variant alike and the ratios stay fair.
     """
-    # The matmul peak of each precision the variants use (a bf16 matmul on a CPU without bf16
-    # units is slow to measure and only needed when an autocast variant runs).
-    peaks = {"fp32": matmul_flops_per_s(device, torch.float32)}
+    with training_backends(device):
+        return _bench_model(name, make_model, forward_flops, input_size=input_size, batch_size=batch_size,
+                            steps=steps, repeats=repeats, device=device, variants=variants)
+
+
+def _bench_model(name: str, make_model, forward_flops: int, *, input_size: int, batch_size: int, steps: int,
+                 repeats: int, device: torch.device, variants) -> dict:
+    # The matmul peak of each precision the variants use, under the same backend flags (a bf16 matmul
+    # on a CPU without bf16 units is slow to measure and only needed when an autocast variant runs).
+    peaks = {fp32_name(device): matmul_flops_per_s(device, torch.float32)}
     if any(v.autocast for v in variants):
         peaks[str(amp_dtype_for(device)).replace("torch.", "")] = matmul_flops_per_s(device, amp_dtype_for(device))
     prepared, results = {}, {}
@@ -134,7 +165,7 @@ def bench_model(name: str, make_model, forward_flops: int, *, input_size: int, b
             runs[variant_name].append(runner.time_once())
     for variant_name, runner in prepared.items():
         rate = statistics.median(runs[variant_name])
-        precision = str(runner.amp_dtype).replace("torch.", "") if runner.amp_dtype else "fp32"
+        precision = str(runner.amp_dtype).replace("torch.", "") if runner.amp_dtype else fp32_name(device)
         achieved = rate * 3 * forward_flops
         results[variant_name] = {"images_per_s": rate, "runs": runs[variant_name], "warmup_s": runner.warmup_s,
                                  "amp_dtype": precision, "achieved_tflop_s": achieved / 1e12,
@@ -242,7 +273,6 @@ def _plain_epoch(model: nn.Module, loader, device: torch.device) -> tuple[float,
 
 def run_e2e(config: E2EBenchConfig) -> dict:
     """One training epoch, data included: our cache + engine versus ImageFolder + a plain loop."""
-    import contextlib
     import sys
     import tempfile
     from pathlib import Path
@@ -263,7 +293,10 @@ def run_e2e(config: E2EBenchConfig) -> dict:
         cached = load_cache(split_dir, "train", config.input_size)
         cache_build_s = time.perf_counter() - start
 
-        # Ours: the project's defaults for this device (bf16 + channels_last + compile on CUDA).
+        # Ours: the project's defaults for this device (bf16 + channels_last + compile on CUDA, with
+        # the backend flags training sets); the plain loop then runs with torch's defaults.
+        backends = contextlib.ExitStack()
+        backends.enter_context(training_backends(device))
         torch.manual_seed(0)
         channels_last = True
         model = make_model().to(device).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -281,6 +314,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
         warmup_s = time.perf_counter() - start
         loader.set_epoch(1)
         ours = engine.train_one_epoch(runnable, loader, optimizer, None, loss_fn, ctx, epoch=1)
+        backends.close()
 
         torch.manual_seed(0)
         plain_model = make_model().to(device)

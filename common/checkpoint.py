@@ -83,8 +83,9 @@ def build_model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     return model
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator a run draws from, as weights_only-safe plain data and tensors."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random generator a run draws from, as weights_only-safe plain data and tensors; on a CUDA
+    ``device``, that GPU's generator (only that one: the run may resume with other GPUs visible)."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -92,20 +93,21 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` saved; tensors are accepted on any device."""
+    torch.set_rng_state(state["torch"].cpu())
     np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+    np.random.set_state(("MT19937", np_state["keys"].cpu().numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 @functools.lru_cache(maxsize=1)

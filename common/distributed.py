@@ -5,11 +5,17 @@ the environment; launched plainly, everything here reports a single process and 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# How long the other ranks wait for rank 0 to download, extract, validate and decode the dataset. NCCL's
+# own timeout (10 minutes by default) would abort them during a first run's download.
+DATA_WAIT = timedelta(hours=3)
 
 
 @dataclass(frozen=True)
@@ -45,15 +51,23 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_object(value, info: DistInfo):
-    """Rank 0's value on every rank (used so a rank-0 error stops all ranks alike)."""
+def broadcast_object(value, info: DistInfo, *, long_wait: bool = False):
+    """Rank 0's value on every rank (used so a rank-0 error stops all ranks alike). With ``long_wait``
+    the other ranks may wait up to ``DATA_WAIT`` for it, on a CPU (gloo) group of their own."""
     if not info.enabled:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=_long_wait_group() if long_wait else None)
     return holder[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _long_wait_group():
+    """Made by every rank on its first long wait, in the same order (new_group is collective)."""
+    return dist.new_group(backend="gloo", timeout=DATA_WAIT)
 
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _long_wait_group.cache_clear()

@@ -61,7 +61,16 @@ def _reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
-    bad = int(first_bad_step.item())
+    """Raise on every rank alike: a rank that stopped alone would leave the others waiting in DDP's
+    next all-reduce until the collective timeout."""
+    if dist.is_available() and dist.is_initialized():
+        none = torch.iinfo(torch.int64).max
+        first = torch.where(first_bad_step < 0, none, first_bad_step)  # the earliest bad step of any rank
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        bad = int(first.item())
+        bad = -1 if bad == none else bad
+    else:
+        bad = int(first_bad_step.item())
     if bad >= 0:
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {bad + 1}: training stopped; the last good "
@@ -180,7 +189,9 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, scheduler, loss_f
     """
     for epoch in range(start_epoch, epochs + 1):
         if on_epoch_start is not None:
-            model = on_epoch_start(epoch) or model
+            rewrapped = on_epoch_start(epoch)
+            if rewrapped is not None:  # not `or`: a compiled module has no truth value (len() raises)
+                model = rewrapped
         train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         try:

@@ -31,7 +31,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Options that change the trajectory of a run: a resumed run must use the values it started with.
 RESUME_MUST_MATCH = ("batch_size", "optimizer", "learning_rate", "weight_decay", "momentum", "nesterov",
                      "lr_schedule", "warmup_epochs", "label_smoothing", "grad_clip", "class_weights",
-                     "augment", "seed", "split_seed", "val_fraction")
+                     "augment", "seed", "split_seed", "val_fraction", "sync_bn")
 
 
 @dataclass
@@ -56,9 +56,11 @@ class RunConfig:
     seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
-    precision: str = field(default="auto", metadata={"help": "autocast precision; auto = bf16 on CUDA, fp32 on CPU", "choices": PRECISIONS})
+    precision: str = field(default="auto", metadata={"help": "autocast precision; auto = bf16 on CUDA (fp16 with loss scaling before compute capability 8.0), fp32 on CPU", "choices": PRECISIONS})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model; default: on for CUDA, off for CPU"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format for model and inputs"})
+    sync_bn: bool = field(default=False, metadata={"help": "under torchrun on GPUs, batch norm statistics over the "
+                                                   "global batch (SyncBatchNorm; slower, and it splits compiled graphs)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
     resume: bool = field(default=False, metadata={"help": "continue runs/NAME from its last.pt"})
@@ -105,10 +107,22 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_amp_dtype(device) if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def cuda_amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU computes in it (compute capability 8.0, Ampere, and newer), else fp16 with
+    loss scaling. ``torch.cuda.is_bf16_supported()`` also says yes to older GPUs that only emulate it."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def configure_cuda_backends() -> None:
+    """What every CUDA run here uses: cuDNN autotuning for fixed shapes and TF32 tensor cores for
+    fp32 matmuls and convolutions (10 mantissa bits on inputs, fp32 accumulation)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def seed_everything(seed: int) -> None:
@@ -210,7 +224,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
         split_dir = data_lib.prepare(config.data_dir, val_fraction=config.val_fraction, seed=config.split_seed)
         for split in ("train", "val"):
             data_lib.load_cache(split_dir, split, input_size)  # builds the cache if it is missing
-    split_dir = Path(broadcast_object(str(split_dir), info))
+    split_dir = Path(broadcast_object(str(split_dir), info, long_wait=True))
     train_set, val_set = (data_lib.load_cache(split_dir, split, input_size) for split in ("train", "val"))
     classes = list(train_set.classes)
     num_classes = model_config.get("num_classes", len(classes))
@@ -230,14 +244,12 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
 
     # Model, precision, optimizer, schedule.
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        configure_cuda_backends()
     amp_dtype = resolve_precision(config.precision, device)
     raw_model.to(device)
     if channels_last:
         raw_model.to(memory_format=torch.channels_last)
-    if info.enabled and device.type == "cuda":
+    if info.enabled and device.type == "cuda" and config.sync_bn:
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     optimizer = build_optimizer(config, raw_model, param_groups, device)
     steps_per_epoch = len(train_loader)
@@ -251,13 +263,16 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     # Resume: weights, optimizer, schedule, scaler, RNG and the best-so-far all come back.
     start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
     if config.resume:
-        state = ckpt_io.load_checkpoint(run_dir / "last.pt", map_location=device)
+        # Loaded to the CPU: the RNG states must stay CPU tensors; weights and optimizer state are
+        # copied onto their parameters' device by load_state_dict.
+        state = ckpt_io.load_checkpoint(run_dir / "last.pt", map_location="cpu")
         _check_resumable(state, config, model_config, run_dir / "last.pt")
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt_io.set_rng_state(state["rng"])
+        if scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty scaler state
+            scaler.load_state_dict(state["scaler"])
+        ckpt_io.set_rng_state(state["rng"], device)
         start_epoch, best_val_acc, best_epoch = state["epoch"] + 1, state["best_val_acc"], state["best_epoch"]
         wandb_id = state.get("wandb_id")
         if info.is_main:
@@ -310,6 +325,11 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
         if on_epoch_start is not None:
             on_epoch_start(epoch, raw_model)
             if trainable_signature() != signature:
+                if use_compile:
+                    # The old graphs are never used again, and each trainable set would otherwise
+                    # add its own to Dynamo's per-function cache (8 entries by default): after a few
+                    # unfreezing steps training would silently fall back to eager.
+                    torch._dynamo.reset()
                 model, signature = wrap(raw_model), trainable_signature()
                 return model
         return None
@@ -330,7 +350,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
             if improved:
                 ckpt_io.save_checkpoint(run_dir / "best.pt", state)
             state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), rng=ckpt_io.rng_state())
+                         scaler=scaler.state_dict(), rng=ckpt_io.rng_state(device))
             ckpt_io.save_checkpoint(run_dir / "last.pt", state)
             tracking.append_metrics(run_dir / "metrics.jsonl", metrics)
             if tracker is not None:

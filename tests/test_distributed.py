@@ -46,3 +46,30 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(prepa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
     assert ddp.stdout.count("epoch   2/2") == 1  # rank 1 prints nothing
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def _check_finite_on_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from common import engine
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # Only rank 1 saw a non-finite loss (at step 6); rank 0 must stop too, with the same step.
+        engine._check_finite(torch.tensor(5 if rank == 1 else -1), epoch=3)
+        results[rank] = "no error"
+    except engine.NonFiniteLossError as error:
+        results[rank] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_check_finite_on_rank, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results.keys() == {0, 1}
+    assert all("epoch 3, step 6" in message for message in results.values()), results

@@ -409,3 +409,23 @@ def test_cli_end_to_end_fine_tunes_gradually_and_writes_the_run_folder(prepared_
     assert state["mean"] == [0.485, 0.456, 0.406]
     model = ckpt_io.build_model_from_checkpoint(state)
     assert model.net.fc.out_features == 10 and model.config.strategy == "gradual"
+
+
+def test_compiled_gradual_unfreezing_stays_compiled_through_every_stage(prepared_data, tmp_path, monkeypatch):
+    # Each trainable set needs its own graphs; without a reset when the set changes, Dynamo's cache
+    # (8 entries per function) fills after a few stages and training silently falls back to eager.
+    # Dynamo with the eager backend traces like the real compile, in seconds; hitting the limit fails.
+    import functools
+
+    import torch._dynamo
+    from part_b import train as part_b_train
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    config = part_b_train.config_from_args([
+        "--model=resnet18", "--weights=none", "--input_size=32", "--strategy=gradual", "--epochs=6",
+        "--batch_size=8", "--device=cpu", "--compile=true", "--wandb_mode=disabled",
+        f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=compiled"])
+    summary = part_b_train.run(config)
+    assert summary["status"] == "finished" and summary["epochs_run"] == 6
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
+    assert state["epoch"] == 6

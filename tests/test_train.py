@@ -222,6 +222,16 @@ def test_resume_refuses_changed_training_options(prepared_data, tmp_path):
         part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=2))
 
 
+def test_resume_with_loss_scaling_after_a_run_saved_without_it(prepared_data, tmp_path):
+    # precision auto may give fp16 on another GPU than the one a run started on: the fp32 run's
+    # empty scaler state must not stop the resumed run, which starts its scaler afresh.
+    part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=1, precision="fp32"))
+    summary = part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=2, resume=True, precision="fp16"))
+    assert summary["status"] == "finished" and summary["epochs_run"] == 2
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["scaler"]["scale"] > 0  # the fp16 scaler ran and was saved
+
+
 def test_injected_nan_stops_training_and_keeps_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
     calls = {"n": 0}
     n_train = sum(1 for p in (prepared_data / "split" / "train").rglob("*") if p.is_file())
@@ -282,6 +292,7 @@ def test_missing_data_without_network_is_one_clear_line(tmp_path, monkeypatch, c
 def test_compiled_training_does_not_recompile_after_the_first_epoch(prepared_data, tmp_path):
     """Fixed training shapes and padded evaluation batches: epoch 2 and 3 reuse epoch 1's graphs."""
     from torch._dynamo.utils import counters
+    counters.clear()  # process-wide: other tests compile too
     compiled_frames = []
 
     def count(epoch, metrics):
