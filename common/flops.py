@@ -390,9 +390,9 @@ def _torchvision_on_meta(name: str) -> nn.Module:
         raise ValueError(f"{error}; see torchvision.models.list_models() for the names") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     # The one place common/ needs the concrete Part A model; imported here, not at module level.
-    from part_a.model import ModelConfig, activation_class, block_shapes, build_model
+    from part_a.model import ModelConfig
 
     parser = argparse.ArgumentParser(description="Count MACs, FLOPs, element ops and parameters "
                                                  "of the Part A network or a torchvision model.")
@@ -404,6 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     group.add_argument("--torchvision", metavar="NAME",
                        help="count this torchvision model (e.g. resnet50) at input_size instead")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from part_a.model import ModelConfig, activation_class, block_shapes, build_model
+
+    parser = get_args_parser()
     args = parser.parse_args(argv)
 
     question1 = None

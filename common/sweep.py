@@ -392,7 +392,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", help="study name (default: the file's name key, else its stem)")
     parser.add_argument("--storage", help="Optuna database URL, e.g. postgresql://user:pw@host/db "
                         "(default: sqlite under OUT_DIR/sweeps/)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="parallel worker processes on this machine, one trial each (default: 1)")
     parser.add_argument("--out_dir", help="runs folder (default: the file's out_dir value, else runs)")
     parser.add_argument("--data_dir", help="dataset root (default: the file's data_dir value, else data)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

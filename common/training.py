@@ -388,7 +388,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
                        epochs_run=len(metrics_log), train_time_s=time.perf_counter() - started,
                        median_images_per_s=float(np.median(history_images_per_s)) if history_images_per_s else 0.0)
         if info.is_main and run_dir.is_dir():
-            summary = tracking.update_json(run_dir / "summary.json", summary)
+            summary = _merge_summary(run_dir / "summary.json", summary)
             if tracker is not None:
                 tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
                 tracker.finish(exit_code=0 if status == "finished" else 1)
@@ -400,14 +400,34 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
 def _test(raw_model, model, run_dir, split_dir, input_size, config, ctx, loader_options, classes, info) -> dict:
     """Evaluate best.pt once on the test split (the original val/)."""
     barrier(info)  # rank 0 wrote best.pt; every rank reads it from the shared run folder
-    raw_model.load_state_dict(ckpt_io.load_checkpoint(run_dir / "best.pt", map_location=ctx.device)["model"])
+    best = ckpt_io.load_checkpoint(run_dir / "best.pt", map_location=ctx.device)
+    raw_model.load_state_dict(best["model"])
     test_set = data_lib.load_cache(split_dir, "test", input_size)
     if list(test_set.classes) != classes:
         raise ValueError(f"test classes {test_set.classes} differ from training classes {classes}")
     test_loader = data_lib.DeviceLoader(test_set.images, test_set.labels, config.eval_batch_size, train=False,
                                         **loader_options)
     result = engine.evaluate(model, test_loader, ctx, prefix="test")
-    return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "test_samples": result["test_samples"]}
+    return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "test_samples": result["test_samples"],
+            "test_checkpoint": "best.pt", "test_epoch": best["epoch"]}
+
+
+TEST_KEYS = ("test_acc", "test_loss", "test_samples", "test_per_class_acc", "test_checkpoint", "test_epoch")
+
+
+def _merge_summary(path: Path, summary: dict) -> dict:
+    """``summary`` merged into the run's summary.json, without test results that no longer describe
+    their checkpoint: a resumed run that wrote a newer best.pt (or last.pt) than the one tested, by
+    ``--test`` or ``part_a/evaluate.py``, drops them (test again to get them back)."""
+    previous = tracking.read_json(path)
+    if "test_acc" in previous and "test_acc" not in summary:
+        tested = previous.get("test_checkpoint", "best.pt")
+        now = summary["best_epoch"] if tested == "best.pt" else summary["epochs_run"]
+        if previous.get("test_epoch") != now:
+            previous = {k: v for k, v in previous.items() if k not in TEST_KEYS}
+    merged = {**previous, **summary}
+    tracking.write_json(path, merged)
+    return merged
 
 
 def cli_main(config_from_args: Callable[[list[str] | None], Any], run_fn: Callable[[Any], dict],

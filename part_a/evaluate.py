@@ -237,7 +237,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "dat
     metrics = {"test_acc": result["test_acc"], "test_loss": result["test_loss"],
                "test_per_class_acc": per_class_accuracy(matrix, classes)}
     summary_path = checkpoint_path.parent / "summary.json"
-    tracking.update_json(summary_path, {**metrics, "test_checkpoint": checkpoint_path.name})
+    tracking.update_json(summary_path, {**metrics, "test_checkpoint": checkpoint_path.name,
+                                        "test_epoch": checkpoint.get("epoch")})
     print(format_table(metrics, matrix, checkpoint_path))
 
     out = Path(out_dir) if out_dir is not None else checkpoint_path.parent

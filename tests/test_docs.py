@@ -26,6 +26,43 @@ def test_every_option_is_documented(module, doc):
     assert not missing, f"{doc} does not document {sorted(missing)}"
 
 
+def _tool_parsers():
+    import argparse
+
+    from common import bench, data, flops, sweep
+    from part_a import evaluate
+
+    def subcommands(parser):
+        return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0].choices
+
+    yield "part_a/evaluate.py", evaluate.get_args_parser()
+    yield "common/sweep.py", sweep.get_args_parser()
+    yield "common/sweep.py report", sweep.get_report_parser()
+    yield "common/data.py prepare", subcommands(data.get_args_parser())["prepare"]
+    yield "common/flops.py", flops.get_args_parser()
+    for name, parser in subcommands(bench.get_args_parser()).items():
+        yield f"common/bench.py {name}", parser
+
+
+def test_every_tool_option_is_in_the_readme_with_its_default():
+    text = (ROOT / "README.md").read_text()
+    for tool, parser in _tool_parsers():
+        heading = f"**`python {tool}"
+        assert heading in text, f"README.md has no options table for {tool}"
+        table = text.split(heading, 1)[1].split("\n\n**", 1)[0].split("\n## ", 1)[0]
+        rows = dict(re.findall(r"^\| `(--[a-z_]+)` \| `([^`]*)` \|", table, flags=re.M))
+        if tool == "common/flops.py":  # the Part A model options are in the training table
+            from part_a.train import get_args_parser as part_a_parser
+            rows.update({option: None for option in _options(part_a_parser())})
+        for action in parser._actions:
+            option = next((o for o in action.option_strings if o.startswith("--")), None)
+            if option in (None, "--help") or option.startswith("--no-"):
+                continue
+            assert option in rows, f"README.md: {tool} {option} is not documented"
+            if rows[option] is not None and not action.required and action.default not in (None, []):
+                assert rows[option] == str(action.default), f"README.md: {tool} {option} default {rows[option]!r}"
+
+
 def test_default_run_names_differ_and_follow_a_wandb_agent(monkeypatch):
     from common.training import default_run_name
     monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)

@@ -232,6 +232,33 @@ def test_resume_with_loss_scaling_after_a_run_saved_without_it(prepared_data, tm
     assert state["epoch"] == 2 and state["scaler"]["scale"] > 0  # the fp16 scaler ran and was saved
 
 
+def test_test_results_are_dropped_once_a_resumed_run_writes_a_newer_best_checkpoint(prepared_data, tmp_path):
+    part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=1, test=True, learning_rate=0.01))
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert first["test_checkpoint"] == "best.pt" and first["test_epoch"] == first["best_epoch"] == 1
+    summary = part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=4, resume=True, learning_rate=0.01))
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["best_epoch"] == summary["best_epoch"] and written["epochs_run"] == 4
+    # Kept exactly when best.pt is still the tested epoch-1 checkpoint.
+    assert ("test_acc" in written) == (written["best_epoch"] == 1), written
+
+
+def test_summary_keeps_or_drops_test_results_by_the_epoch_they_describe(tmp_path):
+    from common.training import _merge_summary
+    path = tmp_path / "summary.json"
+    tested = {"test_acc": 0.5, "test_loss": 1.0, "test_checkpoint": "best.pt", "test_epoch": 3, "note": "kept"}
+    for best_epoch, keeps in ((3, True), (5, False)):
+        path.write_text(json.dumps(tested))
+        merged = _merge_summary(path, {"best_epoch": best_epoch, "epochs_run": 6})
+        assert ("test_acc" in merged) is keeps and merged["note"] == "kept"
+        assert json.loads(path.read_text()) == merged
+    # Results of last.pt follow the last epoch; a run that tests again replaces them.
+    path.write_text(json.dumps({**tested, "test_checkpoint": "last.pt", "test_epoch": 6}))
+    assert "test_acc" in _merge_summary(path, {"best_epoch": 2, "epochs_run": 6})
+    assert "test_acc" not in _merge_summary(path, {"best_epoch": 2, "epochs_run": 7})
+    assert _merge_summary(path, {"best_epoch": 7, "epochs_run": 7, "test_acc": 0.9})["test_acc"] == 0.9
+
+
 def test_injected_nan_stops_training_and_keeps_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
     calls = {"n": 0}
     n_train = sum(1 for p in (prepared_data / "split" / "train").rglob("*") if p.is_file())
