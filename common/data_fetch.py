@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -154,8 +155,13 @@ def extract(zip_path: Path, root: Path) -> Path:
             for entry in files:
                 out = partial / entry.filename.replace("\\", "/")[len(prefix):]
                 out.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(entry) as source, open(out, "wb") as sink:
-                    shutil.copyfileobj(source, sink, CHUNK_BYTES)
+                try:
+                    with archive.open(entry) as source, open(out, "wb") as sink:
+                        shutil.copyfileobj(source, sink, CHUNK_BYTES)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+                    shutil.rmtree(partial, ignore_errors=True)
+                    raise DataError(f"{zip_path} is damaged ({entry.filename}: {error}); delete it and "
+                                    "download it again (or pass --zip with a good copy)") from error
                 bar.update(entry.file_size)
     os.replace(partial, target)
     return target

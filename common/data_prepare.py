@@ -62,7 +62,8 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
     split_dir = root / "split"
     state = {"format": PREPARE_FORMAT, "val_fraction": val_fraction, "seed": seed,
              "fingerprint": fingerprint(files)}
-    if (split_dir / MANIFEST).is_file() and _read_json(split_dir / "prepare.json") == state:
+    if (split_dir / MANIFEST).is_file() and _read_json(split_dir / "prepare.json") == state \
+            and _split_intact(split_dir):
         print(f"data ready: {split_dir} (same files, seed {seed}, val_fraction {val_fraction})")
         return split_dir
 
@@ -122,17 +123,38 @@ def check_class_sets(source: Path, files: list[ImageFile]) -> None:
 
 
 def fingerprint(files: list[ImageFile]) -> str:
-    """Hash of every file's name, size and modification time: changes when any image changes."""
+    """Hash of every file's name, size, inode and modification and change times: changes when any
+    image changes, even if a copy tool restored its size and mtime (ctime cannot be set back)."""
     digest = hashlib.sha256()
     for f in files:
-        stat = f.source.stat()
-        digest.update(f"{f.origin}/{f.label}/{f.relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = f.source.stat()
+            state = f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+        except OSError as error:  # a dangling link, a file that vanished: check_file reports it
+            state = f"unreadable: {type(error).__name__}"
+        digest.update(f"{f.origin}/{f.label}/{f.relative}\0{state}\n".encode())
     return digest.hexdigest()
+
+
+def _split_intact(split_dir: Path) -> bool:
+    """Every file the manifest lists is there with its size (a deleted or replaced split file makes
+    ``prepare`` build the split again instead of reporting it ready)."""
+    with open(split_dir / MANIFEST, newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                if (split_dir / row["path"]).stat().st_size != int(row["bytes"]):
+                    return False
+            except (OSError, KeyError, ValueError):
+                return False
+    return True
 
 
 def check_file(path: Path) -> FileCheck:
     """Hash the bytes and decode the image fully once; a problem is returned, never raised."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:  # a dangling link, no permission, a file that vanished
+        return FileCheck(0, "", f"cannot read: {type(error).__name__}: {error.strerror or error}")
     sha256 = hashlib.sha256(data).hexdigest()
     if not data:
         return FileCheck(0, sha256, "empty file (0 bytes)")
@@ -173,6 +195,7 @@ def assign_splits(good: list[ImageFile], val_fraction: float, seed: int) -> dict
 
 def _link_or_copy(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
+    source = source.resolve()  # os.link would link a symlink itself, and a relative one breaks when moved
     try:
         os.link(source, dest)
     except OSError:  # another file system, or links not allowed: a copy keeps the original untouched
@@ -225,13 +248,16 @@ def _write_split(root: Path, split_dir: Path, assigned: dict[ImageFile, str], ch
 
     if (split_dir / "cache").is_dir():  # caches are keyed by content: those of unchanged splits stay valid
         os.replace(split_dir / "cache", building / "cache")
-    (building / "prepare.json").write_text(json.dumps(state, indent=2) + "\n")
     old = root / "split.old"
     shutil.rmtree(old, ignore_errors=True)
     if split_dir.exists():
         os.replace(split_dir, old)
     os.replace(building, split_dir)
     shutil.rmtree(old, ignore_errors=True)
+    # Written last, with the fingerprint taken now: making and removing hard links changed the
+    # originals' change times (link counts), and the next run compares against these.
+    state = {**state, "fingerprint": fingerprint(files)}
+    (split_dir / "prepare.json").write_text(json.dumps(state, indent=2) + "\n")
 
     counts = Counter((split, f.label) for f, split in assigned.items())
     classes = sorted({f.label for f in assigned})
