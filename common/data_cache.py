@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common.data_fetch import DataError
+from common.data_fetch import LOG_INTERVAL_S, DataError
 
 # Larger images are reported and left out rather than decoded: 50 MP is far above any photo in the
 # dataset (about 0.5 MP) and below PIL's own decompression-bomb limit.
@@ -99,7 +99,8 @@ def usable_cpus() -> int:
 def parallel_map(fn: Callable[[T], R], items: list[T], desc: str, chunksize: int = 16) -> Iterator[R]:
     """``map(fn, items)`` in order over worker processes, with a progress bar; in-process when tiny."""
     workers = min(usable_cpus(), -(-len(items) // chunksize))
-    with tqdm(total=len(items), desc=desc, unit="img", disable=None) as bar:  # None: only on a terminal
+    # On a terminal a live bar; in a log (a batch job) a line every LOG_INTERVAL_S, like downloads.
+    with tqdm(total=len(items), desc=desc, unit="img", mininterval=LOG_INTERVAL_S) as bar:
         if workers <= 1:
             results: Iterable[R] = map(fn, items)
             for result in results:

@@ -54,7 +54,14 @@ def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
         try:
             response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
         except urllib.error.HTTPError as error:
-            if error.code == 416 and have:  # our partial file is no prefix the server can continue
+            if error.code == 416 and have:
+                # Nothing left after byte `have`: the file was complete when the last run stopped
+                # before renaming it (the server says "bytes */N" with N == have), else it is no
+                # prefix the server can continue and the download starts over.
+                complete = re.fullmatch(r"bytes \*/(\d+)", (error.headers.get("Content-Range") or "").strip())
+                if complete and int(complete.group(1)) == have:
+                    os.replace(part, dest)
+                    return dest
                 part.unlink()
                 continue
             raise DataError(f"downloading {url} failed: HTTP {error.code} {error.reason}. "

@@ -573,6 +573,13 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         start = 0
         if requested and not self.ignore_range:
             start = int(requested.removeprefix("bytes=").split("-")[0])
+        if start >= len(self.payload) > 0:  # nothing after that byte, as real servers answer
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(self.payload)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.requests.append((requested, 416, 0))
+            return
         body = self.payload[start:]
         status = 206 if start else 200
         self.send_response(status)
@@ -621,6 +628,21 @@ def test_download_resumes_a_partial_file_or_restarts_when_range_is_ignored(tmp_p
     assert dest.read_bytes() == payload
     expected_status, expected_sent = (200, 300_000) if ignore_range else (206, 180_000)
     assert requests == [("bytes=120000-", expected_status, expected_sent)]
+
+
+def test_a_complete_part_file_is_kept_when_the_server_has_nothing_more(tmp_path):
+    payload = os.urandom(50_000)
+    dest = tmp_path / "nature_12K.zip"
+    Path(str(dest) + ".part").write_bytes(payload)  # the last run stopped just before renaming it
+    with serve(payload) as (url, requests):
+        download(url, dest)
+    assert dest.read_bytes() == payload and requests == [("bytes=50000-", 416, 0)]
+    # A longer .part is no prefix of the file: it is dropped and the download starts over.
+    dest.unlink()
+    Path(str(dest) + ".part").write_bytes(payload + b"junk")
+    with serve(payload) as (url, requests):
+        download(url, dest)
+    assert dest.read_bytes() == payload and requests == [("bytes=50004-", 416, 0), (None, 200, 50_000)]
 
 
 def test_no_network_fails_fast_and_says_how_to_use_zip(tmp_path):
