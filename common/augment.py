@@ -65,6 +65,9 @@ def one_thread() -> Iterator[None]:
     batch took 490 ms instead of 8 ms (torch 2.14, 2-core EPYC, 64 images at 224). To use more cores,
     give threads whole images (``DeviceLoader`` on the CPU does, through ``data.share_out``)."""
     threads = torch.get_num_threads()
+    if threads == 1:  # e.g. the loader's helper threads: no process-wide setting written, nothing to restore
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield

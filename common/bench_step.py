@@ -295,26 +295,24 @@ def run_e2e(config: E2EBenchConfig) -> dict:
 
         # Ours: the project's defaults for this device (bf16 + channels_last + compile on CUDA, with
         # the backend flags training sets); the plain loop then runs with torch's defaults.
-        backends = contextlib.ExitStack()
-        backends.enter_context(training_backends(device))
-        torch.manual_seed(0)
-        channels_last = True
-        model = make_model().to(device).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        amp_dtype = training.resolve_precision("auto", device)
-        ctx = engine.StepContext(device=device, amp_dtype=amp_dtype,
-                                 scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
-        optimizer = training.build_optimizer(training.RunConfig(learning_rate=1e-4, weight_decay=0.0), model, None, device)
-        runnable = torch.compile(model, dynamic=False) if use_compile else model
-        loader = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=True,
-                              seed=0, mean=PART_A_MEAN, std=PART_A_STD, channels_last=channels_last)
-        loss_fn = nn.CrossEntropyLoss()
-        start = time.perf_counter()
-        loader.set_epoch(0)
-        engine.train_one_epoch(runnable, loader, optimizer, None, loss_fn, ctx, epoch=0)  # warm-up/compile
-        warmup_s = time.perf_counter() - start
-        loader.set_epoch(1)
-        ours = engine.train_one_epoch(runnable, loader, optimizer, None, loss_fn, ctx, epoch=1)
-        backends.close()
+        with training_backends(device):
+            torch.manual_seed(0)
+            channels_last = True
+            model = make_model().to(device).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            amp_dtype = training.resolve_precision("auto", device)
+            ctx = engine.StepContext(device=device, amp_dtype=amp_dtype,
+                                     scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+            optimizer = training.build_optimizer(training.RunConfig(learning_rate=1e-4, weight_decay=0.0), model, None, device)
+            runnable = torch.compile(model, dynamic=False) if use_compile else model
+            loader = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=True,
+                                  seed=0, mean=PART_A_MEAN, std=PART_A_STD, channels_last=channels_last)
+            loss_fn = nn.CrossEntropyLoss()
+            start = time.perf_counter()
+            loader.set_epoch(0)
+            engine.train_one_epoch(runnable, loader, optimizer, None, loss_fn, ctx, epoch=0)  # warm-up/compile
+            warmup_s = time.perf_counter() - start
+            loader.set_epoch(1)
+            ours = engine.train_one_epoch(runnable, loader, optimizer, None, loss_fn, ctx, epoch=1)
 
         torch.manual_seed(0)
         plain_model = make_model().to(device)

@@ -243,23 +243,18 @@ class DeviceLoader:
         indices, crops, flips = self._plan()
         host_indices = indices
         indices = indices.to(self.device)
-        shape = (self.batch_size, self.size, self.size, 3)
         if self.host_batches:
             yield from self._cpu_batches(indices, crops, flips)
             return
         if self.prefetch:
             batches = self._prefetched(host_indices)
         else:
+            shape = (self.batch_size, self.size, self.size, 3)
             batches = (gather_rows(self.rows, i.clamp(min=0)).view(shape) for i in indices)
         for step, raw in enumerate(batches):
-            index = indices[step]
-            labels = torch.where(index >= 0, self.labels[index.clamp(min=0)], -1)
-            if crops is not None:
-                x = crop_flip(raw, crops[step], flips[step], self.size)
-            else:
-                x = to_float(raw)
+            x = crop_flip(raw, crops[step], flips[step], self.size) if crops is not None else to_float(raw)
             self._normalise_(x)
-            yield self._formatted(x), labels
+            yield self._formatted(x), self._labels(indices[step])
 
     def _cpu_batches(self, indices: torch.Tensor, crops: torch.Tensor | None,
                      flips: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -280,8 +275,11 @@ class DeviceLoader:
                 self._normalise_(to_float(raw, out=x[start:stop]))
 
             share_out(work, len(index), self.threads)
-            labels = torch.where(index >= 0, self.labels[index.clamp(min=0)], -1)
-            yield self._formatted(x.permute(0, 3, 1, 2)), labels
+            yield self._formatted(x.permute(0, 3, 1, 2)), self._labels(index)
+
+    def _labels(self, index: torch.Tensor) -> torch.Tensor:
+        """The labels of a batch's samples; -1 where the batch is padded (index -1)."""
+        return torch.where(index >= 0, self.labels[index.clamp(min=0)], -1)
 
     def _prefetched(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
         """uint8 batches on the GPU, each copied from pinned memory on a side stream one batch ahead."""

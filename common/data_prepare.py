@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
-from common.data_cache import MANIFEST, open_rgb, parallel_map
+from common.data_cache import MANIFEST, open_rgb, parallel_map, read_manifest
 from common.data_fetch import DATASET_DIR, DATASET_URL, DataError, download, extract
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -139,13 +139,12 @@ def fingerprint(files: list[ImageFile]) -> str:
 def _split_intact(split_dir: Path) -> bool:
     """Every file the manifest lists is there with its size (a deleted or replaced split file makes
     ``prepare`` build the split again instead of reporting it ready)."""
-    with open(split_dir / MANIFEST, newline="") as handle:
-        for row in csv.DictReader(handle):
-            try:
-                if (split_dir / row["path"]).stat().st_size != int(row["bytes"]):
-                    return False
-            except (OSError, KeyError, ValueError):
+    for row in read_manifest(split_dir):
+        try:
+            if (split_dir / row["path"]).stat().st_size != int(row["bytes"]):
                 return False
+        except (OSError, KeyError, ValueError):
+            return False
     return True
 
 
