@@ -47,9 +47,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     section = SECTIONS[args.section]
-    print(json.dumps(section.run(from_namespace(section.config, args)), indent=2))
+    try:
+        result = section.run(from_namespace(section.config, args))
+    except ValueError as error:  # a bad option: one line and exit code 2, as argparse's own errors
+        parser.error(str(error))
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -28,10 +28,12 @@ from PIL import Image
 from common.data import PART_A_MEAN, PART_A_STD, DeviceLoader, load_cache, prepare
 from common.data_cache import parallel_map
 from common.data_fetch import DATASET_DIR
+from common.data_prepare import ImageFile, assign_splits
 
 CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
            "Plantae", "Reptilia"]
 QUICK = dict(images=60, batch_size=8, epochs=2)
+VAL_FRACTION = 0.01  # prepare needs a val split: this moves 1 image per class there (at least 1)
 
 
 @dataclass
@@ -66,6 +68,25 @@ def generate(root: Path, n_train: int) -> None:
             tasks.append((len(tasks), folder / f"{i:05d}.jpg"))
     for _ in parallel_map(_photo_like, tasks, "generate"):
         pass
+
+
+def _train_images(images: int) -> int:
+    """The training images prepare's own split rule leaves of ``generate(root, images)`` (the count is
+    the same for any seed); 0 when a class has no image, which prepare refuses."""
+    if images < len(CLASSES):
+        return 0
+    files = [ImageFile(Path(f"{i}.jpg"), CLASSES[i % len(CLASSES)], f"{i}.jpg", "train") for i in range(images)]
+    return list(assign_splits(files, VAL_FRACTION, seed=0).values()).count("train")
+
+
+def check_images(images: int, batch_size: int) -> None:
+    """Refuse, before any image is written, counts that leave no full training batch: both loaders
+    drop the last partial batch, so an epoch would see no images (and the rates divide by zero)."""
+    train = _train_images(images)
+    if train < batch_size:
+        raise ValueError(f"--images {images} leaves {train} training images (validation takes at least one per "
+                         f"class), fewer than one batch of --batch_size {batch_size}: pass more --images or a "
+                         "smaller --batch_size")
 
 
 def _cpu_seconds() -> float:
@@ -128,6 +149,7 @@ def cpu_model() -> str:
 def run(config: DataBenchConfig) -> dict:
     if config.quick:
         config = DataBenchConfig(**{**config.__dict__, **QUICK})
+    check_images(config.images, config.batch_size)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=config.work_dir) as tmp:
@@ -135,7 +157,7 @@ def run(config: DataBenchConfig) -> dict:
         generate(root, config.images)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
             started = time.perf_counter()
-            split_dir = prepare(root, val_fraction=0.01)  # 1 image per class to val: prepare needs one
+            split_dir = prepare(root, val_fraction=VAL_FRACTION)
             prepare_s = time.perf_counter() - started
         n_total = config.images + len(CLASSES)
 

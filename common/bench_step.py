@@ -281,6 +281,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
     from common.data import PART_A_MEAN, PART_A_STD, DeviceLoader, load_cache, prepare
     if config.quick:
         config = E2EBenchConfig(**{**config.__dict__, **E2E_QUICK})
+    bench_data.check_images(config.images, config.batch_size)
     device = _device(config.device)
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     make_model = _model_factory("part_a", config.input_size)
@@ -288,7 +289,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
         root = Path(tmp)
         bench_data.generate(root, config.images)
         with contextlib.redirect_stdout(sys.stderr):
-            split_dir = prepare(root, val_fraction=0.01)
+            split_dir = prepare(root, val_fraction=bench_data.VAL_FRACTION)
         start = time.perf_counter()
         cached = load_cache(split_dir, "train", config.input_size)
         cache_build_s = time.perf_counter() - start

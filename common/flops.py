@@ -14,8 +14,9 @@ Conventions, the same in every count here (all counts are per image, i.e. for a 
 - Params: ``nn.Parameter`` elements; batch norm's running mean and variance are buffers, not params.
 
 ``count_part_a`` derives the Part A counts from the analytic block shapes alone; ``count_module``
-derives them for any ``nn.Module`` from the shapes one forward pass sees (on the meta device no weight
-memory is used); ``verify`` checks a report against FlopCounterMode and ``sum(p.numel())``.
+derives them for any ``nn.Module`` from the shapes one forward pass sees, with its MAC total taken from
+FlopCounterMode in the same pass (on the meta device no weight memory is used); ``verify`` checks a
+report against FlopCounterMode and ``sum(p.numel())``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ if __name__ == "__main__":  # run as `python common/flops.py`: make the reposito
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import add_dataclass_args, from_namespace
@@ -48,8 +50,10 @@ MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
+OUTSIDE_MACS = "(MACs outside the layers above)"  # count_module's row for FlopCounterMode's remainder
+
 CONVENTIONS = {
-    "macs": "multiply-accumulates of conv and linear layers, per image",
+    "macs": "multiply-accumulates of conv and linear layers, and of products in functions (attention), per image",
     "flops": "2 per multiply-accumulate, as torch.utils.flop_counter.FlopCounterMode counts (bias adds excluded)",
     "element_ops": "per output element: bias add 1, batch norm 2, activation 1, max-pool window-1 comparisons",
     "params": "nn.Parameter elements (batch-norm running statistics are buffers and not counted)",
@@ -98,9 +102,15 @@ class Report:
     def params(self) -> int:
         return sum(layer.params for layer in self.layers)
 
+    @property
+    def outside_macs(self) -> int:
+        """MACs of functional ops (e.g. attention) that no listed layer accounts for."""
+        return sum(layer.macs for layer in self.layers if layer.name == OUTSIDE_MACS)
+
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "macs": self.macs, "flops": self.flops,
-                "element_ops": self.element_ops, "params": self.params, "conventions": CONVENTIONS,
+                "element_ops": self.element_ops, "params": self.params,
+                "macs_outside_layers": self.outside_macs, "conventions": CONVENTIONS,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
 
@@ -182,14 +192,20 @@ def _linear(name: str, in_features: int, out_features: int) -> LayerCount:
 
 @contextlib.contextmanager
 def _inference(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for one pass, restoring the module's mode afterwards."""
-    was_training = module.training
+    """Eval mode, no autograd and attention's math path for one pass, restoring what it changed.
+
+    FlopCounterMode has no formula for the fused CPU attention kernels (nn.MultiheadAttention's fast
+    path, CPU flash attention) and would miss their products; the math path runs them as bmm/addmm.
+    """
+    was_training, fastpath = module.training, torch.backends.mha.get_fastpath_enabled()
     module.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         module.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _example_input(module: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
@@ -234,8 +250,10 @@ def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
 
     ``input_shape`` excludes the batch dimension. Forward hooks on every leaf module record its
     output shape; conv and linear layers give MACs, the modules named in the conventions give
-    element ops. Work done by functions rather than modules (residual adds, attention) is not seen;
-    ``verify`` reveals it. Parameters no called leaf owns are totalled in one extra row, so
+    element ops. The same pass runs under FlopCounterMode, which also sees the products that
+    functions rather than modules compute (attention's projections and products): what the layers
+    miss is one extra row, so ``macs`` is always exact. Element ops in functions (residual adds,
+    softmax) are not counted. Parameters no called leaf owns are totalled in one extra row too, so
     ``params`` is always the module's full count. Build the module under ``torch.device('meta')``
     to count a large model without allocating or computing anything.
     """
@@ -259,11 +277,14 @@ def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
     leaves = [sub for sub in module.modules() if next(sub.children(), None) is None]
     handles = [leaf.register_forward_hook(record) for leaf in leaves]
     try:
-        with _inference(module):
+        with _inference(module), FlopCounterMode(display=False) as counter:
             module(_example_input(module, input_shape))
     finally:
         for handle in handles:
             handle.remove()
+    outside = counter.get_total_flops() // FLOPS_PER_MAC - sum(layer.macs for layer in layers)
+    if outside:
+        layers.append(LayerCount(OUTSIDE_MACS, "functional", (), macs=outside))
     other = sum(p.numel() for p in module.parameters() if id(p) not in counted)
     if other:
         layers.append(LayerCount("(parameters outside the layers above)", "Parameter", (),
@@ -388,6 +409,8 @@ def _torchvision_on_meta(name: str) -> nn.Module:
             return torchvision.models.get_model(name, weights=None)
     except ValueError as error:
         raise ValueError(f"{error}; see torchvision.models.list_models() for the names") from None
+    except NotImplementedError:  # a builder that reads tensor values (regnet): build on the CPU once
+        return torchvision.models.get_model(name, weights=None).to("meta")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -447,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{title}, counts per image\n\n{report.table()}\n")
         print(f"MACs {report.macs:,}  FLOPs {report.flops:,}  element ops {report.element_ops:,}  "
               f"FLOPs + element ops {report.flops + report.element_ops:,}  params {report.params:,}")
+        if report.outside_macs:
+            print(f"  {report.outside_macs:,} of these MACs run in functional ops (e.g. attention) that no "
+                  f"layer above owns; FlopCounterMode counts them, so the total is exact")
         for key, text in CONVENTIONS.items():
             print(f"  {key}: {text}")
         if question1:

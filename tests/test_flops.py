@@ -10,6 +10,8 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.vision_transformer import VisionTransformer
 
 from common import flops
 from common.flops import (LayerCount, Report, count_module, count_part_a, question1_formula,
@@ -196,3 +198,40 @@ def test_cli_counts_a_torchvision_model(capsys):
     assert flops.main(["--torchvision", "resnet18", "--json", "--verify"]) == 0
     output = json.loads(capsys.readouterr().out)
     assert output["params"] == 11_689_512 and output["verified"] is True
+
+
+def test_attention_run_by_functional_ops_is_counted_exactly():
+    # One encoder layer over 5 tokens (4 patches of 16x16 and the class token) of width 8, 2 heads.
+    def tiny_vit():
+        return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+
+    torch.manual_seed(0)
+    report = count_module(tiny_vit(), (3, 32, 32))  # real CPU tensors: fused attention kernels exist here
+    # nn.MultiheadAttention's in-projection, q k^T, attention x v and out-projection run in a
+    # function no layer hook sees.
+    attention = 5 * 8 * 24 + 2 * (5 * 4 * 5) + 2 * (5 * 5 * 4) + 5 * 8 * 8
+    by_hand = 2 * 2 * 8 * (3 * 16 * 16) + attention + 2 * (5 * 8 * 16) + 8 * 1000  # patches, MLP, head
+    with torch.device("meta"):  # on meta attention runs as plain bmm/addmm, which FlopCounterMode counts
+        meta = tiny_vit().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(torch.zeros(1, 3, 32, 32, device="meta"))
+    assert report.macs == by_hand == counter.get_total_flops() // 2
+    assert report.outside_macs == attention and report.to_dict()["macs_outside_layers"] == attention
+    assert torch.backends.mha.get_fastpath_enabled()  # the switch counting turned off is back on
+
+
+def test_cli_reports_vit_b_16_exactly_and_says_what_runs_outside_the_layers(capsys):
+    assert flops.main(["--torchvision", "vit_b_16", "--json"]) == 0
+    output = json.loads(capsys.readouterr().out)
+    # torchvision documents 17.56 GFLOPS (its GFLOPS are MACs) and 86,567,656 parameters.
+    assert output["macs"] == 17_563_828_224 and output["params"] == 86_567_656
+    assert sum(layer["macs"] for layer in output["layers"]) == output["macs"]
+    assert output["macs_outside_layers"] == 6_292_703_232
+    assert flops.main(["--torchvision", "vit_b_16"]) == 0
+    assert "6,292,703,232 of these MACs run in functional ops" in capsys.readouterr().out
+
+
+def test_cli_counts_a_torchvision_model_that_cannot_be_built_on_meta(capsys):
+    assert flops.main(["--torchvision", "regnet_x_400mf", "--json", "--verify"]) == 0  # reads tensor values
+    output = json.loads(capsys.readouterr().out)
+    assert output["params"] == 5_495_976 and output["verified"] is True
