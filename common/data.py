@@ -49,6 +49,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` fit on the GPU with the margin to spare. Memory PyTorch has cached but not
+    allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used."""
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return nbytes + max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)) <= free
+
+
 def gather_rows(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``rows[index]`` for a 2-D tensor, into ``out`` if given.
 
@@ -200,11 +208,8 @@ class DeviceLoader:
         """(where batches are gathered from, whether they need copying to the device)."""
         if self.device.type == "cpu":
             return images, False
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            margin = max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total))
-            if images.nbytes + margin > free:
-                return images, True
+        if self.device.type == "cuda" and not fits_on_gpu(images.nbytes, self.device):
+            return images, True
         return images.to(self.device), False
 
     def set_epoch(self, epoch: int) -> None:

@@ -16,6 +16,8 @@ import torch.distributed as dist
 # How long the other ranks wait for rank 0 to download, extract, validate and decode the dataset. NCCL's
 # own timeout (10 minutes by default) would abort them during a first run's download.
 DATA_WAIT = timedelta(hours=3)
+# Every collective's timeout: long enough for all ranks compiling a large Part B model at once.
+COLLECTIVE_WAIT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,23 @@ def init_distributed(device_type: str) -> DistInfo:
     if world_size <= 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda" and local_rank >= torch.cuda.device_count():
+        raise ValueError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this "
+                         f"machine but only {torch.cuda.device_count()} CUDA GPU(s) are visible; use "
+                         f"--nproc_per_node {torch.cuda.device_count()} (one process per GPU)")
     if not dist.is_initialized():
+        device_id = None
         if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            device_id = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device_id)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_WAIT,
+                                device_id=device_id)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process; readable before the process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def barrier(info: DistInfo) -> None:
@@ -65,6 +79,25 @@ def broadcast_object(value, info: DistInfo, *, long_wait: bool = False):
 def _long_wait_group():
     """Made by every rank on its first long wait, in the same order (new_group is collective)."""
     return dist.new_group(backend="gloo", timeout=DATA_WAIT)
+
+
+def broadcast_tensors(tensors, info: DistInfo) -> None:
+    """Overwrite each tensor with rank 0's, in place (through a contiguous copy: channels_last weights)."""
+    if not info.enabled:
+        return
+    for tensor in tensors:
+        buffer = tensor.contiguous()
+        dist.broadcast(buffer, src=0)
+        tensor.copy_(buffer)
+
+
+def all_gather_object(value, info: DistInfo, *, long_wait: bool = False) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` for one process)."""
+    if not info.enabled:
+        return [value]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, value, group=_long_wait_group() if long_wait else None)
+    return gathered
 
 
 def shutdown(info: DistInfo) -> None:

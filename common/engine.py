@@ -156,6 +156,29 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
     return result
 
 
+TEST_PRECISION = "fp32"  # recorded beside test_acc in summary.json
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls and convolutions without TF32 tensor cores (PyTorch enables them for cuDNN by
+    default, and training runs for matmuls too), restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def evaluate_test(model: nn.Module, loader, device: torch.device, return_predictions: bool = False) -> dict:
+    """Test metrics by one rule for ``--test`` and ``part_a/evaluate.py`` alike: the raw (uncompiled)
+    model in exact fp32, whatever precision the run trained in, so the two never disagree."""
+    ctx = StepContext(device=device, amp_dtype=None, scaler=torch.amp.GradScaler(device.type, enabled=False))
+    with exact_fp32():
+        return evaluate(model, loader, ctx, prefix="test", return_predictions=return_predictions)
+
+
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Per-step LR factor: linear warmup, then constant, cosine to zero, or one-cycle.
 

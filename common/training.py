@@ -7,6 +7,7 @@ part does differently (the model, its normalisation, which parameters train) com
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 import secrets
@@ -23,7 +24,8 @@ from torch import nn
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import engine, tracking
-from common.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
+from common.distributed import (DistInfo, all_gather_object, barrier, broadcast_object, broadcast_tensors,
+                                init_distributed, shutdown)
 
 OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -60,7 +62,7 @@ class RunConfig:
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model; default: on for CUDA, off for CPU"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format for model and inputs"})
     sync_bn: bool = field(default=False, metadata={"help": "under torchrun on GPUs, batch norm statistics over the "
-                                                   "global batch (SyncBatchNorm; slower, and it splits compiled graphs)"})
+                                                   "global batch (SyncBatchNorm; slower, and it turns torch.compile off)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
     resume: bool = field(default=False, metadata={"help": "continue runs/NAME from its last.pt"})
@@ -90,7 +92,9 @@ def validate_run_config(config: RunConfig) -> None:
     if config.name is not None:
         require(config.name and "/" not in config.name and config.name not in (".", ".."),
                 f"name must be a plain folder name, got {config.name!r}")
-    resolve_device(config.device)
+    device = resolve_device(config.device)
+    resolve_compile(config.compile, device)
+    resolve_precision(config.precision, device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,7 +112,33 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return cuda_amp_dtype(device) if device.type == "cuda" else None
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        raise ValueError(f"--precision bf16: {_gpu_name(device)} has no bf16 arithmetic (it needs compute "
+                         "capability 8.0, Ampere, or newer); use --precision auto (fp16 with loss scaling) or fp32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def resolve_compile(requested: bool | None, device: torch.device, sync_bn: bool = False) -> tuple[bool, str | None]:
+    """Whether to ``torch.compile``, and a notice when the default or the request is overridden.
+
+    Inductor generates Triton kernels, which need compute capability 7.0 or newer: on older GPUs
+    (P100, K80) the default is eager and an explicit ``--compile true`` fails here, before training.
+    SyncBatchNorm's statistics exchange breaks the graph at every BN layer; on ResNet50 the pieces
+    exceed Dynamo's recompile limit and the rest runs eager anyway, so with it training runs eager."""
+    use_compile = device.type == "cuda" if requested is None else requested
+    if use_compile and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        if requested:
+            raise ValueError(f"--compile true: torch.compile needs a GPU of compute capability 7.0 or newer and "
+                             f"{_gpu_name(device)} is older; drop --compile (or pass --compile false)")
+        return False, f"notice: {_gpu_name(device)} is too old for torch.compile (Triton); training runs eager"
+    if use_compile and sync_bn:
+        return False, "notice: --sync_bn splits compiled graphs at every batch-norm layer; training runs without torch.compile"
+    return use_compile, None
+
+
+def _gpu_name(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
 
 
 def cuda_amp_dtype(device: torch.device) -> torch.dtype:
@@ -131,6 +161,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Give rank ``rank`` > 0 random numbers of its own (dropout masks, Inductor's RNG), from a seed
+    derived from (seed, rank): with one seed every rank would draw the same masks for its sample i,
+    unlike one process with the global batch. Rank 0 keeps the single-process stream; the weights
+    still come from rank 0, which DDP broadcasts."""
+    if rank > 0:
+        digest = hashlib.sha256(f"{seed}:rank{rank}".encode()).digest()
+        torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def build_optimizer(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
                     device: torch.device) -> torch.optim.Optimizer:
     """Optimizer over all parameters; a group's ``lr_scale`` multiplies the base learning rate."""
@@ -148,6 +188,18 @@ def build_optimizer(config: RunConfig, model: nn.Module, param_groups: list[dict
     if config.optimizer == "nadam":
         fused = {}  # NAdam has no fused kernel
     return optimizer_class[config.optimizer](groups, **common, **fused)
+
+
+OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping this optimizer's implementation flags: they were
+    chosen for this device (a run saved on the CPU resumes on CUDA with fused Adam), and the loaded
+    state (e.g. Adam's step counts) is placed as those flags need."""
+    groups = [{**saved, **{k: group[k] for k in OPTIMIZER_FLAGS if k in group}}
+              for saved, group in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def _class_weight_tensor(labels: torch.Tensor, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -169,7 +221,9 @@ def _run_dir(config: RunConfig, kind: str, info: DistInfo) -> Path:
     run_dir = Path(config.out_dir) / name
     last = run_dir / "last.pt"
     if config.resume and not last.is_file():
-        raise ValueError(f"--resume: {last} does not exist, so there is nothing to resume; "
+        elsewhere = (f" on this machine (rank {info.rank}): every machine of a multi-node run reads it, so "
+                     "--out_dir must be on a shared filesystem" if info.rank != info.local_rank else "")
+        raise ValueError(f"--resume: {last} does not exist{elsewhere}, so there is nothing to resume; "
                          "drop --resume to start the run")
     if not config.resume and last.is_file():
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, "
@@ -218,19 +272,17 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     run_dir = _run_dir(config, kind, info)
     say = print if info.is_main else (lambda *args, **kwargs: None)
 
-    # Data: rank 0 prepares and decodes once; the others wait, then every rank maps the same cache.
-    split_dir = None
-    if info.is_main:
-        split_dir = data_lib.prepare(config.data_dir, val_fraction=config.val_fraction, seed=config.split_seed)
-        for split in ("train", "val"):
-            data_lib.load_cache(split_dir, split, input_size)  # builds the cache if it is missing
-    split_dir = Path(broadcast_object(str(split_dir), info, long_wait=True))
+    split_dir = _prepare_data(config, input_size, info)
     train_set, val_set = (data_lib.load_cache(split_dir, split, input_size) for split in ("train", "val"))
     classes = list(train_set.classes)
     num_classes = model_config.get("num_classes", len(classes))
     if num_classes != len(classes):
         raise ValueError(f"the model has {num_classes} outputs but {split_dir} has {len(classes)} classes")
-    use_compile = device.type == "cuda" if config.compile is None else config.compile
+    sync_bn = info.enabled and device.type == "cuda" and config.sync_bn  # SyncBatchNorm needs GPUs
+    use_compile, notice = resolve_compile(config.compile, device, sync_bn)
+    if notice:
+        say(notice)
+    seed_rank(config.seed, info.rank)
     channels_last = config.channels_last
     loader_options = dict(device=device, mean=mean, std=std, channels_last=channels_last,
                           rank=info.rank, world_size=info.world_size)
@@ -249,7 +301,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     raw_model.to(device)
     if channels_last:
         raw_model.to(memory_format=torch.channels_last)
-    if info.enabled and device.type == "cuda" and config.sync_bn:
+    if sync_bn:
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     optimizer = build_optimizer(config, raw_model, param_groups, device)
     steps_per_epoch = len(train_loader)
@@ -268,11 +320,13 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
         state = ckpt_io.load_checkpoint(run_dir / "last.pt", map_location="cpu")
         _check_resumable(state, config, model_config, run_dir / "last.pt")
         raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty scaler state
             scaler.load_state_dict(state["scaler"])
-        ckpt_io.set_rng_state(state["rng"], device)
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank
+        if info.rank < len(rng):  # a rank beyond the saved ones keeps its seed_rank stream
+            ckpt_io.set_rng_state(rng[info.rank], device)
         start_epoch, best_val_acc, best_epoch = state["epoch"] + 1, state["best_val_acc"], state["best_epoch"]
         wandb_id = state.get("wandb_id")
         if info.is_main:
@@ -343,6 +397,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
         improved = metrics["val_acc"] > best_val_acc
         if improved:
             best_val_acc, best_epoch = metrics["val_acc"], epoch
+        rng = all_gather_object(ckpt_io.rng_state(device), info)  # each rank's, saved by rank 0
         if info.is_main:
             state = base_state()
             state.update(epoch=epoch, val_acc=metrics["val_acc"], best_val_acc=best_val_acc, best_epoch=best_epoch,
@@ -350,7 +405,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
             if improved:
                 ckpt_io.save_checkpoint(run_dir / "best.pt", state)
             state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), rng=ckpt_io.rng_state(device))
+                         scaler=scaler.state_dict(), rng=rng)
             ckpt_io.save_checkpoint(run_dir / "last.pt", state)
             tracking.append_metrics(run_dir / "metrics.jsonl", metrics)
             if tracker is not None:
@@ -374,8 +429,8 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
                    on_epoch_start=start_epoch_hook, on_epoch_end=end_epoch_hook)
         status = "finished"
         if config.test and best_epoch > 0:
-            summary.update(_test(raw_model, model, run_dir, split_dir, input_size, config, ctx, loader_options,
-                                 classes, info))
+            summary.update(_test(raw_model, run_dir, split_dir, input_size, config, device, loader_options,
+                                 classes, info), test_epoch=best_epoch)
             if tracker is not None:
                 tracker.log({k: summary[k] for k in ("test_acc", "test_loss")})
     except BaseException as error:
@@ -397,22 +452,46 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     return summary
 
 
-def _test(raw_model, model, run_dir, split_dir, input_size, config, ctx, loader_options, classes, info) -> dict:
-    """Evaluate best.pt once on the test split (the original val/)."""
-    barrier(info)  # rank 0 wrote best.pt; every rank reads it from the shared run folder
-    best = ckpt_io.load_checkpoint(run_dir / "best.pt", map_location=ctx.device)
-    raw_model.load_state_dict(best["model"])
+def _prepare_data(config: RunConfig, input_size: int, info: DistInfo) -> Path:
+    """The split, prepared and decoded once per machine by its local rank 0 (the split is deterministic,
+    so machines that do not share ``--data_dir`` get the same one); the other ranks wait. A failure on
+    any machine stops every rank with its message."""
+    splits = ("train", "val", "test") if config.test else ("train", "val")
+    result: str | Exception | None = None
+    if info.local_rank == 0:
+        try:
+            split_dir = data_lib.prepare(config.data_dir, val_fraction=config.val_fraction, seed=config.split_seed)
+            for split in splits:
+                data_lib.load_cache(split_dir, split, input_size)  # builds the cache if it is missing
+            result = str(split_dir)
+        except Exception as error:
+            if not info.enabled:
+                raise
+            result = error
+    results = all_gather_object(result, info, long_wait=True)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise result if isinstance(result, Exception) else errors[0]
+    return Path(results[info.rank - info.local_rank])  # this machine's local rank 0 (torchrun numbers ranks by machine)
+
+
+def _test(raw_model, run_dir, split_dir, input_size, config, device, loader_options, classes, info) -> dict:
+    """Evaluate best.pt once on the test split (the original val/), by ``engine.TEST_PRECISION``'s rule."""
+    if info.is_main:
+        raw_model.load_state_dict(ckpt_io.load_checkpoint(run_dir / "best.pt", map_location=device)["model"])
+    broadcast_tensors(raw_model.state_dict().values(), info)  # no shared run folder needed
     test_set = data_lib.load_cache(split_dir, "test", input_size)
     if list(test_set.classes) != classes:
         raise ValueError(f"test classes {test_set.classes} differ from training classes {classes}")
     test_loader = data_lib.DeviceLoader(test_set.images, test_set.labels, config.eval_batch_size, train=False,
                                         **loader_options)
-    result = engine.evaluate(model, test_loader, ctx, prefix="test")
+    result = engine.evaluate_test(raw_model, test_loader, device)
     return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "test_samples": result["test_samples"],
-            "test_checkpoint": "best.pt", "test_epoch": best["epoch"]}
+            "test_checkpoint": "best.pt", "test_precision": engine.TEST_PRECISION}
 
 
-TEST_KEYS = ("test_acc", "test_loss", "test_samples", "test_per_class_acc", "test_checkpoint", "test_epoch")
+TEST_KEYS = ("test_acc", "test_loss", "test_samples", "test_per_class_acc", "test_checkpoint", "test_epoch",
+             "test_precision")
 
 
 def _merge_summary(path: Path, summary: dict) -> dict:

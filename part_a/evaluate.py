@@ -120,12 +120,10 @@ def predict_test_set(model: nn.Module, loader, device: torch.device,
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         strengths.append(output.float().sum(dim=(2, 3)).cpu())
 
-    context = engine.StepContext(device=device, amp_dtype=None,
-                                 scaler=torch.amp.GradScaler(device.type, enabled=False))
     handle = feature_layer.register_forward_hook(record) if feature_layer is not None else None
     try:
         with torch.inference_mode():
-            result = engine.evaluate(model, loader, context, prefix="test", return_predictions=True)
+            result = engine.evaluate_test(model, loader, device, return_predictions=True)
     finally:
         if handle is not None:
             handle.remove()
@@ -238,7 +236,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "dat
                "test_per_class_acc": per_class_accuracy(matrix, classes)}
     summary_path = checkpoint_path.parent / "summary.json"
     tracking.update_json(summary_path, {**metrics, "test_checkpoint": checkpoint_path.name,
-                                        "test_epoch": checkpoint.get("epoch")})
+                                        "test_epoch": checkpoint.get("epoch"), "test_precision": engine.TEST_PRECISION})
     print(format_table(metrics, matrix, checkpoint_path))
 
     out = Path(out_dir) if out_dir is not None else checkpoint_path.parent

@@ -24,6 +24,7 @@ import torch
 
 from common import training
 from common.config import add_dataclass_args, from_namespace
+from common.distributed import is_main_process
 from part_b import weights as weights_lib
 from part_b.model import (FineTuneNet, ModelBConfig, build_from_config, build_model, normalisation,
                           parameter_counts, resolve_config)
@@ -85,7 +86,7 @@ def _unfreeze_on_schedule(epoch: int, model: FineTuneNet) -> None:
     """Bring the trainable set to what the strategy says for ``epoch``; only gradual changes it."""
     before = model.frozen_units
     model.set_epoch(epoch)
-    if model.frozen_units != before:
+    if model.frozen_units != before and is_main_process():
         print(f"epoch {epoch}: {_describe(model)}", flush=True)
 
 
@@ -96,8 +97,9 @@ def run(config: TrainConfig, epoch_callback: Callable[[int, dict], None] | None 
     training.seed_everything(config.seed)  # before the build: the new head's initialisation is seeded
     model = build_model(model_config)
     mean, std = normalisation(model_config)
-    print(f"{model_config.model} | weights {model_config.weights} | strategy {model_config.strategy} | "
-          f"input {model_config.input_size}px | {_describe(model)}", flush=True)
+    if is_main_process():
+        print(f"{model_config.model} | weights {model_config.weights} | strategy {model_config.strategy} | "
+              f"input {model_config.input_size}px | {_describe(model)}", flush=True)
     return training.run(run_config_of(config), model, kind="part_b", model_config=dataclasses.asdict(model_config),
                         input_size=model_config.input_size, mean=mean, std=std, param_groups=model.param_groups(),
                         on_epoch_start=_unfreeze_on_schedule, epoch_callback=epoch_callback)

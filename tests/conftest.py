@@ -17,6 +17,17 @@ CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mam
            "Plantae", "Reptilia"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests skip, with the reason, where torch sees no GPU (CI); they run wherever one is."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def class_image(label_index: int, rng: np.random.Generator, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """An RGB image of ``size`` (width, height) whose colour and stripe position identify the class."""
     width, height = size

@@ -1,0 +1,207 @@
+"""The CUDA paths: autocast with and without loss scaling, fused Adam, compiled training, the
+GPU-resident and prefetching loaders, the matmul crop kernel, resume on the GPU, per-rank CUDA random
+streams, Part B's gradual unfreezing under compile, and NCCL DDP. Run with ``python -m pytest -m cuda``;
+without a GPU they are skipped (conftest.py)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from common import checkpoint as ckpt_io
+from common import data as data_lib
+from common import engine, training
+from common.augment import crop_flip, sample_crops, sample_flips
+from conftest import CLASSES, make_image_tree
+from part_a import train as part_a_train
+from part_a.model import ModelConfig, build_model
+from part_b import train as part_b_train
+
+pytestmark = pytest.mark.cuda
+DEVICE = torch.device("cuda")
+ROOT = Path(__file__).resolve().parents[1]
+LEVEL = 1 / 255  # one uint8 step of an image, in [0, 1] units
+
+
+def tiny(data_root: Path, out_dir: Path, name: str, **overrides) -> part_a_train.TrainConfig:
+    values = dict(data_dir=str(data_root), out_dir=str(out_dir), name=name, input_size=32, n_filters=4, n_blocks=3,
+                  kernel_size=3, dense_neurons=16, epochs=2, batch_size=8, eval_batch_size=16, learning_rate=3e-3,
+                  wandb_mode="disabled", device="cuda", compile=False)
+    return part_a_train.TrainConfig(**{**values, **overrides})
+
+
+class Repeat:
+    """The same batch ``steps`` times."""
+
+    def __init__(self, images, labels, steps):
+        self.images, self.labels, self.steps, self.batch_size = images, labels, steps, len(labels)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return iter([(self.images, self.labels)] * self.steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_under_autocast_learns_with_fused_adam(dtype):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(input_size=32, n_filters=8, n_blocks=3, kernel_size=3, dense_neurons=32,
+                                    dropout=0.0)).to(DEVICE, memory_format=torch.channels_last)
+    images = torch.randn(16, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(16, device=DEVICE) % 10
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    ctx = engine.StepContext(device=DEVICE, amp_dtype=dtype, scaler=scaler)
+    optimizer = training.build_optimizer(training.RunConfig(learning_rate=3e-3, weight_decay=0.0), model, None, DEVICE)
+    assert optimizer.param_groups[0]["fused"] is True
+    output_dtypes = []
+    model.register_forward_hook(lambda module, inputs, output: output_dtypes.append(output.dtype))
+    first = engine.train_one_epoch(model, Repeat(images, labels, 1), optimizer, None, nn.CrossEntropyLoss(), ctx, 1)
+    last = engine.train_one_epoch(model, Repeat(images, labels, 150), optimizer, None, nn.CrossEntropyLoss(), ctx, 2)
+    assert output_dtypes[0] == dtype  # the logits were computed in the autocast type
+    assert first["train_loss"] > 1.5 and last["train_loss"] < 0.5 * first["train_loss"]
+    if dtype == torch.float16:
+        assert scaler.is_enabled() and scaler.get_scale() > 0  # the scaler ran and never hit zero
+
+
+def test_fused_adam_steps_like_the_reference_implementation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10)).to(DEVICE)
+    reference = copy.deepcopy(model)
+    fused = training.build_optimizer(training.RunConfig(learning_rate=1e-3, weight_decay=1e-3), model, None, DEVICE)
+    plain = torch.optim.Adam(reference.parameters(), lr=1e-3, weight_decay=1e-3, foreach=False)
+    for _ in range(5):
+        x = torch.randn(32, 64, device=DEVICE)
+        for net, optimizer in ((model, fused), (reference, plain)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_training_makes_one_train_and_one_eval_graph(prepared_data, tmp_path):
+    from torch._dynamo.utils import counters
+    counters.clear()
+    frames = []
+    summary = part_a_train.run(tiny(prepared_data, tmp_path, "compiled", epochs=3, compile=True, eval_batch_size=7),
+                               epoch_callback=lambda epoch, metrics: frames.append(counters["frames"]["ok"]))
+    assert summary["status"] == "finished"
+    assert frames[0] > 0 and frames[0] == frames[1] == frames[2], frames
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["gpu_resident", "pinned_prefetch"])
+@pytest.mark.parametrize("train, augment", [(True, True), (True, False), (False, False)])
+def test_gpu_loaders_give_the_batches_of_the_cpu_loader(resident, train, augment, monkeypatch):
+    if not resident:
+        monkeypatch.setattr(data_lib, "fits_on_gpu", lambda nbytes, device: False)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 24, 24, 3), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(37) % 10
+    options = dict(batch_size=8, train=train, augment=augment, seed=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    cpu, gpu = (data_lib.DeviceLoader(images, labels, device=device, **options) for device in ("cpu", "cuda"))
+    assert gpu.prefetch is not resident
+    cpu.set_epoch(2)
+    gpu.set_epoch(2)
+    cpu_batches, gpu_batches = list(cpu), list(gpu)
+    assert len(cpu_batches) == len(gpu_batches) == len(cpu) > 0
+    # The CPU kernel rounds crops to uint8 (<= 1 level), the GPU's matmul kernel does not.
+    tolerance = 1.5 * LEVEL / 0.2 if augment else 1e-5
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(cpu_batches, gpu_batches):
+        assert x_gpu.is_cuda and x_gpu.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(x_gpu.cpu(), x_cpu, atol=tolerance, rtol=0)
+        assert torch.equal(y_gpu.cpu(), y_cpu)
+
+
+def test_matmul_crop_kernel_on_the_gpu_matches_the_cpu_kernels():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (16, 64, 48, 3), dtype=torch.uint8, generator=generator)
+    crops, flips = sample_crops(16, 64, 48, generator), sample_flips(16, generator)
+    for size in (32, 96):  # down- and upsampling
+        cpu_uint8 = crop_flip(images, crops, flips, size, kernel="resize")
+        cpu_matmul = crop_flip(images, crops, flips, size, kernel="matmul")
+        with engine.exact_fp32():
+            gpu = crop_flip(images.to(DEVICE), crops, flips, size).cpu()
+        torch.testing.assert_close(gpu, cpu_matmul, atol=1e-3, rtol=0)  # the same arithmetic
+        assert (gpu - cpu_uint8).abs().max() <= 1.01  # within the uint8 kernel's rounding, in levels of 255
+
+
+@pytest.mark.parametrize("first_device", ["cuda", "cpu"])
+def test_resume_on_the_gpu_reaches_the_weights_of_an_uninterrupted_run(first_device, prepared_data, tmp_path,
+                                                                       record_property):
+    # fp32 so that an epoch on the CPU and one on the GPU compute the same function (up to TF32).
+    options = dict(epochs=3, dropout=0.3, augment=True, precision="fp32", lr_schedule="cosine")
+    part_a_train.run(tiny(prepared_data, tmp_path, "straight", **options))
+    part_a_train.run(tiny(prepared_data, tmp_path, "resumed", **{**options, "epochs": 1}, device=first_device))
+    part_a_train.run(tiny(prepared_data, tmp_path, "resumed", resume=True, **options))
+
+    straight = ckpt_io.load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = ckpt_io.load_checkpoint(tmp_path / "resumed" / "last.pt")
+    worst = max((straight["model"][k].double() - v.double()).abs().max().item()
+                for k, v in resumed["model"].items() if v.is_floating_point())
+    record_property(f"max_abs_weight_difference_{first_device}_to_cuda", worst)
+    assert all(group["fused"] for group in resumed["optimizer"]["param_groups"])  # fused Adam after CPU -> GPU
+    if first_device == "cuda":
+        for key, value in straight["model"].items():
+            torch.testing.assert_close(resumed["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    else:  # one epoch in CPU fp32, two in TF32 on the GPU: close, not equal
+        assert worst < 1e-2
+
+
+def test_each_rank_has_its_own_cuda_random_stream_and_it_is_saved():
+    training.seed_everything(42)
+    single = torch.rand(4, device=DEVICE)
+    training.seed_everything(42)
+    training.seed_rank(42, 1)
+    assert not torch.equal(torch.rand(4, device=DEVICE), single)
+    state = ckpt_io.rng_state(DEVICE)
+    expected = torch.rand(4, device=DEVICE)
+    ckpt_io.set_rng_state(state, DEVICE)
+    assert torch.equal(torch.rand(4, device=DEVICE), expected)
+
+
+def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile_limit(tmp_path, monkeypatch):
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise instead of running eager
+        monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
+    config = part_b_train.TrainConfig(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), name="gradual",
+                                      model="resnet18", weights="none", strategy="gradual", input_size=64, epochs=3,
+                                      batch_size=8, compile=True, test=True, wandb_mode="disabled", device="cuda")
+    summary = part_b_train.run(config)
+    assert summary["status"] == "finished" and summary["epochs_run"] == 3 and 0 <= summary["test_acc"] <= 1
+    state = ckpt_io.load_checkpoint(tmp_path / "runs" / "gradual" / "last.pt")
+    trained = ckpt_io.build_model_from_checkpoint(state)
+    trained.set_epoch(3)
+    assert trained.frozen_units == len(trained.layout.units) - 2  # two units unfrozen by epoch 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_train_like_one_with_the_global_batch(prepared_data, tmp_path):
+    common = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
+              "--batch_norm=false", "--dropout=0", "--epochs=2", "--device=cuda", "--compile=false", "--precision=fp32",
+              "--learning_rate=0.003", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--eval_batch_size=7",
+              "--wandb_mode=disabled"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, args in (([sys.executable], ["--batch_size=8", "--name=single"]),
+                           ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                            ["--batch_size=4", "--name=ddp"])):
+        result = subprocess.run([*launcher, "part_a/train.py", *common, *args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    single = ckpt_io.load_checkpoint(tmp_path / "single" / "last.pt")["model"]
+    ddp = ckpt_io.load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
