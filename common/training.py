@@ -64,6 +64,8 @@ class RunConfig:
     sync_bn: bool = field(default=False, metadata={"help": "under torchrun on GPUs, batch norm statistics over the "
                                                    "global batch (SyncBatchNorm; slower, and it turns torch.compile off)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic kernels only (no cuDNN autotuning): "
+                                                         "bit-identical GPU runs and resumes, at some speed"})
     test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
     resume: bool = field(default=False, metadata={"help": "continue runs/NAME from its last.pt"})
     wandb_mode: str | None = field(default=None, metadata={"help": "online, offline or disabled; default: online with credentials, else offline"})
@@ -147,12 +149,17 @@ def cuda_amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
-def configure_cuda_backends() -> None:
-    """What every CUDA run here uses: cuDNN autotuning for fixed shapes and TF32 tensor cores for
-    fp32 matmuls and convolutions (10 mantissa bits on inputs, fp32 accumulation)."""
-    torch.backends.cudnn.benchmark = True
+def configure_cuda_backends(deterministic: bool = False) -> None:
+    """The backend settings of every run: TF32 tensor cores for fp32 matmuls and convolutions on CUDA
+    (10 mantissa bits on inputs, fp32 accumulation) and cuDNN autotuning for fixed shapes, unless
+    ``deterministic``: autotuning picks kernels by timing and some add atomically, so two GPU runs of
+    one seed differ in the last bits, which training grows (docs/benchmarks.md, GPU section)."""
+    torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if deterministic:  # cuBLAS reads this when it first makes its workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)  # process-wide: set by every run, for sweeps' next trial
 
 
 def seed_everything(seed: int) -> None:
@@ -295,8 +302,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
                          f"images per process; use a smaller --batch_size")
 
     # Model, precision, optimizer, schedule.
-    if device.type == "cuda":
-        configure_cuda_backends()
+    configure_cuda_backends(config.deterministic)
     amp_dtype = resolve_precision(config.precision, device)
     raw_model.to(device)
     if channels_last:

@@ -67,3 +67,19 @@ def prepared_data(tmp_path_factory) -> Path:
     make_image_tree(root, CLASSES, n_train=10, n_test=3)
     prepare(root)
     return root
+
+
+class RepeatLoader:
+    """The same batch, ``steps`` times: an epoch of a loader for engine tests."""
+
+    def __init__(self, images, labels, steps):
+        self.images, self.labels, self.steps, self.batch_size = images, labels, steps, len(labels)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return iter([(self.images, self.labels)] * self.steps)

@@ -153,6 +153,18 @@ def test_test_evaluation_turns_tf32_off_and_restores_it():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def test_deterministic_runs_use_deterministic_kernels_and_the_next_run_goes_back(prepared_data, tmp_path):
+    seen = []
+    for name, deterministic in (("exact", True), ("fast", False)):
+        config = part_a_train.TrainConfig(
+            data_dir=str(prepared_data), out_dir=str(tmp_path), name=name, input_size=32, n_filters=4, n_blocks=3,
+            kernel_size=3, dense_neurons=16, epochs=1, batch_size=8, deterministic=deterministic,
+            wandb_mode="disabled", device="cpu", compile=False)
+        part_a_train.run(config, epoch_callback=lambda epoch, metrics: seen.append(
+            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)))
+    assert seen == [(True, False), (False, True)]
+
+
 # ---------------------------------------------------------------- torchrun on the CPU (gloo)
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import torch
 from common import checkpoint as ckpt_io
 from common import engine
 from common.config import to_cli
+from conftest import RepeatLoader
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 
@@ -96,22 +97,6 @@ def test_bad_values_fail_before_any_data_is_read(tmp_path, capsys, argv, fragmen
 
 
 # ---------------------------------------------------------------- engine
-
-class RepeatLoader:
-    """The same batch, ``steps`` times: an epoch for the overfitting test."""
-
-    def __init__(self, images, labels, steps):
-        self.images, self.labels, self.steps, self.batch_size = images, labels, steps, len(labels)
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __len__(self):
-        return self.steps
-
-    def __iter__(self):
-        return iter([(self.images, self.labels)] * self.steps)
-
 
 def test_overfitting_one_batch_drives_the_loss_near_zero():
     torch.manual_seed(0)
