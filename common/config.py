@@ -1,4 +1,4 @@
-"""Typed configuration: one dataclass per entry point, with argparse generated from it.
+"""The command line: one dataclass per entry point with argparse generated from it, and the exit-code rule.
 
 A field's type decides how its option is parsed; its ``metadata`` may carry ``help`` and
 ``choices``. Booleans accept every spelling wandb and people use: ``--flag``, ``--no-flag``,
@@ -9,9 +9,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+
+class UserError(Exception):
+    """A failure the user can fix (missing data, a damaged file, a diverged run); the message says how."""
+
+
+def cli_main(parse: Callable[[list[str] | None], Any], work: Callable[[Any], Any], argv: list[str] | None = None) -> int:
+    """Every command's ``main``. Exit 2 when the options are wrong (nothing was read or run), 1 when
+    the work fails for a reason the user can fix, each with one ``error:`` line on stderr; anything
+    else is a bug and keeps its traceback."""
+    try:
+        config = parse(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        work(config)
+    except (ValueError, UserError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common.augment import crop_flip, one_thread, resize_crops, sample_crops, sample_flips, to_float
-from common.config import add_dataclass_args, from_namespace
+from common.config import add_dataclass_args, cli_main, from_namespace
 from common.data_cache import CachedSplit, decode_image, load_cache, open_rgb
 from common.data_fetch import DATASET_URL, DataError
 from common.data_prepare import prepare
@@ -340,18 +340,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    config = from_namespace(PrepareConfig, args)
+def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
+    config = from_namespace(PrepareConfig, get_args_parser().parse_args(argv))
     if config.zip is not None and config.url != DATASET_URL:
-        print("error: give either --url or --zip, not both", file=sys.stderr)
-        return 2
-    try:
-        prepare(config.root, url=config.url, zip_path=config.zip, val_fraction=config.val_fraction, seed=config.seed)
-    except (DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        raise ValueError("give either --url or --zip, not both")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(config_from_args, lambda config: prepare(
+        config.root, url=config.url, zip_path=config.zip, val_fraction=config.val_fraction, seed=config.seed), argv)
 
 
 if __name__ == "__main__":

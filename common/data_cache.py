@@ -22,8 +22,6 @@ import csv
 import hashlib
 import json
 import os
-import threading
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from common.data_fetch import LOG_INTERVAL_S, DataError
+from common.files import atomic_path, write_json
 
 # Larger images are reported and left out rather than decoded: 50 MP is far above any photo in the
 # dataset (about 0.5 MP) and below PIL's own decompression-bomb limit.
@@ -154,11 +153,6 @@ def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
                        classes=meta["classes"], paths=[split_dir / p for p in meta["paths"]])
 
 
-def _writer_id() -> str:
-    """Unique to this writer: a process id alone repeats across hosts sharing a file system and threads."""
-    return f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
-
-
 def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size: int, key: str,
            array_path: Path, meta_path: Path) -> None:
     cache_dir = array_path.parent
@@ -167,24 +161,17 @@ def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size
         if not (split_dir / path["path"]).is_file():
             raise DataError(f"{split_dir / path['path']} is listed in {MANIFEST} but missing; "
                             f"run python common/data.py prepare --root {split_dir.parent} again")
-    tmp = array_path.with_name(f".{array_path.name}.{_writer_id()}.tmp")
     tasks = [(str(split_dir / row["path"]), size) for row in rows]
     split = rows[0]["split"]
-    try:
+    with atomic_path(array_path) as tmp:  # an interrupted build leaves no full-size temporary behind
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
         for index, image in enumerate(parallel_map(_decode_for_cache, tasks, f"cache {split} {size}px")):
             array[index] = image
         array.flush()
         del array
-        os.replace(tmp, array_path)
-    finally:
-        tmp.unlink(missing_ok=True)  # an interrupted build leaves no full-size temporary behind
-    meta = {"format": CACHE_FORMAT, "key": key, "split": split, "size": size, "count": len(rows),
-            "classes": classes, "labels": [classes.index(row["class"]) for row in rows],
-            "paths": [row["path"] for row in rows]}
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.{_writer_id()}.tmp")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, meta_path)
+    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "split": split, "size": size, "count": len(rows),
+                           "classes": classes, "labels": [classes.index(row["class"]) for row in rows],
+                           "paths": [row["path"] for row in rows]})
     # Older caches of this split and size can never match again: free their space.
     for stale in cache_dir.glob(f"{split}-{size}-*"):
         if stale.suffix in (".npy", ".json") and stale.stem != array_path.stem:

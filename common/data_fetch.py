@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.config import UserError
+
 # Downloads and extraction take minutes: a live bar on a terminal, a line every 30 s in a log file.
 LOG_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 
@@ -31,7 +33,7 @@ CHUNK_BYTES = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """A data problem the user can fix; the message says what is wrong and what to do."""
 
 

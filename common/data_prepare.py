@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import random
 import shutil
@@ -29,6 +28,7 @@ from PIL import UnidentifiedImageError
 
 from common.data_cache import MANIFEST, open_rgb, parallel_map, read_manifest
 from common.data_fetch import DATASET_DIR, DATASET_URL, DataError, download, extract
+from common.files import read_json, write_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -62,7 +62,7 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
     split_dir = root / "split"
     state = {"format": PREPARE_FORMAT, "val_fraction": val_fraction, "seed": seed,
              "fingerprint": fingerprint(files)}
-    if (split_dir / MANIFEST).is_file() and _read_json(split_dir / "prepare.json") == state \
+    if (split_dir / MANIFEST).is_file() and read_json(split_dir / "prepare.json") == state \
             and _split_intact(split_dir):
         print(f"data ready: {split_dir} (same files, seed {seed}, val_fraction {val_fraction})")
         return split_dir
@@ -208,13 +208,6 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _write_split(root: Path, split_dir: Path, assigned: dict[ImageFile, str], checks: dict[ImageFile, FileCheck],
                  files: list[ImageFile], state: dict) -> None:
     """Build the split in a fresh folder, then swap it in, so a crash never leaves half a split."""
@@ -256,7 +249,7 @@ def _write_split(root: Path, split_dir: Path, assigned: dict[ImageFile, str], ch
     # Written last, with the fingerprint taken now: making and removing hard links changed the
     # originals' change times (link counts), and the next run compares against these.
     state = {**state, "fingerprint": fingerprint(files)}
-    (split_dir / "prepare.json").write_text(json.dumps(state, indent=2) + "\n")
+    write_json(split_dir / "prepare.json", state)
 
     counts = Counter((split, f.label) for f, split in assigned.items())
     classes = sorted({f.label for f in assigned})

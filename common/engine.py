@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.config import UserError
+
 try:  # tqdm is optional at import time so that library users without it still get the loop
     from tqdm import tqdm
 except ImportError:  # pragma: no cover
@@ -25,11 +27,11 @@ except ImportError:  # pragma: no cover
 SYNC_EVERY = 50  # steps between host syncs (non-finite check, progress-bar loss)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
-class BatchSizeOOMError(RuntimeError):
+class BatchSizeOOMError(UserError):
     """CUDA ran out of memory for the requested batch size."""
 
 

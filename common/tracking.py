@@ -12,30 +12,12 @@ import netrc
 import os
 import sys
 from pathlib import Path
-from typing import Any
+
+from common.files import atomic_path
 
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_HOST = "api.wandb.ai"
 INIT_TIMEOUT_S = 30  # how long an online start may wait for the server (WANDB_INIT_TIMEOUT overrides)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str | Path) -> dict:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def update_json(path: str | Path, updates: dict) -> dict:
-    merged = {**read_json(path), **updates}
-    write_json(path, merged)
-    return merged
 
 
 def append_metrics(path: str | Path, metrics: dict) -> None:
@@ -53,9 +35,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 def truncate_metrics(path: str | Path, last_epoch: int) -> None:
     """Drop lines logged after ``last_epoch`` (written before a crash that lost their checkpoint)."""
     kept = [m for m in read_metrics(path) if m.get("epoch", 0) <= last_epoch]
-    tmp = Path(path).with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
 
 def has_wandb_credentials() -> bool:

@@ -11,7 +11,6 @@ import hashlib
 import os
 import random
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from common import checkpoint as ckpt_io
 from common import data as data_lib
-from common import engine, tracking
+from common import engine, files, tracking
 from common.distributed import (DistInfo, all_gather_object, barrier, broadcast_object, broadcast_tensors,
                                 init_distributed, shutdown)
 
@@ -363,7 +362,7 @@ def _run(config, raw_model, *, info, device, kind, model_config, input_size, mea
     tracker = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tracking.write_json(run_dir / "config.json", full_config)
+        files.write_json(run_dir / "config.json", full_config)
         tracker = tracking.start_wandb(config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity,
                                        name=run_dir.name, group=config.wandb_group, config=full_config,
                                        run_dir=run_dir, resume_id=wandb_id)
@@ -504,32 +503,12 @@ def _merge_summary(path: Path, summary: dict) -> dict:
     """``summary`` merged into the run's summary.json, without test results that no longer describe
     their checkpoint: a resumed run that wrote a newer best.pt (or last.pt) than the one tested, by
     ``--test`` or ``part_a/evaluate.py``, drops them (test again to get them back)."""
-    previous = tracking.read_json(path)
+    previous = files.read_json(path)
     if "test_acc" in previous and "test_acc" not in summary:
         tested = previous.get("test_checkpoint", "best.pt")
         now = summary["best_epoch"] if tested == "best.pt" else summary["epochs_run"]
         if previous.get("test_epoch") != now:
             previous = {k: v for k, v in previous.items() if k not in TEST_KEYS}
     merged = {**previous, **summary}
-    tracking.write_json(path, merged)
+    files.write_json(path, merged)
     return merged
-
-
-def cli_main(config_from_args: Callable[[list[str] | None], Any], run_fn: Callable[[Any], dict],
-             argv: list[str] | None = None) -> int:
-    """The shared ``main`` of both train scripts: a user error is one line on stderr, not a traceback.
-
-    Exit codes: 2 for a bad option (nothing was read), 1 for a run that failed (its folder says how).
-    """
-    try:
-        config = config_from_args(argv)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        run_fn(config)
-    except (ValueError, data_lib.DataError, ckpt_io.CheckpointError, engine.NonFiniteLossError,
-            engine.BatchSizeOOMError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0

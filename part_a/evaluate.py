@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from common import data as data_lib
-from common import engine, figures, tracking
+from common import engine, figures, files, tracking
 from common.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-from common.config import add_dataclass_args, from_namespace
+from common.config import add_dataclass_args, cli_main, from_namespace
 from common.training import RunConfig, resolve_device
 
 GRID_PER_CLASS = 3  # prediction_grid.png: one row per class
@@ -235,7 +235,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "dat
     metrics = {"test_acc": result["test_acc"], "test_loss": result["test_loss"],
                "test_per_class_acc": per_class_accuracy(matrix, classes)}
     summary_path = checkpoint_path.parent / "summary.json"
-    tracking.update_json(summary_path, {**metrics, "test_checkpoint": checkpoint_path.name,
+    files.update_json(summary_path, {**metrics, "test_checkpoint": checkpoint_path.name,
                                         "test_epoch": checkpoint.get("epoch"), "test_precision": engine.TEST_PRECISION})
     print(format_table(metrics, matrix, checkpoint_path))
 
@@ -284,23 +284,25 @@ def predict_files(checkpoint_path: str | Path, paths: Sequence[str | Path], devi
             for row_values, row_indices in zip(values, indices)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    config = from_namespace(EvalConfig, parser.parse_args(argv))
+def config_from_args(argv: list[str] | None = None) -> EvalConfig:
+    config = from_namespace(EvalConfig, get_args_parser().parse_args(argv))
     if not config.checkpoint:
-        parser.error("--checkpoint is required (a best.pt or last.pt from a run folder)")
-    try:
-        if config.images:
-            predictions = predict_files(config.checkpoint, config.images, config.device, batch_size=config.batch_size)
-            for path, top in zip(config.images, predictions):
-                print(f"{path}: " + " | ".join(f"{name} {probability:.3f}" for name, probability in top))
-        else:
-            evaluate_checkpoint(config.checkpoint, config.data_dir, config.out_dir, config.batch_size,
-                                config.device, config.wandb_mode)
-    except (CheckpointError, EvaluationError, data_lib.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        raise ValueError("--checkpoint is required (a best.pt or last.pt from a run folder)")
+    return config
+
+
+def run(config: EvalConfig) -> None:
+    if config.images:
+        predictions = predict_files(config.checkpoint, config.images, config.device, batch_size=config.batch_size)
+        for path, top in zip(config.images, predictions):
+            print(f"{path}: " + " | ".join(f"{name} {probability:.3f}" for name, probability in top))
+    else:
+        evaluate_checkpoint(config.checkpoint, config.data_dir, config.out_dir, config.batch_size,
+                            config.device, config.wandb_mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(config_from_args, run, argv)
 
 
 if __name__ == "__main__":

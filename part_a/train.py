@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from common import training
-from common.config import add_dataclass_args, from_namespace
+from common.config import add_dataclass_args, cli_main, from_namespace
 from part_a.model import ModelConfig, block_shapes, build_model
 
 
@@ -67,7 +67,7 @@ def run(config: TrainConfig, epoch_callback: Callable[[int, dict], None] | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.cli_main(config_from_args, run, argv)
+    return cli_main(config_from_args, run, argv)
 
 
 if __name__ == "__main__":

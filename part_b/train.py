@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from common import training
-from common.config import add_dataclass_args, from_namespace
+from common.config import add_dataclass_args, cli_main, from_namespace
 from common.distributed import is_main_process
 from part_b import weights as weights_lib
 from part_b.model import (FineTuneNet, ModelBConfig, build_from_config, build_model, normalisation,
@@ -106,7 +106,7 @@ def run(config: TrainConfig, epoch_callback: Callable[[int, dict], None] | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.cli_main(config_from_args, run, argv)
+    return cli_main(config_from_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -144,8 +144,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ckpt_io.save_checkpoint(path, {"kind": "part_a", "epoch": 1, "weights": torch.ones(3)})
 
-    def broken_save(obj, handle, *args, **kwargs):
-        handle.write(b"partial bytes")
+    def broken_save(obj, file, *args, **kwargs):
+        Path(file).write_bytes(b"partial bytes")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):

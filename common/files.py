@@ -1,0 +1,51 @@
+"""Files that are never half-written, and the JSON records of runs and data."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary path beside ``path`` for the block to write; fsynced and renamed over
+    ``path`` when the block ends, removed if it raises. A crash or a full disk mid-write leaves
+    ``path`` as it was, and two writers never share a temporary."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    """The JSON object in ``path``; ``{}`` when there is none yet. A damaged file is an error naming it
+    (never silently empty: a summary or a data state read as empty would be overwritten)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete it and run again") from error
+
+
+def update_json(path: str | Path, updates: dict) -> dict:
+    merged = {**read_json(path), **updates}
+    write_json(path, merged)
+    return merged
