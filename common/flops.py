@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import activations
 from common.config import add_dataclass_args, from_namespace
 
 FLOPS_PER_MAC = 2
@@ -44,8 +45,6 @@ BIAS_OPS = 1        # one add per output element
 NORM_OPS = 2        # inference batch norm: one multiply and one add per element
 ACTIVATION_OPS = 1  # one op per output element, whatever the function
 
-ELEMENTWISE_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.LeakyReLU,
-                           nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -235,7 +234,7 @@ def _layer_element_ops(module: nn.Module, out: torch.Tensor) -> int:
         ops += BIAS_OPS * out.numel()
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         ops += NORM_OPS * out.numel()
-    if isinstance(module, ELEMENTWISE_ACTIVATIONS):
+    if isinstance(module, activations.ELEMENTWISE):
         ops += ACTIVATION_OPS * out.numel()
     if isinstance(module, MAX_POOLS):
         dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(module)]
