@@ -99,9 +99,11 @@ def predict_test_set(model: nn.Module, loader, device: torch.device,
     strengths of ``feature_layer`` (each channel's activation map summed) for picking the images
     that excite each neuron most; ``None`` without a layer."""
     strengths: list[torch.Tensor] = []
-    layers = [feature_layer] if feature_layer is not None else []
-    with figures.forward_hooks(layers, lambda m, i, output: strengths.append(output.float().sum(dim=(2, 3)).cpu())), \
-            torch.inference_mode():
+
+    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        strengths.append(output.float().sum(dim=(2, 3)).cpu())
+
+    with figures.forward_hooks([feature_layer] if feature_layer is not None else [], record), torch.inference_mode():
         result = engine.evaluate_test(model, loader, device, return_predictions=True)
     if feature_layer is None:
         return result, None

@@ -29,16 +29,16 @@ GOALS = ("maximize", "minimize")
 RANGES = ("uniform", "int_uniform", "q_uniform", "log_uniform_values")
 
 # What to write instead of each wandb distribution that has no faithful Optuna counterpart.
+_LIST = ", or list the candidates under values"
 _UNSUPPORTED = {
     "log_uniform": "its min/max are natural-log exponents; write distribution: log_uniform_values "
                    "with min: {exp_min:.6g} and max: {exp_max:.6g} (the values themselves)",
     "q_log_uniform": "write distribution: log_uniform_values with the values themselves as min/max "
-                     "(Optuna cannot step a log scale), or list the candidates under values",
-    "q_log_uniform_values": "use log_uniform_values (Optuna cannot step a log scale), or list the "
-                            "candidates under values",
-    **dict.fromkeys(("inv_log_uniform", "inv_log_uniform_values"),
-                    "use log_uniform_values on the inverse quantity, or list values"),
-    **{name: f"use {replacement} over the range you care about, or list values"
+                     "(Optuna cannot step a log scale)" + _LIST,
+    "q_log_uniform_values": "use log_uniform_values (Optuna cannot step a log scale)" + _LIST,
+    "inv_log_uniform": "use log_uniform_values on the inverse quantity" + _LIST,
+    "inv_log_uniform_values": "use log_uniform_values on the inverse quantity" + _LIST,
+    **{name: f"use {replacement} over the range you care about" + _LIST
        for replacement, names in (("uniform", ("normal", "beta")), ("q_uniform", ("q_normal", "q_beta")),
                                   ("log_uniform_values", ("log_normal", "q_log_normal")))
        for name in names},
