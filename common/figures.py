@@ -1,14 +1,10 @@
 """Report figures and guided backpropagation, for any image classifier (Part A or Part B).
 
-Every plotting function takes plain tensors or arrays and returns a matplotlib ``Figure``;
-``save_figure`` writes it. Figures use constrained layout so labels never overlap, and sizes that stay
-readable when a report shrinks them to a column's width.
-
-Guided backpropagation (Springenberg et al., 2015, "Striving for Simplicity") passes a gradient
-backwards through a ReLU only where the forward input was positive *and* the gradient itself is
-positive. ``guided_backward`` applies that rule to every ReLU-like activation of a model for the
-duration of a ``with`` block, through forward hooks that are removed afterwards, so the model is
-left exactly as it was.
+Every plotting function takes plain tensors or arrays and returns a matplotlib ``Figure`` in
+constrained layout (labels never overlap); ``save_figure`` writes it. Guided backpropagation
+(Springenberg et al., 2015, "Striving for Simplicity") passes a gradient backwards through a ReLU only
+where the forward input was positive *and* the gradient itself is positive; ``guided_backward``
+applies that rule through forward hooks that are removed afterwards, leaving the model as it was.
 """
 from __future__ import annotations
 

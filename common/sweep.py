@@ -4,11 +4,9 @@
                            [--out_dir runs] [--data_dir data] [--set epochs=10 input_size=128 ...]
     python common/sweep.py report --study NAME [--storage URL] [--out DIR]
 
-Each trial is one in-process training run of the sweep's ``program`` (its ``config_from_args`` and
-``run``), in ``out_dir/<study>/trial_<number>``, logged to wandb in the group ``<study>``. The study
-lives in a database (SQLite at ``out_dir/sweeps/<study>.db`` unless ``--storage`` names another), so
-``--workers K`` processes, or several machines sharing one PostgreSQL ``--storage``, cooperate on
-one study, and the same command again continues it. ``docs/sweeps.md`` has the whole workflow.
+Each trial is one in-process run of the sweep's ``program`` (its ``config_from_args`` and ``run``) in
+``out_dir/<study>/trial_<number>``. The study lives in a database (SQLite under ``out_dir/sweeps/``
+unless ``--storage`` names another), shared by workers and machines; docs/sweeps.md has the workflow.
 """
 from __future__ import annotations
 
