@@ -202,8 +202,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "dat
     grid = [index for per_class in samples for index in per_class[:GRID_PER_CLASS]]
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     drawn = {"confusion_matrix": figures.plot_confusion_matrix(matrix, classes),
-             "prediction_grid": figures.plot_prediction_grid(images[grid], labels[grid].tolist(),
-                                                             predictions[grid].tolist(), confidence[grid].tolist(), classes),
+             "prediction_grid": figures.plot_prediction_grid(
+                 images[grid], labels[grid].tolist(), predictions[grid].tolist(), confidence[grid].tolist(), classes),
              "first_layer_filters": figures.plot_filters(first_conv.weight)}
     if feature_layer is not None:
         drawn["guided_backprop"] = guided_backprop_figure(model, feature_layer, channel_strength, images,

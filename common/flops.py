@@ -61,9 +61,7 @@ class LayerCount:
     element_ops: int = 0
     params: int = 0
 
-    @property
-    def flops(self) -> int:
-        return FLOPS_PER_MAC * self.macs
+    flops = property(lambda self: FLOPS_PER_MAC * self.macs)
 
 
 @dataclass
@@ -311,7 +309,7 @@ def question1_text(config, exact: Report) -> str:
             f"  with m={m}, k={k}, n={n}, w={w}, conv bias {'on' if config.conv_bias else 'off'}, batch norm "
             f"{'on' if config.batch_norm else 'off'}: MACs {answer.macs:,}, FLOPs {answer.flops:,}, "
             f"element ops {answer.element_ops:,}, params {answer.params:,}\n"
-            + ("  = the exact layer-by-layer count above" if same else "  DIFFERS from the exact layer-by-layer count above"))
+            + ("  = the exact" if same else "  DIFFERS from the exact") + " layer-by-layer count above")
 
 
 def _torchvision_on_meta(name: str) -> nn.Module:

@@ -192,27 +192,30 @@ def _interrupt_once():
         signal.signal(signal.SIGINT, previous)
 
 
-def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets) -> None:
-    """One worker: run trials against the shared study until the tickets (or the grid) run out."""
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
-                              sampler=make_sampler(spec), pruner=make_pruner(spec))
-    grid = isinstance(study.sampler, optuna.samplers.GridSampler)
-    while not (grid and study.sampler.is_exhausted(study)) and _take_ticket(tickets):
-        # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on; Ctrl-C is
-        # recorded as FAIL too and then propagates.
-        study.optimize(runner, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():  # an out-of-memory trial's cached blocks
-            torch.cuda.empty_cache()
+def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets) -> bool:
+    """One worker: run trials against the shared study until the tickets (or the grid) run out.
+    Returns whether Ctrl-C stopped it."""
+    try:
+        with _interrupt_once():
+            study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
+                                      sampler=make_sampler(spec), pruner=make_pruner(spec))
+            grid = isinstance(study.sampler, optuna.samplers.GridSampler)
+            while not (grid and study.sampler.is_exhausted(study)) and _take_ticket(tickets):
+                # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on;
+                # Ctrl-C is recorded as FAIL too and then propagates.
+                study.optimize(runner, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                torch = sys.modules.get("torch")
+                if torch is not None and torch.cuda.is_initialized():  # an out-of-memory trial's cached blocks
+                    torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        return True
+    return False
 
 
 def _worker_process(index: int, gpus: list[str], *args) -> None:
     if gpus:  # before the program touches CUDA: worker i trains on GPU i % count
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    try:
-        with _interrupt_once():
-            _work(*args)
-    except KeyboardInterrupt:
+    if _work(*args):
         sys.exit(130)
 
 
@@ -263,14 +266,7 @@ def run_sweep(spec: SweepSpec, runner: TrialRunner, *, study_name: str, storage_
     study.set_user_attr("metric", spec.metric)  # for the report
     context = multiprocessing.get_context("spawn")  # fresh processes: CUDA cannot be forked
     args = (study_name, storage_url, spec, runner, context.Value("i", count))
-    if workers > 1:
-        return study, _run_workers(context, workers, args)
-    try:
-        with _interrupt_once():
-            _work(*args)
-    except KeyboardInterrupt:
-        return study, True
-    return study, False
+    return study, _run_workers(context, workers, args) if workers > 1 else _work(*args)
 
 
 def _input_sizes(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) -> list[int]:
