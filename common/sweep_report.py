@@ -40,10 +40,6 @@ def metric_name(study: optuna.Study) -> str:
     return study.user_attrs.get("metric", "value")
 
 
-def _maximize(study: optuna.Study) -> bool:
-    return study.direction == optuna.study.StudyDirection.MAXIMIZE
-
-
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
@@ -232,7 +228,7 @@ def _correlation_tables(metric: str, order: list[str], corr: dict[str, dict], ma
 
 def _summary_markdown(study: optuna.Study, importance: dict[str, float], method: str, corr: dict[str, dict],
                      figures: list[str]) -> str:
-    metric, maximize, complete = metric_name(study), _maximize(study), _complete(study)
+    metric, maximize, complete = metric_name(study), study.direction.name == "MAXIMIZE", _complete(study)
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in trials)
     lines = [f"# Sweep report: {study.study_name}", "",
