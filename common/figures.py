@@ -1,14 +1,10 @@
 """Report figures and guided backpropagation, for any image classifier (Part A or Part B).
 
-Every plotting function takes plain tensors or arrays and returns a matplotlib ``Figure``;
-``save_figure`` writes it. Figures use constrained layout so labels never overlap, and sizes that stay
-readable when a report shrinks them to a column's width.
-
-Guided backpropagation (Springenberg et al., 2015, "Striving for Simplicity") passes a gradient
-backwards through a ReLU only where the forward input was positive *and* the gradient itself is
-positive. ``guided_backward`` applies that rule to every ReLU-like activation of a model for the
-duration of a ``with`` block, through forward hooks that are removed afterwards, so the model is
-left exactly as it was.
+Every plotting function takes plain tensors or arrays and returns a matplotlib ``Figure`` in
+constrained layout (labels never overlap); ``save_figure`` writes it. Guided backpropagation
+(Springenberg et al., 2015, "Striving for Simplicity") passes a gradient backwards through a ReLU only
+where the forward input was positive *and* the gradient itself is positive; ``guided_backward``
+applies that rule through forward hooks that are removed afterwards, leaving the model as it was.
 """
 from __future__ import annotations
 
@@ -26,12 +22,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import nn  # noqa: E402
 
-# Activations f with f(x) > 0 exactly when x > 0 and f'(x) > 0 for x > 0: the guided rule below is
-# well defined for them. (Sigmoid and Softplus are positive everywhere, so they are left out.)
-GUIDED_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Tanh,
-)
+from common.activations import SIGN_PRESERVING  # noqa: E402
+
 CORRECT_COLOR = "#1a7f37"  # green
 WRONG_COLOR = "#cf222e"  # red
 MAX_FILTERS = 128  # beyond this a filter grid is unreadable at report size, and slow to draw
@@ -45,8 +37,6 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     plt.close(fig)
     return path
 
-
-# --------------------------------------------------------------------------- confusion matrix
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[num_classes, num_classes]`` counts: row = true class, column = predicted class."""
@@ -76,7 +66,15 @@ def plot_confusion_matrix(matrix: torch.Tensor | np.ndarray, classes: Sequence[s
     return fig
 
 
-# --------------------------------------------------------------------------- prediction grid
+def _grid(count: int, columns: int, cell: tuple[float, float], title_height: float = 0.0) -> tuple[Figure, list]:
+    """A figure of ``count`` cells filled row by row, ``columns`` per row; the unused cells removed."""
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(cell[0] * columns, cell[1] * rows + title_height),
+                             layout="constrained", squeeze=False)
+    for ax in axes.flat[count:]:
+        fig.delaxes(ax)
+    return fig, list(axes.flat[:count])
+
 
 def plot_prediction_grid(images: torch.Tensor | np.ndarray, true_labels: Sequence[int],
                          predicted_labels: Sequence[int], confidences: Sequence[float],
@@ -86,29 +84,18 @@ def plot_prediction_grid(images: torch.Tensor | np.ndarray, true_labels: Sequenc
     Correct predictions get a green caption and border, wrong ones red with a thicker border, so
     mistakes stand out even in a greyscale print.
     """
-    images = np.asarray(images)
-    count = len(images)
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows), layout="constrained",
-                             squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        if index >= count:
-            fig.delaxes(ax)
-            continue
-        true, pred = int(true_labels[index]), int(predicted_labels[index])
+    fig, axes = _grid(len(images), columns, (2.4, 2.7))
+    for ax, image, true, pred, confidence in zip(axes, np.asarray(images), true_labels, predicted_labels, confidences):
         color = CORRECT_COLOR if true == pred else WRONG_COLOR
-        ax.imshow(images[index])
+        ax.imshow(image)
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(2.5 if true == pred else 4)
-        ax.set_title(f"true: {classes[true]}\npred: {classes[pred]} ({float(confidences[index]):.0%})",
-                     color=color, fontsize=9)
+        ax.set_title(f"true: {classes[true]}\npred: {classes[pred]} ({float(confidence):.0%})", color=color, fontsize=9)
     return fig
 
-
-# --------------------------------------------------------------------------- first-layer filters
 
 def plot_filters(weight: torch.Tensor, title: str = "First conv layer filters",
                  max_filters: int = MAX_FILTERS) -> Figure:
@@ -120,38 +107,27 @@ def plot_filters(weight: torch.Tensor, title: str = "First conv layer filters",
     """
     all_filters = weight.shape[0]
     weight = weight.detach().float().cpu()[:max_filters]
-    n_filters = weight.shape[0]
-    per_filter = weight.reshape(n_filters, -1)
-    low = per_filter.min(dim=1).values.view(-1, 1, 1, 1)
-    high = per_filter.max(dim=1).values.view(-1, 1, 1, 1)
-    scaled = (weight - low) / (high - low).clamp_min(1e-12)
-    columns = math.ceil(math.sqrt(n_filters))
-    rows = math.ceil(n_filters / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.1 * rows + 0.5),
-                             layout="constrained", squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        if index >= n_filters:
-            fig.delaxes(ax)
-            continue
-        if weight.shape[1] == 3:
-            ax.imshow(scaled[index].permute(1, 2, 0).numpy(), interpolation="nearest")
+    n_filters, channels, height, width = weight.shape
+    low = weight.amin(dim=(1, 2, 3), keepdim=True)
+    scaled = (weight - low) / (weight.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
+    fig, axes = _grid(n_filters, math.ceil(math.sqrt(n_filters)), (1.1, 1.1), title_height=0.5)
+    for ax, image in zip(axes, scaled):
+        if channels == 3:
+            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
         else:
-            ax.imshow(scaled[index].mean(dim=0).numpy(), cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(image.mean(dim=0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_axis_off()
     shown = f"first {n_filters} of {all_filters}" if n_filters < all_filters else f"{n_filters}"
-    fig.suptitle(f"{title} ({shown} filters, {weight.shape[1]} x {weight.shape[2]} x {weight.shape[3]})")
+    fig.suptitle(f"{title} ({shown} filters, {channels} x {height} x {width})")
     return fig
 
-
-# --------------------------------------------------------------------------- guided backprop
 
 class _GuidedGate(torch.autograd.Function):
     """Identity on an activation's output; backward keeps only positive gradients at positive units.
 
     Gating the gradient *before* it enters the activation's own backward means the gradient that
     reaches the activation's input is f'(x) * max(grad, 0) where x > 0 and 0 elsewhere: non-negative
-    for every activation in ``GUIDED_ACTIVATIONS``, and exactly the guided rule for ReLU. The mask is
+    for every activation in ``SIGN_PRESERVING``, and exactly the guided rule for ReLU. The mask is
     read from the output (f(x) > 0 iff x > 0 for those activations), which stays correct for in-place
     activations that overwrite their input.
     """
@@ -167,18 +143,10 @@ class _GuidedGate(torch.autograd.Function):
         return grad.clamp(min=0) * positive
 
 
-def _gate_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return _GuidedGate.apply(output)
-
-
 @contextlib.contextmanager
-def guided_backward(model: nn.Module) -> Iterator[None]:
-    """Within the block, gradients pass every ReLU-like activation of ``model`` the guided way."""
-    handles = [module.register_forward_hook(_gate_output)
-               for module in model.modules() if isinstance(module, GUIDED_ACTIVATIONS)]
-    if not handles:
-        raise ValueError(f"{type(model).__name__} has no ReLU-like activation "
-                         f"({', '.join(c.__name__ for c in GUIDED_ACTIVATIONS)}); guided backprop needs one")
+def forward_hooks(modules: Sequence[nn.Module], hook) -> Iterator[None]:
+    """``hook`` on each of ``modules`` for the duration of the block only."""
+    handles = [module.register_forward_hook(hook) for module in modules]
     try:
         yield
     finally:
@@ -186,25 +154,19 @@ def guided_backward(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-class OutputRecorder:
-    """Keeps the output of a module's most recent call (a module may run several times per forward,
-    like the shared ReLU of a torchvision bottleneck; the last call is the one that feeds onwards)."""
+def _activations(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, SIGN_PRESERVING)]
 
-    def __init__(self, module: nn.Module):
-        self.output: torch.Tensor | None = None
-        self._handle = module.register_forward_hook(self._record)
 
-    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.output = output
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def __enter__(self) -> OutputRecorder:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.remove()
+@contextlib.contextmanager
+def guided_backward(model: nn.Module) -> Iterator[None]:
+    """Within the block, gradients pass every ReLU-like activation of ``model`` the guided way."""
+    activations = _activations(model)
+    if not activations:
+        raise ValueError(f"{type(model).__name__} has no ReLU-like activation "
+                         f"({', '.join(c.__name__ for c in SIGN_PRESERVING)}); guided backprop needs one")
+    with forward_hooks(activations, lambda module, inputs, output: _GuidedGate.apply(output)):
+        yield
 
 
 def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -220,14 +182,8 @@ def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
         if isinstance(output, torch.Tensor) and output.dim() == 4:
             last[:] = [module]
 
-    handles = [module.register_forward_hook(remember)
-               for module in model.modules() if isinstance(module, GUIDED_ACTIVATIONS)]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(_activations(model), remember), torch.no_grad():
+        model(example[:1])
     if not last:
         raise ValueError(f"{type(model).__name__} has no ReLU-like activation with a 4-D (image-shaped) "
                          "output; guided backprop needs a convolutional feature map")
@@ -252,10 +208,12 @@ def guided_backprop(model: nn.Module, images: torch.Tensor, channels: Sequence[i
         layer = layer if layer is not None else feature_activation(model, images)
         inputs = images.detach().clone().requires_grad_(True)
         # The gate hooks are registered first so the recorder sees the gated output: the target
-        # layer's own activation then follows the guided rule too.
-        with torch.enable_grad(), guided_backward(model), OutputRecorder(layer) as recorder:
+        # layer's own activation then follows the guided rule too. A module may run several times
+        # per forward (the shared ReLU of a torchvision bottleneck); its last call feeds onwards.
+        outputs: list[torch.Tensor] = []
+        with torch.enable_grad(), guided_backward(model), forward_hooks([layer], lambda m, i, o: outputs.append(o)):
             model(inputs)
-            feature_map = recorder.output
+            feature_map = outputs[-1] if outputs else None
             if feature_map is None or feature_map.dim() != 4:
                 raise ValueError(f"layer {type(layer).__name__} did not produce a 4-D feature map")
             index = torch.as_tensor(list(channels), device=feature_map.device)
@@ -285,23 +243,15 @@ def gradient_to_image(gradient: torch.Tensor) -> np.ndarray:
 def plot_guided_backprop(images: torch.Tensor | np.ndarray, gradients: torch.Tensor,
                          titles: Sequence[str], pairs_per_row: int = 2) -> Figure:
     """Each input image (uint8 ``[N, H, W, 3]``) beside its guided gradient (``[N, 3, H, W]``)."""
-    images = np.asarray(images)
-    count = len(images)
-    if len(gradients) != count or len(titles) != count:
-        raise ValueError(f"got {count} images, {len(gradients)} gradients and {len(titles)} titles; "
+    if not len(images) == len(gradients) == len(titles):
+        raise ValueError(f"got {len(images)} images, {len(gradients)} gradients and {len(titles)} titles; "
                          "they must match one to one")
-    rows = math.ceil(count / pairs_per_row)
-    fig, axes = plt.subplots(rows, 2 * pairs_per_row, figsize=(2.6 * 2 * pairs_per_row, 2.9 * rows),
-                             layout="constrained", squeeze=False)
-    for index in range(rows * pairs_per_row):
-        image_ax, gradient_ax = axes[index // pairs_per_row, 2 * (index % pairs_per_row):][:2]
-        if index >= count:
-            fig.delaxes(image_ax)
-            fig.delaxes(gradient_ax)
-            continue
-        image_ax.imshow(images[index])
-        image_ax.set_title(titles[index], fontsize=9)
-        gradient_ax.imshow(gradient_to_image(gradients[index]))
+    fig, axes = _grid(2 * len(images), 2 * pairs_per_row, (2.6, 2.9))
+    for image_ax, gradient_ax, image, gradient, title in zip(axes[::2], axes[1::2], np.asarray(images),
+                                                             gradients, titles):
+        image_ax.imshow(image)
+        image_ax.set_title(title, fontsize=9)
+        gradient_ax.imshow(gradient_to_image(gradient))
         gradient_ax.set_title("guided backprop", fontsize=9)
         image_ax.set_axis_off()
         gradient_ax.set_axis_off()

@@ -4,30 +4,27 @@
 
 Conventions, the same in every count here (all counts are per image, i.e. for a batch of one):
 
-- MACs: the multiply-accumulates of conv and linear layers.
-- FLOPs = 2 x MACs (one multiply-add = 2 FLOPs). This is what ``torch.utils.flop_counter.
-  FlopCounterMode`` counts: ``2 * out_pixels * k*k * c_in/groups * c_out * batch`` for
-  ``aten.convolution`` and ``2 * m * k * n`` for ``aten.mm``/``aten.addmm``; it ignores the bias add.
+- MACs: the multiply-accumulates of conv and linear layers (and of products in functions, attention).
+- FLOPs = 2 x MACs, as ``torch.utils.flop_counter.FlopCounterMode`` counts them; it ignores bias adds.
 - Element ops, the work FlopCounterMode does not count, per output element: a bias add 1, batch norm
-  2 (at inference it is one scale and one shift), an activation 1 (whatever its formula), a max-pool
+  2 (at inference one scale and one shift), an activation 1 (whatever its formula), a max-pool
   ``window - 1`` comparisons (3 for 2x2). Dropout, flatten and padding cost nothing.
 - Params: ``nn.Parameter`` elements; batch norm's running mean and variance are buffers, not params.
 
-``count_part_a`` derives the Part A counts from the analytic block shapes alone; ``count_module``
-derives them for any ``nn.Module`` from the shapes one forward pass sees, with its MAC total taken from
-FlopCounterMode in the same pass (on the meta device no weight memory is used); ``verify`` checks a
-report against FlopCounterMode and ``sum(p.numel())``.
+``count_part_a`` derives the Part A counts from the analytic block shapes alone (Question 1);
+``count_module`` counts any ``nn.Module`` per layer from one forward pass under FlopCounterMode (on
+the meta device no weight memory is used); ``verify`` checks a report against FlopCounterMode and
+``sum(p.numel())``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Sequence
 
 if __name__ == "__main__":  # run as `python common/flops.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,19 +34,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import activations
 from common.config import add_dataclass_args, from_namespace
 
 FLOPS_PER_MAC = 2
 BIAS_OPS = 1        # one add per output element
 NORM_OPS = 2        # inference batch norm: one multiply and one add per element
 ACTIVATION_OPS = 1  # one op per output element, whatever the function
-
-ELEMENTWISE_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.LeakyReLU,
-                           nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid)
-MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
 OUTSIDE_MACS = "(MACs outside the layers above)"  # count_module's row for FlopCounterMode's remainder
 
 CONVENTIONS = {
@@ -70,14 +61,7 @@ class LayerCount:
     element_ops: int = 0
     params: int = 0
 
-    @property
-    def flops(self) -> int:
-        return FLOPS_PER_MAC * self.macs
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "type": self.type, "output_shape": list(self.output_shape),
-                "macs": self.macs, "flops": self.flops, "element_ops": self.element_ops,
-                "params": self.params}
+    flops = property(lambda self: FLOPS_PER_MAC * self.macs)
 
 
 @dataclass
@@ -86,67 +70,39 @@ class Report:
     input_shape: tuple[int, ...]
     layers: list[LayerCount]
 
-    @property
-    def macs(self) -> int:
-        return sum(layer.macs for layer in self.layers)
+    def _sum(self, key: str, name: str | None = None) -> int:
+        return sum(getattr(layer, key) for layer in self.layers if name in (None, layer.name))
 
-    @property
-    def flops(self) -> int:
-        return FLOPS_PER_MAC * self.macs
-
-    @property
-    def element_ops(self) -> int:
-        return sum(layer.element_ops for layer in self.layers)
-
-    @property
-    def params(self) -> int:
-        return sum(layer.params for layer in self.layers)
-
-    @property
-    def outside_macs(self) -> int:
-        """MACs of functional ops (e.g. attention) that no listed layer accounts for."""
-        return sum(layer.macs for layer in self.layers if layer.name == OUTSIDE_MACS)
+    macs = property(lambda self: self._sum("macs"))
+    flops = property(lambda self: FLOPS_PER_MAC * self.macs)
+    element_ops = property(lambda self: self._sum("element_ops"))
+    params = property(lambda self: self._sum("params"))
+    # MACs of functional ops (e.g. attention) that no listed layer accounts for.
+    outside_macs = property(lambda self: self._sum("macs", OUTSIDE_MACS))
 
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "macs": self.macs, "flops": self.flops,
                 "element_ops": self.element_ops, "params": self.params,
                 "macs_outside_layers": self.outside_macs, "conventions": CONVENTIONS,
-                "layers": [layer.to_dict() for layer in self.layers]}
-
+                "layers": [{**asdict(layer), "flops": layer.flops} for layer in self.layers]}
 
     def table(self) -> str:
-        """An aligned text table, one row per layer, then the totals."""
-        header = ("layer", "type", "output", "MACs", "FLOPs", "element ops", "params")
+        """An aligned text table, one row per layer, then the totals; names left, numbers right."""
         rows = [(layer.name, layer.type, "x".join(map(str, layer.output_shape)) or "-",
-                 f"{layer.macs:,}", f"{layer.flops:,}", f"{layer.element_ops:,}", f"{layer.params:,}")
+                 *(f"{n:,}" for n in (layer.macs, layer.flops, layer.element_ops, layer.params)))
                 for layer in self.layers]
-        total = ("total", "", "", f"{self.macs:,}", f"{self.flops:,}", f"{self.element_ops:,}",
-                 f"{self.params:,}")
+        header = ("layer", "type", "output", "MACs", "FLOPs", "element ops", "params")
+        total = ("total", "", "", *(f"{n:,}" for n in (self.macs, self.flops, self.element_ops, self.params)))
         widths = [max(len(row[i]) for row in (header, *rows, total)) for i in range(len(header))]
-
-        def line(cells: Sequence[str]) -> str:
-            # Names and types read left-aligned, numbers right-aligned.
-            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-        rule = "-" * len(line(header))
-        return "\n".join([line(header), rule, *map(line, rows), rule, line(total)])
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                 for row in (header, *rows, total)]
+        rule = "-" * len(lines[0])
+        return "\n".join([lines[0], rule, *lines[1:-1], rule, lines[-1]])
 
 
-class BlockShapeLike(Protocol):
-    """What ``count_part_a`` needs of one block (``part_a.model.BlockShape`` has it)."""
-    in_channels: int
-    out_channels: int
-    kernel: int
-    in_size: int
-    conv_size: int
-    pool_size: int
-
-
-def count_part_a(blocks: Sequence[BlockShapeLike], *, dense_neurons: int, num_classes: int,
-                 batch_norm: bool, conv_bias: bool, activation: str = "Activation",
-                 dense_activation: str | None = None) -> Report:
-    """Count the Part A network from its analytic block shapes, without building it.
+def count_part_a(blocks: Sequence, *, dense_neurons: int, num_classes: int, batch_norm: bool, conv_bias: bool,
+                 activation: str = "Activation", dense_activation: str | None = None) -> Report:
+    """Count the Part A network from its analytic block shapes (``part_a.model.block_shapes``).
 
     ``activation`` and ``dense_activation`` only label the rows (every activation costs the same
     here). Each block is conv -> [batch norm] -> activation -> 2x2 max-pool; then dense ->
@@ -159,162 +115,128 @@ def count_part_a(blocks: Sequence[BlockShapeLike], *, dense_neurons: int, num_cl
         conv_shape = (block.out_channels, block.conv_size, block.conv_size)
         conv_elements = math.prod(conv_shape)
         weights = block.out_channels * block.in_channels * block.kernel ** 2
-        layers.append(LayerCount(
-            f"block{index}.conv", "Conv2d", conv_shape,
-            macs=conv_elements * block.in_channels * block.kernel ** 2,
-            element_ops=BIAS_OPS * conv_elements if conv_bias else 0,
-            params=weights + (block.out_channels if conv_bias else 0)))
+        layers.append(LayerCount(f"block{index}.conv", "Conv2d", conv_shape,
+                                 macs=conv_elements * block.in_channels * block.kernel ** 2,
+                                 element_ops=BIAS_OPS * conv_elements if conv_bias else 0,
+                                 params=weights + (block.out_channels if conv_bias else 0)))
         if batch_norm:
             layers.append(LayerCount(f"block{index}.norm", "BatchNorm2d", conv_shape,
-                                     element_ops=NORM_OPS * conv_elements,
-                                     params=2 * block.out_channels))  # gamma and beta
+                                     element_ops=NORM_OPS * conv_elements, params=2 * block.out_channels))
         layers.append(LayerCount(f"block{index}.act", activation, conv_shape,
                                  element_ops=ACTIVATION_OPS * conv_elements))
         pooled_shape = (block.out_channels, block.pool_size, block.pool_size)
         layers.append(LayerCount(f"block{index}.pool", "MaxPool2d", pooled_shape,
                                  element_ops=(2 * 2 - 1) * math.prod(pooled_shape)))
     flat = math.prod(pooled_shape)
-    layers += [
-        _linear("dense", flat, dense_neurons),
-        LayerCount("dense.act", dense_activation or activation, (dense_neurons,),
-                   element_ops=ACTIVATION_OPS * dense_neurons),
-        _linear("output", dense_neurons, num_classes),
-    ]
+    layers += [LayerCount("dense", "Linear", (dense_neurons,), macs=flat * dense_neurons,
+                          element_ops=BIAS_OPS * dense_neurons, params=(flat + 1) * dense_neurons),
+               LayerCount("dense.act", dense_activation or activation, (dense_neurons,),
+                          element_ops=ACTIVATION_OPS * dense_neurons),
+               LayerCount("output", "Linear", (num_classes,), macs=dense_neurons * num_classes,
+                          element_ops=BIAS_OPS * num_classes, params=(dense_neurons + 1) * num_classes)]
     first = blocks[0]
     return Report((first.in_channels, first.in_size, first.in_size), layers)
 
 
-def _linear(name: str, in_features: int, out_features: int) -> LayerCount:
-    return LayerCount(name, "Linear", (out_features,), macs=in_features * out_features,
-                      element_ops=BIAS_OPS * out_features,
-                      params=in_features * out_features + out_features)
-
-
-@contextlib.contextmanager
-def _inference(module: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd and attention's math path for one pass, restoring what it changed.
-
-    FlopCounterMode has no formula for the fused CPU attention kernels (nn.MultiheadAttention's fast
-    path, CPU flash attention) and would miss their products; the math path runs them as bmm/addmm.
-    """
+def _one_pass(module: nn.Module, input_shape: Sequence[int], counter: FlopCounterMode | None = None) -> FlopCounterMode:
+    """One forward pass of a single sample under ``counter``, on the module's device (meta stays
+    meta), in eval mode without autograd, restoring what it changed. Attention runs its math path:
+    FlopCounterMode has no formula for the fused CPU kernels (nn.MultiheadAttention's fast path, CPU
+    flash attention) and would miss their products; the math path runs them as bmm/addmm."""
+    counter = counter or FlopCounterMode(display=False)
+    tensor = next(module.parameters(), None)
+    tensor = next(module.buffers(), None) if tensor is None else tensor
+    example = torch.zeros((1, *input_shape), device=tensor.device if tensor is not None else "cpu")
     was_training, fastpath = module.training, torch.backends.mha.get_fastpath_enabled()
     module.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            yield
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            module(example)
     finally:
         module.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter
 
 
-def _example_input(module: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
-    """A batch of one on the module's device (meta stays meta: shapes only, no compute)."""
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    device = tensor.device if tensor is not None else torch.device("cpu")
-    return torch.zeros((1, *input_shape), device=device)
-
-
-def _layer_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
-    if isinstance(module, CONVS):
-        # Every output element is one dot product with a filter of c_in/groups x kernel weights.
-        return out.numel() * module.weight[0].numel()
-    if isinstance(module, TRANSPOSED_CONVS):
-        # Every input element is scattered through c_out/groups x kernel weights.
-        return x.numel() * module.weight[0].numel()
-    if isinstance(module, nn.Linear):
-        return out.numel() * module.in_features
+def _element_ops(module: nn.Module, out: torch.Tensor) -> int:
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return BIAS_OPS * out.numel() if module.bias is not None else 0
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return NORM_OPS * out.numel()
+    if isinstance(module, activations.ELEMENTWISE):
+        return ACTIVATION_OPS * out.numel()
+    if isinstance(module, nn.modules.pooling._MaxPoolNd):
+        kernel = module.kernel_size
+        window = math.prod(kernel) if isinstance(kernel, tuple) else kernel ** (out.dim() - 2)
+        return (window - 1) * out.numel()
     return 0
 
 
-def _layer_element_ops(module: nn.Module, out: torch.Tensor) -> int:
-    ops = 0
-    if isinstance(module, CONVS + TRANSPOSED_CONVS + (nn.Linear,)) and module.bias is not None:
-        ops += BIAS_OPS * out.numel()
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        ops += NORM_OPS * out.numel()
-    if isinstance(module, ELEMENTWISE_ACTIVATIONS):
-        ops += ACTIVATION_OPS * out.numel()
-    if isinstance(module, MAX_POOLS):
-        dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(module)]
-        kernel = module.kernel_size
-        window = math.prod(kernel) if isinstance(kernel, tuple) else kernel ** dims
-        ops += (window - 1) * out.numel()
-    return ops
-
-
 def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
-    """Count any module from the shapes one forward pass of a single sample sees.
+    """Count any module, one row per leaf-module call of a single sample's forward pass.
 
-    ``input_shape`` excludes the batch dimension. Forward hooks on every leaf module record its
-    output shape; conv and linear layers give MACs, the modules named in the conventions give
-    element ops. The same pass runs under FlopCounterMode, which also sees the products that
-    functions rather than modules compute (attention's projections and products): what the layers
-    miss is one extra row, so ``macs`` is always exact. Element ops in functions (residual adds,
-    softmax) are not counted. Parameters no called leaf owns are totalled in one extra row too, so
-    ``params`` is always the module's full count. Build the module under ``torch.device('meta')``
-    to count a large model without allocating or computing anything.
+    ``input_shape`` excludes the batch dimension. A row's MACs are what FlopCounterMode counted
+    during that call; its element ops follow the conventions. Products computed by functions rather
+    than leaf modules (attention's projections and products) are one extra row, so ``macs`` is
+    always exact; element ops in functions (residual adds, softmax) are not counted. Parameters no
+    called leaf owns are totalled in one extra row too, so ``params`` is always the module's full
+    count. Build the module under ``torch.device('meta')`` to count a large model without
+    allocating or computing anything.
     """
     names = {sub: name for name, sub in module.named_modules()}
     layers: list[LayerCount] = []
     counted: set[int] = set()  # parameter ids, so shared weights are counted once
+    started: list[int] = []  # FlopCounterMode's total when each running leaf call began
 
     def record(sub: nn.Module, inputs: tuple, output) -> None:
+        macs = (counter.get_total_flops() - started.pop()) // FLOPS_PER_MAC
         own = [p for p in sub.parameters(recurse=False) if id(p) not in counted]
         counted.update(id(p) for p in own)
-        if isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
-            shape = tuple(output.shape[1:])
-            macs, ops = _layer_macs(sub, inputs[0], output), _layer_element_ops(sub, output)
+        if isinstance(output, torch.Tensor):
+            shape, ops = tuple(output.shape[1:]), _element_ops(sub, output)
         else:  # e.g. a recurrent layer returning a tuple: only its parameters are counted
-            shape, macs, ops = (), 0, 0
+            shape, ops = (), 0
         params = sum(p.numel() for p in own)
         if macs or ops or params:
-            layers.append(LayerCount(names[sub] or type(sub).__name__, type(sub).__name__, shape,
-                                     macs, ops, params))
+            layers.append(LayerCount(names[sub] or type(sub).__name__, type(sub).__name__, shape, macs, ops, params))
 
+    counter = FlopCounterMode(display=False)
     leaves = [sub for sub in module.modules() if next(sub.children(), None) is None]
-    handles = [leaf.register_forward_hook(record) for leaf in leaves]
+    handles = [leaf.register_forward_pre_hook(lambda sub, inputs: started.append(counter.get_total_flops()))
+               for leaf in leaves] + [leaf.register_forward_hook(record) for leaf in leaves]
     try:
-        with _inference(module), FlopCounterMode(display=False) as counter:
-            module(_example_input(module, input_shape))
+        _one_pass(module, input_shape, counter)
     finally:
         for handle in handles:
             handle.remove()
-    outside = counter.get_total_flops() // FLOPS_PER_MAC - sum(layer.macs for layer in layers)
-    if outside:
+    if outside := counter.get_total_flops() // FLOPS_PER_MAC - sum(layer.macs for layer in layers):
         layers.append(LayerCount(OUTSIDE_MACS, "functional", (), macs=outside))
-    other = sum(p.numel() for p in module.parameters() if id(p) not in counted)
-    if other:
-        layers.append(LayerCount("(parameters outside the layers above)", "Parameter", (),
-                                 params=other))
+    if other := sum(p.numel() for p in module.parameters() if id(p) not in counted):
+        layers.append(LayerCount("(parameters outside the layers above)", "Parameter", (), params=other))
     return Report(tuple(input_shape), layers)
 
 
 def torch_flop_counts(module: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """FlopCounterMode's FLOPs per aten op for one forward pass of a single sample."""
-    with _inference(module), FlopCounterMode(display=False) as counter:
-        module(_example_input(module, input_shape))
+    counter = _one_pass(module, input_shape)
     return {str(op): flops for op, flops in counter.get_flop_counts().get("Global", {}).items()}
 
 
 def verify(model: nn.Module, input_shape: Sequence[int], expected: Report) -> list[str]:
-    """Check ``expected`` exactly against FlopCounterMode and ``sum(p.numel())``.
+    """Check ``expected`` exactly against FlopCounterMode and ``sum(p.numel())``; one message per mismatch.
 
-    Returns one message per mismatch (empty when both agree). FlopCounterMode counts convolutions,
-    matrix products and attention, never element-wise work, so it must equal ``expected.flops``
-    (which excludes element ops). The model runs one sample on its own device; meta works.
+    FlopCounterMode counts convolutions, matrix products and attention, never element-wise work, so
+    it must equal ``expected.flops`` (which excludes element ops). The model runs one sample on its
+    own device; meta works.
     """
     problems = []
     by_op = torch_flop_counts(model, input_shape)
-    measured = sum(by_op.values())
-    if measured != expected.flops:
+    if (measured := sum(by_op.values())) != expected.flops:
         breakdown = ", ".join(f"{op} {flops:,}" for op, flops in sorted(by_op.items())) or "nothing"
         problems.append(f"FLOPs: analytic {expected.flops:,} but FlopCounterMode counted {measured:,} "
                         f"({breakdown}); difference {expected.flops - measured:+,}")
-    params = sum(p.numel() for p in model.parameters())
-    if params != expected.params:
+    if (params := sum(p.numel() for p in model.parameters())) != expected.params:
         problems.append(f"params: analytic {expected.params:,} but the model has {params:,}; "
                         f"difference {expected.params - params:+,}")
     return problems
@@ -326,10 +248,7 @@ class Question1:
     macs: int
     element_ops: int
     params: int
-
-    @property
-    def flops(self) -> int:
-        return FLOPS_PER_MAC * self.macs
+    flops = property(lambda self: FLOPS_PER_MAC * self.macs)
 
 
 def question1_formula(m: int, k: int, n: int, w: int, *, conv_bias: bool = True,
@@ -370,23 +289,9 @@ runs at w/2^(i-1) and the last 2x2 pool leaves (w/32)^2 pixels; n dense neurons;
                 [+ 5m conv biases] [+ 10m batch-norm gamma and beta]"""
 
 
-def question1_text(m: int, k: int, n: int, w: int, *, conv_bias: bool, batch_norm: bool,
-                   exact: Report | None = None) -> str:
-    """The derivation, then the formula evaluated for these numbers (and compared with ``exact``)."""
-    answer = question1_formula(m, k, n, w, conv_bias=conv_bias, batch_norm=batch_norm)
-    text = (f"{QUESTION1_DERIVATION}\n"
-            f"  with m={m}, k={k}, n={n}, w={w}, conv bias {'on' if conv_bias else 'off'}, batch norm "
-            f"{'on' if batch_norm else 'off'}: MACs {answer.macs:,}, FLOPs {answer.flops:,}, "
-            f"element ops {answer.element_ops:,}, params {answer.params:,}")
-    if exact is not None:
-        same = (answer.macs, answer.element_ops, answer.params) == (exact.macs, exact.element_ops, exact.params)
-        text += ("\n  = the exact layer-by-layer count above" if same
-                 else "\n  DIFFERS from the exact layer-by-layer count above")
-    return text
-
-
-def _question1_for(config, exact: Report) -> str:
-    """Question 1 for a Part A ``ModelConfig``: evaluated where its assumptions hold, else why not."""
+def question1_text(config, exact: Report) -> str:
+    """The derivation, then the formula evaluated for a Part A ``ModelConfig`` and compared with
+    ``exact``, or the reasons the formula does not apply to it."""
     kernels = [config.kernel_size] if isinstance(config.kernel_size, int) else list(config.kernel_size)
     checks = [(config.n_blocks == 5, "n_blocks is not 5"),
               (config.filter_strategy == "same", "filter_strategy is not 'same'"),
@@ -395,11 +300,16 @@ def _question1_for(config, exact: Report) -> str:
               (config.stride == 1, "stride is not 1"),
               (config.input_size % 32 == 0, "input_size is not divisible by 32"),
               (config.in_channels == 3 and config.num_classes == 10, "not 3 channels in, 10 classes out")]
-    misfits = [reason for ok, reason in checks if not ok]
-    if misfits:
+    if misfits := [reason for ok, reason in checks if not ok]:
         return f"{QUESTION1_DERIVATION}\n  (not evaluated for this configuration: {'; '.join(misfits)})"
-    return question1_text(config.n_filters, kernels[0], config.dense_neurons, config.input_size,
-                          conv_bias=config.conv_bias, batch_norm=config.batch_norm, exact=exact)
+    m, k, n, w = config.n_filters, kernels[0], config.dense_neurons, config.input_size
+    answer = question1_formula(m, k, n, w, conv_bias=config.conv_bias, batch_norm=config.batch_norm)
+    same = (answer.macs, answer.element_ops, answer.params) == (exact.macs, exact.element_ops, exact.params)
+    return (f"{QUESTION1_DERIVATION}\n"
+            f"  with m={m}, k={k}, n={n}, w={w}, conv bias {'on' if config.conv_bias else 'off'}, batch norm "
+            f"{'on' if config.batch_norm else 'off'}: MACs {answer.macs:,}, FLOPs {answer.flops:,}, "
+            f"element ops {answer.element_ops:,}, params {answer.params:,}\n"
+            + ("  = the exact" if same else "  DIFFERS from the exact") + " layer-by-layer count above")
 
 
 def _torchvision_on_meta(name: str) -> nn.Module:
@@ -430,56 +340,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _count(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, Report, nn.Module | None, str]:
+    """(title, report, the model when --verify needs one, the Question 1 text) for the parsed options."""
     from part_a.model import ModelConfig, activation_class, block_shapes, build_model
+    try:
+        if args.torchvision:
+            model = _torchvision_on_meta(args.torchvision)
+            title = f"{args.torchvision} (torchvision) at {args.input_size}x{args.input_size}"
+            return title, count_module(model, (3, args.input_size, args.input_size)), model, ""
+        config = from_namespace(ModelConfig, args)
+        shapes = block_shapes(config)
+    except ValueError as error:
+        parser.error(str(error))
+    report = count_part_a(shapes, dense_neurons=config.dense_neurons, num_classes=config.num_classes,
+                          batch_norm=config.batch_norm, conv_bias=config.conv_bias,
+                          activation=activation_class(config.activation).__name__,
+                          dense_activation=activation_class(config.dense_activation or config.activation).__name__)
+    return (f"Part A network at {config.input_size}x{config.input_size}", report,
+            build_model(config) if args.verify else None, question1_text(config, report))
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-
-    question1 = None
-    if args.torchvision:
-        try:
-            model = _torchvision_on_meta(args.torchvision)
-        except ValueError as error:
-            parser.error(str(error))
-        title = f"{args.torchvision} (torchvision) at {args.input_size}x{args.input_size}"
-        report = count_module(model, (3, args.input_size, args.input_size))
-    else:
-        config = from_namespace(ModelConfig, args)
-        try:
-            shapes = block_shapes(config)
-        except ValueError as error:
-            parser.error(str(error))
-        title = f"Part A network at {config.input_size}x{config.input_size}"
-        report = count_part_a(shapes, dense_neurons=config.dense_neurons, num_classes=config.num_classes,
-                              batch_norm=config.batch_norm, conv_bias=config.conv_bias,
-                              activation=activation_class(config.activation).__name__,
-                              dense_activation=activation_class(
-                                  config.dense_activation or config.activation).__name__)
-        model = build_model(config) if args.verify else None
-        question1 = _question1_for(config, report)
+    title, report, model, question1 = _count(parser, args)
     problems = verify(model, report.input_shape, report) if args.verify else []
-
     if args.json:
-        output = {"model": title, **report.to_dict()}
-        if args.verify:
-            output["verified"] = not problems
-            output["mismatches"] = problems
-        print(json.dumps(output))
-    else:
-        print(f"{title}, counts per image\n\n{report.table()}\n")
-        print(f"MACs {report.macs:,}  FLOPs {report.flops:,}  element ops {report.element_ops:,}  "
-              f"FLOPs + element ops {report.flops + report.element_ops:,}  params {report.params:,}")
-        if report.outside_macs:
-            print(f"  {report.outside_macs:,} of these MACs run in functional ops (e.g. attention) that no "
-                  f"layer above owns; FlopCounterMode counts them, so the total is exact")
-        for key, text in CONVENTIONS.items():
-            print(f"  {key}: {text}")
-        if question1:
-            print(f"\n{question1}")
-        if args.verify:
-            print("\nverify: " + ("exact match with FlopCounterMode FLOPs and the model's parameter count"
-                                  if not problems else "MISMATCH\n  " + "\n  ".join(problems)))
+        verified = {"verified": not problems, "mismatches": problems} if args.verify else {}
+        print(json.dumps({"model": title, **report.to_dict(), **verified}))
+        return 1 if problems else 0
+    print(f"{title}, counts per image\n\n{report.table()}\n")
+    print(f"MACs {report.macs:,}  FLOPs {report.flops:,}  element ops {report.element_ops:,}  "
+          f"FLOPs + element ops {report.flops + report.element_ops:,}  params {report.params:,}")
+    if report.outside_macs:
+        print(f"  {report.outside_macs:,} of these MACs run in functional ops (e.g. attention) that no "
+              f"layer above owns; FlopCounterMode counts them, so the total is exact")
+    for key, text in CONVENTIONS.items():
+        print(f"  {key}: {text}")
+    if question1:
+        print(f"\n{question1}")
+    if args.verify:
+        print("\nverify: " + ("exact match with FlopCounterMode FLOPs and the model's parameter count"
+                              if not problems else "MISMATCH\n  " + "\n  ".join(problems)))
     return 1 if problems else 0
 
 

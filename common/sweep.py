@@ -4,11 +4,9 @@
                            [--out_dir runs] [--data_dir data] [--set epochs=10 input_size=128 ...]
     python common/sweep.py report --study NAME [--storage URL] [--out DIR]
 
-Each trial is one in-process training run of the sweep's ``program`` (its ``config_from_args`` and
-``run``), in ``out_dir/<study>/trial_<number>``, logged to wandb in the group ``<study>``. The study
-lives in a database (SQLite at ``out_dir/sweeps/<study>.db`` unless ``--storage`` names another), so
-``--workers K`` processes, or several machines sharing one PostgreSQL ``--storage``, cooperate on
-one study, and the same command again continues it. ``docs/sweeps.md`` has the whole workflow.
+Each trial is one in-process run of the sweep's ``program`` (its ``config_from_args`` and ``run``) in
+``out_dir/<study>/trial_<number>``. The study lives in a database (SQLite under ``out_dir/sweeps/``
+unless ``--storage`` names another), shared by workers and machines; docs/sweeps.md has the workflow.
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import argparse
 import contextlib
-import gc
 import importlib
 import importlib.util
 import io
@@ -39,14 +36,13 @@ import optuna
 import yaml
 from optuna.distributions import BaseDistribution
 
-from common.config import to_cli
+from common.config import UserError, cli_main, from_namespace, to_cli
 from common.sweep_space import (SweepConfigError, SweepSpec, load_sweep, make_pruner, make_sampler,
                                 sample_values, suggest)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM_API = ("get_args_parser", "config_from_args", "run")
-# Options the runner sets per trial, on top of the sweep's parameters.
-RUNNER_OPTIONS = ("out_dir", "name", "wandb_group")
+RUNNER_OPTIONS = ("out_dir", "name", "wandb_group")  # set per trial, on top of the sweep's parameters
 
 
 @dataclass
@@ -102,8 +98,7 @@ def parse_quietly(parse, argv: list[str]):
 def check_program_accepts(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) -> None:
     """Fail before any trial when a parameter is not an option of the program or a value does not parse."""
     parser = program.get_args_parser()
-    candidates: dict[str, BaseDistribution | Any] = {**fixed, **spec.search_space}
-    candidates.update({name: "x" for name in RUNNER_OPTIONS})
+    candidates: dict[str, BaseDistribution | Any] = {**fixed, **spec.search_space, **dict.fromkeys(RUNNER_OPTIONS, "x")}
     for name, dist in candidates.items():
         for value in sample_values(dist):
             try:
@@ -125,11 +120,11 @@ class TrialRunner:
     trials_dir: str
 
     def __call__(self, trial: optuna.Trial) -> float:
-        params = suggest(trial, self.search_space)
-        values = {"wandb_group": self.study, **self.fixed, **params,
-                  "out_dir": self.trials_dir, "name": f"trial_{trial.number}"}
+        name = f"trial_{trial.number}"
+        values = {"wandb_group": self.study, **self.fixed, **suggest(trial, self.search_space),
+                  "out_dir": self.trials_dir, "name": name}
         for key, value in (("program", self.program), ("fixed", self.fixed),
-                           ("run_dir", str(Path(self.trials_dir) / values["name"])),
+                           ("run_dir", str(Path(self.trials_dir) / name)),
                            ("host", f"{socket.gethostname()}:{os.getpid()}")):
             trial.set_user_attr(key, value)
         reported: list[float] = []
@@ -138,16 +133,14 @@ class TrialRunner:
             if self.metric not in metrics:
                 raise KeyError(f"the program logged no {self.metric!r} (the sweep's metric); it logged "
                                f"{', '.join(sorted(metrics))}")
-            value = float(metrics[self.metric])
-            reported.append(value)
-            trial.report(value, epoch)
+            reported.append(float(metrics[self.metric]))
+            trial.report(reported[-1], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned by hyperband after epoch {epoch} ({self.metric} {value:.4f})")
+                raise optuna.TrialPruned(f"pruned by hyperband after epoch {epoch} ({self.metric} {reported[-1]:.4f})")
 
         try:
             program = load_program(self.program)
-            config = parse_quietly(program.config_from_args, to_cli(values))
-            program.run(config, epoch_callback=report_epoch)
+            program.run(parse_quietly(program.config_from_args, to_cli(values)), epoch_callback=report_epoch)
             if not reported:
                 raise RuntimeError(f"the run finished without reporting {self.metric}")
         except optuna.TrialPruned:
@@ -158,17 +151,11 @@ class TrialRunner:
         except Exception as error:  # recorded with the trial; the sweep goes on (optimize's catch)
             trial.set_user_attr("error", f"{type(error).__name__}: {error}")
             raise
-        finally:
-            _free_accelerator_memory()
         return max(reported) if self.goal == "maximize" else min(reported)
 
 
-def _free_accelerator_memory() -> None:
-    """After an out-of-memory trial, give its cached blocks back before the next trial allocates."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+def _database(out_dir: str | Path, study: str) -> Path:
+    return (Path(out_dir) / "sweeps" / f"{study}.db").resolve()
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -180,24 +167,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                                           grace_period=180)
 
 
-def default_storage(out_dir: str | Path, study: str) -> str:
-    path = (Path(out_dir) / "sweeps" / f"{study}.db").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
 def _take_ticket(tickets) -> bool:
     """Claim one of the trials this invocation may start; shared by all workers, so none overshoots."""
     with tickets.get_lock():
-        if tickets.value <= 0:
-            return False
         tickets.value -= 1
-        return True
-
-
-def _grid_exhausted(study: optuna.Study) -> bool:
-    sampler = study.sampler
-    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+        return tickets.value >= 0
 
 
 @contextlib.contextmanager
@@ -218,34 +192,67 @@ def _interrupt_once():
         signal.signal(signal.SIGINT, previous)
 
 
-def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets) -> None:
-    """One worker: run trials against the shared study until the tickets (or the grid) run out."""
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
-                              sampler=make_sampler(spec), pruner=make_pruner(spec))
-    while not _grid_exhausted(study) and _take_ticket(tickets):
-        # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on; Ctrl-C is
-        # recorded as FAIL too and then propagates.
-        study.optimize(runner, n_trials=1, catch=(Exception,), gc_after_trial=True)
+def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets) -> bool:
+    """One worker: run trials against the shared study until the tickets (or the grid) run out.
+    Returns whether Ctrl-C stopped it."""
+    try:
+        with _interrupt_once():
+            study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
+                                      sampler=make_sampler(spec), pruner=make_pruner(spec))
+            grid = isinstance(study.sampler, optuna.samplers.GridSampler)
+            while not (grid and study.sampler.is_exhausted(study)) and _take_ticket(tickets):
+                # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on;
+                # Ctrl-C is recorded as FAIL too and then propagates.
+                study.optimize(runner, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                torch = sys.modules.get("torch")
+                if torch is not None and torch.cuda.is_initialized():  # an out-of-memory trial's cached blocks
+                    torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        return True
+    return False
 
 
 def _worker_process(index: int, gpus: list[str], *args) -> None:
     if gpus:  # before the program touches CUDA: worker i trains on GPU i % count
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    try:
-        with _interrupt_once():
-            _work(*args)
-    except KeyboardInterrupt:
+    if _work(*args):
         sys.exit(130)
 
 
 def _visible_gpus() -> list[str]:
     import torch  # only here: the fake programs of the tests never need it
-    if not torch.cuda.is_available():
-        return []
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [part.strip() for part in listed.split(",") if part.strip()] or [
-        str(i) for i in range(torch.cuda.device_count())]
-    return ids[:torch.cuda.device_count()]
+    listed = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    return (listed or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
+
+
+def _run_workers(context, workers: int, args: tuple) -> bool:
+    """``workers`` processes running ``_work``; returns whether Ctrl-C stopped them."""
+    gpus = _visible_gpus()
+    processes = [context.Process(target=_worker_process, args=(i, gpus, *args), name=f"sweep-worker-{i}")
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        with _interrupt_once():
+            for process in processes:
+                process.join()
+    except KeyboardInterrupt:
+        print("\nInterrupted: waiting (up to 2 minutes) for the workers to record their running trials",
+              file=sys.stderr)
+        for process in processes:  # a worker that already got the terminal's Ctrl-C ignores this one
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        for process in processes:
+            process.join(timeout=120)
+            if process.is_alive():  # its trial stays RUNNING until the heartbeat marks it failed
+                process.terminate()
+                process.join()
+        return True
+    failed = [p.name for p in processes if p.exitcode not in (0, 130)]
+    if failed:
+        raise RuntimeError(f"{', '.join(failed)} exited abnormally (exit codes "
+                           f"{[p.exitcode for p in processes]}); see the messages above")
+    return False
 
 
 def run_sweep(spec: SweepSpec, runner: TrialRunner, *, study_name: str, storage_url: str, count: int,
@@ -258,42 +265,8 @@ def run_sweep(spec: SweepSpec, runner: TrialRunner, *, study_name: str, storage_
                                f"file says {spec.goal}; use another --study name")
     study.set_user_attr("metric", spec.metric)  # for the report
     context = multiprocessing.get_context("spawn")  # fresh processes: CUDA cannot be forked
-    tickets = context.Value("i", count)
-    args = (study_name, storage_url, spec, runner, tickets)
-    interrupted = False
-    if workers == 1:
-        try:
-            with _interrupt_once():
-                _work(*args)
-        except KeyboardInterrupt:
-            interrupted = True
-    else:
-        gpus = _visible_gpus()
-        processes = [context.Process(target=_worker_process, args=(i, gpus, *args), name=f"sweep-worker-{i}")
-                     for i in range(workers)]
-        for process in processes:
-            process.start()
-        try:
-            with _interrupt_once():
-                for process in processes:
-                    process.join()
-        except KeyboardInterrupt:
-            interrupted = True
-            print("\nInterrupted: waiting (up to 2 minutes) for the workers to record their running trials",
-                  file=sys.stderr)
-            for process in processes:  # a worker that already got the terminal's Ctrl-C ignores this one
-                if process.is_alive():
-                    os.kill(process.pid, signal.SIGINT)
-            for process in processes:
-                process.join(timeout=120)
-                if process.is_alive():  # its trial stays RUNNING until the heartbeat marks it failed
-                    process.terminate()
-                    process.join()
-        failed = [p.name for p in processes if p.exitcode not in (0, 130)]
-        if failed and not interrupted:
-            raise RuntimeError(f"{', '.join(failed)} exited abnormally (exit codes "
-                               f"{[p.exitcode for p in processes]}); see the messages above")
-    return study, interrupted
+    args = (study_name, storage_url, spec, runner, context.Value("i", count))
+    return study, _run_workers(context, workers, args) if workers > 1 else _work(*args)
 
 
 def _input_sizes(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) -> list[int]:
@@ -307,45 +280,33 @@ def _input_sizes(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) ->
     return [int(size)] if size is not None else []
 
 
-def _study_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
-        raise SweepConfigError(f"study name {text!r} must be letters, digits, '_', '.', '-' (it names files)")
-    return text
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SweepConfigError(f"--set takes key=value, got {item!r}")
-        overrides[key.lstrip("-")] = yaml.safe_load(value) if value else ""  # 2 -> int, true -> bool
-    return overrides
-
-
-def sweep_main(options: SweepOptions) -> int:
-    if options.count < 1 or options.workers < 1:
-        raise SweepConfigError(f"--count and --workers must be >= 1, got {options.count} and {options.workers}")
-    spec = load_sweep(options.config, options.overrides)
-    study = _study_name(options.study or spec.name or Path(options.config).stem)
-    out_dir = options.out_dir or str(spec.fixed.get("out_dir", "runs"))
-    data_dir = options.data_dir or str(spec.fixed.get("data_dir", "data"))
-    fixed = {**spec.fixed, "data_dir": data_dir, "out_dir": out_dir}
-    program = load_program(spec.program)
-    check_program_accepts(program, spec, fixed)
-
-    # Prepare the data once here, so parallel workers never race to download or split it (the
-    # split options are the program's val_fraction and split_seed when the sweep fixes them).
+def _prepare_data(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any], workers: int) -> None:
+    """Prepare the data once here, so parallel workers never race to download, split or decode it
+    (the split options are the program's val_fraction and split_seed when the sweep fixes them)."""
     from common import data
     split_options = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}
-    split_dir = data.prepare(data_dir, **{k: v for k, v in split_options.items() if v is not None})
-    if options.workers > 1:  # else each worker's first trial would decode the same images at once
+    split_dir = data.prepare(fixed["data_dir"], **{k: v for k, v in split_options.items() if v is not None})
+    if workers > 1:  # else each worker's first trial would decode the same images at once
         for size in _input_sizes(program, spec, fixed):
             for split in ("train", "val"):
                 data.load_cache(split_dir, split, size)
 
+
+def sweep_main(options: SweepOptions) -> None:
+    spec = load_sweep(options.config, options.overrides)
+    study = options.study or spec.name or Path(options.config).stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
+        raise SweepConfigError(f"study name {study!r} must be letters, digits, '_', '.', '-' (it names files)")
+    out_dir = options.out_dir or str(spec.fixed.get("out_dir", "runs"))
+    fixed = {**spec.fixed, "data_dir": options.data_dir or str(spec.fixed.get("data_dir", "data")), "out_dir": out_dir}
+    program = load_program(spec.program)
+    check_program_accepts(program, spec, fixed)
+    _prepare_data(program, spec, fixed, options.workers)
+
     from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
-    storage_url = options.storage or default_storage(out_dir, study)
+    database = _database(out_dir, study)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    storage_url = options.storage or f"sqlite:///{database}"
     trials_dir = Path(out_dir) / study
     known = optuna.study.get_all_study_names(storage=open_storage(storage_url))
     if study not in known and trials_dir.is_dir() and any(trials_dir.iterdir()):
@@ -356,32 +317,31 @@ def sweep_main(options: SweepOptions) -> int:
                          metric=spec.metric, goal=spec.goal, trials_dir=str(trials_dir))
     result, interrupted = run_sweep(spec, runner, study_name=study, storage_url=storage_url,
                                     count=options.count, workers=options.workers)
-    csv_path = Path(out_dir) / "sweeps" / f"{study}_trials.csv"
-    write_trials_csv(result, csv_path)
+    csv_path = write_trials_csv(result, Path(out_dir) / "sweeps" / f"{study}_trials.csv")
     print(f"\n{len(result.trials)} trials in study {study} ({storage_url}); table: {csv_path}")
     command = best_command(result)
     print(f"best configuration:\n  {command}" if command else "no trial has completed yet")
     print(f"report: python common/sweep.py report --study {study}"
           + (f" --storage {shlex.quote(storage_url)}" if options.storage else "")
           + (f" --out_dir {shlex.quote(out_dir)}" if out_dir != "runs" else ""))
-    return 130 if interrupted else 0
+    if interrupted:
+        raise UserError("interrupted (Ctrl-C); run the same command again to continue the study")
 
 
-def report_main(study: str, storage: str | None, out_dir: str, out: str | None) -> int:
+def report_main(args: argparse.Namespace) -> None:
     from common.sweep_report import write_report
-    storage_url = storage or f"sqlite:///{(Path(out_dir) / 'sweeps' / f'{study}.db').resolve()}"
-    if storage is None and not (Path(out_dir) / "sweeps" / f"{study}.db").is_file():
-        raise SweepConfigError(f"no study database at {Path(out_dir) / 'sweeps' / f'{study}.db'}; pass the "
-                               "runner's --out_dir, or --storage URL")
+    database = _database(args.out_dir, args.study)
+    if args.storage is None and not database.is_file():
+        raise SweepConfigError(f"no study database at {database}; pass the runner's --out_dir, or --storage URL")
+    storage_url = args.storage or f"sqlite:///{database}"
     try:
-        loaded = optuna.load_study(study_name=study, storage=storage_url)
+        study = optuna.load_study(study_name=args.study, storage=storage_url)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage_url)]
-        raise SweepConfigError(f"no study {study!r} in {storage_url}; it holds: {', '.join(names) or 'none'}") from None
-    target = Path(out or Path(out_dir) / "sweeps" / f"{study}_report")
-    written = write_report(loaded, target)
+        names = optuna.get_all_study_names(storage_url)
+        raise SweepConfigError(f"no study {args.study!r} in {storage_url}; it holds: "
+                               f"{', '.join(names) or 'none'}") from None
+    written = write_report(study, args.out or Path(args.out_dir) / "sweeps" / f"{args.study}_report")
     print("wrote " + ", ".join(str(path) for path in written))
-    return 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -410,20 +370,24 @@ def get_report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def options_from_args(argv: list[str] | None) -> SweepOptions:
+    args = get_args_parser().parse_args(argv)
+    if args.count < 1 or args.workers < 1:
+        raise ValueError(f"--count and --workers must be >= 1, got {args.count} and {args.workers}")
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        overrides[key.lstrip("-")] = yaml.safe_load(value) if value else ""  # 2 -> int, true -> bool
+    return from_namespace(SweepOptions, {**vars(args), "overrides": overrides})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["report"]:
-            args = get_report_parser().parse_args(argv[1:])
-            return report_main(args.study, args.storage, args.out_dir, args.out)
-        args = get_args_parser().parse_args(argv)
-        options = SweepOptions(config=args.config, count=args.count, study=args.study, storage=args.storage,
-                               workers=args.workers, out_dir=args.out_dir, data_dir=args.data_dir,
-                               overrides=_parse_overrides(args.overrides))
-        return sweep_main(options)
-    except SweepConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if argv[:1] == ["report"]:
+        return cli_main(get_report_parser().parse_args, report_main, argv[1:])
+    return cli_main(options_from_args, sweep_main, argv)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "mish": nn.Mish,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "leaky_relu": nn.LeakyReLU,
-    "tanh": nn.Tanh,
-}
+from common.activations import ACTIVATIONS, activation_class
+
 FILTER_STRATEGIES = ("same", "double", "half")
 
 
@@ -51,13 +43,6 @@ class ModelConfig:
     input_size: int = field(default=224, metadata={"help": "input images are input_size x input_size"})
     in_channels: int = field(default=3, metadata={"help": "input channels", "cli": False})
     num_classes: int = field(default=10, metadata={"help": "output classes", "cli": False})
-
-
-def activation_class(name: str) -> type[nn.Module]:
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[key]
 
 
 def filter_counts(config: ModelConfig) -> list[int]:

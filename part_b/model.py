@@ -38,10 +38,11 @@ from torch import nn
 from torchvision.models import get_model, list_models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from common.activations import ACTIVATIONS
 from part_b import weights as weights_lib
 
 STRATEGIES = ("head", "freeze_k", "full", "gradual", "mlp_head")
-HEAD_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+HEAD_ACTIVATIONS = ("relu", "gelu", "silu")  # a subset of common.activations.ACTIVATIONS
 MLP_HEAD_DEFAULT_LAYERS = [512, 256]
 # Auxiliary classifiers may be absent on either side of a weights file: googlenet's are not built
 # here but are in torchvision's file (untrained), and a file saved without them is still usable.
@@ -67,7 +68,7 @@ class ModelBConfig:
         "help": "hidden sizes of the new head, e.g. 512,256; none = 512,256 for mlp_head, a single "
                 "linear layer otherwise"})
     head_activation: str = field(default="relu", metadata={
-        "help": "activation between head layers", "choices": tuple(HEAD_ACTIVATIONS)})
+        "help": "activation between head layers", "choices": HEAD_ACTIVATIONS})
     head_dropout: float = field(default=0.3, metadata={"help": "dropout after each hidden head layer"})
     input_size: int | None = field(default=None, metadata={
         "help": "input side in pixels; none = the crop size of the weights' transforms (224, 299 for inception_v3)"})
@@ -235,7 +236,7 @@ def _new_head(in_features: int, config: ModelBConfig) -> nn.Module:
     layers: list[nn.Module] = []
     width = in_features
     for hidden in config.head_layers:
-        layers += [nn.Linear(width, hidden), HEAD_ACTIVATIONS[config.head_activation](), nn.Dropout(config.head_dropout)]
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[config.head_activation](), nn.Dropout(config.head_dropout)]
         width = hidden
     layers.append(nn.Linear(width, config.num_classes))
     return nn.Sequential(*layers)

@@ -1,4 +1,4 @@
-"""Report figures, guided backprop and part_a/evaluate.py end to end."""
+"""Report figures, guided backprop and evaluation (common/evaluate.py, run as part_a/evaluate.py) end to end."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,8 @@ import copy
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.colors as mcolors
@@ -18,7 +20,7 @@ from torch import nn
 
 from common import checkpoint as ckpt_io
 from common import figures
-from part_a import evaluate
+from common import evaluate
 from part_a import train as part_a_train
 from part_a.model import build_model
 
@@ -162,9 +164,10 @@ def test_guided_backprop_matches_an_independent_guided_relu():
 
 
 def _channel_sum(model, layer, x, channels):
-    with figures.OutputRecorder(layer) as recorder:
+    outputs = []
+    with figures.forward_hooks([layer], lambda module, inputs, output: outputs.append(output)):
         model(x)
-    return recorder.output[torch.arange(len(x)), torch.tensor(channels)].sum()
+    return outputs[-1][torch.arange(len(x)), torch.tensor(channels)].sum()
 
 
 def test_guided_rule_passes_only_positive_gradients_into_positive_activation_inputs():
@@ -415,3 +418,11 @@ def test_unreadable_image_and_missing_dataset_are_clear_errors(trained_run, tmp_
     code, _, err = run_main(["--checkpoint", str(trained_run), "--data_dir", str(tmp_path / "none"),
                              "--device", "cpu"], capsys)
     _assert_user_error(code, err, "prepare")
+
+
+def test_the_documented_script_runs_part_a_evaluate_with_the_exit_code_rule(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "part_a" / "evaluate.py"
+    missing = subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    _assert_user_error(missing.returncode, missing.stderr, str(tmp_path / "none.pt"))
+    assert subprocess.run([sys.executable, str(script)], capture_output=True, cwd=tmp_path, timeout=120).returncode == 2

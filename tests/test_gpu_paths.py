@@ -18,7 +18,7 @@ import torch
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import distributed, engine, training
-from part_a import evaluate
+from common import evaluate
 from part_a import train as part_a_train
 from conftest import CLASSES, make_image_tree
 

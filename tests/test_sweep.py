@@ -10,7 +10,9 @@ import csv
 import itertools
 import math
 import shlex
+import warnings
 
+import matplotlib
 import optuna
 import pytest
 import yaml
@@ -268,7 +270,11 @@ def test_report_on_a_small_study(tmp_path):
     study.tell(pruned, state=TrialState.PRUNED)
     study.tell(study.ask(), state=TrialState.FAIL)
 
-    written = write_report(study, tmp_path / "report")
+    style = dict(matplotlib.rcParams)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's ExperimentalWarning (and its plots' others) stay inside
+        written = write_report(study, tmp_path / "report")
+    assert dict(matplotlib.rcParams) == style  # Optuna's plots switch to ggplot; not for later figures
     assert {p.name for p in written} == {"summary.md", "parallel_coordinates.png", "metric_per_trial.png"}
     assert all(p.stat().st_size > 10_000 for p in written if p.suffix == ".png")
     summary = (tmp_path / "report" / "summary.md").read_text()
