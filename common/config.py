@@ -119,8 +119,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | 
             continue
         tp = hints[field.name]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-        help_text = field.metadata.get("help", "")
-        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        # %(default)s: argparse fills it in when --help prints, after any parser.set_defaults.
+        help_text = " ".join(filter(None, [field.metadata.get("help"), "(default: %(default)s)"]))
         option = f"--{field.name}"
         if tp is bool or _is_optional_bool(tp):
             # --flag, --flag=true, --flag false and --no-flag all work.

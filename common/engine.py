@@ -1,8 +1,8 @@
-"""The hand-written training loop: one ``train_one_epoch``, one ``evaluate``, and ``fit``.
+"""The hand-written step loop: one ``train_one_epoch``, one ``evaluate``.
 
-Features are switches on a single code path, never copies of it: autocast and the GradScaler take
-``enabled=``; the model is a plain, channels_last, compiled or DDP-wrapped module, and the loop does
-not care which. Metrics accumulate on the device and are read (one host sync) only at log points.
+Features are switches on one code path, never copies of it: autocast and the GradScaler take
+``enabled=``; the model may be plain, channels_last, compiled or DDP-wrapped. Metrics accumulate on
+the device and are read (one host sync) only at log points.
 """
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from common.config import UserError
 
-try:  # tqdm is optional at import time so that library users without it still get the loop
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
-
 SYNC_EVERY = 50  # steps between host syncs (non-finite check, progress-bar loss)
+TEST_PRECISION = "fp32"  # recorded beside test_acc in summary.json
 
 
 class NonFiniteLossError(UserError):
@@ -51,7 +48,7 @@ class StepContext:
 
 def _progress(iterable: Iterable, total: int, desc: str):
     """A progress bar only when a person is watching (stderr is a terminal)."""
-    if tqdm is None or not sys.stderr.isatty():
+    if not sys.stderr.isatty():
         return iterable
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
@@ -65,18 +62,25 @@ def _reduce(tensor: torch.Tensor) -> torch.Tensor:
 def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
     """Raise on every rank alike: a rank that stopped alone would leave the others waiting in DDP's
     next all-reduce until the collective timeout."""
+    none = torch.iinfo(torch.int64).max
+    first = torch.where(first_bad_step < 0, none, first_bad_step)
     if dist.is_available() and dist.is_initialized():
-        none = torch.iinfo(torch.int64).max
-        first = torch.where(first_bad_step < 0, none, first_bad_step)  # the earliest bad step of any rank
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        bad = int(first.item())
-        bad = -1 if bad == none else bad
-    else:
-        bad = int(first_bad_step.item())
-    if bad >= 0:
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the earliest bad step of any rank
+    bad = int(first.item())
+    if bad != none:
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {bad + 1}: training stopped; the last good "
             "checkpoint is kept. Try a lower --learning_rate, --grad_clip 1.0, or --precision fp32")
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int, epoch: int):
+    """A CUDA out-of-memory error becomes one line naming a batch size that may fit."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        raise BatchSizeOOMError(f"CUDA ran out of memory at batch size {batch_size} (epoch {epoch}); "
+                                f"try --batch_size {max(1, batch_size // 2)}") from error
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
@@ -106,8 +110,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             scheduler.step()
 
         detached = loss.detach()
-        finite = torch.isfinite(detached)
-        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), step, first_bad)
         loss_sum += detached.double() * labels.numel()
         correct += (logits.detach().argmax(dim=1) == labels).sum()
         seen += labels.numel()
@@ -158,9 +161,6 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
     return result
 
 
-TEST_PRECISION = "fp32"  # recorded beside test_acc in summary.json
-
-
 @contextlib.contextmanager
 def exact_fp32():
     """fp32 matmuls and convolutions without TF32 tensor cores (PyTorch enables them for cuDNN by
@@ -182,13 +182,8 @@ def evaluate_test(model: nn.Module, loader, device: torch.device, return_predict
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Per-step LR factor: linear warmup, then constant, cosine to zero, or one-cycle.
-
-    One-cycle here is the usual fast-ai shape: warmup to the peak (30% of training when no warmup
-    is given), then cosine annealing to 1/1000 of the peak.
-    """
-    if schedule not in ("constant", "cosine", "onecycle"):
-        raise ValueError(f"lr_schedule must be constant, cosine or onecycle, got {schedule!r}")
+    """Per-step LR factor: linear warmup, then constant, cosine to zero, or one-cycle (fast.ai's shape:
+    warmup to the peak, 30% of training when no warmup is given, then cosine to 1/1000 of it)."""
     if schedule == "onecycle" and warmup_steps == 0:
         warmup_steps = max(1, int(0.3 * total_steps))
     floor = 1e-3 if schedule == "onecycle" else 0.0
@@ -201,34 +196,3 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-def fit(model: nn.Module, train_loader, val_loader, optimizer, scheduler, loss_fn, ctx: StepContext,
-        *, start_epoch: int, epochs: int,
-        on_epoch_start: Callable[[int], nn.Module | None] | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> None:
-    """Train from ``start_epoch`` to ``epochs`` inclusive; ``on_epoch_end`` checkpoints and logs.
-
-    ``on_epoch_start`` may return a new wrapper of the same raw module (Part B re-wraps the model
-    when gradual unfreezing changes which parameters train); ``None`` keeps the current one.
-    """
-    for epoch in range(start_epoch, epochs + 1):
-        if on_epoch_start is not None:
-            rewrapped = on_epoch_start(epoch)
-            if rewrapped is not None:  # not `or`: a compiled module has no truth value (len() raises)
-                model = rewrapped
-        train_loader.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        try:
-            train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, ctx, epoch)
-            val_metrics = evaluate(model, val_loader, ctx, prefix="val")
-        except torch.cuda.OutOfMemoryError as error:
-            batch = getattr(train_loader, "batch_size", "?")
-            raise BatchSizeOOMError(
-                f"CUDA ran out of memory at batch size {batch} (epoch {epoch}); try --batch_size "
-                f"{max(1, int(batch) // 2) if isinstance(batch, int) else 'smaller'}") from error
-        metrics = {"epoch": epoch, **train_metrics, **val_metrics,
-                   "lr": max(group["lr"] for group in optimizer.param_groups),
-                   "epoch_time_s": time.perf_counter() - epoch_start}
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)

@@ -26,6 +26,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
 }
 FILTER_STRATEGIES = ("same", "double", "half")
+# Inputs are normalised to [-1, 1]; the network trains from scratch, so no dataset statistics are needed.
+MEAN = STD = (0.5, 0.5, 0.5)
 
 
 @dataclass

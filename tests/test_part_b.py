@@ -371,10 +371,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_options_parse_into_the_config():
     from part_b import train as part_b_train
-    config = part_b_train.config_from_args(["--model=resnet18", "--weights=none", "--strategy=mlp_head",
-                                            "--head_layers=64,32", "--input_size=48", "--backbone_lr_scale=0.5"])
-    assert (config.model, config.strategy, config.head_layers, config.input_size) == ("resnet18", "mlp_head", [64, 32], 48)
-    assert config.backbone_lr_scale == 0.5 and config.epochs == 10  # fine-tuning defaults, not Part A's
+    model_config, run_config = part_b_train.config_from_args([
+        "--model=resnet18", "--weights=none", "--strategy=mlp_head", "--head_layers=64,32", "--input_size=48",
+        "--backbone_lr_scale=0.5"])
+    assert (model_config.model, model_config.strategy, model_config.head_layers, model_config.input_size) == \
+        ("resnet18", "mlp_head", [64, 32], 48)
+    assert model_config.backbone_lr_scale == 0.5
+    # Fine-tuning defaults, not Part A's; the mlp_head default layers are resolved once, here.
+    assert (run_config.epochs, run_config.optimizer, run_config.learning_rate, run_config.weight_decay) == \
+        (10, "adamw", 1e-3, 0.05)
+    assert part_b_train.config_from_args(["--strategy=mlp_head", "--weights=none"])[0].head_layers == [512, 256]
 
 
 @pytest.mark.parametrize("argv, fragment", [
