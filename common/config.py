@@ -35,20 +35,17 @@ def cli_main(parse: Callable[[list[str] | None], Any], work: Callable[[Any], Any
         return 1
     return 0
 
+
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
 
 
 def parse_bool(text: str | bool) -> bool:
     """Parse a boolean the way wandb and shells spell it; anything else is an error."""
-    if isinstance(text, bool):
-        return text
     lowered = str(text).strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    if lowered not in _TRUE | _FALSE:
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    return lowered in _TRUE
 
 
 def _int_or_str(text: str) -> int | str:

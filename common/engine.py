@@ -40,10 +40,8 @@ class StepContext:
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
 
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
 def _progress(iterable: Iterable, total: int, desc: str):
@@ -53,10 +51,19 @@ def _progress(iterable: Iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _reduce(tensor: torch.Tensor) -> torch.Tensor:
+def _zeros(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On-device sums of loss, correct predictions and samples (read once, by ``_totals``)."""
+    return (torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.int64),
+            torch.zeros((), device=device, dtype=torch.int64))
+
+
+def _totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor) -> tuple[float, float, int]:
+    """Mean loss, accuracy and sample count over every rank: one host sync."""
+    totals = torch.stack([loss_sum, correct.double(), seen.double()])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
+        dist.all_reduce(totals)
+    loss_sum, correct, seen = totals.tolist()
+    return loss_sum / max(seen, 1), correct / max(seen, 1), int(seen)
 
 
 def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
@@ -88,9 +95,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     """One pass over ``loader``; returns ``train_loss``, ``train_acc`` and throughput figures."""
     model.train()
     device = ctx.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum, correct, seen = _zeros(device)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = _progress(loader, len(loader), f"epoch {epoch}")
@@ -119,13 +124,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
     _check_finite(first_bad, epoch)
-    totals = _reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    loss, accuracy, seen = _totals(loss_sum, correct, seen)  # the sync that ends the epoch's timing
     elapsed = time.perf_counter() - start
-    loss_total, correct_total, seen_total = totals.tolist()
-    return {"train_loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
-            "train_time_s": elapsed, "images_per_s": seen_total / elapsed if elapsed > 0 else 0.0}
+    return {"train_loss": loss, "train_acc": accuracy, "train_time_s": elapsed,
+            "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
 
 @torch.no_grad()
@@ -133,10 +135,7 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
              return_predictions: bool = False) -> dict:
     """Loss and accuracy over every sample once; padding labels (-1) are ignored."""
     model.eval()
-    device = ctx.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum, correct, seen = _zeros(ctx.device)
     predictions, targets, probabilities = [], [], []
     for images, labels in _progress(loader, len(loader), prefix):
         with ctx.autocast():
@@ -150,10 +149,8 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
             predictions.append(logits.argmax(dim=1)[valid].cpu())
             targets.append(labels[valid].cpu())
             probabilities.append(logits.softmax(dim=1)[valid].cpu())
-    totals = _reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
-    loss_total, correct_total, seen_total = totals.tolist()
-    result = {f"{prefix}_loss": loss_total / max(seen_total, 1), f"{prefix}_acc": correct_total / max(seen_total, 1),
-              f"{prefix}_samples": int(seen_total)}
+    loss, accuracy, seen = _totals(loss_sum, correct, seen)
+    result = {f"{prefix}_loss": loss, f"{prefix}_acc": accuracy, f"{prefix}_samples": seen}
     if return_predictions:
         result["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
         result["targets"] = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)

@@ -1,9 +1,7 @@
-"""One training run from start to summary, shared by Part A and Part B.
+"""One training run from start to summary, shared by Part A and Part B: ``run`` reads top to bottom.
 
-``run`` reads top to bottom: run folder, distributed setup, data, model placement, optimizer and
-schedule, resume, the epoch loop (wrap, train, evaluate, checkpoint, log, callback), the test
-evaluation, the summary. What a part does differently (its model, normalisation, which parameters
-train) comes in as arguments; its command line is ``get_args_parser`` and ``parse_configs``.
+What a part does differently (its model, normalisation, which parameters train) comes in as
+arguments; its command line is ``get_args_parser`` and ``parse_configs``.
 """
 from __future__ import annotations
 
@@ -50,8 +48,7 @@ class RunConfig:
     batch_size: int = field(default=32, metadata={"help": "training batch size per process"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for validation and test"})
     optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": OPTIMIZERS})
-    learning_rate: float = field(default=1e-3, metadata={
-        "help": "peak learning rate (Part B: of the new head; pretrained layers x backbone_lr_scale)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (L2 for adam/nadam/sgd, decoupled for adamw)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum for SGD"})
@@ -79,8 +76,6 @@ class RunConfig:
     wandb_entity: str | None = field(default=None, metadata={"help": "wandb entity (user or team)"})
     wandb_group: str | None = field(default=None, metadata={"help": "wandb group (the sweep runner sets it)"})
 
-
-# ---------------------------------------------------------------- the command line of a train script
 
 def get_args_parser(model_config_class: type, description: str, **defaults) -> argparse.ArgumentParser:
     """The "model" options of the part, then the "training" options with the part's ``defaults``."""
@@ -124,8 +119,6 @@ def validate_run_config(config: RunConfig) -> None:
     resolve_compile(config.compile, device)
     resolve_precision(config.precision, device)
 
-
-# ---------------------------------------------------------------- device, precision, compile, seeds
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -206,8 +199,6 @@ def seed_rank(seed: int, rank: int) -> None:
         torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-# ---------------------------------------------------------------- optimizer
-
 OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
@@ -235,8 +226,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-# ---------------------------------------------------------------- the run
-
 def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, std,
         param_groups: list[dict] | None = None, on_epoch_start: Callable[[int, nn.Module], None] | None = None,
         epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
@@ -253,18 +242,15 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
                               rank=info.rank, world_size=info.world_size)
         split_dir, train_set, val_set, train_loader, val_loader = _data(config, model_config, info, loader_options)
 
-        configure_cuda_backends(config.deterministic)
-        amp_dtype = resolve_precision(config.precision, device)
-        sync_bn = info.enabled and device.type == "cuda" and config.sync_bn  # SyncBatchNorm needs GPUs
-        use_compile, notice = resolve_compile(config.compile, device, sync_bn)
-        model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
-        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
+        raw_model, amp_dtype, use_compile, notice = _place(model, config, device, info)
         optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, device, len(train_loader))
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         loss_fn = _loss(config, train_set.labels, model_config.num_classes, device)
-        ctx = engine.StepContext(device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip)
-        start_epoch, best_val_acc, best_epoch, wandb_id = _resume(
-            run_dir, config, model_config, raw_model, optimizer, scheduler, scaler, info, device) if config.resume else (1, -1.0, 0, None)
+        ctx = engine.StepContext(device, amp_dtype, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                                 config.grad_clip)
+        start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
+        if config.resume:
+            start_epoch, best_val_acc, best_epoch, wandb_id = _resume(
+                run_dir, config, model_config, raw_model, optimizer, scheduler, ctx.scaler, info, device)
 
         record = {"kind": kind, "model_config": dataclasses.asdict(model_config), "run_config": dataclasses.asdict(config),
                   "classes": list(train_set.classes), "input_size": model_config.input_size, "mean": list(mean),
@@ -274,23 +260,24 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
         summary = {"run_dir": str(run_dir), "kind": kind, "device": str(device), "world_size": info.world_size,
                    "params": sum(p.numel() for p in raw_model.parameters()),
                    "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad)}
-        say(*filter(None, [notice, _describe(summary, config, amp_dtype, use_compile, train_set, val_set)]), sep="\n")
-        status, started, images_per_s, trainable = "running", time.perf_counter(), [], None
+        if notice:
+            say(notice)
+        say(_describe(summary, config, amp_dtype, use_compile, train_set, val_set))
+        status, started, trainable = "running", time.perf_counter(), None
         try:
             for epoch in range(start_epoch, config.epochs + 1):
                 if on_epoch_start is not None:
                     on_epoch_start(epoch, raw_model)
                 if _trainable(raw_model) != trainable:  # the first epoch, or the trainable set changed
-                    model, trainable = _wrap(raw_model, info, device, use_compile), _trainable(raw_model)
+                    wrapped, trainable = _wrap(raw_model, info, device, use_compile), _trainable(raw_model)
                 train_loader.set_epoch(epoch)
                 epoch_start = time.perf_counter()
                 with engine.out_of_memory_hint(config.batch_size, epoch):
-                    metrics = {"epoch": epoch, **engine.train_one_epoch(model, train_loader, optimizer, scheduler,
+                    metrics = {"epoch": epoch, **engine.train_one_epoch(wrapped, train_loader, optimizer, scheduler,
                                                                         loss_fn, ctx, epoch),
-                               **engine.evaluate(model, val_loader, ctx)}
+                               **engine.evaluate(wrapped, val_loader, ctx)}
                 metrics.update(lr=max(group["lr"] for group in optimizer.param_groups),
                                epoch_time_s=time.perf_counter() - epoch_start)
-                images_per_s.append(metrics["images_per_s"])
                 improved = metrics["val_acc"] > best_val_acc
                 if improved:
                     best_val_acc, best_epoch = metrics["val_acc"], epoch
@@ -299,18 +286,14 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
                     _save_checkpoints(run_dir, {**record, "model": raw_model.state_dict(), "epoch": epoch,
                                                 "val_acc": metrics["val_acc"], "best_val_acc": best_val_acc,
                                                 "best_epoch": best_epoch, "wandb_id": wandb_id},
-                                      improved, optimizer, scheduler, scaler, rng)
-                    tracking.append_metrics(run_dir / "metrics.jsonl", metrics)
-                    if tracker is not None:
-                        tracker.log(metrics)
+                                      improved, optimizer, scheduler, ctx.scaler, rng)
+                    tracking.append_metrics(run_dir / "metrics.jsonl", metrics, tracker)
                     say(_format_epoch(metrics, config.epochs), flush=True)
                 barrier(info)
                 if epoch_callback is not None:
-                    try:
-                        epoch_callback(epoch, metrics)
-                    except BaseException:
-                        status = "stopped"  # asked to stop (e.g. a pruned sweep trial): the run folder is complete
-                        raise
+                    status = "stopped"  # if the callback raises (e.g. a pruned sweep trial): the run folder is complete
+                    epoch_callback(epoch, metrics)
+                    status = "running"
             status = "finished"
             if config.test and best_epoch > 0:
                 summary.update(_test(raw_model, run_dir, split_dir, config, record, loader_options, info),
@@ -323,8 +306,7 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
             raise
         finally:
             summary.update(status=status, best_val_acc=max(best_val_acc, 0.0), best_epoch=best_epoch,
-                           train_time_s=time.perf_counter() - started,
-                           median_images_per_s=float(np.median(images_per_s)) if images_per_s else 0.0)
+                           train_time_s=time.perf_counter() - started)
             if info.is_main:
                 summary = _write_summary(run_dir, summary, tracker)
     say(f"best val_acc {summary['best_val_acc']:.4f} at epoch {best_epoch}"
@@ -332,13 +314,9 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
     return summary
 
 
-# ---------------------------------------------------------------- the run's steps
-
 def default_run_name(kind: str) -> str:
-    """A folder name that two runs started in the same second (e.g. agents on two GPUs) never share.
-
-    Under ``wandb agent`` it is the wandb run id the agent assigned, so folder and run match.
-    """
+    """A folder name that two runs started in the same second (e.g. agents on two GPUs) never share;
+    under ``wandb agent`` it is the wandb run id the agent assigned, so folder and run match."""
     run_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
     return f"{kind}-{run_id}" if run_id else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -399,12 +377,23 @@ def _data(config: RunConfig, model_config, info: DistInfo, loader_options: dict)
 
 
 def _describe(summary: dict, config: RunConfig, amp_dtype, use_compile: bool, train_set, val_set) -> str:
-    size = train_set.images.shape[1]
+    size = train_set.images.shape[1]  # the cache holds [N, S, S, 3] images
     return (f"{summary['kind']} | {summary['run_dir']} | device {summary['device']} x{summary['world_size']} | "
             f"precision {config.precision}{'' if amp_dtype is None else ' (' + str(amp_dtype).removeprefix('torch.') + ')'}"
             f" | compile {use_compile} | channels_last {config.channels_last} | params {summary['params']:,} "
             f"({summary['trainable_params']:,} trainable) | train {len(train_set.labels)} val {len(val_set.labels)} "
             f"images at {size}x{size}")
+
+
+def _place(model: nn.Module, config: RunConfig, device: torch.device, info: DistInfo):
+    """The model on its device and memory format, the autocast type, and whether to compile (with a
+    notice when the request is overridden)."""
+    configure_cuda_backends(config.deterministic)
+    sync_bn = info.enabled and device.type == "cuda" and config.sync_bn  # SyncBatchNorm needs GPUs
+    use_compile, notice = resolve_compile(config.compile, device, sync_bn)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
+    return model, resolve_precision(config.precision, device), use_compile, notice
 
 
 def _optimizer_and_schedule(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
@@ -514,9 +503,11 @@ def _test(raw_model: nn.Module, run_dir: Path, split_dir: Path, config: RunConfi
 
 
 def _write_summary(run_dir: Path, summary: dict, tracker) -> dict:
-    """``summary`` merged into summary.json (and wandb's summary, whose run then finishes)."""
-    summary = _merge_summary(run_dir / "summary.json",
-                             {**summary, "epochs_run": len(tracking.read_metrics(run_dir / "metrics.jsonl"))})
+    """``summary`` and figures of metrics.jsonl merged into summary.json (and wandb's summary, whose run
+    then finishes)."""
+    speeds = [m["images_per_s"] for m in tracking.read_metrics(run_dir / "metrics.jsonl")]
+    summary = _merge_summary(run_dir / "summary.json", {
+        **summary, "epochs_run": len(speeds), "median_images_per_s": float(np.median(speeds)) if speeds else 0.0})
     if tracker is not None:
         tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         tracker.finish(exit_code=0 if summary["status"] == "finished" else 1)
