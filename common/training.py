@@ -39,8 +39,8 @@ TEST_KEYS = ("test_acc", "test_loss", "test_samples", "test_per_class_acc", "tes
 
 @dataclass
 class RunConfig:
-    """Every option that is not the model's. The defaults of epochs, optimizer, learning_rate and
-    weight_decay are torch's Adam's; each train script sets its own (``get_args_parser(**defaults)``)."""
+    """Every option that is not the model's. epochs, optimizer, learning_rate and weight_decay default to
+    10 epochs of torch's Adam; each train script gives its own (``get_args_parser(**defaults)``)."""
     data_dir: str = field(default="data", metadata={"help": "dataset root (prepared automatically if missing)"})
     out_dir: str = field(default="runs", metadata={"help": "folder holding run folders"})
     name: str | None = field(default=None, metadata={"help": "run folder name (default: kind and time)"})
@@ -245,16 +245,16 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
         raw_model, amp_dtype, use_compile, notice = _place(model, config, device, info)
         optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, device, len(train_loader))
         loss_fn = _loss(config, train_set.labels, model_config.num_classes, device)
-        ctx = engine.StepContext(device, amp_dtype, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                                 config.grad_clip)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # loss scaling for fp16 only
+        ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip)
         start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
         if config.resume:
             start_epoch, best_val_acc, best_epoch, wandb_id = _resume(
-                run_dir, config, model_config, raw_model, optimizer, scheduler, ctx.scaler, info, device)
+                run_dir, config, model_config, raw_model, optimizer, scheduler, scaler, info, device)
 
-        record = {"kind": kind, "model_config": dataclasses.asdict(model_config), "run_config": dataclasses.asdict(config),
-                  "classes": list(train_set.classes), "input_size": model_config.input_size, "mean": list(mean),
-                  "std": list(std), **ckpt_io.provenance()}  # what every checkpoint says about its run
+        record = {"kind": kind, "model_config": dataclasses.asdict(model_config),  # what every checkpoint says
+                  "run_config": dataclasses.asdict(config), "classes": list(train_set.classes),
+                  "input_size": model_config.input_size, "mean": list(mean), "std": list(std), **ckpt_io.provenance()}
         tracker = _start_tracking(run_dir, config, record, wandb_id) if info.is_main else None
         wandb_id = tracker.id if tracker is not None else None
         summary = {"run_dir": str(run_dir), "kind": kind, "device": str(device), "world_size": info.world_size,
@@ -286,7 +286,7 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
                     _save_checkpoints(run_dir, {**record, "model": raw_model.state_dict(), "epoch": epoch,
                                                 "val_acc": metrics["val_acc"], "best_val_acc": best_val_acc,
                                                 "best_epoch": best_epoch, "wandb_id": wandb_id},
-                                      improved, optimizer, scheduler, ctx.scaler, rng)
+                                      improved, optimizer, scheduler, scaler, rng)
                     tracking.append_metrics(run_dir / "metrics.jsonl", metrics, tracker)
                     say(_format_epoch(metrics, config.epochs), flush=True)
                 barrier(info)
@@ -377,12 +377,12 @@ def _data(config: RunConfig, model_config, info: DistInfo, loader_options: dict)
 
 
 def _describe(summary: dict, config: RunConfig, amp_dtype, use_compile: bool, train_set, val_set) -> str:
+    dtype = "" if amp_dtype is None else f" ({str(amp_dtype).removeprefix('torch.')})"
     size = train_set.images.shape[1]  # the cache holds [N, S, S, 3] images
     return (f"{summary['kind']} | {summary['run_dir']} | device {summary['device']} x{summary['world_size']} | "
-            f"precision {config.precision}{'' if amp_dtype is None else ' (' + str(amp_dtype).removeprefix('torch.') + ')'}"
-            f" | compile {use_compile} | channels_last {config.channels_last} | params {summary['params']:,} "
-            f"({summary['trainable_params']:,} trainable) | train {len(train_set.labels)} val {len(val_set.labels)} "
-            f"images at {size}x{size}")
+            f"precision {config.precision}{dtype} | compile {use_compile} | channels_last {config.channels_last} | "
+            f"params {summary['params']:,} ({summary['trainable_params']:,} trainable) | "
+            f"train {len(train_set.labels)} val {len(val_set.labels)} images at {size}x{size}")
 
 
 def _place(model: nn.Module, config: RunConfig, device: torch.device, info: DistInfo):
@@ -461,7 +461,8 @@ def _wrap(raw_model: nn.Module, info: DistInfo, device: torch.device, use_compil
     the trainable set changes: DDP fixes the parameters it synchronises when it is built."""
     model = raw_model
     if info.enabled:
-        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(raw_model,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
     if not use_compile:
         return model
     # Dynamo's per-function cache (8 entries) would fill with graphs never used again (earlier sweep

@@ -29,7 +29,7 @@ def get_args_parser():
 
 
 def check_model(config: ModelConfig) -> ModelConfig:
-    block_shapes(config)  # raises for a configuration whose feature map shrinks to nothing, and other bad values
+    block_shapes(config)  # raises for any bad value, e.g. a feature map shrunk to nothing, before any weight exists
     return config
 
 
@@ -37,7 +37,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ModelConfig, traini
     return training.parse_configs(get_args_parser(), ModelConfig, argv, check_model)
 
 
-def run(config: tuple[ModelConfig, training.RunConfig], epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
+def run(config: tuple[ModelConfig, training.RunConfig],
+        epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
     """Train one model as ``config_from_args`` says; return the summary (also written to summary.json)."""
     model_config, run_config = config
     training.seed_everything(run_config.seed)  # before the build: the initial weights are seeded

@@ -62,7 +62,8 @@ def _unfreeze_on_schedule(epoch: int, model: FineTuneNet) -> None:
         print(f"epoch {epoch}: {_describe(model)}", flush=True)
 
 
-def run(config: tuple[ModelBConfig, training.RunConfig], epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
+def run(config: tuple[ModelBConfig, training.RunConfig],
+        epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
     """Fine-tune one model as ``config_from_args`` says; return the summary (also written to summary.json)."""
     model_config, run_config = config
     training.seed_everything(run_config.seed)  # before the build: the new head's initialisation is seeded
