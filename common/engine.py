@@ -44,11 +44,9 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
-def _progress(iterable: Iterable, total: int, desc: str):
+def _progress(iterable: Iterable, total: int, desc: str) -> tqdm:
     """A progress bar only when a person is watching (stderr is a terminal)."""
-    if not sys.stderr.isatty():
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
 def _zeros(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,7 +119,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         seen += labels.numel()
         if (step + 1) % SYNC_EVERY == 0:
             _check_finite(first_bad, epoch)
-            if hasattr(bar, "set_postfix"):
+            if not bar.disable:  # the loss read costs a host sync
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
     _check_finite(first_bad, epoch)
     loss, accuracy, seen = _totals(loss_sum, correct, seen)  # the sync that ends the epoch's timing

@@ -419,15 +419,12 @@ def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, op
     path = run_dir / "last.pt"
     # To the CPU: the RNG states must stay CPU tensors; load_state_dict copies the rest to the device.
     state = ckpt_io.load_checkpoint(path, map_location="cpu")
-    given = dataclasses.asdict(model_config)
-    if state["model_config"] != given:
-        diff = {k: (state["model_config"].get(k), v) for k, v in given.items() if state["model_config"].get(k) != v}
-        raise ValueError(f"--resume: model options differ from those in {path} (saved, given): {diff}")
-    diff = {k: (state["run_config"].get(k), getattr(config, k)) for k in RESUME_MUST_MATCH
-            if state["run_config"].get(k) != getattr(config, k)}
-    if diff:
-        raise ValueError(f"--resume: training options differ from those in {path} (saved, given): {diff}; "
-                         "a resumed run must use its original values")
+    for what, saved, given in (("model", state["model_config"], dataclasses.asdict(model_config)),
+                               ("training", state["run_config"], {k: getattr(config, k) for k in RESUME_MUST_MATCH})):
+        diff = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"--resume: {what} options differ from those in {path} (saved, given): {diff}; "
+                             "a resumed run must use its original values")
     model.load_state_dict(state["model"])
     load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

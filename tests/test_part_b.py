@@ -383,6 +383,23 @@ def test_options_parse_into_the_config():
     assert part_b_train.config_from_args(["--strategy=mlp_head", "--weights=none"])[0].head_layers == [512, 256]
 
 
+def test_a_run_resolves_its_config_and_builds_its_model_once_to_check_and_once_to_train(monkeypatch):
+    from part_b import model as model_lib
+    from part_b import train as part_b_train
+    calls = []
+
+    def counting(function, name):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(model_lib, "resolve_config", counting(model_lib.resolve_config, "resolve"))
+    monkeypatch.setattr(model_lib, "get_model", counting(model_lib.get_model, "build"))
+    monkeypatch.setattr(part_b_train.training, "run", lambda *args, **kwargs: {})
+    part_b_train.run(part_b_train.config_from_args(["--model=resnet18", "--weights=none", "--input_size=32"]))
+    assert calls == ["resolve", "build", "resolve", "build"]  # the check (on the meta device), then the model
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--strategy=freeze_k", "--freeze_stages=7"], "freeze_stages 7"),
     (["--weights=/nonexistent/resnet18.pth"], "nor an existing file"),
