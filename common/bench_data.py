@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.data import PART_A_MEAN, PART_A_STD, DeviceLoader, load_cache, prepare
+from common.data import DeviceLoader, load_cache, prepare
 from common.data_cache import parallel_map
 from common.data_fetch import DATASET_DIR
 from common.data_prepare import ImageFile, assign_splits
+from part_a.model import MEAN, STD  # the data the benchmark serves is the Part A model's, by design
 
 CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
            "Plantae", "Reptilia"]
@@ -131,7 +132,7 @@ def imagefolder_loader(train_dir: Path, config: DataBenchConfig, device: torch.d
         transforms.RandomResizedCrop(config.size, scale=(0.25, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(PART_A_MEAN, PART_A_STD),
+        transforms.Normalize(MEAN, STD),
     ])
     return torch.utils.data.DataLoader(datasets.ImageFolder(train_dir, transform), batch_size=config.batch_size,
                                        shuffle=True, drop_last=True, num_workers=config.workers,
@@ -170,7 +171,7 @@ def run(config: DataBenchConfig) -> dict:
 
         def cache_loader(augment: bool, threads: int) -> DeviceLoader:
             return DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True,
-                                augment=augment, seed=0, mean=PART_A_MEAN, std=PART_A_STD, threads=threads)
+                                augment=augment, seed=0, mean=MEAN, std=STD, threads=threads)
 
         def epochs(loader, count: int, first: int = 0) -> list[tuple[float, float, int]]:
             timed = []

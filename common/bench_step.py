@@ -278,7 +278,8 @@ def run_e2e(config: E2EBenchConfig) -> dict:
     from pathlib import Path
 
     from common import bench_data, training
-    from common.data import PART_A_MEAN, PART_A_STD, DeviceLoader, load_cache, prepare
+    from common.data import DeviceLoader, load_cache, prepare
+    from part_a.model import MEAN, STD  # the benchmark trains the Part A model, by design
     if config.quick:
         config = E2EBenchConfig(**{**config.__dict__, **E2E_QUICK})
     bench_data.check_images(config.images, config.batch_size)
@@ -306,7 +307,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
             optimizer = training.build_optimizer(training.RunConfig(learning_rate=1e-4, weight_decay=0.0), model, None, device)
             runnable = torch.compile(model, dynamic=False) if use_compile else model
             loader = DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True, augment=True,
-                                  seed=0, mean=PART_A_MEAN, std=PART_A_STD, channels_last=channels_last)
+                                  seed=0, mean=MEAN, std=STD, channels_last=channels_last)
             loss_fn = nn.CrossEntropyLoss()
             start = time.perf_counter()
             loader.set_epoch(0)

@@ -1,12 +1,9 @@
-"""Checkpoints that are never half-written and always loadable with ``weights_only=True``.
-
-A checkpoint is a plain dict (see docs/architecture.md). Writing goes to a temporary file in the
-same folder, which is flushed and fsynced, then renamed over the target: a crash or a full disk
-mid-write leaves the previous checkpoint intact.
-"""
+"""Checkpoints that are never half-written (``files.atomic_path``) and always loadable with
+``weights_only=True``: a plain dict of tensors and plain data (see docs/architecture.md)."""
 from __future__ import annotations
 
 import functools
+import pkgutil
 import random
 import re
 import subprocess
@@ -20,7 +17,9 @@ from torch import nn
 from common.files import atomic_path
 
 FORMAT = "inat12k-checkpoint"
-KINDS = ("part_a", "part_b")
+# The function that rebuilds each kind of model from its saved ``model_config``, by name: the parts
+# import common, never the reverse.
+MODEL_BUILDERS = {"part_a": "part_a.model:build_model", "part_b": "part_b.model:build_from_config"}
 
 
 class CheckpointError(ValueError):
@@ -28,7 +27,6 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` to ``path`` (``files.atomic_path``)."""
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
     return Path(path)
@@ -56,19 +54,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
                               f"(no format={FORMAT!r}); pass a best.pt or last.pt from a run folder")
-    if state.get("kind") not in KINDS:
-        raise CheckpointError(f"checkpoint {path} has unknown kind {state.get('kind')!r}; expected one of {KINDS}")
+    if state.get("kind") not in MODEL_BUILDERS:
+        raise CheckpointError(f"checkpoint {path} has unknown kind {state.get('kind')!r}; "
+                              f"expected one of {tuple(MODEL_BUILDERS)}")
     return state
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     """Rebuild the raw (uncompiled, unwrapped) model a checkpoint holds and load its weights."""
-    if state["kind"] == "part_a":
-        from part_a.model import build_model
-        model = build_model(state["model_config"])
-    else:
-        from part_b.model import build_from_config
-        model = build_from_config(state["model_config"])
+    model = pkgutil.resolve_name(MODEL_BUILDERS[state["kind"]])(state["model_config"])
     model.load_state_dict(state["model"])
     return model
 

@@ -35,20 +35,17 @@ def cli_main(parse: Callable[[list[str] | None], Any], work: Callable[[Any], Any
         return 1
     return 0
 
+
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
 
 
 def parse_bool(text: str | bool) -> bool:
     """Parse a boolean the way wandb and shells spell it; anything else is an error."""
-    if isinstance(text, bool):
-        return text
     lowered = str(text).strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    if lowered not in _TRUE | _FALSE:
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    return lowered in _TRUE
 
 
 def _int_or_str(text: str) -> int | str:
@@ -79,35 +76,26 @@ def _optional(parse):
 
 def _parser_for(tp: Any):
     """The argparse ``type=`` for a dataclass field annotation."""
-    origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType):
-        has_none = len(args) < len(typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if set(args) == {int, str}:
             inner = _int_or_str
-        elif int in args and any(typing.get_origin(a) is list for a in args):
+        elif set(args) == {int, list[int]}:
             inner = _int_list
         elif len(args) == 1:
             inner = _parser_for(args[0])
         else:
-            inner = str
-        return _optional(inner) if has_none else inner
-    if origin is list:
-        item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-        def parse_list(text: str):
-            cleaned = text.strip().strip("[]()")
-            return [item(p) for p in cleaned.replace(" ", "").split(",") if p]
+            raise TypeError(f"no option parser for field type {tp!r}")
+        return _optional(inner) if len(args) < len(typing.get_args(tp)) else inner
+    if typing.get_origin(tp) is list:
+        def parse_list(text: str) -> list:
+            return [args[0](p) for p in text.strip().strip("[]()").replace(" ", "").split(",") if p]
         return parse_list
     if tp is bool:
         return parse_bool
     if tp in (int, float, str):
         return tp
     raise TypeError(f"no option parser for field type {tp!r}")
-
-
-def _is_optional_bool(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and \
-        [a for a in typing.get_args(tp) if a is not type(None)] == [bool]
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
@@ -119,10 +107,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | 
             continue
         tp = hints[field.name]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-        help_text = field.metadata.get("help", "")
-        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        # %(default)s: argparse fills it in when --help prints, after any parser.set_defaults.
+        help_text = " ".join(filter(None, [field.metadata.get("help"), "(default: %(default)s)"]))
         option = f"--{field.name}"
-        if tp is bool or _is_optional_bool(tp):
+        if bool in (tp, *typing.get_args(tp)):
             # --flag, --flag=true, --flag false and --no-flag all work.
             group.add_argument(option, type=_parser_for(tp), nargs="?", const=True, default=default,
                                metavar="BOOL", help=help_text)

@@ -33,11 +33,9 @@ from common.data_cache import CachedSplit, decode_image, load_cache, open_rgb
 from common.data_fetch import DATASET_URL, DataError
 from common.data_prepare import prepare
 
-__all__ = ["DATASET_URL", "PART_A_MEAN", "PART_A_STD", "CachedSplit", "DataError", "DeviceLoader",
+__all__ = ["DATASET_URL", "CachedSplit", "DataError", "DeviceLoader",
            "decode_image", "load_cache", "open_rgb", "prepare"]
 
-PART_A_MEAN = (0.5, 0.5, 0.5)
-PART_A_STD = (0.5, 0.5, 0.5)
 # The cache stays on the GPU only if this much memory is still free afterwards (model, activations).
 GPU_MARGIN_BYTES = 4 << 30
 GPU_MARGIN_FRACTION = 0.25

@@ -1,14 +1,16 @@
-"""torchrun support: process-group setup and the rank facts the rest of the code asks about.
+"""torchrun support: the process group and the few collectives the run needs.
 
 Launched with ``torchrun --nproc_per_node=N``, each process reads RANK/WORLD_SIZE/LOCAL_RANK from
 the environment; launched plainly, everything here reports a single process and does nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -55,6 +57,18 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+@contextlib.contextmanager
+def process_group(device_type: str) -> Iterator[DistInfo]:
+    """``init_distributed`` for the block, the group destroyed after it (sweeps run trials in one process)."""
+    info = init_distributed(device_type)
+    try:
+        yield info
+    finally:
+        if info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+            _long_wait_group.cache_clear()
+
+
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a plain process; readable before the process group exists."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -65,20 +79,20 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_object(value, info: DistInfo, *, long_wait: bool = False):
-    """Rank 0's value on every rank (used so a rank-0 error stops all ranks alike). With ``long_wait``
-    the other ranks may wait up to ``DATA_WAIT`` for it, on a CPU (gloo) group of their own."""
-    if not info.enabled:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0, group=_long_wait_group() if long_wait else None)
-    return holder[0]
-
-
 @functools.lru_cache(maxsize=1)
 def _long_wait_group():
     """Made by every rank on its first long wait, in the same order (new_group is collective)."""
     return dist.new_group(backend="gloo", timeout=DATA_WAIT)
+
+
+def all_gather_object(value, info: DistInfo, *, long_wait: bool = False) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` for one process). With ``long_wait`` the
+    ranks may wait up to ``DATA_WAIT`` for each other, on a CPU (gloo) group of their own."""
+    if not info.enabled:
+        return [value]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, value, group=_long_wait_group() if long_wait else None)
+    return gathered
 
 
 def broadcast_tensors(tensors, info: DistInfo) -> None:
@@ -89,18 +103,3 @@ def broadcast_tensors(tensors, info: DistInfo) -> None:
         buffer = tensor.contiguous()
         dist.broadcast(buffer, src=0)
         tensor.copy_(buffer)
-
-
-def all_gather_object(value, info: DistInfo, *, long_wait: bool = False) -> list:
-    """Every rank's ``value``, in rank order (``[value]`` for one process)."""
-    if not info.enabled:
-        return [value]
-    gathered = [None] * info.world_size
-    dist.all_gather_object(gathered, value, group=_long_wait_group() if long_wait else None)
-    return gathered
-
-
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-        _long_wait_group.cache_clear()

@@ -1,8 +1,8 @@
-"""The hand-written training loop: one ``train_one_epoch``, one ``evaluate``, and ``fit``.
+"""The hand-written step loop: one ``train_one_epoch``, one ``evaluate``.
 
-Features are switches on a single code path, never copies of it: autocast and the GradScaler take
-``enabled=``; the model is a plain, channels_last, compiled or DDP-wrapped module, and the loop does
-not care which. Metrics accumulate on the device and are read (one host sync) only at log points.
+Features are switches on one code path, never copies of it: autocast and the GradScaler take
+``enabled=``; the model may be plain, channels_last, compiled or DDP-wrapped. Metrics accumulate on
+the device and are read (one host sync) only at log points.
 """
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from common.config import UserError
 
-try:  # tqdm is optional at import time so that library users without it still get the loop
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
-
 SYNC_EVERY = 50  # steps between host syncs (non-finite check, progress-bar loss)
+TEST_PRECISION = "fp32"  # recorded beside test_acc in summary.json
 
 
 class NonFiniteLossError(UserError):
@@ -43,40 +40,52 @@ class StepContext:
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
 
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
-def _progress(iterable: Iterable, total: int, desc: str):
+def _progress(iterable: Iterable, total: int, desc: str) -> tqdm:
     """A progress bar only when a person is watching (stderr is a terminal)."""
-    if tqdm is None or not sys.stderr.isatty():
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
-def _reduce(tensor: torch.Tensor) -> torch.Tensor:
+def _zeros(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On-device sums of loss, correct predictions and samples (read once, by ``_totals``)."""
+    return (torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.int64),
+            torch.zeros((), device=device, dtype=torch.int64))
+
+
+def _totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor) -> tuple[float, float, int]:
+    """Mean loss, accuracy and sample count over every rank: one host sync."""
+    totals = torch.stack([loss_sum, correct.double(), seen.double()])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
+        dist.all_reduce(totals)
+    loss_sum, correct, seen = totals.tolist()
+    return loss_sum / max(seen, 1), correct / max(seen, 1), int(seen)
 
 
 def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
     """Raise on every rank alike: a rank that stopped alone would leave the others waiting in DDP's
     next all-reduce until the collective timeout."""
+    none = torch.iinfo(torch.int64).max
+    first = torch.where(first_bad_step < 0, none, first_bad_step)
     if dist.is_available() and dist.is_initialized():
-        none = torch.iinfo(torch.int64).max
-        first = torch.where(first_bad_step < 0, none, first_bad_step)  # the earliest bad step of any rank
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        bad = int(first.item())
-        bad = -1 if bad == none else bad
-    else:
-        bad = int(first_bad_step.item())
-    if bad >= 0:
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the earliest bad step of any rank
+    bad = int(first.item())
+    if bad != none:
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {bad + 1}: training stopped; the last good "
             "checkpoint is kept. Try a lower --learning_rate, --grad_clip 1.0, or --precision fp32")
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int, epoch: int):
+    """A CUDA out-of-memory error becomes one line naming a batch size that may fit."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        raise BatchSizeOOMError(f"CUDA ran out of memory at batch size {batch_size} (epoch {epoch}); "
+                                f"try --batch_size {max(1, batch_size // 2)}") from error
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
@@ -84,9 +93,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     """One pass over ``loader``; returns ``train_loss``, ``train_acc`` and throughput figures."""
     model.train()
     device = ctx.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum, correct, seen = _zeros(device)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = _progress(loader, len(loader), f"epoch {epoch}")
@@ -106,23 +113,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             scheduler.step()
 
         detached = loss.detach()
-        finite = torch.isfinite(detached)
-        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), step, first_bad)
         loss_sum += detached.double() * labels.numel()
         correct += (logits.detach().argmax(dim=1) == labels).sum()
         seen += labels.numel()
         if (step + 1) % SYNC_EVERY == 0:
             _check_finite(first_bad, epoch)
-            if hasattr(bar, "set_postfix"):
+            if not bar.disable:  # the loss read costs a host sync
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
     _check_finite(first_bad, epoch)
-    totals = _reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    loss, accuracy, seen = _totals(loss_sum, correct, seen)  # the sync that ends the epoch's timing
     elapsed = time.perf_counter() - start
-    loss_total, correct_total, seen_total = totals.tolist()
-    return {"train_loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
-            "train_time_s": elapsed, "images_per_s": seen_total / elapsed if elapsed > 0 else 0.0}
+    return {"train_loss": loss, "train_acc": accuracy, "train_time_s": elapsed,
+            "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
 
 @torch.no_grad()
@@ -130,10 +133,7 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
              return_predictions: bool = False) -> dict:
     """Loss and accuracy over every sample once; padding labels (-1) are ignored."""
     model.eval()
-    device = ctx.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum, correct, seen = _zeros(ctx.device)
     predictions, targets, probabilities = [], [], []
     for images, labels in _progress(loader, len(loader), prefix):
         with ctx.autocast():
@@ -147,18 +147,13 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
             predictions.append(logits.argmax(dim=1)[valid].cpu())
             targets.append(labels[valid].cpu())
             probabilities.append(logits.softmax(dim=1)[valid].cpu())
-    totals = _reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
-    loss_total, correct_total, seen_total = totals.tolist()
-    result = {f"{prefix}_loss": loss_total / max(seen_total, 1), f"{prefix}_acc": correct_total / max(seen_total, 1),
-              f"{prefix}_samples": int(seen_total)}
+    loss, accuracy, seen = _totals(loss_sum, correct, seen)
+    result = {f"{prefix}_loss": loss, f"{prefix}_acc": accuracy, f"{prefix}_samples": seen}
     if return_predictions:
         result["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
         result["targets"] = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
         result["probabilities"] = torch.cat(probabilities) if probabilities else torch.empty(0)
     return result
-
-
-TEST_PRECISION = "fp32"  # recorded beside test_acc in summary.json
 
 
 @contextlib.contextmanager
@@ -182,13 +177,8 @@ def evaluate_test(model: nn.Module, loader, device: torch.device, return_predict
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Per-step LR factor: linear warmup, then constant, cosine to zero, or one-cycle.
-
-    One-cycle here is the usual fast-ai shape: warmup to the peak (30% of training when no warmup
-    is given), then cosine annealing to 1/1000 of the peak.
-    """
-    if schedule not in ("constant", "cosine", "onecycle"):
-        raise ValueError(f"lr_schedule must be constant, cosine or onecycle, got {schedule!r}")
+    """Per-step LR factor: linear warmup, then constant, cosine to zero, or one-cycle (fast.ai's shape:
+    warmup to the peak, 30% of training when no warmup is given, then cosine to 1/1000 of it)."""
     if schedule == "onecycle" and warmup_steps == 0:
         warmup_steps = max(1, int(0.3 * total_steps))
     floor = 1e-3 if schedule == "onecycle" else 0.0
@@ -201,34 +191,3 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-def fit(model: nn.Module, train_loader, val_loader, optimizer, scheduler, loss_fn, ctx: StepContext,
-        *, start_epoch: int, epochs: int,
-        on_epoch_start: Callable[[int], nn.Module | None] | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> None:
-    """Train from ``start_epoch`` to ``epochs`` inclusive; ``on_epoch_end`` checkpoints and logs.
-
-    ``on_epoch_start`` may return a new wrapper of the same raw module (Part B re-wraps the model
-    when gradual unfreezing changes which parameters train); ``None`` keeps the current one.
-    """
-    for epoch in range(start_epoch, epochs + 1):
-        if on_epoch_start is not None:
-            rewrapped = on_epoch_start(epoch)
-            if rewrapped is not None:  # not `or`: a compiled module has no truth value (len() raises)
-                model = rewrapped
-        train_loader.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        try:
-            train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, ctx, epoch)
-            val_metrics = evaluate(model, val_loader, ctx, prefix="val")
-        except torch.cuda.OutOfMemoryError as error:
-            batch = getattr(train_loader, "batch_size", "?")
-            raise BatchSizeOOMError(
-                f"CUDA ran out of memory at batch size {batch} (epoch {epoch}); try --batch_size "
-                f"{max(1, int(batch) // 2) if isinstance(batch, int) else 'smaller'}") from error
-        metrics = {"epoch": epoch, **train_metrics, **val_metrics,
-                   "lr": max(group["lr"] for group in optimizer.param_groups),
-                   "epoch_time_s": time.perf_counter() - epoch_start}
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)

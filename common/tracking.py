@@ -20,9 +20,12 @@ WANDB_HOST = "api.wandb.ai"
 INIT_TIMEOUT_S = 30  # how long an online start may wait for the server (WANDB_INIT_TIMEOUT overrides)
 
 
-def append_metrics(path: str | Path, metrics: dict) -> None:
+def append_metrics(path: str | Path, metrics: dict, wandb_run=None) -> None:
+    """One line of metrics.jsonl, mirrored to ``wandb_run`` when there is one."""
     with open(path, "a") as handle:
         handle.write(json.dumps(metrics) + "\n")
+    if wandb_run is not None:
+        wandb_run.log(metrics)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

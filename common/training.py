@@ -1,11 +1,11 @@
-"""One training run from start to summary, shared by Part A and Part B.
+"""One training run from start to summary, shared by Part A and Part B: ``run`` reads top to bottom.
 
-``run`` reads top to bottom: config checks, run folder, distributed setup, data, model placement,
-optimizer and schedule, resume, compile, the loop, the test evaluation, the summary. Everything a
-part does differently (the model, its normalisation, which parameters train) comes in as arguments.
+What a part does differently (its model, normalisation, which parameters train) comes in as
+arguments; its command line is ``get_args_parser`` and ``parse_configs``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import os
@@ -23,8 +23,8 @@ from torch import nn
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import engine, files, tracking
-from common.distributed import (DistInfo, all_gather_object, barrier, broadcast_object, broadcast_tensors,
-                                init_distributed, shutdown)
+from common.config import add_dataclass_args, from_namespace
+from common.distributed import DistInfo, all_gather_object, barrier, broadcast_tensors, process_group
 
 OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -33,19 +33,23 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 RESUME_MUST_MATCH = ("batch_size", "optimizer", "learning_rate", "weight_decay", "momentum", "nesterov",
                      "lr_schedule", "warmup_epochs", "label_smoothing", "grad_clip", "class_weights",
                      "augment", "seed", "split_seed", "val_fraction", "sync_bn")
+TEST_KEYS = ("test_acc", "test_loss", "test_samples", "test_per_class_acc", "test_checkpoint", "test_epoch",
+             "test_precision")
 
 
 @dataclass
 class RunConfig:
+    """Every option that is not the model's. epochs, optimizer, learning_rate and weight_decay default to
+    10 epochs of torch's Adam; each train script gives its own (``get_args_parser(**defaults)``)."""
     data_dir: str = field(default="data", metadata={"help": "dataset root (prepared automatically if missing)"})
     out_dir: str = field(default="runs", metadata={"help": "folder holding run folders"})
     name: str | None = field(default=None, metadata={"help": "run folder name (default: kind and time)"})
-    epochs: int = field(default=40, metadata={"help": "training epochs"})
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
     batch_size: int = field(default=32, metadata={"help": "training batch size per process"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for validation and test"})
     optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": OPTIMIZERS})
-    learning_rate: float = field(default=0.00027, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.00133, metadata={"help": "weight decay (L2 for adam/nadam/sgd, decoupled for adamw)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (L2 for adam/nadam/sgd, decoupled for adamw)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum for SGD"})
     lr_schedule: str = field(default="constant", metadata={"help": "LR schedule after warmup", "choices": SCHEDULES})
@@ -73,26 +77,44 @@ class RunConfig:
     wandb_group: str | None = field(default=None, metadata={"help": "wandb group (the sweep runner sets it)"})
 
 
+def get_args_parser(model_config_class: type, description: str, **defaults) -> argparse.ArgumentParser:
+    """The "model" options of the part, then the "training" options with the part's ``defaults``."""
+    parser = argparse.ArgumentParser(description=description)
+    add_dataclass_args(parser, model_config_class, "model")
+    add_dataclass_args(parser, RunConfig, "training")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def parse_configs(parser: argparse.ArgumentParser, model_config_class: type, argv: list[str] | None,
+                  check_model: Callable[[Any], Any]) -> tuple[Any, RunConfig]:
+    """(model config, run config) of one command line, each checked once, before any data is read.
+    ``check_model`` raises ``ValueError`` for a bad model config and returns it, resolved."""
+    args = parser.parse_args(argv)
+    model_config = check_model(from_namespace(model_config_class, args))
+    run_config = from_namespace(RunConfig, args)
+    validate_run_config(run_config)
+    return model_config, run_config
+
+
 def validate_run_config(config: RunConfig) -> None:
-    """Raise ``ValueError`` for a bad option before any data is read."""
-    def require(condition: bool, message: str) -> None:
-        if not condition:
+    """Raise ``ValueError`` for a bad option (argparse has checked the choices)."""
+    checks = [
+        (config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}"),
+        (config.batch_size >= 1 and config.eval_batch_size >= 1, "batch sizes must be >= 1"),
+        (config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}"),
+        (config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}"),
+        (0 <= config.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {config.label_smoothing}"),
+        (config.grad_clip >= 0, f"grad_clip must be >= 0, got {config.grad_clip}"),
+        (config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}"),
+        (0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}"),
+        (config.name is None or (config.name and "/" not in config.name and config.name not in (".", "..")),
+         f"name must be a plain folder name, got {config.name!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
             raise ValueError(message)
-    require(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
-    require(config.batch_size >= 1 and config.eval_batch_size >= 1, "batch sizes must be >= 1")
-    require(config.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
-    require(config.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}")
-    require(config.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {config.precision!r}")
-    require(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
-    require(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
-    require(0 <= config.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
-    require(config.grad_clip >= 0, f"grad_clip must be >= 0, got {config.grad_clip}")
-    require(config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
-    require(0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}")
     tracking.resolve_wandb_mode(config.wandb_mode)
-    if config.name is not None:
-        require(config.name and "/" not in config.name and config.name not in (".", ".."),
-                f"name must be a plain folder name, got {config.name!r}")
     device = resolve_device(config.device)
     resolve_compile(config.compile, device)
     resolve_precision(config.precision, device)
@@ -149,10 +171,10 @@ def cuda_amp_dtype(device: torch.device) -> torch.dtype:
 
 
 def configure_cuda_backends(deterministic: bool = False) -> None:
-    """The backend settings of every run: TF32 tensor cores for fp32 matmuls and convolutions on CUDA
-    (10 mantissa bits on inputs, fp32 accumulation) and cuDNN autotuning for fixed shapes, unless
-    ``deterministic``: autotuning picks kernels by timing and some add atomically, so two GPU runs of
-    one seed differ in the last bits, which training grows (docs/benchmarks.md, GPU section)."""
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (10 mantissa bits on inputs, fp32
+    accumulation) and cuDNN autotuning for fixed shapes, unless ``deterministic``: autotuning picks
+    kernels by timing and some add atomically, so two GPU runs of one seed differ in the last bits,
+    which training grows (docs/benchmarks.md, GPU section)."""
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -177,26 +199,22 @@ def seed_rank(seed: int, rank: int) -> None:
         torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def build_optimizer(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
                     device: torch.device) -> torch.optim.Optimizer:
     """Optimizer over all parameters; a group's ``lr_scale`` multiplies the base learning rate."""
-    groups = []
-    for group in param_groups or [{"params": list(model.parameters())}]:
-        group = dict(group)
-        group["lr_scale"] = float(group.get("lr_scale", 1.0))
-        group["lr"] = config.learning_rate * group["lr_scale"]
-        groups.append(group)
+    groups = [{**group, "lr_scale": float(group.get("lr_scale", 1.0)),
+               "lr": config.learning_rate * float(group.get("lr_scale", 1.0))}
+              for group in param_groups or [{"params": list(model.parameters())}]]
     common = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov, **common)
+    if config.optimizer == "nadam":  # no fused kernel
+        return torch.optim.NAdam(groups, **common)
     fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam}
-    if config.optimizer == "nadam":
-        fused = {}  # NAdam has no fused kernel
-    return optimizer_class[config.optimizer](groups, **common, **fused)
-
-
-OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer](groups, **common, **fused)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -208,22 +226,103 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-def _class_weight_tensor(labels: torch.Tensor, num_classes: int, device: torch.device) -> torch.Tensor:
-    counts = torch.bincount(labels.long(), minlength=num_classes).double().clamp_min(1)
-    return (counts.sum() / (num_classes * counts)).float().to(device)
+def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, std,
+        param_groups: list[dict] | None = None, on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+        epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` (the raw module built from the dataclass ``model_config``); return the summary.
+    ``on_epoch_start(epoch, model)`` may change which parameters train (Part B's gradual unfreezing).
+    ``epoch_callback(epoch, metrics)`` runs after each checkpoint; what it raises stops the run, and propagates."""
+    device = resolve_device(config.device)
+    with process_group(device.type) as info:
+        device = torch.device("cuda", info.local_rank) if info.enabled and device.type == "cuda" else device
+        say = print if info.is_main else (lambda *args, **kwargs: None)
+        seed_rank(config.seed, info.rank)
+        run_dir = _run_dir(config, kind, info)
+        loader_options = dict(device=device, mean=mean, std=std, channels_last=config.channels_last,
+                              rank=info.rank, world_size=info.world_size)
+        split_dir, train_set, val_set, train_loader, val_loader = _data(config, model_config, info, loader_options)
+
+        raw_model, amp_dtype, use_compile, notice = _place(model, config, device, info)
+        optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, device, len(train_loader))
+        loss_fn = _loss(config, train_set.labels, model_config.num_classes, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # loss scaling for fp16 only
+        ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip)
+        start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
+        if config.resume:
+            start_epoch, best_val_acc, best_epoch, wandb_id = _resume(
+                run_dir, config, model_config, raw_model, optimizer, scheduler, scaler, info, device)
+
+        record = {"kind": kind, "model_config": dataclasses.asdict(model_config),  # what every checkpoint says
+                  "run_config": dataclasses.asdict(config), "classes": list(train_set.classes),
+                  "input_size": model_config.input_size, "mean": list(mean), "std": list(std), **ckpt_io.provenance()}
+        tracker = _start_tracking(run_dir, config, record, wandb_id) if info.is_main else None
+        wandb_id = tracker.id if tracker is not None else None
+        summary = {"run_dir": str(run_dir), "kind": kind, "device": str(device), "world_size": info.world_size,
+                   "params": sum(p.numel() for p in raw_model.parameters()),
+                   "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad)}
+        if notice:
+            say(notice)
+        say(_describe(summary, config, amp_dtype, use_compile, train_set, val_set))
+        status, started, trainable = "running", time.perf_counter(), None
+        try:
+            for epoch in range(start_epoch, config.epochs + 1):
+                if on_epoch_start is not None:
+                    on_epoch_start(epoch, raw_model)
+                if _trainable(raw_model) != trainable:  # the first epoch, or the trainable set changed
+                    wrapped, trainable = _wrap(raw_model, info, device, use_compile), _trainable(raw_model)
+                train_loader.set_epoch(epoch)
+                epoch_start = time.perf_counter()
+                with engine.out_of_memory_hint(config.batch_size, epoch):
+                    metrics = {"epoch": epoch, **engine.train_one_epoch(wrapped, train_loader, optimizer, scheduler,
+                                                                        loss_fn, ctx, epoch),
+                               **engine.evaluate(wrapped, val_loader, ctx)}
+                metrics.update(lr=max(group["lr"] for group in optimizer.param_groups),
+                               epoch_time_s=time.perf_counter() - epoch_start)
+                improved = metrics["val_acc"] > best_val_acc
+                if improved:
+                    best_val_acc, best_epoch = metrics["val_acc"], epoch
+                rng = all_gather_object(ckpt_io.rng_state(device), info)  # each rank's stream, saved by rank 0
+                if info.is_main:
+                    _save_checkpoints(run_dir, {**record, "model": raw_model.state_dict(), "epoch": epoch,
+                                                "val_acc": metrics["val_acc"], "best_val_acc": best_val_acc,
+                                                "best_epoch": best_epoch, "wandb_id": wandb_id},
+                                      improved, optimizer, scheduler, scaler, rng)
+                    tracking.append_metrics(run_dir / "metrics.jsonl", metrics, tracker)
+                    say(_format_epoch(metrics, config.epochs), flush=True)
+                barrier(info)
+                if epoch_callback is not None:
+                    status = "stopped"  # if the callback raises (e.g. a pruned sweep trial): the run folder is complete
+                    epoch_callback(epoch, metrics)
+                    status = "running"
+            status = "finished"
+            if config.test and best_epoch > 0:
+                summary.update(_test(raw_model, run_dir, split_dir, config, record, loader_options, info),
+                               test_epoch=best_epoch)
+                if tracker is not None:
+                    tracker.log({k: summary[k] for k in ("test_acc", "test_loss")})
+        except BaseException as error:
+            status = "stopped" if status == "stopped" or isinstance(error, KeyboardInterrupt) else "failed"
+            summary["error"] = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            summary.update(status=status, best_val_acc=max(best_val_acc, 0.0), best_epoch=best_epoch,
+                           train_time_s=time.perf_counter() - started)
+            if info.is_main:
+                summary = _write_summary(run_dir, summary, tracker)
+    say(f"best val_acc {summary['best_val_acc']:.4f} at epoch {best_epoch}"
+        + (f" | test_acc {summary['test_acc']:.4f}" if "test_acc" in summary else "") + f" | {run_dir}")
+    return summary
 
 
 def default_run_name(kind: str) -> str:
-    """A folder name that two runs started in the same second (e.g. agents on two GPUs) never share.
-
-    Under ``wandb agent`` it is the wandb run id the agent assigned, so folder and run match.
-    """
+    """A folder name that two runs started in the same second (e.g. agents on two GPUs) never share;
+    under ``wandb agent`` it is the wandb run id the agent assigned, so folder and run match."""
     run_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
     return f"{kind}-{run_id}" if run_id else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def _run_dir(config: RunConfig, kind: str, info: DistInfo) -> Path:
-    name = config.name or broadcast_object(default_run_name(kind), info)
+    name = config.name or all_gather_object(default_run_name(kind), info)[0]  # rank 0's name on every rank
     run_dir = Path(config.out_dir) / name
     last = run_dir / "last.pt"
     if config.resume and not last.is_file():
@@ -235,226 +334,6 @@ def _run_dir(config: RunConfig, kind: str, info: DistInfo) -> Path:
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, "
                          "or choose another --name")
     return run_dir
-
-
-def _check_resumable(state: dict, config: RunConfig, model_config: dict, path: Path) -> None:
-    if state["model_config"] != model_config:
-        diff = {k: (state["model_config"].get(k), v) for k, v in model_config.items()
-                if state["model_config"].get(k) != v}
-        raise ValueError(f"--resume: model options differ from those in {path} (saved, given): {diff}")
-    saved = state["run_config"]
-    diff = {k: (saved.get(k), getattr(config, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)}
-    if diff:
-        raise ValueError(f"--resume: training options differ from those in {path} (saved, given): {diff}; "
-                         "a resumed run must use its original values")
-
-
-def _format_epoch(metrics: dict, epochs: int) -> str:
-    return (f"epoch {metrics['epoch']:>3}/{epochs} | train loss {metrics['train_loss']:.4f} "
-            f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} | "
-            f"lr {metrics['lr']:.2e} | {metrics['epoch_time_s']:6.1f} s | {metrics['images_per_s']:8.0f} img/s")
-
-
-def run(config: RunConfig, model: nn.Module, *, kind: str, model_config: dict, input_size: int,
-        mean=data_lib.PART_A_MEAN, std=data_lib.PART_A_STD, param_groups: list[dict] | None = None,
-        on_epoch_start: Callable[[int, nn.Module], None] | None = None,
-        epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train ``model`` (the raw module) as ``config`` says; return the summary."""
-    validate_run_config(config)
-    device = resolve_device(config.device)
-    info = init_distributed(device.type)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    try:
-        return _run(config, model, info=info, device=device, kind=kind, model_config=model_config,
-                    input_size=input_size, mean=mean, std=std, param_groups=param_groups,
-                    on_epoch_start=on_epoch_start, epoch_callback=epoch_callback)
-    finally:
-        shutdown(info)
-
-
-def _run(config, raw_model, *, info, device, kind, model_config, input_size, mean, std, param_groups,
-         on_epoch_start, epoch_callback):
-    run_dir = _run_dir(config, kind, info)
-    say = print if info.is_main else (lambda *args, **kwargs: None)
-
-    split_dir = _prepare_data(config, input_size, info)
-    train_set, val_set = (data_lib.load_cache(split_dir, split, input_size) for split in ("train", "val"))
-    classes = list(train_set.classes)
-    num_classes = model_config.get("num_classes", len(classes))
-    if num_classes != len(classes):
-        raise ValueError(f"the model has {num_classes} outputs but {split_dir} has {len(classes)} classes")
-    sync_bn = info.enabled and device.type == "cuda" and config.sync_bn  # SyncBatchNorm needs GPUs
-    use_compile, notice = resolve_compile(config.compile, device, sync_bn)
-    if notice:
-        say(notice)
-    seed_rank(config.seed, info.rank)
-    channels_last = config.channels_last
-    loader_options = dict(device=device, mean=mean, std=std, channels_last=channels_last,
-                          rank=info.rank, world_size=info.world_size)
-    train_loader = data_lib.DeviceLoader(train_set.images, train_set.labels, config.batch_size, train=True,
-                                         augment=config.augment, seed=config.seed, **loader_options)
-    val_loader = data_lib.DeviceLoader(val_set.images, val_set.labels, config.eval_batch_size, train=False,
-                                       **loader_options)
-    if len(train_loader) == 0:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_set.labels)} training "
-                         f"images per process; use a smaller --batch_size")
-
-    # Model, precision, optimizer, schedule.
-    configure_cuda_backends(config.deterministic)
-    amp_dtype = resolve_precision(config.precision, device)
-    raw_model.to(device)
-    if channels_last:
-        raw_model.to(memory_format=torch.channels_last)
-    if sync_bn:
-        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    optimizer = build_optimizer(config, raw_model, param_groups, device)
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.lr_lambda(
-        config.lr_schedule, config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch)))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    class_weight = _class_weight_tensor(train_set.labels, num_classes, device) if config.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=config.label_smoothing, ignore_index=-1)
-    ctx = engine.StepContext(device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip)
-
-    # Resume: weights, optimizer, schedule, scaler, RNG and the best-so-far all come back.
-    start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
-    if config.resume:
-        # Loaded to the CPU: the RNG states must stay CPU tensors; weights and optimizer state are
-        # copied onto their parameters' device by load_state_dict.
-        state = ckpt_io.load_checkpoint(run_dir / "last.pt", map_location="cpu")
-        _check_resumable(state, config, model_config, run_dir / "last.pt")
-        raw_model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty scaler state
-            scaler.load_state_dict(state["scaler"])
-        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank
-        if info.rank < len(rng):  # a rank beyond the saved ones keeps its seed_rank stream
-            ckpt_io.set_rng_state(rng[info.rank], device)
-        start_epoch, best_val_acc, best_epoch = state["epoch"] + 1, state["best_val_acc"], state["best_epoch"]
-        wandb_id = state.get("wandb_id")
-        if info.is_main:
-            tracking.truncate_metrics(run_dir / "metrics.jsonl", state["epoch"])
-        say(f"resuming {run_dir} after epoch {state['epoch']} (best val_acc {best_val_acc:.4f} at epoch {best_epoch})")
-
-    # Wrappers around the raw module: DDP, then compile. Rebuilt if the trainable set changes
-    # (Part B's gradual unfreezing), because DDP fixes the parameters it synchronises when built.
-    def wrap(module: nn.Module) -> nn.Module:
-        wrapped = module
-        if info.enabled:
-            wrapped = nn.parallel.DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(wrapped, dynamic=False) if use_compile else wrapped
-
-    def trainable_signature() -> tuple[bool, ...]:
-        return tuple(p.requires_grad for p in raw_model.parameters())
-
-    if use_compile:
-        # Sweep trials run one after another in one process; without a reset, Dynamo's per-function
-        # cache (8 entries by default) fills with earlier trials' graphs and later ones silently
-        # fall back to eager.
-        torch._dynamo.reset()
-    model = wrap(raw_model)
-    signature = trainable_signature()
-
-    full_config = {"kind": kind, **model_config, **dataclasses.asdict(config)}
-    tracker = None
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_json(run_dir / "config.json", full_config)
-        tracker = tracking.start_wandb(config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity,
-                                       name=run_dir.name, group=config.wandb_group, config=full_config,
-                                       run_dir=run_dir, resume_id=wandb_id)
-        wandb_id = tracker.id if tracker is not None else None
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    say(f"{kind} | {run_dir} | device {device} x{info.world_size} | precision {config.precision}"
-        f"{'' if amp_dtype is None else ' (' + str(amp_dtype).replace('torch.', '') + ')'} | compile {use_compile} | "
-        f"channels_last {channels_last} | params {n_params:,} ({n_trainable:,} trainable) | "
-        f"train {len(train_set.labels)} val {len(val_set.labels)} images at {input_size}x{input_size}")
-
-    def base_state() -> dict:
-        return {"kind": kind, "model": raw_model.state_dict(), "model_config": model_config,
-                "run_config": dataclasses.asdict(config), "classes": classes, "input_size": input_size,
-                "mean": list(mean), "std": list(std), **ckpt_io.provenance()}
-
-    def start_epoch_hook(epoch: int) -> nn.Module | None:
-        nonlocal model, signature
-        if on_epoch_start is not None:
-            on_epoch_start(epoch, raw_model)
-            if trainable_signature() != signature:
-                if use_compile:
-                    # The old graphs are never used again, and each trainable set would otherwise
-                    # add its own to Dynamo's per-function cache (8 entries by default): after a few
-                    # unfreezing steps training would silently fall back to eager.
-                    torch._dynamo.reset()
-                model, signature = wrap(raw_model), trainable_signature()
-                return model
-        return None
-
-    history_images_per_s: list[float] = []
-    stopped_by_callback: list[int] = []  # the epoch_callback asked to stop (e.g. a pruned sweep trial)
-
-    def end_epoch_hook(epoch: int, metrics: dict) -> None:
-        nonlocal best_val_acc, best_epoch
-        history_images_per_s.append(metrics["images_per_s"])
-        improved = metrics["val_acc"] > best_val_acc
-        if improved:
-            best_val_acc, best_epoch = metrics["val_acc"], epoch
-        rng = all_gather_object(ckpt_io.rng_state(device), info)  # each rank's, saved by rank 0
-        if info.is_main:
-            state = base_state()
-            state.update(epoch=epoch, val_acc=metrics["val_acc"], best_val_acc=best_val_acc, best_epoch=best_epoch,
-                         wandb_id=wandb_id)
-            if improved:
-                ckpt_io.save_checkpoint(run_dir / "best.pt", state)
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), rng=rng)
-            ckpt_io.save_checkpoint(run_dir / "last.pt", state)
-            tracking.append_metrics(run_dir / "metrics.jsonl", metrics)
-            if tracker is not None:
-                tracker.log(metrics)
-            say(_format_epoch(metrics, config.epochs), flush=True)
-        barrier(info)
-        if epoch_callback is not None:
-            try:
-                epoch_callback(epoch, metrics)
-            except BaseException:
-                stopped_by_callback.append(epoch)
-                raise
-
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "kind": kind, "device": str(device),
-                               "world_size": info.world_size, "params": n_params, "trainable_params": n_trainable}
-    started = time.perf_counter()
-    status = "running"
-    try:
-        engine.fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, ctx,
-                   start_epoch=start_epoch, epochs=config.epochs,
-                   on_epoch_start=start_epoch_hook, on_epoch_end=end_epoch_hook)
-        status = "finished"
-        if config.test and best_epoch > 0:
-            summary.update(_test(raw_model, run_dir, split_dir, input_size, config, device, loader_options,
-                                 classes, info), test_epoch=best_epoch)
-            if tracker is not None:
-                tracker.log({k: summary[k] for k in ("test_acc", "test_loss")})
-    except BaseException as error:
-        status = "stopped" if stopped_by_callback or isinstance(error, KeyboardInterrupt) else "failed"
-        summary["error"] = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        metrics_log = tracking.read_metrics(run_dir / "metrics.jsonl") if info.is_main else []
-        summary.update(status=status, best_val_acc=max(best_val_acc, 0.0), best_epoch=best_epoch,
-                       epochs_run=len(metrics_log), train_time_s=time.perf_counter() - started,
-                       median_images_per_s=float(np.median(history_images_per_s)) if history_images_per_s else 0.0)
-        if info.is_main and run_dir.is_dir():
-            summary = _merge_summary(run_dir / "summary.json", summary)
-            if tracker is not None:
-                tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-                tracker.finish(exit_code=0 if status == "finished" else 1)
-    say(f"best val_acc {summary['best_val_acc']:.4f} at epoch {best_epoch}"
-        + (f" | test_acc {summary['test_acc']:.4f}" if "test_acc" in summary else "") + f" | {run_dir}")
-    return summary
 
 
 def _prepare_data(config: RunConfig, input_size: int, info: DistInfo) -> Path:
@@ -480,14 +359,140 @@ def _prepare_data(config: RunConfig, input_size: int, info: DistInfo) -> Path:
     return Path(results[info.rank - info.local_rank])  # this machine's local rank 0 (torchrun numbers ranks by machine)
 
 
-def _test(raw_model, run_dir, split_dir, input_size, config, device, loader_options, classes, info) -> dict:
-    """Evaluate best.pt once on the test split (the original val/), by ``engine.TEST_PRECISION``'s rule."""
+def _data(config: RunConfig, model_config, info: DistInfo, loader_options: dict):
+    """The split (prepared once per machine), its train and val sets, and their loaders."""
+    split_dir = _prepare_data(config, model_config.input_size, info)
+    train_set, val_set = (data_lib.load_cache(split_dir, split, model_config.input_size) for split in ("train", "val"))
+    if model_config.num_classes != len(train_set.classes):
+        raise ValueError(f"the model has {model_config.num_classes} outputs but {split_dir} has "
+                         f"{len(train_set.classes)} classes")
+    train_loader = data_lib.DeviceLoader(train_set.images, train_set.labels, config.batch_size, train=True,
+                                         augment=config.augment, seed=config.seed, **loader_options)
+    val_loader = data_lib.DeviceLoader(val_set.images, val_set.labels, config.eval_batch_size, train=False,
+                                       **loader_options)
+    if len(train_loader) == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_set.labels)} training "
+                         "images per process; use a smaller --batch_size")
+    return split_dir, train_set, val_set, train_loader, val_loader
+
+
+def _describe(summary: dict, config: RunConfig, amp_dtype, use_compile: bool, train_set, val_set) -> str:
+    dtype = "" if amp_dtype is None else f" ({str(amp_dtype).removeprefix('torch.')})"
+    size = train_set.images.shape[1]  # the cache holds [N, S, S, 3] images
+    return (f"{summary['kind']} | {summary['run_dir']} | device {summary['device']} x{summary['world_size']} | "
+            f"precision {config.precision}{dtype} | compile {use_compile} | channels_last {config.channels_last} | "
+            f"params {summary['params']:,} ({summary['trainable_params']:,} trainable) | "
+            f"train {len(train_set.labels)} val {len(val_set.labels)} images at {size}x{size}")
+
+
+def _place(model: nn.Module, config: RunConfig, device: torch.device, info: DistInfo):
+    """The model on its device and memory format, the autocast type, and whether to compile (with a
+    notice when the request is overridden)."""
+    configure_cuda_backends(config.deterministic)
+    sync_bn = info.enabled and device.type == "cuda" and config.sync_bn  # SyncBatchNorm needs GPUs
+    use_compile, notice = resolve_compile(config.compile, device, sync_bn)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
+    return model, resolve_precision(config.precision, device), use_compile, notice
+
+
+def _optimizer_and_schedule(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
+                            device: torch.device, steps_per_epoch: int):
+    optimizer = build_optimizer(config, model, param_groups, device)
+    factor = engine.lr_lambda(config.lr_schedule, config.epochs * steps_per_epoch,
+                              int(config.warmup_epochs * steps_per_epoch))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # stepped once per batch
+
+
+def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:
+    weight = None
+    if config.class_weights:  # inverse class frequency
+        counts = torch.bincount(labels.long(), minlength=num_classes).double().clamp_min(1)
+        weight = (counts.sum() / (num_classes * counts)).float().to(device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing, ignore_index=-1)
+
+
+def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, optimizer, scheduler, scaler,
+            info: DistInfo, device: torch.device) -> tuple[int, float, int, str | None]:
+    """Weights, optimizer, schedule, scaler and this rank's RNG back from last.pt; return the first epoch
+    to run, the best val_acc and its epoch, and the wandb run id."""
+    path = run_dir / "last.pt"
+    # To the CPU: the RNG states must stay CPU tensors; load_state_dict copies the rest to the device.
+    state = ckpt_io.load_checkpoint(path, map_location="cpu")
+    for what, saved, given in (("model", state["model_config"], dataclasses.asdict(model_config)),
+                               ("training", state["run_config"], {k: getattr(config, k) for k in RESUME_MUST_MATCH})):
+        diff = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"--resume: {what} options differ from those in {path} (saved, given): {diff}; "
+                             "a resumed run must use its original values")
+    model.load_state_dict(state["model"])
+    load_optimizer_state(optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty scaler state
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank
+    if info.rank < len(rng):  # a rank beyond the saved ones keeps its seed_rank stream
+        ckpt_io.set_rng_state(rng[info.rank], device)
+    if info.is_main:  # lines logged after the checkpoint, before a crash, are not part of the run
+        tracking.truncate_metrics(run_dir / "metrics.jsonl", state["epoch"])
+        print(f"resuming {run_dir} after epoch {state['epoch']} (best val_acc {state['best_val_acc']:.4f} "
+              f"at epoch {state['best_epoch']})")
+    return state["epoch"] + 1, state["best_val_acc"], state["best_epoch"], state.get("wandb_id")
+
+
+def _start_tracking(run_dir: Path, config: RunConfig, record: dict, resume_id: str | None):
+    """config.json in the run folder, and the wandb run (None when disabled)."""
+    full_config = {"kind": record["kind"], **record["model_config"], **record["run_config"]}
+    files.write_json(run_dir / "config.json", full_config)
+    return tracking.start_wandb(config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity,
+                                name=run_dir.name, group=config.wandb_group, config=full_config, run_dir=run_dir,
+                                resume_id=resume_id)
+
+
+def _trainable(model: nn.Module) -> tuple[bool, ...]:
+    return tuple(p.requires_grad for p in model.parameters())
+
+
+def _wrap(raw_model: nn.Module, info: DistInfo, device: torch.device, use_compile: bool) -> nn.Module:
+    """DDP, then compile, around the raw module (which is what is saved and tested). Built again when
+    the trainable set changes: DDP fixes the parameters it synchronises when it is built."""
+    model = raw_model
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(raw_model,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
+    if not use_compile:
+        return model
+    # Dynamo's per-function cache (8 entries) would fill with graphs never used again (earlier sweep
+    # trials in this process, earlier trainable sets) and training would silently fall back to eager.
+    torch._dynamo.reset()
+    return torch.compile(model, dynamic=False)
+
+
+def _save_checkpoints(run_dir: Path, state: dict, improved: bool, optimizer, scheduler, scaler, rng: list) -> None:
+    """best.pt (weights) when val_acc improved; last.pt (all a resume needs) every epoch."""
+    if improved:
+        ckpt_io.save_checkpoint(run_dir / "best.pt", state)
+    ckpt_io.save_checkpoint(run_dir / "last.pt", {**state, "optimizer": optimizer.state_dict(),
+                                                 "scheduler": scheduler.state_dict(),
+                                                 "scaler": scaler.state_dict(), "rng": rng})
+
+
+def _format_epoch(metrics: dict, epochs: int) -> str:
+    return (f"epoch {metrics['epoch']:>3}/{epochs} | train loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} | "
+            f"lr {metrics['lr']:.2e} | {metrics['epoch_time_s']:6.1f} s | {metrics['images_per_s']:8.0f} img/s")
+
+
+def _test(raw_model: nn.Module, run_dir: Path, split_dir: Path, config: RunConfig, record: dict,
+          loader_options: dict, info: DistInfo) -> dict:
+    """Evaluate best.pt once on the test split (the original val/), by ``engine.evaluate_test``'s rule."""
+    device = loader_options["device"]
     if info.is_main:
         raw_model.load_state_dict(ckpt_io.load_checkpoint(run_dir / "best.pt", map_location=device)["model"])
     broadcast_tensors(raw_model.state_dict().values(), info)  # no shared run folder needed
-    test_set = data_lib.load_cache(split_dir, "test", input_size)
-    if list(test_set.classes) != classes:
-        raise ValueError(f"test classes {test_set.classes} differ from training classes {classes}")
+    test_set = data_lib.load_cache(split_dir, "test", record["input_size"])
+    if list(test_set.classes) != record["classes"]:
+        raise ValueError(f"test classes {test_set.classes} differ from training classes {record['classes']}")
     test_loader = data_lib.DeviceLoader(test_set.images, test_set.labels, config.eval_batch_size, train=False,
                                         **loader_options)
     result = engine.evaluate_test(raw_model, test_loader, device)
@@ -495,8 +500,16 @@ def _test(raw_model, run_dir, split_dir, input_size, config, device, loader_opti
             "test_checkpoint": "best.pt", "test_precision": engine.TEST_PRECISION}
 
 
-TEST_KEYS = ("test_acc", "test_loss", "test_samples", "test_per_class_acc", "test_checkpoint", "test_epoch",
-             "test_precision")
+def _write_summary(run_dir: Path, summary: dict, tracker) -> dict:
+    """``summary`` and figures of metrics.jsonl merged into summary.json (and wandb's summary, whose run
+    then finishes)."""
+    speeds = [m["images_per_s"] for m in tracking.read_metrics(run_dir / "metrics.jsonl")]
+    summary = _merge_summary(run_dir / "summary.json", {
+        **summary, "epochs_run": len(speeds), "median_images_per_s": float(np.median(speeds)) if speeds else 0.0})
+    if tracker is not None:
+        tracker.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        tracker.finish(exit_code=0 if summary["status"] == "finished" else 1)
+    return summary
 
 
 def _merge_summary(path: Path, summary: dict) -> dict:

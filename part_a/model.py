@@ -18,6 +18,8 @@ from torch import nn
 from common.activations import ACTIVATIONS, activation_class
 
 FILTER_STRATEGIES = ("same", "double", "half")
+# Inputs are normalised to [-1, 1]; the network trains from scratch, so no dataset statistics are needed.
+MEAN = STD = (0.5, 0.5, 0.5)
 
 
 @dataclass

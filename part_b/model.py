@@ -351,7 +351,11 @@ def _head_paths(net: nn.Module, layout: Layout) -> list[str]:
 
 def build_from_config(model_config: dict | ModelBConfig) -> FineTuneNet:
     """The architecture with its new head and random weights; loads nothing (checkpoints fill it)."""
-    config = resolve_config(model_config)
+    return _build(resolve_config(model_config))
+
+
+def _build(config: ModelBConfig) -> FineTuneNet:
+    """``build_from_config`` of a config ``resolve_config`` returned."""
     net = get_model(config.model, **_builder_kwargs(config))
     layout = _family(config.model)(net)
     head, *aux_linears = _head_paths(net, layout)
@@ -365,7 +369,7 @@ def build_model(config: ModelBConfig | dict) -> FineTuneNet:
     """``build_from_config``, then the pretrained weights ``config.weights`` names loaded into the backbone."""
     config = resolve_config(config)
     weights_lib.check_spec(config.model, config.weights)  # a wrong name or missing file fails before any build
-    model = build_from_config(config)
+    model = _build(config)
     if weights_lib.is_pretrained(config.weights):
         state, source = weights_lib.load_state(config.model, config.weights)
         if config.model.startswith("vit"):

@@ -19,6 +19,7 @@ from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import engine, training
 from common.augment import crop_flip, sample_crops, sample_flips
+from common.config import to_cli
 from conftest import CLASSES, RepeatLoader, make_image_tree
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
@@ -30,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVEL = 1 / 255  # one uint8 step of an image, in [0, 1] units
 
 
-def tiny(data_root: Path, out_dir: Path, name: str, **overrides) -> part_a_train.TrainConfig:
+def tiny(data_root: Path, out_dir: Path, name: str, **overrides) -> tuple[ModelConfig, training.RunConfig]:
     values = dict(data_dir=str(data_root), out_dir=str(out_dir), name=name, input_size=32, n_filters=4, n_blocks=3,
                   kernel_size=3, dense_neurons=16, epochs=2, batch_size=8, eval_batch_size=16, learning_rate=3e-3,
                   wandb_mode="disabled", device="cuda", compile=False)
-    return part_a_train.TrainConfig(**{**values, **overrides})
+    return part_a_train.config_from_args(to_cli({**values, **overrides}))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -167,9 +168,10 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise instead of running eager
         monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = part_b_train.TrainConfig(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), name="gradual",
-                                      model="resnet18", weights="none", strategy="gradual", input_size=64, epochs=3,
-                                      batch_size=8, compile=True, test=True, wandb_mode="disabled", device="cuda")
+    config = part_b_train.config_from_args(to_cli(dict(
+        data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), name="gradual", model="resnet18",
+        weights="none", strategy="gradual", input_size=64, epochs=3, batch_size=8, compile=True, test=True,
+        wandb_mode="disabled", device="cuda")))
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and summary["epochs_run"] == 3 and 0 <= summary["test_acc"] <= 1
     state = ckpt_io.load_checkpoint(tmp_path / "runs" / "gradual" / "last.pt")

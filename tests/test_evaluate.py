@@ -21,6 +21,7 @@ from torch import nn
 from common import checkpoint as ckpt_io
 from common import figures
 from common import evaluate
+from common.config import to_cli
 from part_a import train as part_a_train
 from part_a.model import build_model
 
@@ -270,10 +271,10 @@ def offline_wandb(tmp_path, monkeypatch):
 def trained_run(prepared_data, tmp_path_factory) -> Path:
     """best.pt of a 1-epoch Part A run on the tiny dataset (read-only: copy before changing)."""
     out_dir = tmp_path_factory.mktemp("runs")
-    config = part_a_train.TrainConfig(
+    config = part_a_train.config_from_args(to_cli(dict(
         data_dir=str(prepared_data), out_dir=str(out_dir), name="tiny", input_size=32, n_filters=12, n_blocks=3,
         kernel_size=3, dense_neurons=16, activation="gelu", epochs=1, batch_size=8, eval_batch_size=16,
-        wandb_mode="disabled", device="cpu", compile=False)
+        wandb_mode="disabled", device="cpu", compile=False)))
     part_a_train.run(config)
     return out_dir / "tiny" / "best.pt"
 

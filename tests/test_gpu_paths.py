@@ -19,6 +19,7 @@ from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import distributed, engine, training
 from common import evaluate
+from common.config import to_cli
 from part_a import train as part_a_train
 from conftest import CLASSES, make_image_tree
 
@@ -124,10 +125,10 @@ def test_resumed_optimizer_keeps_the_implementation_flags_built_for_this_device(
 
 
 def test_test_accuracy_is_the_same_from_train_and_from_evaluate(prepared_data, tmp_path):
-    config = part_a_train.TrainConfig(
+    config = part_a_train.config_from_args(to_cli(dict(
         data_dir=str(prepared_data), out_dir=str(tmp_path), name="bf16", input_size=32, n_filters=4, n_blocks=3,
         kernel_size=3, dense_neurons=16, epochs=1, batch_size=8, precision="bf16", test=True,
-        wandb_mode="disabled", device="cpu", compile=False)
+        wandb_mode="disabled", device="cpu", compile=False)))
     trained = part_a_train.run(config)
     assert trained["test_precision"] == "fp32"
     evaluated = evaluate.evaluate_checkpoint(tmp_path / "bf16" / "best.pt", prepared_data, tmp_path / "figures",
@@ -156,10 +157,10 @@ def test_test_evaluation_turns_tf32_off_and_restores_it():
 def test_deterministic_runs_use_deterministic_kernels_and_the_next_run_goes_back(prepared_data, tmp_path):
     seen = []
     for name, deterministic in (("exact", True), ("fast", False)):
-        config = part_a_train.TrainConfig(
+        config = part_a_train.config_from_args(to_cli(dict(
             data_dir=str(prepared_data), out_dir=str(tmp_path), name=name, input_size=32, n_filters=4, n_blocks=3,
             kernel_size=3, dense_neurons=16, epochs=1, batch_size=8, deterministic=deterministic,
-            wandb_mode="disabled", device="cpu", compile=False)
+            wandb_mode="disabled", device="cpu", compile=False)))
         part_a_train.run(config, epoch_callback=lambda epoch, metrics: seen.append(
             (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)))
     assert seen == [(True, False), (False, True)]

@@ -371,10 +371,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_options_parse_into_the_config():
     from part_b import train as part_b_train
-    config = part_b_train.config_from_args(["--model=resnet18", "--weights=none", "--strategy=mlp_head",
-                                            "--head_layers=64,32", "--input_size=48", "--backbone_lr_scale=0.5"])
-    assert (config.model, config.strategy, config.head_layers, config.input_size) == ("resnet18", "mlp_head", [64, 32], 48)
-    assert config.backbone_lr_scale == 0.5 and config.epochs == 10  # fine-tuning defaults, not Part A's
+    model_config, run_config = part_b_train.config_from_args([
+        "--model=resnet18", "--weights=none", "--strategy=mlp_head", "--head_layers=64,32", "--input_size=48",
+        "--backbone_lr_scale=0.5"])
+    assert (model_config.model, model_config.strategy, model_config.head_layers, model_config.input_size) == \
+        ("resnet18", "mlp_head", [64, 32], 48)
+    assert model_config.backbone_lr_scale == 0.5
+    # Fine-tuning defaults, not Part A's; the mlp_head default layers are resolved once, here.
+    assert (run_config.epochs, run_config.optimizer, run_config.learning_rate, run_config.weight_decay) == \
+        (10, "adamw", 1e-3, 0.05)
+    assert part_b_train.config_from_args(["--strategy=mlp_head", "--weights=none"])[0].head_layers == [512, 256]
+
+
+def test_a_run_resolves_its_config_and_builds_its_model_once_to_check_and_once_to_train(monkeypatch):
+    from part_b import model as model_lib
+    from part_b import train as part_b_train
+    calls = []
+
+    def counting(function, name):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(model_lib, "resolve_config", counting(model_lib.resolve_config, "resolve"))
+    monkeypatch.setattr(model_lib, "get_model", counting(model_lib.get_model, "build"))
+    monkeypatch.setattr(part_b_train.training, "run", lambda *args, **kwargs: {})
+    part_b_train.run(part_b_train.config_from_args(["--model=resnet18", "--weights=none", "--input_size=32"]))
+    assert calls == ["resolve", "build", "resolve", "build"]  # the check (on the meta device), then the model
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -7,6 +7,7 @@ milliseconds. One end-to-end test trains the real CNN on the tiny generated data
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import math
 import shlex
@@ -191,8 +192,9 @@ def test_every_sweep_value_parses_as_a_train_option():
     # Each parameter alone: an option of the script that keeps the proposed value.
     for name, dist in {**spec.fixed, **spec.search_space}.items():
         for value in sweep.sample_values(dist):
-            config = train.config_from_args(to_cli({name: value}))
-            assert getattr(config, name) == value, (name, value)
+            model_config, run_config = train.config_from_args(to_cli({name: value}))
+            parsed = {**dataclasses.asdict(model_config), **dataclasses.asdict(run_config)}
+            assert parsed[name] == value, (name, value)
     # Every combination of the structural choices builds at the default input size.
     structure = ["n_filters", "filter_strategy", "kernel_size", "padding"]
     for combo in itertools.product(*(spec.search_space[name].choices for name in structure)):
@@ -322,9 +324,9 @@ def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
     command = capsys.readouterr().out.split("best configuration:\n")[1].splitlines()[0]
     args = shlex.split(command)
     assert args[:2] == ["python", "part_a/train.py"]
-    config = train.config_from_args(args[2:])
-    assert (config.epochs, config.input_size, config.name) == (2, 32, "e2e_best")
-    assert config.learning_rate == study.best_params["learning_rate"]
+    model_config, run_config = train.config_from_args(args[2:])
+    assert (run_config.epochs, model_config.input_size, run_config.name) == (2, 32, "e2e_best")
+    assert run_config.learning_rate == study.best_params["learning_rate"]
 
     assert sweep.main(["report", "--study", "e2e", "--out_dir", str(out_dir)]) == 0
     report = out_dir / "sweeps" / "e2e_report"

@@ -14,6 +14,7 @@ from common import checkpoint as ckpt_io
 from common import engine
 from common.config import to_cli
 from conftest import RepeatLoader
+from common.training import RunConfig
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 
@@ -28,13 +29,12 @@ def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def tiny_config(data_root: Path, out_dir: Path, name: str, **overrides) -> part_a_train.TrainConfig:
+def tiny_config(data_root: Path, out_dir: Path, name: str, **overrides) -> tuple[ModelConfig, RunConfig]:
     """A model and run small enough for a 2-core CPU, exercising dropout, BN and augmentation."""
     values = dict(data_dir=str(data_root), out_dir=str(out_dir), name=name, input_size=32, n_filters=4,
                   n_blocks=3, kernel_size=3, dense_neurons=16, epochs=2, batch_size=8, eval_batch_size=16,
                   learning_rate=3e-3, wandb_mode="disabled", device="cpu", compile=False)
-    values.update(overrides)
-    return part_a_train.TrainConfig(**values)
+    return part_a_train.config_from_args(to_cli({**values, **overrides}))
 
 
 # ---------------------------------------------------------------- options
@@ -55,10 +55,10 @@ def _non_default(value, name):
 
 
 def test_every_option_round_trips_through_the_command_line():
-    default = part_a_train.TrainConfig()
-    changed = {f.name: _non_default(getattr(default, f.name), f.name)
-               for f in dataclasses.fields(default) if f.metadata.get("cli") is not False}
-    parsed = part_a_train.get_args_parser().parse_args(to_cli(changed))
+    parser = part_a_train.get_args_parser()
+    fields = [f for cls in (ModelConfig, RunConfig) for f in dataclasses.fields(cls) if f.metadata.get("cli") is not False]
+    changed = {f.name: _non_default(parser.get_default(f.name), f.name) for f in fields}
+    parsed = parser.parse_args(to_cli(changed))
     for name, value in changed.items():
         assert getattr(parsed, name) == value, name
 
@@ -71,11 +71,12 @@ def test_boolean_spellings(argv, expected):
 
 
 def test_defaults_are_the_best_sweep_configuration():
-    c = part_a_train.TrainConfig()
-    assert (c.activation, c.learning_rate, c.optimizer, c.epochs, c.n_filters, c.filter_strategy) == \
+    m, r = part_a_train.config_from_args([])
+    assert (m.activation, r.learning_rate, r.optimizer, r.epochs, m.n_filters, m.filter_strategy) == \
         ("gelu", 0.00027, "adam", 40, 64, "same")
-    assert (c.kernel_size, c.padding, c.batch_size, c.batch_norm, c.augment, c.dropout, c.dense_neurons,
-            c.weight_decay, c.input_size) == (5, "same", 32, True, True, 0.31396, 128, 0.00133, 224)
+    assert (m.kernel_size, m.padding, r.batch_size, m.batch_norm, r.augment, m.dropout, m.dense_neurons,
+            r.weight_decay, m.input_size) == (5, "same", 32, True, True, 0.31396, 128, 0.00133, 224)
+    assert "(default: 0.00027)" in " ".join(part_a_train.get_args_parser().format_help().split())
 
 
 @pytest.mark.parametrize("argv, fragment", [
