@@ -1,13 +1,12 @@
 """Data-path benchmark: the decode-once cache + DeviceLoader against ImageFolder + DataLoader.
 
 Both sides serve the same generated 800x600 JPEGs at the same resolution with the same augmentation
-(random resized crop, scale (0.25, 1), and horizontal flip), batch size and number of workers
-(DataLoader worker processes; the loader's threads on the CPU), in one process, one after the other.
-The cache side's first epoch is reported separately (it also pages the cache file in and maps its
-buffers, once per run); its epoch rate is the median of the next ``epochs``. ImageFolder's is its
-second epoch, with persistent workers (its steady state; the first pays for starting the workers).
-The cache side is also timed with one thread and without augmentation (what the resampling costs on
-the device), and for its one-time costs: validating the files (``prepare``) and building the cache.
+(random resized crop, scale (0.25, 1), and horizontal flip) and batch size, in one process, one after
+the other. The cache side's first epoch is reported separately (it also pages the cache file in, once
+per run); its epoch rate is the median of the next ``epochs``. ImageFolder's is its second epoch, with
+persistent workers (its steady state; the first pays for starting the workers). The cache side is also
+timed without augmentation (what the resampling costs on the device), and for its one-time costs:
+validating the files (``prepare``) and building the cache.
 """
 from __future__ import annotations
 
@@ -41,8 +40,7 @@ class DataBenchConfig:
     images: int = field(default=500, metadata={"help": "generated training images"})
     size: int = field(default=224, metadata={"help": "training resolution S"})
     batch_size: int = field(default=64, metadata={"help": "batch size of both loaders"})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers, and the cache loader's threads on the "
-                                                      "CPU (the cache build uses all cores)"})
+    workers: int = field(default=2, metadata={"help": "DataLoader workers (the cache build uses all cores)"})
     epochs: int = field(default=5, metadata={"help": "cache epochs timed after the first; the median is reported"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {QUICK}"})
@@ -168,9 +166,9 @@ def run(config: DataBenchConfig) -> dict:
         cached = load_cache(split_dir, "train", config.size)
         load_s = time.perf_counter() - started
 
-        def cache_loader(augment: bool, threads: int) -> DeviceLoader:
+        def cache_loader(augment: bool) -> DeviceLoader:
             return DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True,
-                                augment=augment, seed=0, mean=PART_A_MEAN, std=PART_A_STD, threads=threads)
+                                augment=augment, seed=0, mean=PART_A_MEAN, std=PART_A_STD)
 
         def epochs(loader, count: int, first: int = 0) -> list[tuple[float, float, int]]:
             timed = []
@@ -180,14 +178,11 @@ def run(config: DataBenchConfig) -> dict:
                 timed.append(_epoch(loader, device))
             return timed
 
-        loader = cache_loader(True, config.workers)
-        # The first pass also maps the cache file's pages and the batch buffers into memory (page
-        # faults), once per run: it is reported on its own.
+        loader = cache_loader(True)
+        # The first pass also maps the cache file's pages into memory, once per run: reported on its own.
         (first_wall, _, first_seen), = epochs(loader, 1)
         cache = _median(epochs(loader, config.epochs, first=1))
-        one_thread = cache_loader(True, 1)
-        one_thread_rate = _median(epochs(one_thread, config.epochs + 1)[1:])
-        plain = _median(epochs(cache_loader(False, config.workers), config.epochs + 1)[1:])
+        plain = _median(epochs(cache_loader(False), config.epochs + 1)[1:])
         folder_loader = imagefolder_loader(split_dir / "train", config, device)
         folder = epochs(folder_loader, 2)[-1]  # the second: the workers are running already
         del folder_loader
@@ -209,7 +204,6 @@ def run(config: DataBenchConfig) -> dict:
         "cache_first_epoch_images_per_s": round(first_seen / first_wall, 1),
         "cache_epoch_images_per_s": round(cache_seen / cache_wall, 1),
         "imagefolder_epoch_images_per_s": round(folder_seen / folder_wall, 1),
-        "cache_epoch_one_thread_images_per_s": round(one_thread_rate[2] / one_thread_rate[0], 1),
         "cache_epoch_no_augment_images_per_s": round(plain[2] / plain[0], 1),
         "speedup": round(folder_wall / folder_seen * cache_seen / cache_wall, 1),
         "cache_epoch_cpu_ms_per_image": round(1000 * cache_cpu / cache_seen, 2),
