@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from common import engine
+from common import bench_data, engine
 
 
 @dataclass(frozen=True)
@@ -225,15 +225,6 @@ def _model_factory(name: str, input_size: int):
     raise ValueError(f"unknown benchmark model {name!r}; use part_a or resnet50")
 
 
-def _hardware(device: torch.device) -> dict:
-    from common.bench_data import cpu_model
-    info = {"device": str(device), "cpu": cpu_model(), "torch": str(torch.__version__),
-            "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run_step(config: StepBenchConfig) -> dict:
     """Training-step images/s per model and variant, with ratios to eager, MFU and warm-up time."""
     from common.flops import count_module
@@ -254,7 +245,7 @@ def run_step(config: StepBenchConfig) -> dict:
         results.append(bench_model(name, make_model, forward_flops, input_size=config.input_size,
                                    batch_size=config.batch_size, steps=config.steps, repeats=config.repeats,
                                    device=device, variants=variants))
-    return {"section": "step", "hardware": _hardware(device), "config": config.__dict__, "models": results}
+    return {"section": "step", "hardware": bench_data.hardware(device), "config": config.__dict__, "models": results}
 
 
 def _plain_epoch(model: nn.Module, loader, device: torch.device) -> tuple[float, int]:
@@ -276,7 +267,7 @@ def _plain_epoch(model: nn.Module, loader, device: torch.device) -> tuple[float,
 
 def run_e2e(config: E2EBenchConfig) -> dict:
     """One training epoch, data included: our cache + engine versus ImageFolder + a plain loop."""
-    from common import bench_data, training
+    from common import training
     from common.data import PART_A_MEAN, PART_A_STD, DeviceLoader, load_cache, prepare
     if config.quick:
         config = E2EBenchConfig(**{**config.__dict__, **E2E_QUICK})
@@ -318,7 +309,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
             size=config.input_size, batch_size=config.batch_size, workers=config.workers), device)
         plain_s, plain_seen = _plain_epoch(make_model().to(device), folder, device)
     ours, plain_rate = epochs[1]["images_per_s"], plain_seen / plain_s
-    return {"section": "e2e", "hardware": _hardware(device), "config": config.__dict__,
+    return {"section": "e2e", "hardware": bench_data.hardware(device), "config": config.__dict__,
             "ours": {"images_per_s": ours, "compile": use_compile, "channels_last": True,
                      "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
                      "first_epoch_s_incl_compile": epochs[0]["wall_s"], "cache_build_s": cache_build_s},

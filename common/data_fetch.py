@@ -110,9 +110,9 @@ def _copy_body(response, part: Path, start: int, total: int | None, url: str) ->
         raise DataError(f"download of {url} stopped at {received:,} of {total:,} bytes")
 
 
-def _is_ignored(name: str) -> bool:
-    """macOS resource forks and hidden files that zip tools add; never part of the dataset."""
-    return any(part == "__MACOSX" or part.startswith(".") for part in name.split("/") if part)
+def is_hidden(name: str) -> bool:
+    """Hidden files and folders, and the macOS resource forks zip tools add: never part of the dataset."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _check_safe(zip_path: Path, name: str) -> None:
@@ -152,7 +152,8 @@ def extract(zip_path: Path, root: Path) -> Path:
         names = {entry: entry.filename.replace("\\", "/") for entry in archive.infolist()}
         for name in names.values():  # every entry is checked before anything is written
             _check_safe(zip_path, name)
-        names = {e: name for e, name in names.items() if not e.is_dir() and not _is_ignored(name)}
+        names = {e: name for e, name in names.items()
+                 if not e.is_dir() and not any(map(is_hidden, name.split("/")))}
         prefix = _dataset_prefix(zip_path, list(names.values()))
         names = {e: name[len(prefix):] for e, name in names.items() if name.startswith(prefix)}
         shutil.rmtree(partial, ignore_errors=True)
