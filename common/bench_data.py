@@ -1,13 +1,12 @@
 """Data-path benchmark: the decode-once cache + DeviceLoader against ImageFolder + DataLoader.
 
 Both sides serve the same generated 800x600 JPEGs at the same resolution with the same augmentation
-(random resized crop, scale (0.25, 1), and horizontal flip), batch size and number of workers
-(DataLoader worker processes; the loader's threads on the CPU), in one process, one after the other.
-The cache side's first epoch is reported separately (it also pages the cache file in and maps its
-buffers, once per run); its epoch rate is the median of the next ``epochs``. ImageFolder's is its
-second epoch, with persistent workers (its steady state; the first pays for starting the workers).
-The cache side is also timed with one thread and without augmentation (what the resampling costs on
-the device), and for its one-time costs: validating the files (``prepare``) and building the cache.
+(random resized crop, scale (0.25, 1), and horizontal flip) and batch size, in one process, one after
+the other. The cache side's first epoch is reported separately (it also pages the cache file in, once
+per run); its epoch rate is the median of the next ``epochs``. ImageFolder's is its second epoch, with
+persistent workers (its steady state; the first pays for starting the workers). The cache side is also
+timed without augmentation (what the resampling costs on the device), and for its one-time costs:
+validating the files (``prepare``) and building the cache.
 """
 from __future__ import annotations
 
@@ -42,8 +41,7 @@ class DataBenchConfig:
     images: int = field(default=500, metadata={"help": "generated training images"})
     size: int = field(default=224, metadata={"help": "training resolution S"})
     batch_size: int = field(default=64, metadata={"help": "batch size of both loaders"})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers, and the cache loader's threads on the "
-                                                      "CPU (the cache build uses all cores)"})
+    workers: int = field(default=2, metadata={"help": "DataLoader workers (the cache build uses all cores)"})
     epochs: int = field(default=5, metadata={"help": "cache epochs timed after the first; the median is reported"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {QUICK}"})
@@ -104,18 +102,20 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _epoch(batches, device: torch.device) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, images) for one pass with every batch on ``device`` and finished.
-
-    CPU seconds are reported too because wall time on a shared machine depends on what else runs."""
-    seen = 0
-    wall, cpu = time.perf_counter(), _cpu_seconds()
-    for x, _ in batches:
-        x = x.to(device, non_blocking=True)
-        seen += len(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - wall, _cpu_seconds() - cpu, seen
+def timed_epochs(loader, device: torch.device, epochs: range) -> list[tuple[float, float, int]]:
+    """(wall seconds, CPU seconds, images) of each epoch, every batch on ``device`` and finished. CPU
+    seconds are reported too because wall time on a shared machine depends on what else runs."""
+    timed = []
+    for epoch in epochs:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        seen, wall, cpu = 0, time.perf_counter(), _cpu_seconds()
+        for x, _ in loader:
+            seen += len(x.to(device, non_blocking=True))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timed.append((time.perf_counter() - wall, _cpu_seconds() - cpu, seen))
+    return timed
 
 
 def _median(timed: list[tuple[float, float, int]]) -> tuple[float, float, int]:
@@ -139,20 +139,23 @@ def imagefolder_loader(train_dir: Path, config: DataBenchConfig, device: torch.d
                                        persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
 
 
-def cpu_model() -> str:
+def hardware(device: torch.device) -> dict:
+    """What a benchmark ran on."""
+    cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"device": str(device), "cpu": cpu, "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def run(config: DataBenchConfig) -> dict:
     if config.quick:
         config = DataBenchConfig(**{**config.__dict__, **QUICK})
     check_images(config.images, config.batch_size)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    from common.training import resolve_device
+    device = resolve_device(config.device)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=config.work_dir) as tmp:
         root = Path(tmp)
         generate(root, config.images)
@@ -169,37 +172,24 @@ def run(config: DataBenchConfig) -> dict:
         cached = load_cache(split_dir, "train", config.size)
         load_s = time.perf_counter() - started
 
-        def cache_loader(augment: bool, threads: int) -> DeviceLoader:
+        def cache_loader(augment: bool) -> DeviceLoader:
             return DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True,
-                                augment=augment, seed=0, mean=MEAN, std=STD, threads=threads)
+                                augment=augment, seed=0, mean=MEAN, std=STD)
 
-        def epochs(loader, count: int, first: int = 0) -> list[tuple[float, float, int]]:
-            timed = []
-            for epoch in range(first, first + count):
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(epoch)
-                timed.append(_epoch(loader, device))
-            return timed
-
-        loader = cache_loader(True, config.workers)
-        # The first pass also maps the cache file's pages and the batch buffers into memory (page
-        # faults), once per run: it is reported on its own.
-        (first_wall, _, first_seen), = epochs(loader, 1)
-        cache = _median(epochs(loader, config.epochs, first=1))
-        one_thread = cache_loader(True, 1)
-        one_thread_rate = _median(epochs(one_thread, config.epochs + 1)[1:])
-        plain = _median(epochs(cache_loader(False, config.workers), config.epochs + 1)[1:])
+        # The first pass also maps the cache file's pages into memory, once per run: reported on its own.
+        (first_wall, _, first_seen), *cached_epochs = timed_epochs(cache_loader(True), device,
+                                                                    range(config.epochs + 1))
+        cache = _median(cached_epochs)
+        plain = _median(timed_epochs(cache_loader(False), device, range(config.epochs + 1))[1:])
         folder_loader = imagefolder_loader(split_dir / "train", config, device)
-        folder = epochs(folder_loader, 2)[-1]  # the second: the workers are running already
+        folder = timed_epochs(folder_loader, device, range(2))[-1]  # the second: the workers are running already
         del folder_loader
         cache_wall, cache_cpu, cache_seen = cache
         folder_wall, folder_cpu, folder_seen = folder
 
     return {
         "section": "data",
-        "hardware": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "device": str(device),
-                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "hardware": hardware(device),
         "source_images": "800x600 JPEG, quality 90",
         "size": config.size, "batch_size": config.batch_size, "workers": config.workers,
         "cache_epochs_timed": config.epochs,
@@ -210,7 +200,6 @@ def run(config: DataBenchConfig) -> dict:
         "cache_first_epoch_images_per_s": round(first_seen / first_wall, 1),
         "cache_epoch_images_per_s": round(cache_seen / cache_wall, 1),
         "imagefolder_epoch_images_per_s": round(folder_seen / folder_wall, 1),
-        "cache_epoch_one_thread_images_per_s": round(one_thread_rate[2] / one_thread_rate[0], 1),
         "cache_epoch_no_augment_images_per_s": round(plain[2] / plain[0], 1),
         "speedup": round(folder_wall / folder_seen * cache_seen / cache_wall, 1),
         "cache_epoch_cpu_ms_per_image": round(1000 * cache_cpu / cache_seen, 2),

@@ -3,29 +3,26 @@
 ``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8
 tensor, building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes
 the split's manifest rows (path, class, bytes, sha256) and S, so changed files or another size get a
-new cache automatically and a stale one is never read. Files are written to a temporary name unique
-to the writer (process id, thread and a random part, so sweep workers on several hosts or threads
-can build the same cache at once) and renamed atomically; the JSON meta is renamed last and marks
-the cache complete, so a reader never sees a half-written file. Concurrent builders of one cache
-write identical bytes, so whichever rename lands last is as good as the first.
+new cache automatically and a stale one is never read. Both files are written atomically
+(``files.atomic_path``), the JSON meta last: it marks the cache complete. Concurrent builders of one
+cache (sweep workers) write identical bytes, so whichever rename lands last is as good as the first.
 
 Decoding (``open_rgb``) turns every mode PIL reads into correct RGB; resizing matches torchvision's
-``transforms.Resize((S, S))`` on a PIL image (PIL bilinear, which antialiases when shrinking),
-exactly. JPEG draft decoding (PIL decodes at 1/2, 1/4 or 1/8 scale in the DCT domain) was measured
-and is not used: on 800x600 photos at S = 224 it was 1.6x faster to decode but up to 4 levels off
-(14 with fine detail, 60% of values more than 1 off), and still up to 5 off when drafting only to
-4x S on 3200x2400 images; the cache is built once, and it must match what the model sees elsewhere.
+``transforms.Resize((S, S))`` on a PIL image exactly (full JPEG decoding: drafting was faster but
+up to 4 levels off, docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +30,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from common.data_fetch import LOG_INTERVAL_S, DataError
-from common.files import atomic_path, write_json
+from common.files import atomic_path, read_json, write_json
 
 # Larger images are reported and left out rather than decoded: 50 MP is far above any photo in the
 # dataset (about 0.5 MP) and below PIL's own decompression-bomb limit.
@@ -99,17 +96,11 @@ def parallel_map(fn: Callable[[T], R], items: list[T], desc: str, chunksize: int
     """``map(fn, items)`` in order over worker processes, with a progress bar; in-process when tiny."""
     workers = min(usable_cpus(), -(-len(items) // chunksize))
     # On a terminal a live bar; in a log (a batch job) a line every LOG_INTERVAL_S, like downloads.
-    with tqdm(total=len(items), desc=desc, unit="img", mininterval=LOG_INTERVAL_S) as bar:
-        if workers <= 1:
-            results: Iterable[R] = map(fn, items)
-            for result in results:
-                bar.update()
-                yield result
-            return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(fn, items, chunksize=chunksize):
-                bar.update()
-                yield result
+    with tqdm(total=len(items), desc=desc, unit="img", mininterval=LOG_INTERVAL_S) as bar, \
+            (ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+        for result in pool.map(fn, items, chunksize=chunksize) if pool else map(fn, items):
+            bar.update()
+            yield result
 
 
 def read_manifest(split_dir: Path) -> list[dict[str, str]]:
@@ -119,10 +110,6 @@ def read_manifest(split_dir: Path) -> list[dict[str, str]]:
                         f"python common/data.py prepare --root {Path(split_dir).parent}")
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def _decode_for_cache(task: tuple[str, int]) -> np.ndarray:
-    return decode_image(*task)
 
 
 def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
@@ -144,7 +131,7 @@ def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
     array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     if not (meta_path.is_file() and array_path.is_file()):
         _build(split_dir, rows, classes, size, key, array_path, meta_path)
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     images = np.load(array_path, mmap_mode="c")  # copy-on-write: a writable tensor, the file never changes
     if images.shape != (len(rows), size, size, 3):
         raise DataError(f"cache {array_path} has shape {images.shape}, expected {(len(rows), size, size, 3)}; "
@@ -157,15 +144,16 @@ def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size
            array_path: Path, meta_path: Path) -> None:
     cache_dir = array_path.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for path in rows:
-        if not (split_dir / path["path"]).is_file():
-            raise DataError(f"{split_dir / path['path']} is listed in {MANIFEST} but missing; "
+    paths = [split_dir / row["path"] for row in rows]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path} is listed in {MANIFEST} but missing; "
                             f"run python common/data.py prepare --root {split_dir.parent} again")
-    tasks = [(str(split_dir / row["path"]), size) for row in rows]
     split = rows[0]["split"]
     with atomic_path(array_path) as tmp:  # an interrupted build leaves no full-size temporary behind
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
-        for index, image in enumerate(parallel_map(_decode_for_cache, tasks, f"cache {split} {size}px")):
+        decoded = parallel_map(functools.partial(decode_image, size=size), paths, f"cache {split} {size}px")
+        for index, image in enumerate(decoded):
             array[index] = image
         array.flush()
         del array

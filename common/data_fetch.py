@@ -2,8 +2,9 @@
 
 Standard library only (urllib, zipfile): the download goes to ``NAME.part`` and is renamed when
 complete, so a half-downloaded file is never mistaken for the archive, and a rerun continues it with
-an HTTP Range request. Extraction checks every entry before writing anything and unpacks into a
-``.partial`` folder that is renamed at the end, for the same reason.
+an HTTP Range request (``download_into`` also fetches Part B's pretrained weights). Extraction checks
+every entry before writing anything and unpacks into a ``.partial`` folder that is renamed at the
+end, for the same reason.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import os
 import re
 import shutil
 import sys
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
+from http.client import HTTPException
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.parse import urlsplit
+from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
@@ -37,85 +40,79 @@ class DataError(UserError):
     """A data problem the user can fix; the message says what is wrong and what to do."""
 
 
-def offline_hint(url: str, root: Path) -> str:
-    return (f"Download {url} on a machine with internet access (e.g. `wget {url}`), copy it here and run "
-            f"`python common/data.py prepare --root {root} --zip /path/to/nature_12K.zip`, or unpack it so "
-            f"that {root / DATASET_DIR}/train and {root / DATASET_DIR}/val exist.")
-
-
 def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial ``.part`` file."""
-    dest = Path(dest)
+    """Download the archive ``url`` to ``dest`` through ``dest.part``, which a rerun continues; a failure
+    says how to resume or to work offline."""
+    dest, root = Path(dest), Path(dest).parent
     if dest.is_file():
         return dest
     part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_into(url, part, timeout)
+    except DataError as error:
+        resume = f"Run the same command again to resume from {part}, or: " if part.is_file() else ""
+        raise DataError(
+            f"{error}. {resume}Download {url} on a machine with internet access (e.g. `wget {url}`), copy it "
+            f"here and run `python common/data.py prepare --root {root} --zip /path/to/nature_12K.zip`, or "
+            f"unpack it so that {root / DATASET_DIR}/train and {root / DATASET_DIR}/val exist.") from error
+    os.replace(part, dest)
+    return dest
+
+
+def download_into(url: str, part: Path, timeout: float = NETWORK_TIMEOUT_S) -> None:
+    """Append the rest of ``url`` to ``part``: after the bytes already there, with an HTTP Range request,
+    or from the start when the server cannot continue. What arrived stays for the next try."""
+    part.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):  # a second try only after the server refused to resume: then from byte 0
         have = part.stat().st_size if part.is_file() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-        except urllib.error.HTTPError as error:
+            response = urlopen(Request(url, headers={"Range": f"bytes={have}-"} if have else {}), timeout=timeout)
+        except HTTPError as error:
             if error.code == 416 and have:
                 # Nothing left after byte `have`: the file was complete when the last run stopped
                 # before renaming it (the server says "bytes */N" with N == have), else it is no
                 # prefix the server can continue and the download starts over.
-                complete = re.fullmatch(r"bytes \*/(\d+)", (error.headers.get("Content-Range") or "").strip())
-                if complete and int(complete.group(1)) == have:
-                    os.replace(part, dest)
-                    return dest
+                if (error.headers.get("Content-Range") or "").strip() == f"bytes */{have}":
+                    return
                 part.unlink()
                 continue
-            raise DataError(f"downloading {url} failed: HTTP {error.code} {error.reason}. "
-                            + offline_hint(url, dest.parent)) from error
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise DataError(f"cannot download {url}: {reason}. " + offline_hint(url, dest.parent)) from error
+            raise DataError(f"downloading {url} failed: HTTP {error.code} {error.reason}") from error
+        except OSError as error:  # URLError, refused connections, timeouts, DNS failures
+            raise DataError(f"cannot download {url}: {getattr(error, 'reason', error)}") from error
         with response:
-            start, total = _resume_point(response, have)
-            if start is None:  # a 206 for some other range than we asked: start over cleanly
-                part.unlink()
-                continue
+            length = response.headers.get("Content-Length")
+            start, total = 0, int(length) if length is not None else None  # 200: from the start
+            if response.status == 206:
+                match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
+                if not match or int(match.group(1)) != have:  # some other range than we asked: start over
+                    part.unlink()
+                    continue
+                start, total = have, int(match.group(2)) if match.group(2) != "*" else None
             _copy_body(response, part, start, total, url)
-        os.replace(part, dest)
-        return dest
-    raise DataError(f"the server at {url} answers Range requests inconsistently; delete {part} and retry, "
-                    "or " + offline_hint(url, dest.parent))
-
-
-def _resume_point(response, have: int) -> tuple[int | None, int | None]:
-    """(byte offset the body starts at, total size) for a response to a request from byte ``have``."""
-    length = response.headers.get("Content-Length")
-    if response.status != 206:  # 200: the server ignored Range (or we asked for none); restart
-        return 0, int(length) if length is not None else None
-    match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
-    if not match or int(match.group(1)) != have:
-        return None, None
-    return have, int(match.group(2)) if match.group(2) != "*" else None
+        return
+    raise DataError(f"the server at {url} answers Range requests inconsistently; delete {part} and retry")
 
 
 def _copy_body(response, part: Path, start: int, total: int | None, url: str) -> None:
     with open(part, "r+b" if start else "wb") as out, \
             tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                 desc=f"download {Path(part).name[:-5]}", mininterval=LOG_INTERVAL_S) as bar:
+                 desc=f"download {Path(urlsplit(url).path).name}", mininterval=LOG_INTERVAL_S) as bar:
         out.seek(start)
         out.truncate()
         try:
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
                 bar.update(len(chunk))
-        except OSError as error:  # includes timeouts; what arrived stays in .part for the rerun
-            raise DataError(f"download of {url} interrupted after {out.tell():,} bytes ({error}); run the "
-                            f"same command again to resume from {part}") from error
+        except (OSError, HTTPException) as error:  # timeouts, resets, a cut-off transfer
+            raise DataError(f"download of {url} interrupted after {out.tell():,} bytes ({error})") from error
         received = out.tell()
     if total is not None and received != total:
-        raise DataError(f"download of {url} stopped at {received:,} of {total:,} bytes; run the same command "
-                        f"again to resume from {part}")
+        raise DataError(f"download of {url} stopped at {received:,} of {total:,} bytes")
 
 
-def _is_ignored(name: str) -> bool:
-    """macOS resource forks and hidden files that zip tools add; never part of the dataset."""
-    return any(part == "__MACOSX" or part.startswith(".") for part in name.split("/") if part)
+def is_hidden(name: str) -> bool:
+    """Hidden files and folders, and the macOS resource forks zip tools add: never part of the dataset."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _check_safe(zip_path: Path, name: str) -> None:
@@ -152,17 +149,18 @@ def extract(zip_path: Path, root: Path) -> Path:
     except (OSError, zipfile.BadZipFile) as error:
         raise DataError(f"cannot open {zip_path} as a zip archive ({error}); download it again") from error
     with archive:
-        entries = archive.infolist()
-        for entry in entries:  # every entry is checked before anything is written
-            _check_safe(zip_path, entry.filename.replace("\\", "/"))
-        files = [e for e in entries if not e.is_dir() and not _is_ignored(e.filename.replace("\\", "/"))]
-        prefix = _dataset_prefix(zip_path, [e.filename.replace("\\", "/") for e in files])
-        files = [e for e in files if e.filename.replace("\\", "/").startswith(prefix)]
+        names = {entry: entry.filename.replace("\\", "/") for entry in archive.infolist()}
+        for name in names.values():  # every entry is checked before anything is written
+            _check_safe(zip_path, name)
+        names = {e: name for e, name in names.items()
+                 if not e.is_dir() and not any(map(is_hidden, name.split("/")))}
+        prefix = _dataset_prefix(zip_path, list(names.values()))
+        names = {e: name[len(prefix):] for e, name in names.items() if name.startswith(prefix)}
         shutil.rmtree(partial, ignore_errors=True)
-        with tqdm(total=sum(e.file_size for e in files), unit="B", unit_scale=True, unit_divisor=1024,
+        with tqdm(total=sum(e.file_size for e in names), unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"extract {zip_path.name}", mininterval=LOG_INTERVAL_S) as bar:
-            for entry in files:
-                out = partial / entry.filename.replace("\\", "/")[len(prefix):]
+            for entry, name in names.items():
+                out = partial / name
                 out.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     with archive.open(entry) as source, open(out, "wb") as sink:

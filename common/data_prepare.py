@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from common.data_cache import MANIFEST, open_rgb, parallel_map, read_manifest
-from common.data_fetch import DATASET_DIR, DATASET_URL, DataError, download, extract
+from common.data_fetch import DATASET_DIR, DATASET_URL, DataError, download, extract, is_hidden
 from common.files import read_json, write_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -90,18 +90,14 @@ def find_or_fetch_source(root: Path, url: str, zip_path: str | Path | None) -> P
     return extract(Path(zip_path), root)
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def scan_class_folders(folder: Path, origin: str) -> list[ImageFile]:
     """Image files below ``folder/<Class>/``; hidden folders and non-image files are ignored."""
     found = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name)):
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)):
         for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
             for name in sorted(filenames):
-                if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                     continue  # .DS_Store, *:Zone.Identifier, notes, ...
                 path = Path(dirpath) / name
                 found.append(ImageFile(path, class_dir.name, path.relative_to(class_dir).as_posix(), origin))
@@ -112,7 +108,7 @@ def check_class_sets(source: Path, files: list[ImageFile]) -> None:
     train = {f.label for f in files if f.origin == "train"}
     test = {f.label for f in files if f.origin == "val"}
     for origin in ("train", "val"):
-        empty = sorted(p.name for p in (source / origin).iterdir() if p.is_dir() and not _is_hidden(p.name)
+        empty = sorted(p.name for p in (source / origin).iterdir() if p.is_dir() and not is_hidden(p.name)
                        and p.name not in (train if origin == "train" else test))
         if empty:
             raise DataError(f"class folders with no images in {source / origin}: {', '.join(empty)}; "

@@ -23,6 +23,7 @@ from common import data as data_lib
 from common import engine, figures, files, tracking
 from common.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from common.config import UserError, add_dataclass_args, cli_main, from_namespace
+from common.data import normalise
 from common.training import RunConfig, resolve_device
 
 GRID_PER_CLASS = 3  # prediction_grid.png: one row per class
@@ -72,13 +73,6 @@ def load_model(checkpoint_path: str | Path, device: str) -> tuple[nn.Module, dic
         raise CheckpointError(f"checkpoint {checkpoint_path}: its weights do not fit the model its "
                               f"model_config describes ({type(error).__name__}: {str(error).splitlines()[0]})") from error
     return model.to(torch_device).eval(), checkpoint, torch_device
-
-
-def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` normalised as the loaders do."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.permute(0, 3, 1, 2).float() / 255 - mean_t) / std_t
 
 
 def sample_per_class(labels: torch.Tensor, per_class: int, num_classes: int,

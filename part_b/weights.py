@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from http.client import HTTPException
 from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import urlparse
-from urllib.request import urlopen
 
 import torch
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights
 
-# Seconds a socket may wait to connect or for the next chunk; enough for any working mirror, short
-# enough that an offline cluster node reports the problem at once.
-DOWNLOAD_TIMEOUT_S = 10.0
+from common.data_fetch import NETWORK_TIMEOUT_S, DataError, download_into
+from common.files import atomic_path
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -68,39 +64,24 @@ def cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
-def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Fetch ``url`` into ``dest`` atomically, checking the sha256 prefix its file name carries."""
-    match = torch.hub.HASH_REGEX.search(dest.name)
-    expected_prefix = match.group(1) if match else ""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out, urlopen(url, timeout=timeout) as response:
-            size = response.headers.get("Content-Length")
-            print(f"downloading {url} ({int(size) / 2**20:.0f} MiB)" if size else f"downloading {url}", flush=True)
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-        if not digest.hexdigest().startswith(expected_prefix):
-            raise WeightsError(f"sha256 of the downloaded file is {digest.hexdigest()[:16]}..., "
-                               f"not {expected_prefix}... as its name says (corrupt or truncated download)")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fetch(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """The cached file for ``url``; downloaded only when missing. Offline, fails fast saying what to do."""
+def fetch(url: str, timeout: float = NETWORK_TIMEOUT_S) -> Path:
+    """The cached file for ``url``; downloaded only when missing, checked against the sha256 prefix its
+    name carries. Offline, fails fast saying what to do."""
     dest = cache_path(url)
     if dest.is_file():
         return dest
+    match = torch.hub.HASH_REGEX.search(dest.name)
     try:
-        download(url, dest, timeout)
-    # URLError, refused connections, timeouts and DNS failures are OSErrors; a cut-off transfer is an
-    # HTTPException.
-    except (OSError, HTTPException, WeightsError) as error:
+        with atomic_path(dest) as part:  # a temporary of this process's own: ranks may fetch at once
+            download_into(url, part, timeout)
+            digest = hashlib.sha256()
+            with open(part, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            if match and not digest.hexdigest().startswith(match.group(1)):
+                raise DataError(f"sha256 of the downloaded file is {digest.hexdigest()[:16]}..., not "
+                                f"{match.group(1)}... as its name says (corrupt or truncated download)")
+    except DataError as error:
         raise WeightsError(
             f"pretrained weights are not in the local cache and the download failed ({error}).\n"
             f"  Download {url}\n"

@@ -18,7 +18,7 @@ from torch import nn
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import engine, training
-from common.augment import crop_flip, sample_crops, sample_flips
+from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
 from common.config import to_cli
 from conftest import CLASSES, RepeatLoader, make_image_tree
 from part_a import train as part_a_train
@@ -114,8 +114,8 @@ def test_matmul_crop_kernel_on_the_gpu_matches_the_cpu_kernels():
     images = torch.randint(0, 256, (16, 64, 48, 3), dtype=torch.uint8, generator=generator)
     crops, flips = sample_crops(16, 64, 48, generator), sample_flips(16, generator)
     for size in (32, 96):  # down- and upsampling
-        cpu_uint8 = crop_flip(images, crops, flips, size, kernel="resize")
-        cpu_matmul = crop_flip(images, crops, flips, size, kernel="matmul")
+        cpu_uint8 = resize_crops(images, crops, flips, size)
+        cpu_matmul = matmul_crops(images, crops, flips, size)
         with engine.exact_fp32():
             gpu = crop_flip(images.to(DEVICE), crops, flips, size).cpu()
         torch.testing.assert_close(gpu, cpu_matmul, atol=0.01, rtol=0)  # the same arithmetic (H200: 0.0018 apart)

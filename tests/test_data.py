@@ -24,7 +24,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from common import data, data_cache, data_prepare
-from common.augment import crop_flip, sample_crops, sample_flips
+from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
 from common.data_fetch import download
 from common.data import DataError, DeviceLoader, load_cache, prepare
 from conftest import class_image, make_image_tree
@@ -398,32 +398,20 @@ def random_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch
     return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator), torch.arange(n)
 
 
-def test_cpu_loader_gives_the_same_batches_with_any_number_of_threads():
-    images, labels = random_images(40, 20)
-    runs = {}
-    for threads in (1, 2, 3, 7):  # 7 threads for batches of 6: some threads get one image
-        loader = DeviceLoader(images, labels, 6, "cpu", train=True, augment=True, seed=2, threads=threads, **NORM)
-        runs[threads] = [(x.clone(), y) for x, y in epoch_batches(loader, 1)]
-    with torch.inference_mode():  # as in evaluation: the helper threads must write inference tensors too
-        loader = DeviceLoader(images, labels, 6, "cpu", train=True, augment=True, seed=2, threads=3, **NORM)
-        runs["inference"] = epoch_batches(loader, 1)
-    for threads, batches in runs.items():
-        assert len(batches) == 6
-        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(runs[1], batches)), threads
-    with pytest.raises(ValueError, match="threads must be at least 1"):
-        DeviceLoader(images, labels, 6, "cpu", train=True, threads=0, **NORM)
-
-
-def test_device_path_gives_the_cpu_path_batches():
-    """The whole-batch path that GPUs take, run on the CPU (where it picks the same resize kernel)."""
+def test_host_to_device_path_gives_the_resident_path_batches():
+    """The pinned prefetch path that GPUs take when the cache does not fit, forced on the CPU."""
     images, labels = random_images(30, 16, seed=6)
     for augment, mean, std in ((True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), (False, *NORM.values())):
-        host = DeviceLoader(images, labels, 4, "cpu", train=True, augment=augment, seed=8, mean=mean, std=std)
-        device = DeviceLoader(images, labels, 4, "cpu", train=True, augment=augment, seed=8, mean=mean, std=std)
-        device.host_batches = False
-        for (a, ya), (b, yb) in zip(epoch_batches(host, 2), epoch_batches(device, 2), strict=True):
-            assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(ya, yb)
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        for train in (True, False):
+            options = dict(train=train, augment=augment and train, seed=8, mean=mean, std=std)
+            resident, copied = (DeviceLoader(images, labels, 4, "cpu", **options) for _ in range(2))
+            assert not resident.prefetch
+            copied.prefetch = True
+            with torch.inference_mode():  # as in evaluation
+                batches = epoch_batches(copied, 2)
+            for (a, ya), (b, yb) in zip(epoch_batches(resident, 2), batches, strict=True):
+                assert b.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(a, b) and torch.equal(ya, yb)
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -435,15 +423,15 @@ def test_cpu_loader_normalises_per_channel_like_the_formula(augment):
     indices, crops, flips = loader._plan()
     for step, (x, y) in enumerate(loader):
         raw = images[indices[step]]
-        pixels = crop_flip(raw, crops[step], flips[step], 16) if augment else raw.permute(0, 3, 1, 2).float()
+        pixels = (crop_flip(raw, crops[step], flips[step], 16) if augment else raw).permute(0, 3, 1, 2).float()
         expected = (pixels / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         assert torch.equal(y, labels[indices[step]])
         torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
 
 
-def test_cpu_loader_reuses_a_batch_buffer_only_once_nothing_refers_to_it():
+def test_held_batches_never_change_and_channels_last_is_optional():
     images, labels = random_images(64, 16, seed=5)
-    loader = DeviceLoader(images, labels, 4, "cpu", train=True, augment=True, seed=0, threads=2, **NORM)
+    loader = DeviceLoader(images, labels, 4, "cpu", train=True, augment=True, seed=0, **NORM)
     # Held batches (and a slice of one) are never written again: compare with copies taken at once.
     held, copies = [], []
     for x, _ in epoch_batches(loader, 0):
@@ -451,11 +439,6 @@ def test_cpu_loader_reuses_a_batch_buffer_only_once_nothing_refers_to_it():
         copies.append(held[-1].clone())
     assert len({x.data_ptr() for x in held}) == len(held) == 16
     assert all(torch.equal(x, c) for x, c in zip(held, copies))
-    # Released batches are written again: an epoch that drops each batch uses a few buffers only.
-    del held, x
-    loader.set_epoch(1)
-    addresses = {x.data_ptr() for x, _ in loader}
-    assert len(addresses) <= 3
     # channels_last=False gives contiguous tensors with the same values.
     plain = DeviceLoader(images, labels, 4, "cpu", train=True, augment=True, seed=0, channels_last=False, **NORM)
     first = [x for x, _ in epoch_batches(plain, 1)]
@@ -463,29 +446,21 @@ def test_cpu_loader_reuses_a_batch_buffer_only_once_nothing_refers_to_it():
     assert all(torch.equal(a, b[0].contiguous()) for a, b in zip(first, epoch_batches(loader, 1)))
 
 
-def test_gather_rows_refuses_an_index_out_of_range():
-    rows = torch.arange(12, dtype=torch.uint8).view(4, 3)
-    assert torch.equal(data.gather_rows(rows, torch.tensor([3, 0])), rows[[3, 0]])
-    for bad in ([4], [-1]):
-        with pytest.raises(IndexError, match=r"out of range \[0, 4\)"):
-            data.gather_rows(rows, torch.tensor(bad), out=torch.empty(1, 3, dtype=torch.uint8))
-
-
 def _loader_in_forked_child(queue) -> None:
     # As in DataLoader workers: with GNU OpenMP, a forked child that runs a multi-threaded op after
     # its parent did hangs, whatever this project does (torch 2.14: `torch.rand(100000).exp()`).
     torch.set_num_threads(1)
     images, labels = random_images(16, 12)
-    loader = DeviceLoader(images, labels, 8, "cpu", train=True, augment=True, seed=0, threads=2, **NORM)
+    loader = DeviceLoader(images, labels, 8, "cpu", train=True, augment=True, seed=0, **NORM)
     queue.put(torch.cat([x for x, _ in loader]).sum().item())
 
 
-def test_cpu_loader_threads_work_in_a_forked_child():
+def test_cpu_loader_works_in_a_forked_child():
     import multiprocessing
 
     images, labels = random_images(16, 12)
-    loader = DeviceLoader(images, labels, 8, "cpu", train=True, augment=True, seed=0, threads=2, **NORM)
-    expected = torch.cat([x for x, _ in loader]).sum().item()  # the parent's helper threads exist now
+    loader = DeviceLoader(images, labels, 8, "cpu", train=True, augment=True, seed=0, **NORM)
+    expected = torch.cat([x for x, _ in loader]).sum().item()  # the parent has run the loader's ops
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_loader_in_forked_child, args=(queue,))
@@ -493,7 +468,7 @@ def test_cpu_loader_threads_work_in_a_forked_child():
     child.join(timeout=60)
     if child.is_alive():
         child.kill()
-        pytest.fail("a forked child hung using the loader's helper threads")
+        pytest.fail("a forked child hung running the loader")
     assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
 
 
@@ -516,13 +491,13 @@ def test_crop_flip_matches_torchvision_resized_crop_and_hflip():
     size = 18
     reference = reference_crop_flip(images, crops, flips, size)
     # The matmul kernel (the GPU's) is exact bilinear in float32, over the whole output, edges included.
-    exact = crop_flip(images, crops, flips, size, kernel="matmul")
-    assert exact.shape == (24, 3, size, size) and exact.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(exact, reference, atol=1e-3)
+    exact = matmul_crops(images, crops, flips, size)
+    assert exact.shape == (24, size, size, 3)
+    assert torch.allclose(exact.permute(0, 3, 1, 2), reference, atol=1e-3)
     # The resize kernel (the CPU's) rounds to uint8 once: within one level, and the default on CPU.
-    rounded = crop_flip(images, crops, flips, size, kernel="resize")
-    assert rounded.is_contiguous(memory_format=torch.channels_last)
-    assert (rounded - reference).abs().max() <= 1.01 and (rounded - reference).abs().mean() < 0.5
+    rounded = resize_crops(images, crops, flips, size)
+    difference = rounded.permute(0, 3, 1, 2) - reference
+    assert difference.abs().max() <= 1.01 and difference.abs().mean() < 0.5
     assert torch.equal(crop_flip(images, crops, flips, size), rounded)
 
 
@@ -530,11 +505,8 @@ def test_crop_flip_kernels_agree_at_training_size():
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (8, 224, 224, 3), dtype=torch.uint8, generator=generator)
     crops, flips = sample_crops(8, 224, 224, generator), sample_flips(8, generator)
-    difference = crop_flip(images, crops, flips, 224, kernel="resize") - crop_flip(images, crops, flips, 224,
-                                                                                   kernel="matmul")
+    difference = resize_crops(images, crops, flips, 224) - matmul_crops(images, crops, flips, 224)
     assert difference.abs().max() <= 1.01 and difference.abs().mean() < 0.5
-    with pytest.raises(ValueError, match="kernel"):
-        crop_flip(images, crops, flips, 224, kernel="grid")
 
 
 def test_sampled_crops_obey_scale_and_ratio_bounds():

@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
+from common import data_fetch
 from part_b import weights as weights_lib
 from part_b.model import ModelBConfig, build_from_config, build_model, parameter_counts
 from part_b.weights import WeightsError
@@ -286,7 +287,7 @@ def no_network(*args, **kwargs):
 
 
 def test_missing_weights_without_network_fail_fast_naming_url_and_path(torch_home, monkeypatch):
-    monkeypatch.setattr(weights_lib, "urlopen", no_network)
+    monkeypatch.setattr(data_fetch, "urlopen", no_network)
     started = time.perf_counter()
     with pytest.raises(WeightsError) as error:
         build_model(ModelBConfig(model="resnet18", weights="DEFAULT", input_size=64))
@@ -309,7 +310,7 @@ def test_download_to_a_closed_port_fails_fast(torch_home):
 
 
 def test_cached_weights_are_used_without_touching_the_network(torch_home, monkeypatch):
-    monkeypatch.setattr(weights_lib, "urlopen", no_network)
+    monkeypatch.setattr(data_fetch, "urlopen", no_network)
     state = torchvision_state("resnet18")
     torch_home.mkdir(parents=True)
     torch.save(state, torch_home / "resnet18-f37072fd.pth")
