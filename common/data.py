@@ -1,6 +1,6 @@
 """The data pipeline's entry point: ``prepare`` the split, ``load_cache`` it, iterate a ``DeviceLoader``.
 
-    python common/data.py prepare --root data [--url URL | --zip FILE] [--val_fraction 0.2] [--seed 42]
+    python common/data.py prepare --root data [--url URL | --zip FILE | --source DIR] [--val_fraction 0.2] [--seed 42]
 
 Preparation lives in ``data_prepare`` (download and extraction in ``data_fetch``), the decode-once
 cache in ``data_cache``, augmentation in ``augment``; this module re-exports their public names and
@@ -140,8 +140,8 @@ class DeviceLoader:
 
     def _prefetched(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
         """uint8 batches gathered into pinned host memory and copied to the device one batch ahead: the
-        next batch's gather and copy are issued before this one is handed out, so they overlap the device's
-        work on it. The pinned allocator reuses a block only once its copy has finished."""
+        host gathers the next batch while the device works on this one (the copies run in stream order,
+        after the work queued before them). The pinned allocator reuses a block once its copy is done."""
         def copy(index: torch.Tensor) -> torch.Tensor:
             host = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8,
                                pin_memory=self.device.type == "cuda")
@@ -163,6 +163,11 @@ class PrepareConfig:
     zip: str | None = field(default=None, metadata={"help": "use this already downloaded archive instead"})
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
     seed: int = field(default=42, metadata={"help": "seed of the train/val split"})
+    source: str | None = field(default=None, metadata={
+        "help": "split your own image folders instead: DIR/<Class>/* or DIR/train/<Class>/* (+ DIR/test or DIR/val "
+                "as the test set); they are linked, never changed"})
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "with --source and no test folder: stratified fraction of each class held out for testing"})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -177,12 +182,15 @@ def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
     config = from_namespace(PrepareConfig, get_args_parser().parse_args(argv))
     if config.zip is not None and config.url != DATASET_URL:
         raise ValueError("give either --url or --zip, not both")
+    if config.source is not None and (config.zip is not None or config.url != DATASET_URL):
+        raise ValueError("--source splits your own folders; --zip and --url fetch the iNaturalist archive: give one")
     return config
 
 
 def main(argv: list[str] | None = None) -> int:
     return cli_main(config_from_args, lambda config: prepare(
-        config.root, url=config.url, zip_path=config.zip, val_fraction=config.val_fraction, seed=config.seed), argv)
+        config.root, url=config.url, zip_path=config.zip, val_fraction=config.val_fraction, seed=config.seed,
+        source=config.source, test_fraction=config.test_fraction), argv)
 
 
 if __name__ == "__main__":

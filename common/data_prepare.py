@@ -10,6 +10,11 @@
 
 ``val`` is a stratified ``val_fraction`` of each class of the original ``train/``, chosen by ``seed``;
 ``test`` is the original ``val/``. A rerun with the same options on unchanged files does nothing.
+
+``source=DIR`` splits your own image folders instead, left where they are: ``DIR/<Class>/*`` (then
+``test`` is a stratified ``test_fraction`` too) or ``DIR/train/<Class>/*`` with an optional
+``DIR/test/`` or ``DIR/val/`` as the test set. A later ``prepare(root)`` (as the train scripts call it)
+reuses the source the split was made from.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from common.files import read_json, write_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
-PREPARE_FORMAT = 1
+PREPARE_FORMAT = 2  # 2: origin "test" (was "val"), own sources
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class ImageFile:
     source: Path  # the original file
     label: str  # class name
     relative: str  # path below the class folder, posix style
-    origin: str  # "train" or "val" folder of the original
+    origin: str  # "train" (to be split) or "test" (the given test set)
 
 
 @dataclass(frozen=True)
@@ -51,17 +56,26 @@ class FileCheck:
 
 
 def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | None = None,
-            val_fraction: float = 0.2, seed: int = 42) -> Path:
+            val_fraction: float = 0.2, seed: int = 42, source: str | Path | None = None,
+            test_fraction: float = 0.2) -> Path:
     """Make ``root/split`` (see the module docstring) and return it; cheap when already done."""
-    root = Path(root)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    source = find_or_fetch_source(root, url, zip_path)
-    files = scan_class_folders(source / "train", "train") + scan_class_folders(source / "val", "val")
-    check_class_sets(source, files)
-    split_dir = root / "split"
-    state = {"format": PREPARE_FORMAT, "val_fraction": val_fraction, "seed": seed,
-             "fingerprint": fingerprint(files)}
+    root, split_dir = Path(root), Path(root) / "split"
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {fraction}")
+    made_from = read_json(split_dir / "prepare.json").get("source")
+    if source is None and made_from is not None:  # a split of the user's own folders: keep using them
+        source, test_fraction = made_from, read_json(split_dir / "prepare.json")["test_fraction"]
+    if source is None:
+        dataset = find_or_fetch_source(root, url, zip_path)
+        train_dir, test_dir = dataset / "train", dataset / "val"
+    else:
+        train_dir, test_dir = source_folders(Path(source))
+    files = scan_class_folders(train_dir, "train") + (scan_class_folders(test_dir, "test") if test_dir else [])
+    check_class_sets(train_dir, test_dir, files)
+    state = {"format": PREPARE_FORMAT, "val_fraction": val_fraction, "seed": seed, "fingerprint": fingerprint(files)}
+    if source is not None:
+        state.update(source=str(Path(source).resolve()), test_fraction=test_fraction if test_dir is None else None)
     if (split_dir / MANIFEST).is_file() and read_json(split_dir / "prepare.json") == state \
             and _split_intact(split_dir):
         print(f"data ready: {split_dir} (same files, seed {seed}, val_fraction {val_fraction})")
@@ -70,9 +84,22 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
     checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate")))
     good = [f for f in files if checks[f].problem is None]
     check_no_empty_class(files, good)
-    assigned = assign_splits(good, val_fraction, seed)
+    assigned = assign_splits(good, val_fraction, seed, test_fraction if test_dir is None else 0.0)
     _write_split(root, split_dir, assigned, checks, files, state)
     return split_dir
+
+
+def source_folders(source: Path) -> tuple[Path, Path | None]:
+    """(the folder of class folders to split, the folder of test class folders or None) of ``source``."""
+    if not source.is_dir():
+        raise DataError(f"--source {source}: no such folder")
+    if not (source / "train").is_dir():
+        return source, None  # source/<Class>/*: train, val and test are all drawn from it
+    tests = [source / name for name in ("test", "val") if (source / name).is_dir()]
+    if len(tests) > 1:
+        raise DataError(f"{source} has both test/ and val/: keep the one that is your test set (validation is "
+                        "drawn from train/ by --val_fraction)")
+    return source / "train", tests[0] if tests else None
 
 
 def find_or_fetch_source(root: Path, url: str, zip_path: str | Path | None) -> Path:
@@ -104,18 +131,22 @@ def scan_class_folders(folder: Path, origin: str) -> list[ImageFile]:
     return found
 
 
-def check_class_sets(source: Path, files: list[ImageFile]) -> None:
-    train = {f.label for f in files if f.origin == "train"}
-    test = {f.label for f in files if f.origin == "val"}
-    for origin in ("train", "val"):
-        empty = sorted(p.name for p in (source / origin).iterdir() if p.is_dir() and not is_hidden(p.name)
-                       and p.name not in (train if origin == "train" else test))
+def check_class_sets(train_dir: Path, test_dir: Path | None, files: list[ImageFile]) -> None:
+    """Every class folder holds images, there are at least two classes, and test has train's classes."""
+    found = {origin: {f.label for f in files if f.origin == origin} for origin in ("train", "test")}
+    for origin, folder in (("train", train_dir), ("test", test_dir)):
+        empty = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)
+                       and p.name not in found[origin]) if folder else []
         if empty:
-            raise DataError(f"class folders with no images in {source / origin}: {', '.join(empty)}; "
+            raise DataError(f"class folders with no images in {folder}: {', '.join(empty)}; "
                             "add their images or remove the folders")
-    if train != test:
-        raise DataError(f"train and val (test) folders of {source} hold different classes: only in train: "
-                        f"{sorted(train - test) or 'none'}; only in val: {sorted(test - train) or 'none'}")
+    if len(found["train"]) < 2:
+        raise DataError(f"{train_dir} holds {len(found['train'])} class folder(s) with images "
+                        f"({', '.join(sorted(found['train'])) or 'none'}); a classifier needs at least 2")
+    if test_dir is not None and found["train"] != found["test"]:
+        raise DataError(f"{train_dir} and its test set {test_dir} hold different classes: only in training: "
+                        f"{sorted(found['train'] - found['test']) or 'none'}; only in test: "
+                        f"{sorted(found['test'] - found['train']) or 'none'}")
 
 
 def fingerprint(files: list[ImageFile]) -> str:
@@ -175,16 +206,24 @@ def check_no_empty_class(files: list[ImageFile], good: list[ImageFile]) -> None:
                         "replace the broken files")
 
 
-def assign_splits(good: list[ImageFile], val_fraction: float, seed: int) -> dict[ImageFile, str]:
-    """Original val/ -> test; per class of train/, round(n * val_fraction) files (at least 1) -> val."""
-    assigned = {f: "test" for f in good if f.origin == "val"}
+def assign_splits(good: list[ImageFile], val_fraction: float, seed: int,
+                  test_fraction: float = 0.0) -> dict[ImageFile, str]:
+    """The given test set -> test; per class to split, round(n * val_fraction) files (at least 1) -> val
+    and, with ``test_fraction``, round(n * test_fraction) (at least 1) -> test; the rest -> train."""
+    assigned = {f: "test" for f in good if f.origin == "test"}
     for label in sorted({f.label for f in good if f.origin == "train"}):
         members = sorted((f for f in good if f.origin == "train" and f.label == label), key=lambda f: f.relative)
-        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
+        n_val = max(1, round(len(members) * val_fraction))
+        n_test = max(1, round(len(members) * test_fraction)) if test_fraction else 0
+        if len(members) - n_val - n_test < 1:
+            raise DataError(f"class {label} has {len(members)} readable training image(s): too few for {n_val} "
+                            f"validation{f' and {n_test} test' if n_test else ''} image(s) and at least one to "
+                            "train on; add images, or lower --val_fraction / --test_fraction")
         # A string seed is hashed deterministically (not with Python's per-process hash salt).
-        chosen = set(random.Random(f"{seed}:{label}").sample(range(len(members)), n_val))
-        for index, f in enumerate(members):
-            assigned[f] = "val" if index in chosen else "train"
+        drawn = random.Random(f"{seed}:{label}").sample(range(len(members)), n_val + n_test)
+        assigned.update(dict.fromkeys(members, "train"))
+        for position, index in enumerate(drawn):
+            assigned[members[index]] = "val" if position < n_val else "test"
     return assigned
 
 

@@ -1,0 +1,105 @@
+"""Your own image folders: `prepare --source DIR` splits them like the iNaturalist archive."""
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import data as data_lib
+from conftest import class_image
+
+
+def make_folders(root: Path, classes: dict[str, int], size=(40, 32)) -> Path:
+    """``root/<Class>/NNN.png`` with ``classes[name]`` images each; returns ``root``."""
+    for index, (name, count) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([index, len(str(root))])
+        for i in range(count):
+            class_image(index, rng, size).save(folder / f"{i:03d}.png")
+    return root
+
+
+def digest(tree: Path) -> dict[str, str]:
+    return {p.relative_to(tree).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tree.rglob("*")) if p.is_file()}
+
+
+def split_counts(split_dir: Path) -> Counter:
+    with open(split_dir / "manifest.csv", newline="") as handle:
+        return Counter((row["split"], row["class"]) for row in csv.DictReader(handle))
+
+
+def test_a_folder_of_class_folders_is_split_three_ways_and_left_unchanged(tmp_path):
+    source = make_folders(tmp_path / "photos", {"cats": 10, "dogs": 10, "owls": 20})
+    before = digest(source)
+    assert data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--source", str(source)]) == 0
+    counts = split_counts(tmp_path / "data" / "split")
+    assert counts == {("train", "cats"): 6, ("val", "cats"): 2, ("test", "cats"): 2,
+                      ("train", "dogs"): 6, ("val", "dogs"): 2, ("test", "dogs"): 2,
+                      ("train", "owls"): 12, ("val", "owls"): 4, ("test", "owls"): 4}
+    assert digest(source) == before
+    for split in ("train", "val", "test"):
+        assert sorted(p.name for p in (tmp_path / "data" / "split" / split).iterdir()) == ["cats", "dogs", "owls"]
+    cached = data_lib.load_cache(tmp_path / "data" / "split", "test", 16)
+    assert cached.classes == ["cats", "dogs", "owls"] and len(cached.labels) == 8
+
+
+@pytest.mark.parametrize("test_folder", ["test", "val"])
+def test_a_train_folder_with_its_own_test_folder(tmp_path, test_folder):
+    source = tmp_path / "photos"
+    make_folders(source / "train", {"cats": 10, "dogs": 5})
+    make_folders(source / test_folder, {"cats": 3, "dogs": 2})
+    split_dir = data_lib.prepare(tmp_path / "data", source=source)
+    assert split_counts(split_dir) == {("train", "cats"): 8, ("val", "cats"): 2, ("train", "dogs"): 4,
+                                       ("val", "dogs"): 1, ("test", "cats"): 3, ("test", "dogs"): 2}
+
+
+def test_later_prepares_without_source_reuse_it_and_a_changed_fraction_resplits(tmp_path, capsys):
+    source = make_folders(tmp_path / "photos", {"cats": 10, "dogs": 10})
+    data_lib.prepare(tmp_path / "data", source=source)
+    data_lib.prepare(tmp_path / "data")  # what the train scripts do: no download, the same split
+    assert "data ready" in capsys.readouterr().out
+    data_lib.prepare(tmp_path / "data", test_fraction=0.4)  # ignored: the split keeps its own source settings
+    assert "data ready" in capsys.readouterr().out
+    data_lib.prepare(tmp_path / "data", source=source, test_fraction=0.4)
+    assert split_counts(tmp_path / "data" / "split")[("test", "cats")] == 4
+
+
+@pytest.mark.parametrize("layout, fragment", [
+    ({"cats": 10, "dogs": 0}, "class folders with no images"),
+    ({"cats": 10}, "needs at least 2"),
+    ({"cats": 10, "dogs": 2}, "class dogs has 2 readable training image(s): too few"),
+])
+def test_bad_folders_are_clear_errors(tmp_path, capsys, layout, fragment):
+    source = make_folders(tmp_path / "photos", layout)
+    code = data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--source", str(source)])
+    err = capsys.readouterr().err
+    assert code == 1 and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "split").exists()
+
+
+def test_train_and_test_folders_with_other_classes_are_refused(tmp_path):
+    source = tmp_path / "photos"
+    make_folders(source / "train", {"cats": 5, "dogs": 5})
+    make_folders(source / "test", {"cats": 2, "owls": 2})
+    with pytest.raises(data_lib.DataError, match=r"only in training: \['dogs'\]; only in test: \['owls'\]"):
+        data_lib.prepare(tmp_path / "data", source=source)
+
+
+def test_both_a_test_and_a_val_folder_are_ambiguous(tmp_path):
+    source = tmp_path / "photos"
+    for folder in ("train", "test", "val"):
+        make_folders(source / folder, {"cats": 5, "dogs": 5})
+    with pytest.raises(data_lib.DataError, match="both test/ and val/"):
+        data_lib.prepare(tmp_path / "data", source=source)
+
+
+@pytest.mark.parametrize("extra", [["--zip", "archive.zip"], ["--url", "http://127.0.0.1:9/x.zip"]])
+def test_source_with_an_archive_option_is_a_bad_option(tmp_path, capsys, extra):
+    code = data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--source", str(tmp_path), *extra])
+    assert code == 2 and "give one" in capsys.readouterr().err
