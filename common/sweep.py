@@ -191,10 +191,13 @@ def requeue_interrupted(study: optuna.Study) -> int:
     return len(todo)
 
 
-def _sampler_seed(seed: int | None, trials: int, worker: int) -> int | None:
+def _sampler(spec: SweepSpec, seed: int | None, trials: int, worker: int) -> optuna.samplers.BaseSampler:
     """The same seed, history and worker propose the same trials; a continued study and each worker draw
-    their own stream (one stream would repeat the first trials' proposals)."""
-    return None if seed is None else int(np.random.SeedSequence([seed, trials, worker]).generate_state(1)[0])
+    their own stream (one stream would repeat the first trials' proposals). A grid keeps the one seed: it
+    orders the grid's points, an order every worker and continuation must share."""
+    if seed is not None and spec.method != "grid":
+        seed = int(np.random.SeedSequence([seed, trials, worker]).generate_state(1)[0])
+    return make_sampler(spec, seed)
 
 
 def _take_ticket(tickets) -> bool:
@@ -230,7 +233,7 @@ def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunne
         with _interrupt_once():
             study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
                                       pruner=make_pruner(spec))
-            study.sampler = make_sampler(spec, _sampler_seed(seed, len(study.trials), worker))
+            study.sampler = _sampler(spec, seed, len(study.trials), worker)
             grid = isinstance(study.sampler, optuna.samplers.GridSampler)
 
             def more() -> bool:  # a grid ends when every point was tried, unless a trial is queued

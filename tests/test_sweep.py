@@ -245,14 +245,14 @@ def test_an_interrupted_grid_point_runs_again_when_the_study_continues(tmp_path,
         return finish(config, epoch_callback)
 
     monkeypatch.setattr(program, "run", ctrl_c_at_half)
-    study, interrupted = run_fake(tmp_path, spec, "grid", count=3)
+    study, interrupted = run_fake(tmp_path, spec, "grid", count=3, seed=3)
     assert interrupted and [t.user_attrs["error"] for t in study.trials if t.state == TrialState.FAIL] == [
         sweep.INTERRUPTED]
     monkeypatch.setattr(program, "run", finish)
-    study, interrupted = run_fake(tmp_path, spec, "grid", count=3)
+    study, interrupted = run_fake(tmp_path, spec, "grid", count=3, seed=3)
     complete = [t.params["quality"] for t in study.trials if t.state == TrialState.COMPLETE]
     assert not interrupted and sorted(complete) == [0.2, 0.5, 0.8]  # the grid point was not lost
-    study, _ = run_fake(tmp_path, spec, "grid", count=3)  # the grid is done: nothing more runs
+    study, _ = run_fake(tmp_path, spec, "grid", count=3, seed=3)  # the grid is done: nothing more runs
     assert len(study.trials) == len(complete) + 1
 
 
