@@ -41,7 +41,7 @@ DEFAULT_COUNT = 30
 QUICK_COUNT = 5  # the fewest completed trials parameter importance needs
 # --quick: small inputs, two epochs, narrow layers ('same' padding: five blocks need it at 32 px), a small backbone.
 QUICK_PART_A = {"epochs": 2, "input_size": 32, "batch_size": 32, "padding": "same", "n_filters": 16}
-QUICK_PART_B = {"model": "resnet18", "input_size": 32, "epochs": 2, "batch_size": 32}
+QUICK_PART_B = {"model": "resnet18", "input_size": 32, "epochs": 2, "batch_size": 64}
 
 
 @dataclass
@@ -53,7 +53,9 @@ class StudyConfig:
         "help": f"Part A sweep trials to have finished in all; none = {DEFAULT_COUNT}, or {QUICK_COUNT} with --quick"})
     workers: int = field(default=1, metadata={"help": "parallel sweep workers on this machine (one trial each)"})
     quick: bool = field(default=False, metadata={
-        "help": f"check an installation in minutes on a CPU: Part A {QUICK_PART_A}, Part B {QUICK_PART_B}"})
+        "help": f"check an installation in minutes on a CPU: a {QUICK_COUNT}-trial sweep of "
+                f"{QUICK_PART_A['epochs']}-epoch runs at {QUICK_PART_A['input_size']} px, Part B with "
+                f"{QUICK_PART_B['model']} at {QUICK_PART_B['input_size']} px"})
     part_b_weights: str | None = field(default=None, metadata={
         "help": "Part B pretrained weights, passed to part_b/train.py --weights (a weights name or a "
                 "state-dict FILE); none = part_b/sweep.yaml's, read from the torch hub cache"})
@@ -126,10 +128,10 @@ class Plan:
 
 
 def make_plan(file: Path, config: StudyConfig, quick: dict[str, Any], count: int | None = None,
-              **fixed: Any) -> Plan:
+              fixed: dict[str, Any] | None = None) -> Plan:
     """The sweep of ``file`` with ``fixed`` values (and ``quick`` ones with --quick); ``count`` None means
     every point of its grid. A quick study has its own name, so its small runs never join a full one."""
-    overrides = {**(quick if config.quick else {}), **fixed}
+    overrides = {**(quick if config.quick else {}), **(fixed or {})}
     spec = load_sweep(file, overrides)  # a bad file fails here, before any step
     trials = count or math.prod(len(dist.choices) for dist in spec.search_space.values())
     name = (spec.name or file.stem) + ("_quick" if config.quick else "")
@@ -225,9 +227,10 @@ def run_part_b(plan: Plan, config: StudyConfig) -> dict:
 
 def run_study(config: StudyConfig) -> Path:
     study_dir = Path(config.out_dir) / "study"
-    part_a = make_plan(PART_A_SWEEP, config, QUICK_PART_A, config.count or (QUICK_COUNT if config.quick else DEFAULT_COUNT))
-    weights = {"weights": config.part_b_weights} if config.part_b_weights else {}
-    part_b = make_plan(PART_B_SWEEP, config, QUICK_PART_B, **weights)
+    count = config.count or (QUICK_COUNT if config.quick else DEFAULT_COUNT)
+    part_a = make_plan(PART_A_SWEEP, config, QUICK_PART_A, count)
+    part_b = make_plan(PART_B_SWEEP, config, QUICK_PART_B,
+                       fixed={"weights": config.part_b_weights} if config.part_b_weights else None)
     steps = Steps(study_dir / "state.json")
     steps.run("prepare", {"data_dir": config.data_dir}, lambda: {"split_dir": str(data.prepare(config.data_dir))})
     steps.run("part_a_sweep", {**dataclasses.asdict(part_a), "seed": config.seed, "data_dir": config.data_dir},
@@ -235,7 +238,8 @@ def run_study(config: StudyConfig) -> Path:
     trial = best_trial(part_a, config)
     best = steps.run("part_a_best", {"study": part_a.study, "trial": trial.number},
                      lambda: best_run(trial, part_a, config))
-    steps.run("part_a_evaluate", {"run_dir": best["run_dir"]}, lambda: evaluate_best(best["run_dir"], config, study_dir))
+    steps.run("part_a_evaluate", {"run_dir": best["run_dir"]},
+              lambda: evaluate_best(best["run_dir"], config, study_dir))
     steps.run("part_b", {**dataclasses.asdict(part_b), "seed": config.seed, "data_dir": config.data_dir},
               lambda: run_part_b(part_b, config))
     from common.study_report import write_report

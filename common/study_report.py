@@ -72,8 +72,8 @@ def question1_results(run_dir: Path) -> dict:
     from part_a.model import ModelConfig
     config = from_namespace(ModelConfig, files.read_json(run_dir / "config.json"))
     counts = count_config(config)
-    m, k, n, w = (config.n_filters, config.kernel_size if isinstance(config.kernel_size, int) else config.kernel_size[0],
-                  config.dense_neurons, config.input_size)
+    kernel = config.kernel_size if isinstance(config.kernel_size, int) else config.kernel_size[0]
+    m, k, n, w = config.n_filters, kernel, config.dense_neurons, config.input_size
     formula = (question1_formula(m, k, n, w, conv_bias=config.conv_bias, batch_norm=config.batch_norm)
                if w % 32 == 0 else None)  # the formula assumes five exact halvings
     return {"input_size": w, "macs": counts.macs, "flops": counts.flops, "element_ops": counts.element_ops,
@@ -105,7 +105,8 @@ def _strategy_row(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "trainable_params": summary["trainable_params"],
             "trainable_params_last_epoch": model.set_epoch(summary["epochs_run"])["trainable_params"],
             "params": summary["params"], "epochs": summary["epochs_run"],
-            "epoch_time_s": statistics.mean(m["epoch_time_s"] for m in tracking.read_metrics(run_dir / "metrics.jsonl")),
+            "epoch_time_s": statistics.mean(m["epoch_time_s"]
+                                            for m in tracking.read_metrics(run_dir / "metrics.jsonl")),
             "best_val_acc": summary["best_val_acc"], "test_acc": summary.get("test_acc"),
             "head": [linears[0].in_features, *(layer.out_features for layer in linears)]}
 
@@ -243,7 +244,7 @@ def _part_b_markdown(p: dict) -> list[str]:
                   f"-class ImageNet classifier `{setup['head_layer']}` was replaced by a new, randomly initialised "
                   f"head with 10 outputs (widths below), trained at the full learning rate {setup['learning_rate']:g}; "
                   f"pretrained layers that train use {setup['backbone_lr_scale']:g} times it.", ""]
-    lines += ["| strategy | trainable parameters | epochs | s per epoch | best val_acc | test_acc | head | run folder |",
+    lines += ["| strategy | trainable parameters | epochs | s per epoch | best val_acc | test_acc | head | run |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in p["rows"].items():
         if "error" in row:
@@ -260,8 +261,8 @@ def _part_b_markdown(p: dict) -> list[str]:
 
 def _steps_markdown(steps: dict) -> list[str]:
     lines = ["## Hardware, software and time", "", "| step | status | time | finished |", "| --- | --- | --- | --- |"]
-    lines += [f"| {STEP_TITLES.get(name, name)} | {r['status']} | {_duration(r['seconds'] or 0)} | {r['finished'] or ''} |"
-              for name, r in steps.items()]
+    lines += [f"| {STEP_TITLES.get(name, name)} | {r['status']} | {_duration(r['seconds'] or 0)} | "
+              f"{r['finished'] or ''} |" for name, r in steps.items()]
     lines += ["", f"Total: {_duration(sum(r['seconds'] or 0 for r in steps.values()))} (a step's time adds up its "
               "tries). The steps ran on:", ""]
     places = Counter((r["machine"], r["software"]) for r in steps.values() if r["machine"])
