@@ -145,7 +145,7 @@ def part_b_results(record: dict) -> dict:
             rows[strategy] = {"error": trial.user_attrs.get("error", trial.state.name.lower())}
     done = [row["run_dir"] for row in rows.values() if "run_dir" in row]
     return {"status": "done", "study": result["study"],
-            "rows": {name: rows.get(name, {"error": "not run"}) for name in strategies},
+            "rows": {name: rows.get(name, {}) for name in strategies},  # {}: no trial of it has finished
             "setup": _input_and_head(Path(done[0])) if done else None}
 
 
@@ -239,23 +239,25 @@ def _part_b_markdown(p: dict) -> list[str]:
         lines += [f"`{setup['model']}` with weights `{setup['weights']}`. Images enter at {size}x{size} pixels ("
                   + ("the crop size of the weights' transforms" if size == native else
                      f"set by `--input_size`; the weights' transforms crop to {native}x{native}")
-                  + f"), normalised with the weights' mean {setup['mean']} and std {setup['std']}. "
-                  f"The {setup['imagenet_classes']:,}"
-                  f"-class ImageNet classifier `{setup['head_layer']}` was replaced by a new, randomly initialised "
-                  f"head with 10 outputs (widths below), trained at the full learning rate {setup['learning_rate']:g}; "
+                  + f"), normalised with the weights' mean {setup['mean']} and std {setup['std']}. The "
+                  f"{setup['imagenet_classes']:,}-class ImageNet classifier `{setup['head_layer']}` was replaced by a "
+                  "new, randomly initialised head with 10 outputs (widths below), trained at the full learning rate "
+                  f"{setup['learning_rate']:g}; "
                   f"pretrained layers that train use {setup['backbone_lr_scale']:g} times it.", ""]
     lines += ["| strategy | trainable parameters | epochs | s per epoch | best val_acc | test_acc | head | run |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in p["rows"].items():
-        if "error" in row:
-            lines.append(f"| {name} | failed: {row['error']} | | | | | | |")
+        if "run_dir" not in row:
+            status = f"failed: {row['error']}" if "error" in row else "not run"
+            lines.append(f"| {name} | {status} | | | | | | |")
             continue
         trainable = f"{row['trainable_params']:,}"
         if row["trainable_params_last_epoch"] != row["trainable_params"]:
             trainable += f" to {row['trainable_params_last_epoch']:,} (epoch {row['epochs']})"
         test = "" if row["test_acc"] is None else f"{row['test_acc']:.4f}"
+        head = " -> ".join(map(str, row["head"]))
         lines.append(f"| {name} | {trainable} of {row['params']:,} | {row['epochs']} | {row['epoch_time_s']:.1f} | "
-                     f"{row['best_val_acc']:.4f} | {test} | {' > '.join(map(str, row['head']))} | `{row['run_dir']}` |")
+                     f"{row['best_val_acc']:.4f} | {test} | {head} | `{row['run_dir']}` |")
     return lines + [""]
 
 
