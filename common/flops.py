@@ -11,7 +11,8 @@ Conventions, the same in every count here (all counts are per image, i.e. for a 
   ``window - 1`` comparisons (3 for 2x2). Dropout, flatten and padding cost nothing.
 - Params: ``nn.Parameter`` elements; batch norm's running mean and variance are buffers, not params.
 
-``count_part_a`` derives the Part A counts from the analytic block shapes alone (Question 1);
+``count_part_a`` derives the Part A counts from the analytic block shapes alone (Question 1;
+``count_config`` for a ``ModelConfig``);
 ``count_module`` counts any ``nn.Module`` per layer from one forward pass under FlopCounterMode (on
 the meta device no weight memory is used); ``verify`` checks a report against FlopCounterMode and
 ``sum(p.numel())``.
@@ -340,22 +341,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def count_config(config) -> Report:
+    """``count_part_a`` for a Part A ``ModelConfig`` (its analytic block shapes; no weights built).
+    Raises ``ValueError`` for a configuration that cannot be built."""
+    from part_a.model import activation_class, block_shapes
+    return count_part_a(block_shapes(config), dense_neurons=config.dense_neurons, num_classes=config.num_classes,
+                        batch_norm=config.batch_norm, conv_bias=config.conv_bias,
+                        activation=activation_class(config.activation).__name__,
+                        dense_activation=activation_class(config.dense_activation or config.activation).__name__)
+
+
 def _count(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, Report, nn.Module | None, str]:
     """(title, report, the model when --verify needs one, the Question 1 text) for the parsed options."""
-    from part_a.model import ModelConfig, activation_class, block_shapes, build_model
+    from part_a.model import ModelConfig, build_model
     try:
         if args.torchvision:
             model = _torchvision_on_meta(args.torchvision)
             title = f"{args.torchvision} (torchvision) at {args.input_size}x{args.input_size}"
             return title, count_module(model, (3, args.input_size, args.input_size)), model, ""
         config = from_namespace(ModelConfig, args)
-        shapes = block_shapes(config)
+        report = count_config(config)
     except ValueError as error:
         parser.error(str(error))
-    report = count_part_a(shapes, dense_neurons=config.dense_neurons, num_classes=config.num_classes,
-                          batch_norm=config.batch_norm, conv_bias=config.conv_bias,
-                          activation=activation_class(config.activation).__name__,
-                          dense_activation=activation_class(config.dense_activation or config.activation).__name__)
     return (f"Part A network at {config.input_size}x{config.input_size}", report,
             build_model(config) if args.verify else None, question1_text(config, report))
 

@@ -1,6 +1,6 @@
 """Run the sweep in sweep.yaml locally with Optuna (no wandb server needed), and report on it.
 
-    python common/sweep.py sweep.yaml --count 30 [--study NAME] [--storage URL] [--workers K]
+    python common/sweep.py sweep.yaml --count 30 [--study NAME] [--storage URL] [--workers K] [--seed S]
                            [--out_dir runs] [--data_dir data] [--set epochs=10 input_size=128 ...]
     python common/sweep.py report --study NAME [--storage URL] [--out DIR]
 
@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from common.config import UserError, cli_main, from_namespace, to_cli
 from common.sweep_space import (SweepConfigError, SweepSpec, load_sweep, make_pruner, make_sampler,
@@ -43,6 +45,8 @@ from common.sweep_space import (SweepConfigError, SweepSpec, load_sweep, make_pr
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM_API = ("get_args_parser", "config_from_args", "run")
 RUNNER_OPTIONS = ("out_dir", "name", "wandb_group")  # set per trial, on top of the sweep's parameters
+INTERRUPTED = "interrupted (Ctrl-C)"
+RETRY_OF = "retry_of"  # a queued retry's system attribute: the number of the interrupted trial
 
 
 @dataclass
@@ -56,6 +60,7 @@ class SweepOptions:
     out_dir: str | None = None   # default: the sweep file's out_dir value, else runs
     data_dir: str | None = None  # default: the sweep file's data_dir value, else data
     overrides: dict[str, Any] | None = None
+    seed: int | None = None      # the samplers' seed: the same history proposes the same trials
 
 
 def load_program(path: str) -> ModuleType:
@@ -146,7 +151,7 @@ class TrialRunner:
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            trial.set_user_attr("error", INTERRUPTED)
             raise
         except Exception as error:  # recorded with the trial; the sweep goes on (optimize's catch)
             trial.set_user_attr("error", f"{type(error).__name__}: {error}")
@@ -154,7 +159,8 @@ class TrialRunner:
         return max(reported) if self.goal == "maximize" else min(reported)
 
 
-def _database(out_dir: str | Path, study: str) -> Path:
+def database_path(out_dir: str | Path, study: str) -> Path:
+    """The default study database, a SQLite file under ``out_dir/sweeps/``."""
     return (Path(out_dir) / "sweeps" / f"{study}.db").resolve()
 
 
@@ -165,6 +171,33 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
                                           grace_period=180)
+
+
+def was_interrupted(trial: FrozenTrial) -> bool:
+    """A trial stopped by Ctrl-C, or failed by a heartbeat after its worker was killed (no error of its own)."""
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("error", INTERRUPTED) == INTERRUPTED
+
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Queue a retry of each interrupted trial not retried yet, with its parameters (and grid point), so
+    a continued sweep runs it (a grid would otherwise count it as visited); return how many."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get(RETRY_OF) for t in trials}
+    todo = [t for t in trials if was_interrupted(t) and t.number not in retried]
+    for trial in todo:
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
+                                                  distributions=trial.distributions,
+                                                  system_attrs={**trial.system_attrs, RETRY_OF: trial.number}))
+    return len(todo)
+
+
+def _sampler(spec: SweepSpec, seed: int | None, trials: int, worker: int) -> optuna.samplers.BaseSampler:
+    """The same seed, history and worker propose the same trials; a continued study and each worker draw
+    their own stream (one stream would repeat the first trials' proposals). A grid keeps the one seed: it
+    orders the grid's points, an order every worker and continuation must share."""
+    if seed is not None and spec.method != "grid":
+        seed = int(np.random.SeedSequence([seed, trials, worker]).generate_state(1)[0])
+    return make_sampler(spec, seed)
 
 
 def _take_ticket(tickets) -> bool:
@@ -192,15 +225,21 @@ def _interrupt_once():
         signal.signal(signal.SIGINT, previous)
 
 
-def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets) -> bool:
-    """One worker: run trials against the shared study until the tickets (or the grid) run out.
-    Returns whether Ctrl-C stopped it."""
+def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets,
+          seed: int | None = None, worker: int = 0) -> bool:
+    """One worker: run trials against the shared study until the tickets (or the grid and the queue)
+    run out. Returns whether Ctrl-C stopped it."""
     try:
         with _interrupt_once():
             study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
-                                      sampler=make_sampler(spec), pruner=make_pruner(spec))
+                                      pruner=make_pruner(spec))
+            study.sampler = _sampler(spec, seed, len(study.trials), worker)
             grid = isinstance(study.sampler, optuna.samplers.GridSampler)
-            while not (grid and study.sampler.is_exhausted(study)) and _take_ticket(tickets):
+
+            def more() -> bool:  # a grid ends when every point was tried, unless a trial is queued
+                return (not grid or not study.sampler.is_exhausted(study)
+                        or bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
+            while more() and _take_ticket(tickets):
                 # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on;
                 # Ctrl-C is recorded as FAIL too and then propagates.
                 study.optimize(runner, n_trials=1, catch=(Exception,), gc_after_trial=True)
@@ -215,7 +254,7 @@ def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunne
 def _worker_process(index: int, gpus: list[str], *args) -> None:
     if gpus:  # before the program touches CUDA: worker i trains on GPU i % count
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    if _work(*args):
+    if _work(*args, worker=index):
         sys.exit(130)
 
 
@@ -256,16 +295,19 @@ def _run_workers(context, workers: int, args: tuple) -> bool:
 
 
 def run_sweep(spec: SweepSpec, runner: TrialRunner, *, study_name: str, storage_url: str, count: int,
-              workers: int = 1) -> tuple[optuna.Study, bool]:
-    """Run ``count`` more trials of the study (created or continued); return it and whether Ctrl-C stopped it."""
+              workers: int = 1, seed: int | None = None) -> tuple[optuna.Study, bool]:
+    """Run ``count`` more trials of the study (created or continued, interrupted trials first); return it
+    and whether Ctrl-C stopped it."""
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url),
                                 direction=spec.goal, load_if_exists=True)
     if study.direction.name.lower() != spec.goal:
         raise SweepConfigError(f"study {study_name} exists and {study.direction.name.lower()}s; the sweep "
                                f"file says {spec.goal}; use another --study name")
     study.set_user_attr("metric", spec.metric)  # for the report
+    if queued := requeue_interrupted(study):
+        print(f"running the {queued} interrupted trial(s) of study {study_name} again first")
     context = multiprocessing.get_context("spawn")  # fresh processes: CUDA cannot be forked
-    args = (study_name, storage_url, spec, runner, context.Value("i", count))
+    args = (study_name, storage_url, spec, runner, context.Value("i", count), seed)
     return study, _run_workers(context, workers, args) if workers > 1 else _work(*args)
 
 
@@ -304,7 +346,7 @@ def sweep_main(options: SweepOptions) -> None:
     _prepare_data(program, spec, fixed, options.workers)
 
     from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
-    database = _database(out_dir, study)
+    database = database_path(out_dir, study)
     database.parent.mkdir(parents=True, exist_ok=True)
     storage_url = options.storage or f"sqlite:///{database}"
     trials_dir = Path(out_dir) / study
@@ -316,7 +358,7 @@ def sweep_main(options: SweepOptions) -> None:
     runner = TrialRunner(program=spec.program, study=study, search_space=spec.search_space, fixed=fixed,
                          metric=spec.metric, goal=spec.goal, trials_dir=str(trials_dir))
     result, interrupted = run_sweep(spec, runner, study_name=study, storage_url=storage_url,
-                                    count=options.count, workers=options.workers)
+                                    count=options.count, workers=options.workers, seed=options.seed)
     csv_path = write_trials_csv(result, Path(out_dir) / "sweeps" / f"{study}_trials.csv")
     print(f"\n{len(result.trials)} trials in study {study} ({storage_url}); table: {csv_path}")
     command = best_command(result)
@@ -330,7 +372,7 @@ def sweep_main(options: SweepOptions) -> None:
 
 def report_main(args: argparse.Namespace) -> None:
     from common.sweep_report import write_report
-    database = _database(args.out_dir, args.study)
+    database = database_path(args.out_dir, args.study)
     if args.storage is None and not database.is_file():
         raise SweepConfigError(f"no study database at {database}; pass the runner's --out_dir, or --storage URL")
     storage_url = args.storage or f"sqlite:///{database}"
@@ -356,6 +398,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="parallel worker processes on this machine, one trial each (default: 1)")
     parser.add_argument("--out_dir", help="runs folder (default: the file's out_dir value, else runs)")
     parser.add_argument("--data_dir", help="dataset root (default: the file's data_dir value, else data)")
+    parser.add_argument("--seed", type=int, help="seed of the trial proposals: the same history proposes the "
+                        "same trials (default: unseeded)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="fix a parameter for every trial (searched or not), e.g. --set epochs=5")
     return parser

@@ -5,8 +5,10 @@
     parallel_coordinates.png   the most important parameters against the metric, one line per trial
     metric_per_trial.png       the metric over trial number, with the running best
 
-Each piece has its own function (``parameter_importance``, ``correlations``, ``plot_metric_per_trial``,
-``plot_parallel_coordinates``) for other reports to reuse; Optuna draws the figures.
+Each piece has its own function (``parameter_importance``, ``correlations``, ``observations``,
+``importance_table``, ``correlation_tables``, ``plot_metric_per_trial``, ``plot_parallel_coordinates``,
+``plot_importance``, ``plot_correlations``) for other reports (common/study_report.py) to reuse;
+Optuna draws its figures.
 """
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ from typing import Any
 import matplotlib
 import numpy as np
 import optuna
+from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
-from optuna.visualization.matplotlib import plot_optimization_history, plot_parallel_coordinate
+from optuna.visualization.matplotlib import (plot_optimization_history, plot_parallel_coordinate,
+                                              plot_param_importances)
 
 from common.config import to_cli
 from common.figures import save_figure
@@ -34,6 +38,7 @@ from common.figures import save_figure
 MIN_TRIALS_FOR_IMPORTANCE = 5
 PARALLEL_AXES = 8  # more parameter axes than this are unreadable at report size
 TOP_SHARE = 2 / 3  # a value "shared" by the top trials: held by at least this fraction of them
+WEAK_RHO = 0.3  # a rank correlation below this in size is conventionally called weak: no direction is read from it
 
 
 def metric_name(study: optuna.Study) -> str:
@@ -195,6 +200,53 @@ def plot_parallel_coordinates(study: optuna.Study, params: list[str], title: str
     return ax.figure
 
 
+def plot_importance(study: optuna.Study, method: str) -> Figure:
+    """Optuna's importance bars, by the evaluator ``parameter_importance`` used (the same numbers)."""
+    with _optuna_drawing():
+        ax = plot_param_importances(study, evaluator=importance_evaluator()[0], target_name=metric_name(study))
+        ax.set_title(f"{study.study_name}: parameter importance ({method.split(' (')[0]})")
+        ax.figure.set_size_inches(8, 4.5)
+        ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_correlations(corr: dict[str, dict], order: list[str], metric: str) -> Figure:
+    """One bar per parameter: Spearman's rho with the metric (numeric, signed) or the correlation ratio
+    eta (categorical, 0..1, no direction)."""
+    names = [name for name in order if name in corr and not math.isnan(corr[name]["strength"])][::-1]
+    values = [corr[n]["rho"] if corr[n]["kind"] == "numeric" else corr[n]["strength"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5), layout="constrained")
+    ax.barh([f"{n} ({'rho' if corr[n]['kind'] == 'numeric' else 'eta'})" for n in names], values,
+            color=["tab:blue" if corr[n]["kind"] == "numeric" else "tab:orange" for n in names])
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel(f"correlation with {metric}: Spearman rho (blue) or correlation ratio eta (orange)")
+    return fig
+
+
+def observations(importance: dict[str, float], method: str, corr: dict[str, dict], metric: str,
+                 top: int = 3) -> list[str]:
+    """Sentences on the ``top`` ranked parameters, each stating the numbers it rests on."""
+    sentences = []
+    for name in [n for n in ranking(importance, corr) if n in corr][:top]:
+        c = corr[name]
+        weight = f"importance {importance[name]:.2f} by {method.split(' (')[0]}; " if name in importance else ""
+        if c["kind"] == "categorical":
+            means = sorted(c["means"].items(), key=lambda item: item[1][0], reverse=True)
+            (high, (high_mean, high_n)), (low, (low_mean, low_n)) = means[0], means[-1]
+            finding = (f"mean {metric} {high_mean:.3f} with {_fmt(high)} ({high_n} trials) against {low_mean:.3f} "
+                       f"with {_fmt(low)} ({low_n}); correlation ratio eta {c['strength']:.2f}"
+                       if len(means) > 1 else f"only {_fmt(high)} was tried")
+        elif math.isnan(c["rho"]) or abs(c["rho"]) < WEAK_RHO:
+            finding = (f"Spearman rho {c['rho']:+.2f} over {c['n']} trials: no clear monotone relation with {metric} "
+                       f"(|rho| < {WEAK_RHO})")
+        else:
+            finding = (f"Spearman rho {c['rho']:+.2f} over {c['n']} trials: higher {name} went with "
+                       f"{'higher' if c['rho'] > 0 else 'lower'} {metric}")
+        sentences.append(f"`{name}` ({weight}{finding}).")
+    return sentences
+
+
 def _shared_by_top(complete: list[FrozenTrial], maximize: bool) -> tuple[int, list[str]]:
     """What the best fifth (at least three) of the completed trials have in common."""
     top = sorted(complete, key=lambda t: t.value, reverse=maximize)[:max(3, math.ceil(len(complete) / 5))]
@@ -212,8 +264,17 @@ def _shared_by_top(complete: list[FrozenTrial], maximize: bool) -> tuple[int, li
     return len(top), lines
 
 
-def _correlation_tables(metric: str, order: list[str], corr: dict[str, dict], maximize: bool) -> list[str]:
-    lines = [f"## Correlation with {metric}", "", "Numeric parameters (Spearman's rank correlation):", "",
+def importance_table(importance: dict[str, float], method: str) -> list[str]:
+    """Markdown lines: the importance ranking, or why there is none."""
+    if not importance:
+        return [f"Not computed: {method}.", ""]
+    return [f"Method: {method}.", "", "| rank | parameter | importance |", "| --- | --- | --- |",
+            *(f"| {i} | {name} | {value:.3f} |" for i, (name, value) in enumerate(importance.items(), 1)), ""]
+
+
+def correlation_tables(metric: str, order: list[str], corr: dict[str, dict], maximize: bool) -> list[str]:
+    """Markdown lines: Spearman's rho of each numeric parameter, the mean metric per value of each other."""
+    lines = ["Numeric parameters (Spearman's rank correlation):", "",
              "| parameter | rho | trials |", "| --- | --- | --- |"]
     lines += [f"| {name} | {corr[name]['rho']:+.2f} | {corr[name]['n']} |"
               for name in order if corr.get(name, {}).get("kind") == "numeric"]
@@ -241,13 +302,9 @@ def _summary_markdown(study: optuna.Study, importance: dict[str, float], method:
     lines += ["## Best trial", "", f"Trial {best.number}: {metric} = {best.value:.4f}{where}", "",
               "| parameter | value |", "| --- | --- |",
               *(f"| {name} | {_fmt(value)} |" for name, value in best.params.items()), "",
-              "Ready to run:", "", "```", best_command(study), "```", "", "## Parameter importance", ""]
-    if importance:
-        lines += [f"Method: {method}.", "", "| rank | parameter | importance |", "| --- | --- | --- |",
-                  *(f"| {i} | {name} | {value:.3f} |" for i, (name, value) in enumerate(importance.items(), 1)), ""]
-    else:
-        lines += [f"Not computed: {method}.", ""]
-    lines += _correlation_tables(metric, ranking(importance, corr), corr, maximize)
+              "Ready to run:", "", "```", best_command(study), "```", "", "## Parameter importance", "",
+              *importance_table(importance, method), f"## Correlation with {metric}", "",
+              *correlation_tables(metric, ranking(importance, corr), corr, maximize)]
     top_count, shared = _shared_by_top(complete, maximize)
     lines += ["", f"## What the top {top_count} trials share", "", *(shared or ["- nothing stands out"]), "",
               "## Figures", "", *(f"![{name}]({name})" for name in figures), ""]

@@ -29,7 +29,7 @@ def test_every_option_is_documented(module, doc):
 def _tool_parsers():
     import argparse
 
-    from common import bench, data, flops, sweep
+    from common import bench, data, flops, study, sweep
     from part_a import evaluate
 
     def subcommands(parser):
@@ -38,6 +38,7 @@ def _tool_parsers():
     yield "part_a/evaluate.py", evaluate.get_args_parser()
     yield "common/sweep.py", sweep.get_args_parser()
     yield "common/sweep.py report", sweep.get_report_parser()
+    yield "common/study.py", study.get_args_parser()
     yield "common/data.py prepare", subcommands(data.get_args_parser())["prepare"]
     yield "common/flops.py", flops.get_args_parser()
     for name, parser in subcommands(bench.get_args_parser()).items():

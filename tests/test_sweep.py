@@ -78,7 +78,7 @@ def fake_sweep(tmp_path, parameters: dict, *, method="random", early_terminate=N
     return load_sweep(path)
 
 
-def run_fake(tmp_path, spec, study, count, workers=1, enqueue=()):
+def run_fake(tmp_path, spec, study, count, workers=1, enqueue=(), seed=None):
     storage = f"sqlite:///{tmp_path / f'{study}.db'}"
     if enqueue:
         created = optuna.create_study(study_name=study, storage=storage, direction="maximize")
@@ -87,7 +87,8 @@ def run_fake(tmp_path, spec, study, count, workers=1, enqueue=()):
     runner = sweep.TrialRunner(program=spec.program, study=study, search_space=spec.search_space,
                                fixed=spec.fixed, metric=spec.metric, goal=spec.goal,
                                trials_dir=str(tmp_path / "runs" / study))
-    return sweep.run_sweep(spec, runner, study_name=study, storage_url=storage, count=count, workers=workers)
+    return sweep.run_sweep(spec, runner, study_name=study, storage_url=storage, count=count, workers=workers,
+                           seed=seed)
 
 
 # --- sweep.yaml -> Optuna -------------------------------------------------------------------------
@@ -231,6 +232,40 @@ def test_crashing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path):
     command = best_command(study)
     assert shlex.split(command)[:2] == ["python", spec.program]
     assert sorted(shlex.split(command)[2:]) == ["--crash=no", "--epochs=2", "--name=crashy_best", "--quality=0.6"]
+
+
+def test_an_interrupted_grid_point_runs_again_when_the_study_continues(tmp_path, monkeypatch):
+    spec = fake_sweep(tmp_path, {"quality": {"values": [0.2, 0.5, 0.8]}, "epochs": {"value": 1}}, method="grid")
+    program = sweep.load_program(spec.program)
+    finish = program.run
+
+    def ctrl_c_at_half(config, epoch_callback=None):
+        if config.quality == 0.5:
+            raise KeyboardInterrupt
+        return finish(config, epoch_callback)
+
+    monkeypatch.setattr(program, "run", ctrl_c_at_half)
+    study, interrupted = run_fake(tmp_path, spec, "grid", count=3, seed=3)
+    assert interrupted and [t.user_attrs["error"] for t in study.trials if t.state == TrialState.FAIL] == [
+        sweep.INTERRUPTED]
+    monkeypatch.setattr(program, "run", finish)
+    study, interrupted = run_fake(tmp_path, spec, "grid", count=3, seed=3)
+    complete = [t.params["quality"] for t in study.trials if t.state == TrialState.COMPLETE]
+    assert not interrupted and sorted(complete) == [0.2, 0.5, 0.8]  # the grid point was not lost
+    study, _ = run_fake(tmp_path, spec, "grid", count=3, seed=3)  # the grid is done: nothing more runs
+    assert len(study.trials) == len(complete) + 1
+
+
+def test_a_seeded_sweep_proposes_the_same_trials_and_a_continued_one_new_ones(tmp_path):
+    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
+
+    def proposals(study, count):
+        return [t.params["quality"] for t in run_fake(tmp_path, spec, study, count=count, seed=7)[0].trials]
+
+    first = proposals("a", 2)
+    assert proposals("b", 2) == first  # another study, the same seed and history
+    continued = proposals("a", 2)
+    assert continued[:2] == first and len(set(continued[2:]) - set(first)) == 2  # not the first two again
 
 
 def test_two_workers_finish_exactly_the_requested_trials(tmp_path):
