@@ -61,9 +61,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
-    """Rebuild the raw (uncompiled, unwrapped) model a checkpoint holds and load its weights."""
+    """Rebuild the raw (uncompiled, unwrapped) model a checkpoint holds and load the weights it is
+    evaluated with: a last.pt of a run with --ema_decay holds their average as ``ema``."""
     model = pkgutil.resolve_name(MODEL_BUILDERS[state["kind"]])(state["model_config"])
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema", state["model"]))
     return model
 
 

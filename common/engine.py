@@ -39,6 +39,9 @@ class StepContext:
     amp_dtype: torch.dtype | None  # None: full fp32
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
+    # MixUp/CutMix: (images, labels) -> (mixed images, soft targets [B, classes]); None: off.
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    update_ema: Callable[[], None] | None = None  # after every optimizer step; None: no weight average
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -99,9 +102,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     bar = _progress(loader, len(loader), f"epoch {epoch}")
     start = time.perf_counter()
     for step, (images, labels) in enumerate(bar):
+        targets = labels
+        if ctx.mix is not None:  # train_acc then counts the dominant label of each mixed image
+            images, targets = ctx.mix(images, labels)
+            labels = targets.argmax(dim=1)
         with ctx.autocast():
             logits = model(images)
-            loss = loss_fn(logits.float(), labels)
+            loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
         if ctx.grad_clip > 0:
@@ -111,6 +118,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         ctx.scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if ctx.update_ema is not None:
+            ctx.update_ema()
 
         detached = loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), step, first_bad)
@@ -128,17 +137,26 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
 
+def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """fp32 logits; with ``tta``, the log of the mean softmax of each image and its mirror image: its
+    softmax is that mean, so loss, accuracy and probabilities all follow the average."""
+    logits = model(images).float()
+    if tta:
+        mirrored = model(images.flip(3)).float()
+        logits = torch.logaddexp(logits.log_softmax(dim=1), mirrored.log_softmax(dim=1)) - math.log(2)
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
-             return_predictions: bool = False) -> dict:
-    """Loss and accuracy over every sample once; padding labels (-1) are ignored."""
+             return_predictions: bool = False, tta: bool = False) -> dict:
+    """Loss and accuracy over every sample once; padding labels (-1) are ignored. ``tta``: see ``predict``."""
     model.eval()
     loss_sum, correct, seen = _zeros(ctx.device)
     predictions, targets, probabilities = [], [], []
     for images, labels in _progress(loader, len(loader), prefix):
         with ctx.autocast():
-            logits = model(images)
-        logits = logits.float()
+            logits = predict(model, images, tta)
         valid = labels >= 0
         loss_sum += nn.functional.cross_entropy(logits, labels, ignore_index=-1, reduction="sum").double()
         correct += ((logits.argmax(dim=1) == labels) & valid).sum()
@@ -168,12 +186,13 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def evaluate_test(model: nn.Module, loader, device: torch.device, return_predictions: bool = False) -> dict:
+def evaluate_test(model: nn.Module, loader, device: torch.device, return_predictions: bool = False,
+                  tta: bool = False) -> dict:
     """Test metrics by one rule for ``--test`` and ``part_a/evaluate.py`` alike: the raw (uncompiled)
     model in exact fp32, whatever precision the run trained in, so the two never disagree."""
     ctx = StepContext(device=device, amp_dtype=None, scaler=torch.amp.GradScaler(device.type, enabled=False))
     with exact_fp32():
-        return evaluate(model, loader, ctx, prefix="test", return_predictions=return_predictions)
+        return evaluate(model, loader, ctx, prefix="test", return_predictions=return_predictions, tta=tta)
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:

@@ -41,6 +41,7 @@ class EvalConfig:
     out_dir: str | None = field(default=None, metadata={"help": "where figures go; default: the checkpoint's folder"})
     batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    tta: bool = field(default=False, metadata={"help": "average the softmax of each image and its mirror image"})
     wandb_mode: str | None = field(default=None, metadata={
         "help": "online/offline: log figures to a new wandb run unless one is active; disabled: log nothing; "
                 "default: log only to an already active run",
@@ -87,30 +88,34 @@ def sample_per_class(labels: torch.Tensor, per_class: int, num_classes: int,
     return list(chosen.values())
 
 
-def predict_test_set(model: nn.Module, loader, device: torch.device,
-                     feature_layer: nn.Module | None) -> tuple[dict[str, Any], torch.Tensor | None]:
+def predict_test_set(model: nn.Module, loader, device: torch.device, feature_layer: nn.Module | None,
+                     tta: bool = False) -> tuple[dict[str, Any], torch.Tensor | None]:
     """engine.evaluate_test's loss, accuracy and per-image probabilities, plus ``[N, C]`` channel
     strengths of ``feature_layer`` (each channel's activation map summed) for picking the images
-    that excite each neuron most; ``None`` without a layer."""
+    that excite each neuron most, from the images themselves, not their mirror images; ``None``
+    without a layer."""
     strengths: list[torch.Tensor] = []
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         strengths.append(output.float().sum(dim=(2, 3)).cpu())
 
     with figures.forward_hooks([feature_layer] if feature_layer is not None else [], record), torch.inference_mode():
-        result = engine.evaluate_test(model, loader, device, return_predictions=True)
+        result = engine.evaluate_test(model, loader, device, return_predictions=True, tta=tta)
     if feature_layer is None:
         return result, None
     # A layer called several times per forward (a shared ReLU) records each call; the last call of a
-    # batch is the feature map. Padding rows come last, so the first N rows are the real images.
+    # forward is the feature map, and with TTA the mirror images' forward follows. Padding rows come
+    # last, so the first N rows are the real images.
     per_batch = len(strengths) // len(loader)
-    return result, torch.cat(strengths[per_batch - 1::per_batch])[:result["test_samples"]]
+    per_forward = per_batch // 2 if tta else per_batch
+    return result, torch.cat(strengths[per_forward - 1::per_batch])[:result["test_samples"]]
 
 
 def format_table(metrics: dict[str, Any], matrix: torch.Tensor, checkpoint_path: Path) -> str:
     width = max(len(name) for name in metrics["test_per_class_acc"]) + 2
+    tta = " (mean of each image and its mirror image)" if metrics["test_tta"] else ""
     lines = [f"{checkpoint_path}: test accuracy {metrics['test_acc']:.4f}, loss {metrics['test_loss']:.4f} "
-             f"on {int(matrix.sum())} images", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
+             f"on {int(matrix.sum())} images{tta}", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
     for (name, accuracy), count in zip(metrics["test_per_class_acc"].items(), matrix.sum(dim=1).tolist()):
         lines.append(f"{name:<{width}}{accuracy:>9.4f}{count:>8}")
     return "\n".join(lines)
@@ -159,7 +164,8 @@ def log_to_wandb(mode: str | None, checkpoint: dict, checkpoint_path: Path, metr
 
 
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "data", out_dir: str | Path | None = None,
-                        batch_size: int = 256, device: str = "auto", wandb_mode: str | None = None) -> dict[str, Any]:
+                        batch_size: int = 256, device: str = "auto", wandb_mode: str | None = None,
+                        tta: bool = False) -> dict[str, Any]:
     """Test metrics and figures for one checkpoint; returns the metrics and the figures' paths."""
     checkpoint_path = Path(checkpoint_path)
     model, checkpoint, torch_device = load_model(checkpoint_path, device)
@@ -178,13 +184,13 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "dat
     except ValueError as error:  # e.g. a vision transformer: no convolutional feature map to explain
         print(f"no guided_backprop.png: {error}")
         feature_layer = None
-    result, channel_strength = predict_test_set(model, loader, torch_device, feature_layer)
+    result, channel_strength = predict_test_set(model, loader, torch_device, feature_layer, tta)
 
     labels, predictions = result["targets"], result["predictions"]
     matrix = figures.confusion_matrix(labels, predictions, len(classes))
     recall = matrix.diag().double() / matrix.sum(dim=1).double()  # nan for a class with no test image
     metrics = {"test_acc": result["test_acc"], "test_loss": result["test_loss"],
-               "test_per_class_acc": dict(zip(classes, recall.tolist()))}
+               "test_per_class_acc": dict(zip(classes, recall.tolist())), "test_tta": tta}
     summary_path = checkpoint_path.parent / "summary.json"
     files.update_json(summary_path, {**metrics, "test_checkpoint": checkpoint_path.name,
                                      "test_epoch": checkpoint.get("epoch"), "test_precision": engine.TEST_PRECISION})
@@ -211,7 +217,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "dat
 
 
 def predict_files(checkpoint_path: str | Path, paths: Sequence[str | Path], device: str = "auto",
-                  top: int = 3, batch_size: int = 256) -> list[list[tuple[str, float]]]:
+                  top: int = 3, batch_size: int = 256, tta: bool = False) -> list[list[tuple[str, float]]]:
     """The ``top`` most likely classes and their probabilities for each image file."""
     model, checkpoint, torch_device = load_model(checkpoint_path, device)
     decoded = []
@@ -222,7 +228,8 @@ def predict_files(checkpoint_path: str | Path, paths: Sequence[str | Path], devi
             raise UserError(f"cannot read image {path}: {error}") from error
     with torch.inference_mode():
         probabilities = torch.cat([
-            model(normalise(batch.to(torch_device), checkpoint["mean"], checkpoint["std"])).float().softmax(dim=1)
+            engine.predict(model, normalise(batch.to(torch_device), checkpoint["mean"], checkpoint["std"]),
+                           tta).softmax(dim=1)
             for batch in torch.from_numpy(np.stack(decoded)).split(batch_size)])
     values, indices = probabilities.topk(min(top, probabilities.shape[1]), dim=1)
     return [[(checkpoint["classes"][i], v) for v, i in zip(row_values, row_indices)]
@@ -238,12 +245,13 @@ def config_from_args(argv: list[str] | None = None) -> EvalConfig:
 
 def run(config: EvalConfig) -> None:
     if config.images:
-        predictions = predict_files(config.checkpoint, config.images, config.device, batch_size=config.batch_size)
+        predictions = predict_files(config.checkpoint, config.images, config.device, batch_size=config.batch_size,
+                                    tta=config.tta)
         for path, top in zip(config.images, predictions):
             print(f"{path}: " + " | ".join(f"{name} {probability:.3f}" for name, probability in top))
     else:
         evaluate_checkpoint(config.checkpoint, config.data_dir, config.out_dir, config.batch_size,
-                            config.device, config.wandb_mode)
+                            config.device, config.wandb_mode, config.tta)
 
 
 def main(argv: list[str] | None = None) -> int:

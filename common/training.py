@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import os
 import random
@@ -19,6 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms import v2
 
 from common import checkpoint as ckpt_io
 from common import data as data_lib
@@ -32,9 +35,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Options that change the trajectory of a run: a resumed run must use the values it started with.
 RESUME_MUST_MATCH = ("batch_size", "optimizer", "learning_rate", "weight_decay", "momentum", "nesterov",
                      "lr_schedule", "warmup_epochs", "label_smoothing", "grad_clip", "class_weights",
-                     "augment", "seed", "split_seed", "val_fraction", "sync_bn")
+                     "augment", "mixup_alpha", "cutmix_alpha", "ema_decay", "seed", "split_seed", "val_fraction",
+                     "sync_bn")
 TEST_KEYS = ("test_acc", "test_loss", "test_samples", "test_per_class_acc", "test_checkpoint", "test_epoch",
-             "test_precision")
+             "test_precision", "test_tta")
 
 
 @dataclass
@@ -58,6 +62,13 @@ class RunConfig:
     grad_clip: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     class_weights: bool = field(default=False, metadata={"help": "weight the loss by inverse class frequency"})
     augment: bool = field(default=True, metadata={"help": "random resized crop + horizontal flip on the device"})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp: blend each training batch with itself shifted by "
+                                                      "one, weight ~ Beta(a, a), labels alike (0: off)"})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix: paste a box of the shifted batch, area ~ "
+                                                       "Beta(a, a) (0: off); with mixup_alpha, one of the two per batch"})
+    ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights, "
+                                                    "updated every step, for validation, best.pt and the test (0: off)"})
+    tta: bool = field(default=False, metadata={"help": "--test: average the softmax of each image and its mirror image"})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
@@ -107,6 +118,9 @@ def validate_run_config(config: RunConfig) -> None:
         (0 <= config.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {config.label_smoothing}"),
         (config.grad_clip >= 0, f"grad_clip must be >= 0, got {config.grad_clip}"),
         (config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}"),
+        (config.mixup_alpha >= 0 and config.cutmix_alpha >= 0,
+         f"mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {config.mixup_alpha} and {config.cutmix_alpha}"),
+        (0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1) (0: off; e.g. 0.999), got {config.ema_decay}"),
         (0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}"),
         (config.name is None or (config.name and "/" not in config.name and config.name not in (".", "..")),
          f"name must be a plain folder name, got {config.name!r}"),
@@ -246,11 +260,13 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
         optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, device, len(train_loader))
         loss_fn = _loss(config, train_set.labels, model_config.num_classes, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # loss scaling for fp16 only
-        ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip)
+        ema = weight_average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
+        ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip, _mixing(config, model_config.num_classes),
+                                 functools.partial(ema.update_parameters, raw_model) if ema else None)
         start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
         if config.resume:
             start_epoch, best_val_acc, best_epoch, wandb_id = _resume(
-                run_dir, config, model_config, raw_model, optimizer, scheduler, scaler, info, device)
+                run_dir, config, model_config, raw_model, ema, optimizer, scheduler, scaler, info, device)
 
         record = {"kind": kind, "model_config": dataclasses.asdict(model_config),  # what every checkpoint says
                   "run_config": dataclasses.asdict(config), "classes": list(train_set.classes),
@@ -270,12 +286,16 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
                     on_epoch_start(epoch, raw_model)
                 if _trainable(raw_model) != trainable:  # the first epoch, or the trainable set changed
                     wrapped, trainable = _wrap(raw_model, info, device, use_compile), _trainable(raw_model)
+                    # The weights validated: the average when on (no DDP around it: it takes no gradients).
+                    validated = wrapped if ema is None else _wrap(ema.module, DistInfo(), device, use_compile)
                 train_loader.set_epoch(epoch)
                 epoch_start = time.perf_counter()
                 with engine.out_of_memory_hint(config.batch_size, epoch):
                     metrics = {"epoch": epoch, **engine.train_one_epoch(wrapped, train_loader, optimizer, scheduler,
-                                                                        loss_fn, ctx, epoch),
-                               **engine.evaluate(wrapped, val_loader, ctx)}
+                                                                        loss_fn, ctx, epoch)}
+                    if ema is not None:  # rank 0's BN statistics in every rank's average, as DDP gives the model
+                        broadcast_tensors(ema.module.buffers(), info)
+                    metrics.update(engine.evaluate(validated, val_loader, ctx))
                 metrics.update(lr=max(group["lr"] for group in optimizer.param_groups),
                                epoch_time_s=time.perf_counter() - epoch_start)
                 improved = metrics["val_acc"] > best_val_acc
@@ -286,7 +306,7 @@ def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, s
                     _save_checkpoints(run_dir, {**record, "model": raw_model.state_dict(), "epoch": epoch,
                                                 "val_acc": metrics["val_acc"], "best_val_acc": best_val_acc,
                                                 "best_epoch": best_epoch, "wandb_id": wandb_id},
-                                      improved, optimizer, scheduler, scaler, rng)
+                                      improved, optimizer, scheduler, scaler, rng, ema)
                     tracking.append_metrics(run_dir / "metrics.jsonl", metrics, tracker)
                     say(_format_epoch(metrics, config.epochs), flush=True)
                 barrier(info)
@@ -412,20 +432,42 @@ def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: tor
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing, ignore_index=-1)
 
 
-def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, optimizer, scheduler, scaler,
-            info: DistInfo, device: torch.device) -> tuple[int, float, int, str | None]:
-    """Weights, optimizer, schedule, scaler and this rank's RNG back from last.pt; return the first epoch
-    to run, the best val_acc and its epoch, and the wandb run id."""
+def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics), each
+    update ``average = decay * average + (1 - decay) * weights``; the first update copies. It follows
+    the raw module, whose weights the DDP and compile wrappers share."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _mixing(config: RunConfig, num_classes: int) -> v2.Transform | None:
+    """torchvision's MixUp and/or CutMix of a training batch (one of the two per batch when both are on,
+    as timm does); they draw from torch's global CPU generator, which a checkpoint saves."""
+    chosen = [mix(alpha=alpha, num_classes=num_classes)
+              for mix, alpha in ((v2.MixUp, config.mixup_alpha), (v2.CutMix, config.cutmix_alpha)) if alpha > 0]
+    if len(chosen) == 2:
+        return v2.RandomChoice(chosen)
+    return chosen[0] if chosen else None
+
+
+def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, ema: AveragedModel | None, optimizer,
+            scheduler, scaler, info: DistInfo, device: torch.device) -> tuple[int, float, int, str | None]:
+    """Weights (and their average), optimizer, schedule, scaler and this rank's RNG back from last.pt;
+    return the first epoch to run, the best val_acc and its epoch, and the wandb run id."""
     path = run_dir / "last.pt"
     # To the CPU: the RNG states must stay CPU tensors; load_state_dict copies the rest to the device.
     state = ckpt_io.load_checkpoint(path, map_location="cpu")
+    # A run saved before an option existed ran without it, i.e. with its default.
+    saved_run = {**{f.name: f.default for f in dataclasses.fields(RunConfig)}, **state["run_config"]}
     for what, saved, given in (("model", state["model_config"], dataclasses.asdict(model_config)),
-                               ("training", state["run_config"], {k: getattr(config, k) for k in RESUME_MUST_MATCH})):
+                               ("training", saved_run, {k: getattr(config, k) for k in RESUME_MUST_MATCH})):
         diff = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"--resume: {what} options differ from those in {path} (saved, given): {diff}; "
                              "a resumed run must use its original values")
     model.load_state_dict(state["model"])
+    if ema is not None:  # n_averaged > 0: the next step averages rather than copies
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(1)
     load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty scaler state
@@ -468,11 +510,14 @@ def _wrap(raw_model: nn.Module, info: DistInfo, device: torch.device, use_compil
     return torch.compile(model, dynamic=False)
 
 
-def _save_checkpoints(run_dir: Path, state: dict, improved: bool, optimizer, scheduler, scaler, rng: list) -> None:
-    """best.pt (weights) when val_acc improved; last.pt (all a resume needs) every epoch."""
+def _save_checkpoints(run_dir: Path, state: dict, improved: bool, optimizer, scheduler, scaler, rng: list,
+                      ema: AveragedModel | None) -> None:
+    """best.pt (the weights validated: the average's with ``ema``) when val_acc improved; last.pt (all a
+    resume needs: the trained weights as ``model``, their average as ``ema``) every epoch."""
+    averaged = {} if ema is None else {"ema": ema.module.state_dict()}
     if improved:
-        ckpt_io.save_checkpoint(run_dir / "best.pt", state)
-    ckpt_io.save_checkpoint(run_dir / "last.pt", {**state, "optimizer": optimizer.state_dict(),
+        ckpt_io.save_checkpoint(run_dir / "best.pt", {**state, "model": averaged.get("ema", state["model"])})
+    ckpt_io.save_checkpoint(run_dir / "last.pt", {**state, **averaged, "optimizer": optimizer.state_dict(),
                                                  "scheduler": scheduler.state_dict(),
                                                  "scaler": scaler.state_dict(), "rng": rng})
 
@@ -495,9 +540,9 @@ def _test(raw_model: nn.Module, run_dir: Path, split_dir: Path, config: RunConfi
         raise ValueError(f"test classes {test_set.classes} differ from training classes {record['classes']}")
     test_loader = data_lib.DeviceLoader(test_set.images, test_set.labels, config.eval_batch_size, train=False,
                                         **loader_options)
-    result = engine.evaluate_test(raw_model, test_loader, device)
+    result = engine.evaluate_test(raw_model, test_loader, device, tta=config.tta)
     return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "test_samples": result["test_samples"],
-            "test_checkpoint": "best.pt", "test_precision": engine.TEST_PRECISION}
+            "test_checkpoint": "best.pt", "test_precision": engine.TEST_PRECISION, "test_tta": config.tta}
 
 
 def _write_summary(run_dir: Path, summary: dict, tracker) -> dict:

@@ -26,17 +26,19 @@ def _train(args: list[str], tmp_path: Path, launcher: list[str]) -> subprocess.C
 @pytest.mark.slow
 def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(prepared_data, tmp_path):
     # No batch norm (per-process statistics on CPU, where SyncBatchNorm does not run) and no
-    # dropout (per-process random masks): everything else is deterministic and must agree.
+    # dropout (per-process random masks): everything else is deterministic and must agree, the
+    # weight average (validated and saved) included.
     common = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
-              "--batch_norm=false", "--dropout=0", "--epochs=2", "--device=cpu", "--compile=false",
+              "--batch_norm=false", "--dropout=0", "--epochs=2", "--device=cpu", "--compile=false", "--ema_decay=0.8",
               "--learning_rate=0.003", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--eval_batch_size=7"]
     _train([*common, "--batch_size=8", "--name=single"], tmp_path, [sys.executable])
     ddp = _train([*common, "--batch_size=4", "--name=ddp"], tmp_path,
                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
 
     single_state, ddp_state = load_checkpoint(tmp_path / "single" / "last.pt"), load_checkpoint(tmp_path / "ddp" / "last.pt")
-    for key, value in single_state["model"].items():
-        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for weights in ("model", "ema"):
+        for key, value in single_state[weights].items():
+            torch.testing.assert_close(ddp_state[weights][key], value, rtol=1e-4, atol=1e-5, msg=(weights, key))
     single_metrics = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     ddp_metrics = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(ddp_metrics) == 2  # one line per epoch: only rank 0 writes

@@ -349,6 +349,31 @@ def test_test_metrics_agree_with_a_direct_forward_pass(evaluated, trained_run, p
                                                  rel=1e-5)
 
 
+def test_tta_evaluation_averages_each_image_with_its_mirror_image(trained_run, prepared_data, tmp_path, capsys):
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(trained_run.read_bytes())
+    code, out, err = run_main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data), "--device", "cpu",
+                               "--batch_size", "7", "--tta", "--wandb_mode", "disabled"], capsys)
+    assert code == 0, err
+    assert "mirror image" in out.splitlines()[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    model, state, device = evaluate.load_model(checkpoint, "cpu")
+    test_set = evaluate.data_lib.load_cache(prepared_data / "split", "test", 32)
+    images = evaluate.normalise(test_set.images, state["mean"], state["std"])
+    with torch.no_grad():
+        probabilities = (model(images).softmax(dim=1) + model(images.flip(3)).softmax(dim=1)) / 2
+    assert summary["test_tta"] is True
+    assert summary["test_loss"] == pytest.approx(
+        -probabilities[torch.arange(len(test_set.labels)), test_set.labels].log().mean().item(), rel=1e-5)
+
+    # Guided backprop picks its images by their own feature maps, not by their mirror images'.
+    loader = evaluate.data_lib.DeviceLoader(test_set.images, test_set.labels, 7, device, train=False,
+                                            mean=state["mean"], std=state["std"])
+    layer = figures.feature_activation(model, images[:1])
+    strengths = [evaluate.predict_test_set(model, loader, device, layer, tta)[1] for tta in (False, True)]
+    torch.testing.assert_close(strengths[1], strengths[0])
+
+
 def test_the_grid_shows_three_images_of_every_class_chosen_deterministically():
     labels = torch.arange(10).repeat_interleave(7)
     first = evaluate.sample_per_class(labels, 3, 10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
 import math
 import shlex
 import warnings
@@ -366,3 +367,24 @@ def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
     assert sweep.main(["report", "--study", "e2e", "--out_dir", str(out_dir)]) == 0
     report = out_dir / "sweeps" / "e2e_report"
     assert {p.name for p in report.iterdir()} == {"summary.md", "parallel_coordinates.png", "metric_per_trial.png"}
+
+
+def test_a_sweep_can_search_the_recipe_options(prepared_data, tmp_path):
+    recipe = {"ema_decay": {"values": [0.5, 0.9]}, "mixup_alpha": {"distribution": "uniform", "min": 0.1, "max": 0.4},
+              "cutmix_alpha": {"values": [0.0, 1.0]}, "tta": {"values": [True, False]}}
+    tiny = {"epochs": 1, "input_size": 32, "batch_size": 8, "n_filters": 4, "dense_neurons": 8, "kernel_size": 3,
+            "device": "cpu", "compile": False, "wandb_mode": "disabled", "test": True}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"program": "part_a/train.py", "method": "random", "name": "recipe",
+                                    "metric": {"name": "val_acc", "goal": "maximize"},
+                                    "parameters": {**recipe, **{k: {"value": v} for k, v in tiny.items()}}}))
+    spec = load_sweep(path)
+    assert set(recipe) <= set(spec.search_space)
+    out_dir = tmp_path / "runs"
+    assert sweep.main([str(path), "--count", "1", "--out_dir", str(out_dir), "--data_dir", str(prepared_data)]) == 0
+    study = optuna.load_study(study_name="recipe", storage=f"sqlite:///{out_dir / 'sweeps' / 'recipe.db'}")
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE
+    ran_with = json.loads((out_dir / "recipe" / "trial_0" / "config.json").read_text())
+    assert {name: ran_with[name] for name in recipe} == trial.params
+    assert json.loads((out_dir / "recipe" / "trial_0" / "summary.json").read_text())["test_tta"] == trial.params["tta"]

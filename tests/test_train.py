@@ -83,6 +83,8 @@ def test_defaults_are_the_best_sweep_configuration():
     (["--activation=swishy"], "unknown activation"),
     (["--optimizer=lbfgs"], "invalid choice"),
     (["--learning_rate=-1"], "learning_rate"),
+    (["--ema_decay=1"], "ema_decay must be in [0, 1)"),
+    (["--cutmix_alpha=-0.5"], "cutmix_alpha must be >= 0"),
     (["--input_size=16", "--padding=valid"], "shrinks the feature map"),
     (["--device=cuda:7"] if not torch.cuda.is_available() else ["--epochs=0"], "cuda" if not torch.cuda.is_available() else "epochs"),
 ])
@@ -171,16 +173,13 @@ def test_corrupt_or_foreign_checkpoints_get_errors_naming_the_file(tmp_path):
 
 # ---------------------------------------------------------------- whole runs
 
-def _weights(path: Path) -> dict:
-    return ckpt_io.load_checkpoint(path)["model"]
-
-
 class Interrupt(Exception):
     pass
 
 
-def test_resumed_run_reaches_the_same_weights_bit_for_bit(prepared_data, tmp_path):
-    options = dict(epochs=4, augment=True, dropout=0.3, lr_schedule="cosine", warmup_epochs=1)
+@pytest.mark.parametrize("recipe", [{}, dict(ema_decay=0.9, mixup_alpha=0.4, cutmix_alpha=1.0)])
+def test_resumed_run_reaches_the_same_weights_bit_for_bit(prepared_data, tmp_path, recipe):
+    options = dict(epochs=4, augment=True, dropout=0.3, lr_schedule="cosine", warmup_epochs=1, **recipe)
     part_a_train.run(tiny_config(prepared_data, tmp_path, "straight", **options))
 
     def stop_after_two(epoch, metrics):
@@ -192,10 +191,11 @@ def test_resumed_run_reaches_the_same_weights_bit_for_bit(prepared_data, tmp_pat
     assert interrupted["status"] == "stopped" and interrupted["epochs_run"] == 2
     part_a_train.run(tiny_config(prepared_data, tmp_path, "interrupted", resume=True, **options))
 
-    straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "interrupted" / "last.pt")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    straight, resumed = (ckpt_io.load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "interrupted"))
+    for weights in ("model", "ema") if recipe else ("model",):  # the trained weights and their average
+        assert straight[weights].keys() == resumed[weights].keys()
+        for key in straight[weights]:
+            assert torch.equal(straight[weights][key], resumed[weights][key]), (weights, key)
     metrics = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
 
@@ -206,6 +206,38 @@ def test_resume_refuses_changed_training_options(prepared_data, tmp_path):
         part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=2, resume=True, learning_rate=0.1))
     with pytest.raises(ValueError, match="already holds a run"):
         part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=2))
+    # A last.pt saved before the recipe options existed resumes: it ran with them off.
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    for option in ("mixup_alpha", "cutmix_alpha", "ema_decay", "tta"):
+        del state["run_config"][option]
+    torch.save(state, last)
+    assert part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=2, resume=True))["epochs_run"] == 2
+
+
+def test_a_run_with_ema_validates_keeps_and_tests_the_average_and_tta_mirrors(prepared_data, tmp_path):
+    from common.data import load_cache
+    from common.evaluate import normalise
+    summary = part_a_train.run(tiny_config(prepared_data, tmp_path, "ema", epochs=1, learning_rate=0.01,
+                                           ema_decay=0.5, mixup_alpha=0.4, test=True, tta=True))
+    last, best = (ckpt_io.load_checkpoint(tmp_path / "ema" / name) for name in ("last.pt", "best.pt"))
+    assert "ema" not in best and last["ema"].keys() == last["model"].keys() == best["model"].keys()
+    assert all(torch.equal(best["model"][key], last["ema"][key]) for key in last["ema"])  # best.pt: the average
+    assert not all(torch.equal(last["model"][key], last["ema"][key]) for key in last["ema"])
+    average = ckpt_io.build_model_from_checkpoint(last).eval()  # a last.pt rebuilds with its average
+
+    def loss(split: str, tta: bool) -> float:
+        data = load_cache(prepared_data / "split", split, 32)
+        images = normalise(data.images, (0.5,) * 3, (0.5,) * 3)
+        with torch.no_grad():
+            probabilities = average(images).softmax(dim=1)
+            if tta:
+                probabilities = (probabilities + average(images.flip(3)).softmax(dim=1)) / 2
+        return -probabilities[torch.arange(len(data.labels)), data.labels].log().mean().item()
+    metrics = json.loads((tmp_path / "ema" / "metrics.jsonl").read_text())
+    assert metrics["val_loss"] == pytest.approx(loss("val", tta=False), rel=1e-5)
+    assert summary["test_tta"] is True and summary["test_loss"] == pytest.approx(loss("test", tta=True), rel=1e-5)
+    assert json.loads((tmp_path / "ema" / "summary.json").read_text())["test_tta"] is True
 
 
 def test_resume_with_loss_scaling_after_a_run_saved_without_it(prepared_data, tmp_path):
@@ -302,8 +334,10 @@ def test_missing_data_without_network_is_one_clear_line(tmp_path, monkeypatch, c
     assert "Traceback" not in err
 
 
-def test_compiled_training_does_not_recompile_after_the_first_epoch(prepared_data, tmp_path):
-    """Fixed training shapes and padded evaluation batches: epoch 2 and 3 reuse epoch 1's graphs."""
+@pytest.mark.parametrize("recipe", [{}, dict(ema_decay=0.9, mixup_alpha=0.4, cutmix_alpha=1.0)])
+def test_compiled_training_does_not_recompile_after_the_first_epoch(prepared_data, tmp_path, recipe):
+    """Fixed training shapes and padded evaluation batches: epoch 2 and 3 reuse epoch 1's graphs (with
+    EMA, the evaluation graph is the average's; MixUp and CutMix keep shape and memory format)."""
     from torch._dynamo.utils import counters
     counters.clear()  # process-wide: other tests compile too
     compiled_frames = []
@@ -312,7 +346,7 @@ def test_compiled_training_does_not_recompile_after_the_first_epoch(prepared_dat
         compiled_frames.append(counters["frames"]["ok"])
     # eval_batch_size 7 leaves a partial last validation batch (20 images), which padding keeps fixed.
     summary = part_a_train.run(tiny_config(prepared_data, tmp_path, "compiled", epochs=3, compile=True,
-                                           eval_batch_size=7), epoch_callback=count)
+                                           eval_batch_size=7, **recipe), epoch_callback=count)
     assert summary["status"] == "finished"
     assert compiled_frames[0] > 0, "nothing was compiled"
     assert compiled_frames[0] == compiled_frames[1] == compiled_frames[2], compiled_frames
