@@ -240,23 +240,32 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-def run(config: RunConfig, model: nn.Module, model_config, *, kind: str, mean, std,
-        param_groups: list[dict] | None = None, on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, kind: str, mean, std,
+        on_epoch_start: Callable[[int, nn.Module], None] | None = None,
         epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train ``model`` (the raw module built from the dataclass ``model_config``); return the summary.
-    ``on_epoch_start(epoch, model)`` may change which parameters train (Part B's gradual unfreezing).
+    """Train the model ``build(model_config)`` returns, its output layer sized to the data's classes;
+    return the summary. A model with a ``param_groups()`` method gets those optimizer groups (Part B's
+    scaled backbone rate). ``on_epoch_start(epoch, model)`` may change which parameters train (Part B's
+    gradual unfreezing).
     ``epoch_callback(epoch, metrics)`` runs after each checkpoint; what it raises stops the run, and propagates."""
     device = resolve_device(config.device)
     with process_group(device.type) as info:
         device = torch.device("cuda", info.local_rank) if info.enabled and device.type == "cuda" else device
         say = print if info.is_main else (lambda *args, **kwargs: None)
-        seed_rank(config.seed, info.rank)
         run_dir = _run_dir(config, kind, info)
         loader_options = dict(device=device, mean=mean, std=std, channels_last=config.channels_last,
                               rank=info.rank, world_size=info.world_size)
-        split_dir, train_set, val_set, train_loader, val_loader = _data(config, model_config, info, loader_options)
+        split_dir, train_set, val_set, train_loader, val_loader = _data(config, model_config.input_size, info,
+                                                                        loader_options)
+        # One output per class of the data (10 for iNaturalist-12K, any number for your own); seeded
+        # here, so the initial weights never depend on whether the data had to be prepared first.
+        model_config = dataclasses.replace(model_config, num_classes=len(train_set.classes))
+        seed_everything(config.seed)
+        model = build(model_config)
+        seed_rank(config.seed, info.rank)
 
         raw_model, amp_dtype, use_compile, notice = _place(model, config, device, info)
+        param_groups = raw_model.param_groups() if hasattr(raw_model, "param_groups") else None
         optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, device, len(train_loader))
         loss_fn = _loss(config, train_set.labels, model_config.num_classes, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # loss scaling for fp16 only
@@ -379,13 +388,10 @@ def _prepare_data(config: RunConfig, input_size: int, info: DistInfo) -> Path:
     return Path(results[info.rank - info.local_rank])  # this machine's local rank 0 (torchrun numbers ranks by machine)
 
 
-def _data(config: RunConfig, model_config, info: DistInfo, loader_options: dict):
+def _data(config: RunConfig, input_size: int, info: DistInfo, loader_options: dict):
     """The split (prepared once per machine), its train and val sets, and their loaders."""
-    split_dir = _prepare_data(config, model_config.input_size, info)
-    train_set, val_set = (data_lib.load_cache(split_dir, split, model_config.input_size) for split in ("train", "val"))
-    if model_config.num_classes != len(train_set.classes):
-        raise ValueError(f"the model has {model_config.num_classes} outputs but {split_dir} has "
-                         f"{len(train_set.classes)} classes")
+    split_dir = _prepare_data(config, input_size, info)
+    train_set, val_set = (data_lib.load_cache(split_dir, split, input_size) for split in ("train", "val"))
     train_loader = data_lib.DeviceLoader(train_set.images, train_set.labels, config.batch_size, train=True,
                                          augment=config.augment, seed=config.seed, **loader_options)
     val_loader = data_lib.DeviceLoader(val_set.images, val_set.labels, config.eval_batch_size, train=False,

@@ -44,7 +44,7 @@ class ModelConfig:
     block_dropout: float = field(default=0.0, metadata={"help": "dropout after each conv block"})
     input_size: int = field(default=224, metadata={"help": "input images are input_size x input_size"})
     in_channels: int = field(default=3, metadata={"help": "input channels", "cli": False})
-    num_classes: int = field(default=10, metadata={"help": "output classes", "cli": False})
+    num_classes: int = field(default=10, metadata={"help": "output classes (training: the data's)", "cli": False})
 
 
 def filter_counts(config: ModelConfig) -> list[int]:

@@ -41,8 +41,7 @@ def run(config: tuple[ModelConfig, training.RunConfig],
         epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
     """Train one model as ``config_from_args`` says; return the summary (also written to summary.json)."""
     model_config, run_config = config
-    training.seed_everything(run_config.seed)  # before the build: the initial weights are seeded
-    return training.run(run_config, build_model(model_config), model_config, kind="part_a", mean=MEAN, std=STD,
+    return training.run(run_config, model_config, build_model, kind="part_a", mean=MEAN, std=STD,
                         epoch_callback=epoch_callback)
 
 

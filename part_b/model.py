@@ -72,7 +72,7 @@ class ModelBConfig:
     head_dropout: float = field(default=0.3, metadata={"help": "dropout after each hidden head layer"})
     input_size: int | None = field(default=None, metadata={
         "help": "input side in pixels; none = the crop size of the weights' transforms (224, 299 for inception_v3)"})
-    num_classes: int = field(default=10, metadata={"help": "output classes", "cli": False})
+    num_classes: int = field(default=10, metadata={"help": "output classes (training: the data's)", "cli": False})
 
 
 @dataclass(frozen=True)

@@ -62,19 +62,22 @@ def _unfreeze_on_schedule(epoch: int, model: FineTuneNet) -> None:
         print(f"epoch {epoch}: {_describe(model)}", flush=True)
 
 
+def _build(model_config: ModelBConfig) -> FineTuneNet:
+    model = build_model(model_config)
+    if is_main_process():
+        print(f"{model_config.model} | weights {model_config.weights} | strategy {model_config.strategy} | "
+              f"input {model_config.input_size}px | {model_config.num_classes} classes | {_describe(model)}",
+              flush=True)
+    return model
+
+
 def run(config: tuple[ModelBConfig, training.RunConfig],
         epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
     """Fine-tune one model as ``config_from_args`` says; return the summary (also written to summary.json)."""
     model_config, run_config = config
-    training.seed_everything(run_config.seed)  # before the build: the new head's initialisation is seeded
-    model = build_model(model_config)
-    if is_main_process():
-        print(f"{model_config.model} | weights {model_config.weights} | strategy {model_config.strategy} | "
-              f"input {model_config.input_size}px | {_describe(model)}", flush=True)
     mean, std = normalisation(model_config)
-    return training.run(run_config, model, model_config, kind="part_b", mean=mean, std=std,
-                        param_groups=model.param_groups(), on_epoch_start=_unfreeze_on_schedule,
-                        epoch_callback=epoch_callback)
+    return training.run(run_config, model_config, _build, kind="part_b", mean=mean, std=std,
+                        on_epoch_start=_unfreeze_on_schedule, epoch_callback=epoch_callback)
 
 
 def main(argv: list[str] | None = None) -> int:

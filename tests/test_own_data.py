@@ -103,3 +103,37 @@ def test_both_a_test_and_a_val_folder_are_ambiguous(tmp_path):
 def test_source_with_an_archive_option_is_a_bad_option(tmp_path, capsys, extra):
     code = data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--source", str(tmp_path), *extra])
     assert code == 2 and "give one" in capsys.readouterr().err
+
+
+def test_both_parts_train_and_evaluate_on_three_classes(tmp_path):
+    """The output layer is sized from the data: 3 units here, not the 10 of iNaturalist."""
+    import json
+
+    import torch
+    import torchvision
+
+    from common import checkpoint as ckpt_io
+    from common import evaluate
+    from part_a import train as part_a_train
+    from part_b import train as part_b_train
+
+    source = make_folders(tmp_path / "photos", {"cats": 10, "dogs": 10, "owls": 10})
+    data_dir = tmp_path / "data"
+    assert data_lib.main(["prepare", "--root", str(data_dir), "--source", str(source)]) == 0
+    common = ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "runs"), "--input_size", "32",
+              "--epochs", "1", "--batch_size", "6", "--device", "cpu", "--wandb_mode", "disabled", "--test"]
+    assert part_a_train.main([*common, "--name", "a", "--n_filters", "4", "--kernel_size", "3",
+                              "--dense_neurons", "8"]) == 0
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    assert part_b_train.main([*common, "--name", "b", "--model", "resnet18", "--weights", str(weights)]) == 0
+
+    for name, head in (("a", "classifier.4.weight"), ("b", "net.fc.weight")):
+        state = ckpt_io.load_checkpoint(tmp_path / "runs" / name / "best.pt")
+        assert state["classes"] == ["cats", "dogs", "owls"] and state["model_config"]["num_classes"] == 3
+        assert state["model"][head].shape[0] == 3
+        assert json.loads((tmp_path / "runs" / name / "summary.json").read_text())["test_samples"] == 6
+    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "a" / "best.pt", data_dir, tmp_path / "figures",
+                                          batch_size=4, device="cpu", wandb_mode="disabled")
+    assert list(result["test_per_class_acc"]) == ["cats", "dogs", "owls"]
+    assert (tmp_path / "figures" / "confusion_matrix.png").is_file()

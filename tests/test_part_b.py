@@ -396,7 +396,8 @@ def test_a_run_resolves_its_config_and_builds_its_model_once_to_check_and_once_t
         return wrapper
     monkeypatch.setattr(model_lib, "resolve_config", counting(model_lib.resolve_config, "resolve"))
     monkeypatch.setattr(model_lib, "get_model", counting(model_lib.get_model, "build"))
-    monkeypatch.setattr(part_b_train.training, "run", lambda *args, **kwargs: {})
+    monkeypatch.setattr(part_b_train.training, "run", lambda run_config, model_config, build, **kwargs:
+                        build(model_config) and {})  # the real run builds once, after the data
     part_b_train.run(part_b_train.config_from_args(["--model=resnet18", "--weights=none", "--input_size=32"]))
     assert calls == ["resolve", "build", "resolve", "build"]  # the check (on the meta device), then the model
 
