@@ -243,11 +243,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, kind: str, mean, std,
         on_epoch_start: Callable[[int, nn.Module], None] | None = None,
         epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train the model ``build(model_config)`` returns, its output layer sized to the data's classes;
-    return the summary. A model with a ``param_groups()`` method gets those optimizer groups (Part B's
-    scaled backbone rate). ``on_epoch_start(epoch, model)`` may change which parameters train (Part B's
-    gradual unfreezing).
-    ``epoch_callback(epoch, metrics)`` runs after each checkpoint; what it raises stops the run, and propagates."""
+    """Train ``build(model_config)``, its output layer sized to the data's classes; return the summary.
+    A model's ``param_groups()``, if it has them, become the optimizer's; ``on_epoch_start(epoch, model)``
+    may change which parameters train; ``epoch_callback(epoch, metrics)`` runs after each checkpoint,
+    and what it raises stops the run and propagates."""
     device = resolve_device(config.device)
     with process_group(device.type) as info:
         device = torch.device("cuda", info.local_rank) if info.enabled and device.type == "cuda" else device
@@ -263,19 +262,15 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
         seed_everything(config.seed)
         model = build(model_config)
         seed_rank(config.seed, info.rank)
-
         raw_model, amp_dtype, use_compile, notice = _place(model, config, device, info)
         param_groups = raw_model.param_groups() if hasattr(raw_model, "param_groups") else None
         optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, device, len(train_loader))
-        loss_fn = _loss(config, train_set.labels, model_config.num_classes, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # loss scaling for fp16 only
-        ema = weight_average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
-        ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip, _mixing(config, model_config.num_classes),
-                                 functools.partial(ema.update_parameters, raw_model) if ema else None)
+        ctx, loss_fn, ema = _step_context(config, raw_model, amp_dtype, train_set.labels, model_config.num_classes,
+                                          device)
         start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
         if config.resume:
             start_epoch, best_val_acc, best_epoch, wandb_id = _resume(
-                run_dir, config, model_config, raw_model, ema, optimizer, scheduler, scaler, info, device)
+                run_dir, config, model_config, raw_model, ema, optimizer, scheduler, ctx.scaler, info, device)
 
         record = {"kind": kind, "model_config": dataclasses.asdict(model_config),  # what every checkpoint says
                   "run_config": dataclasses.asdict(config), "classes": list(train_set.classes),
@@ -294,9 +289,8 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
                 if on_epoch_start is not None:
                     on_epoch_start(epoch, raw_model)
                 if _trainable(raw_model) != trainable:  # the first epoch, or the trainable set changed
-                    wrapped, trainable = _wrap(raw_model, info, device, use_compile), _trainable(raw_model)
-                    # The weights validated: the average when on (no DDP around it: it takes no gradients).
-                    validated = wrapped if ema is None else _wrap(ema.module, DistInfo(), device, use_compile)
+                    trainable = _trainable(raw_model)
+                    wrapped, validated = _wrap(raw_model, ema, info, device, use_compile)
                 train_loader.set_epoch(epoch)
                 epoch_start = time.perf_counter()
                 with engine.out_of_memory_hint(config.batch_size, epoch):
@@ -315,7 +309,7 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
                     _save_checkpoints(run_dir, {**record, "model": raw_model.state_dict(), "epoch": epoch,
                                                 "val_acc": metrics["val_acc"], "best_val_acc": best_val_acc,
                                                 "best_epoch": best_epoch, "wandb_id": wandb_id},
-                                      improved, optimizer, scheduler, scaler, rng, ema)
+                                      improved, optimizer, scheduler, ctx.scaler, rng, ema)
                     tracking.append_metrics(run_dir / "metrics.jsonl", metrics, tracker)
                     say(_format_epoch(metrics, config.epochs), flush=True)
                 barrier(info)
@@ -438,6 +432,17 @@ def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: tor
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing, ignore_index=-1)
 
 
+def _step_context(config: RunConfig, raw_model: nn.Module, amp_dtype, labels: torch.Tensor, num_classes: int,
+                  device: torch.device) -> tuple[engine.StepContext, nn.Module, AveragedModel | None]:
+    """What each training step uses: loss scaling (fp16 only), MixUp/CutMix, the weight average to
+    update (also returned), and the loss."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = weight_average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
+    ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip, _mixing(config, num_classes),
+                             functools.partial(ema.update_parameters, raw_model) if ema else None)
+    return ctx, _loss(config, labels, num_classes, device), ema
+
+
 def weight_average(model: nn.Module, decay: float) -> AveragedModel:
     """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics), each
     update ``average = decay * average + (1 - decay) * weights``; the first update copies. It follows
@@ -501,9 +506,16 @@ def _trainable(model: nn.Module) -> tuple[bool, ...]:
     return tuple(p.requires_grad for p in model.parameters())
 
 
-def _wrap(raw_model: nn.Module, info: DistInfo, device: torch.device, use_compile: bool) -> nn.Module:
-    """DDP, then compile, around the raw module (which is what is saved and tested). Built again when
-    the trainable set changes: DDP fixes the parameters it synchronises when it is built."""
+def _wrap(raw_model: nn.Module, ema: AveragedModel | None, info: DistInfo, device: torch.device,
+          use_compile: bool) -> tuple[nn.Module, nn.Module]:
+    """The model to train and the one to validate: DDP, then compile, around the raw module (which is
+    what is saved and tested); with ``ema``, its average, compiled alike (no DDP: it takes no
+    gradients). Built again when the trainable set changes: DDP fixes its parameters when built."""
+    trained = _wrapped(raw_model, info, device, use_compile)
+    return trained, trained if ema is None else _wrapped(ema.module, DistInfo(), device, use_compile)
+
+
+def _wrapped(raw_model: nn.Module, info: DistInfo, device: torch.device, use_compile: bool) -> nn.Module:
     model = raw_model
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(raw_model,
