@@ -4,7 +4,8 @@
     python common/bench.py step [--quick]    training step: eager, channels_last, autocast, compile; MFU
     python common/bench.py e2e [--quick]     a whole epoch, data included: ours vs ImageFolder + plain loop
 
-A section is a config dataclass (its fields become the options) and a ``run(config) -> dict``; adding
+A section is a config dataclass (its fields become the options), a ``check(config)`` that applies --quick and
+refuses bad options before anything runs, and a ``run(config) -> dict``; adding
 one is one more entry in ``SECTIONS``.
 """
 from __future__ import annotations
@@ -25,16 +26,18 @@ from common.config import add_dataclass_args, from_namespace
 class Section(NamedTuple):
     help: str
     config: type
+    check: Callable[[object], object]  # the config with --quick applied; ValueError for a bad option
     run: Callable[[object], dict]
 
 
 SECTIONS: dict[str, Section] = {
     "data": Section("images/s of the cached device loader vs ImageFolder + DataLoader, and the cache build rate",
-                    bench_data.DataBenchConfig, bench_data.run),
+                    bench_data.DataBenchConfig, bench_data.check, bench_data.run),
     "step": Section("training-step images/s per variant (eager fp32 NCHW, channels_last, autocast, compile) with "
-                    "ratios to eager, MFU and compile time", bench_step.StepBenchConfig, bench_step.run_step),
+                    "ratios to eager, MFU and compile time",
+                    bench_step.StepBenchConfig, bench_step.check_step, bench_step.run_step),
     "e2e": Section("one epoch with data: decode-once cache + our engine vs ImageFolder + a plain eager loop",
-                   bench_step.E2EBenchConfig, bench_step.run_e2e),
+                   bench_step.E2EBenchConfig, bench_step.check_e2e, bench_step.run_e2e),
 }
 
 
@@ -51,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     section = SECTIONS[args.section]
     try:
-        result = section.run(from_namespace(section.config, args))
+        config = section.check(from_namespace(section.config, args))
     except ValueError as error:  # a bad option: one line and exit code 2, as argparse's own errors
         parser.error(str(error))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(section.run(config), indent=2))  # an error from here on is a bug: traceback
     return 0
 
 

@@ -28,6 +28,7 @@ from common.data import DeviceLoader, load_cache, prepare
 from common.data_cache import parallel_map
 from common.data_fetch import DATASET_DIR
 from common.data_prepare import ImageFile, assign_splits
+from common.training import resolve_device
 from part_a.model import MEAN, STD  # the data the benchmark serves is the Part A model's, by design
 
 CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
@@ -71,8 +72,9 @@ def generate(root: Path, n_train: int) -> None:
 
 def _train_images(images: int) -> int:
     """The training images prepare's own split rule leaves of ``generate(root, images)`` (the count is
-    the same for any seed); 0 when a class has no image, which prepare refuses."""
-    if images < len(CLASSES):
+    the same for any seed); 0 when a class has fewer than two (one for validation, one to train), which
+    prepare refuses."""
+    if images < 2 * len(CLASSES):
         return 0
     files = [ImageFile(Path(f"{i}.jpg"), CLASSES[i % len(CLASSES)], f"{i}.jpg", "train") for i in range(images)]
     return list(assign_splits(files, VAL_FRACTION, seed=0).values()).count("train")
@@ -150,11 +152,16 @@ def hardware(device: torch.device) -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def run(config: DataBenchConfig) -> dict:
+def check(config: DataBenchConfig) -> DataBenchConfig:
+    """The options with --quick applied, refused before any image is written if they cannot run."""
     if config.quick:
         config = DataBenchConfig(**{**config.__dict__, **QUICK})
     check_images(config.images, config.batch_size)
-    from common.training import resolve_device
+    resolve_device(config.device)
+    return config
+
+
+def run(config: DataBenchConfig) -> dict:
     device = resolve_device(config.device)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=config.work_dir) as tmp:
         root = Path(tmp)

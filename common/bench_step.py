@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from common import bench_data, engine
+from common.training import resolve_device
 
 
 @dataclass(frozen=True)
@@ -210,11 +211,6 @@ class E2EBenchConfig:
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {E2E_QUICK}"})
 
 
-def _device(name: str) -> torch.device:
-    from common.training import resolve_device
-    return resolve_device(name)
-
-
 def _model_factory(name: str, input_size: int):
     if name == "part_a":
         from part_a.model import ModelConfig, build_model
@@ -225,21 +221,38 @@ def _model_factory(name: str, input_size: int):
     raise ValueError(f"unknown benchmark model {name!r}; use part_a or resnet50")
 
 
-def run_step(config: StepBenchConfig) -> dict:
-    """Training-step images/s per model and variant, with ratios to eager, MFU and warm-up time."""
-    from common.flops import count_module
-    if config.quick:  # quick mode replaces only the options left at their defaults
+def _wanted(config: StepBenchConfig) -> tuple[list[str], list[str]]:
+    """The variant and model names the options ask for."""
+    variants = config.variants.split(",") if config.variants != "all" else [v.name for v in VARIANTS]
+    variants = [v.strip() for v in variants]
+    return variants, [m.strip() for m in config.models.split(",") if m.strip()]
+
+
+def check_step(config: StepBenchConfig) -> StepBenchConfig:
+    """The options with --quick applied (it replaces only those left at their defaults), refused before
+    anything runs if a variant, model or device is unknown."""
+    if config.quick:
         defaults = StepBenchConfig()
         config = StepBenchConfig(**{k: STEP_QUICK[k] if k in STEP_QUICK and v == getattr(defaults, k) else v
                                     for k, v in config.__dict__.items()})
-    device = _device(config.device)
-    wanted = [v.strip() for v in config.variants.split(",")] if config.variants != "all" else [v.name for v in VARIANTS]
-    unknown = set(wanted) - {v.name for v in VARIANTS}
+    resolve_device(config.device)
+    variants, models = _wanted(config)
+    unknown = set(variants) - {v.name for v in VARIANTS}
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {[v.name for v in VARIANTS]}")
+    for name in models:
+        _model_factory(name, config.input_size)
+    return config
+
+
+def run_step(config: StepBenchConfig) -> dict:
+    """Training-step images/s per model and variant, with ratios to eager, MFU and warm-up time."""
+    from common.flops import count_module
+    device = resolve_device(config.device)
+    wanted, models = _wanted(config)
     variants = [v for v in VARIANTS if v.name in wanted]
     results = []
-    for name in [m.strip() for m in config.models.split(",") if m.strip()]:
+    for name in models:
         make_model = _model_factory(name, config.input_size)
         forward_flops = count_module(make_model(), (3, config.input_size, config.input_size)).flops
         results.append(bench_model(name, make_model, forward_flops, input_size=config.input_size,
@@ -265,15 +278,21 @@ def _plain_epoch(model: nn.Module, loader, device: torch.device) -> tuple[float,
     return time.perf_counter() - start, seen
 
 
+def check_e2e(config: E2EBenchConfig) -> E2EBenchConfig:
+    """The options with --quick applied, refused before any image is written if they cannot run."""
+    if config.quick:
+        config = E2EBenchConfig(**{**config.__dict__, **E2E_QUICK})
+    bench_data.check_images(config.images, config.batch_size)
+    resolve_device(config.device)
+    return config
+
+
 def run_e2e(config: E2EBenchConfig) -> dict:
     """One training epoch, data included: our cache + engine versus ImageFolder + a plain loop."""
     from common import training
     from common.data import DeviceLoader, load_cache, prepare
     from part_a.model import MEAN, STD  # the benchmark trains the Part A model, by design
-    if config.quick:
-        config = E2EBenchConfig(**{**config.__dict__, **E2E_QUICK})
-    bench_data.check_images(config.images, config.batch_size)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     make_model = _model_factory("part_a", config.input_size)
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:

@@ -46,3 +46,14 @@ def test_too_few_images_for_one_batch_is_refused_before_any_image_is_written(sec
     bench_data.check_images(20, 10)  # exactly one full batch is enough
     with pytest.raises(ValueError, match="--images 9 leaves 0 training images"):  # a class with none
         bench_data.check_images(9, 1)
+    with pytest.raises(ValueError, match="--images 15 leaves 0 training images"):  # a class with one (val)
+        bench_data.check_images(15, 1)
+
+
+def test_an_error_while_a_benchmark_runs_keeps_its_traceback(monkeypatch):
+    def broken(*args):
+        raise ValueError("a bug inside the benchmark")
+
+    monkeypatch.setattr(bench_data, "generate", broken)  # the options are fine: not a usage error (exit 2)
+    with pytest.raises(ValueError, match="a bug inside the benchmark"):
+        bench.main(["data", "--quick", "--device", "cpu"])
