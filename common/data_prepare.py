@@ -63,28 +63,29 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {fraction}")
-    made_from = read_json(split_dir / "prepare.json").get("source")
-    if source is None and made_from is not None:  # a split of the user's own folders: keep using them
-        source, test_fraction = made_from, read_json(split_dir / "prepare.json")["test_fraction"]
+    saved = read_json(split_dir / "prepare.json")
+    if source is None and saved.get("source") is not None:  # a split of the user's own folders: keep using them
+        source, test_fraction = saved["source"], saved["test_fraction"]
     if source is None:
         dataset = find_or_fetch_source(root, url, zip_path)
         train_dir, test_dir = dataset / "train", dataset / "val"
     else:
         train_dir, test_dir = source_folders(Path(source))
+    if test_dir is not None:
+        test_fraction = None  # a test set of its own: nothing is drawn from train/ for it
     files = scan_class_folders(train_dir, "train") + (scan_class_folders(test_dir, "test") if test_dir else [])
     check_class_sets(train_dir, test_dir, files)
     state = {"format": PREPARE_FORMAT, "val_fraction": val_fraction, "seed": seed, "fingerprint": fingerprint(files)}
     if source is not None:
-        state.update(source=str(Path(source).resolve()), test_fraction=test_fraction if test_dir is None else None)
-    if (split_dir / MANIFEST).is_file() and read_json(split_dir / "prepare.json") == state \
-            and _split_intact(split_dir):
+        state.update(source=str(Path(source).resolve()), test_fraction=test_fraction)
+    if (split_dir / MANIFEST).is_file() and saved == state and _split_intact(split_dir):
         print(f"data ready: {split_dir} (same files, seed {seed}, val_fraction {val_fraction})")
         return split_dir
 
     checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate")))
     good = [f for f in files if checks[f].problem is None]
     check_no_empty_class(files, good)
-    assigned = assign_splits(good, val_fraction, seed, test_fraction if test_dir is None else 0.0)
+    assigned = assign_splits(good, val_fraction, seed, test_fraction or 0.0)
     _write_split(root, split_dir, assigned, checks, files, state)
     return split_dir
 
@@ -135,8 +136,10 @@ def check_class_sets(train_dir: Path, test_dir: Path | None, files: list[ImageFi
     """Every class folder holds images, there are at least two classes, and test has train's classes."""
     found = {origin: {f.label for f in files if f.origin == origin} for origin in ("train", "test")}
     for origin, folder in (("train", train_dir), ("test", test_dir)):
+        if folder is None:
+            continue
         empty = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)
-                       and p.name not in found[origin]) if folder else []
+                       and p.name not in found[origin])
         if empty:
             raise DataError(f"class folders with no images in {folder}: {', '.join(empty)}; "
                             "add their images or remove the folders")
