@@ -310,7 +310,8 @@ def test_concurrent_builds_of_one_cache_are_safe(prepared_data, tmp_path, monkey
     import shutil
     from concurrent.futures import ThreadPoolExecutor
 
-    split_dir = shutil.copytree(prepared_data / "split", tmp_path / "split")
+    # Without the shared fixture's caches, which other tests may have built already.
+    split_dir = shutil.copytree(prepared_data / "split", tmp_path / "split", ignore=shutil.ignore_patterns("cache"))
     both_writing = threading.Barrier(2, timeout=30)
 
     def in_step(fn, items, desc, chunksize=16):  # both builders are mid-write before either finishes
