@@ -141,13 +141,18 @@ def imagefolder_loader(train_dir: Path, config: DataBenchConfig, device: torch.d
                                        persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
 
 
-def hardware(device: torch.device) -> dict:
-    """What a benchmark ran on."""
-    cpu = platform.processor() or "unknown"
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    cpu = platform.processor() or platform.machine() or "unknown"
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    return {"device": str(device), "cpu": cpu, "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    return cpu
+
+
+def hardware(device: torch.device) -> dict:
+    """What a benchmark ran on."""
+    return {"device": str(device), "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version()}
 

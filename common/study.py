@@ -68,11 +68,10 @@ class StepSkipped(Exception):
 
 def environment() -> dict[str, str]:
     """The machine and the software a step ran on, for the report."""
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
     import torch
+
+    from common.bench_data import cpu_model
+    cpu = cpu_model()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     software = [f"python {platform.python_version()}"] + [
         f"{name} {importlib.metadata.version(name)}" for name in ("torch", "torchvision", "numpy", "optuna", "wandb")]
@@ -138,13 +137,9 @@ def make_plan(file: Path, config: StudyConfig, quick: dict[str, Any], count: int
     return Plan(str(file.relative_to(ROOT)), name, overrides, trials)
 
 
-def storage_url(out_dir: str, study: str) -> str:
-    return f"sqlite:///{sweep.database_path(out_dir, study)}"
-
-
 def finished_trials(out_dir: str, study: str) -> list[FrozenTrial]:
     """The study's trials that ran to an end of their own (complete, pruned, or failed by their error)."""
-    storage = storage_url(out_dir, study)
+    storage = sweep.default_storage(out_dir, study)
     if not sweep.database_path(out_dir, study).is_file() or study not in optuna.get_all_study_names(storage):
         return []
     trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
@@ -153,7 +148,7 @@ def finished_trials(out_dir: str, study: str) -> list[FrozenTrial]:
 
 def run_plan(plan: Plan, config: StudyConfig) -> dict:
     """Top the study up to ``plan.trials`` finished trials (interrupted ones run again first)."""
-    storage = storage_url(config.out_dir, plan.study)
+    storage = sweep.default_storage(config.out_dir, plan.study)
     missing = plan.trials - len(finished_trials(config.out_dir, plan.study))
     if missing > 0:
         sweep.sweep_main(sweep.SweepOptions(config=str(ROOT / plan.file), count=missing, study=plan.study,
@@ -163,8 +158,9 @@ def run_plan(plan: Plan, config: StudyConfig) -> dict:
 
 
 def best_trial(plan: Plan, config: StudyConfig) -> FrozenTrial:
+    storage = sweep.default_storage(config.out_dir, plan.study)
     try:
-        return optuna.load_study(study_name=plan.study, storage=storage_url(config.out_dir, plan.study)).best_trial
+        return optuna.load_study(study_name=plan.study, storage=storage).best_trial
     except ValueError:  # no trial completed
         raise UserError(f"no trial of study {plan.study} completed; their errors are in "
                         f"{Path(config.out_dir) / 'sweeps' / f'{plan.study}_trials.csv'}; fix the cause and run "
@@ -213,12 +209,9 @@ def evaluate_best(run_dir: str, config: StudyConfig, study_dir: Path) -> dict:
 def run_part_b(plan: Plan, config: StudyConfig) -> dict:
     """The strategy grid, after loading the backbone's weights once: without them (no cache, no network,
     a bad file) Part B is skipped, saying what is missing and what to do."""
-    from part_b.model import ModelBConfig, build_model
-    fixed = load_sweep(ROOT / plan.file, plan.overrides).fixed
-    names = {f.name for f in dataclasses.fields(ModelBConfig)}
-    model_config = ModelBConfig(**{name: value for name, value in fixed.items() if name in names})
+    from part_b.model import build_model
     try:
-        build_model(model_config)
+        build_model(load_sweep(ROOT / plan.file, plan.overrides).fixed)  # a dict: its run options are ignored
     except ValueError as error:  # the weights' error says where the file should be, or what is wrong with it
         raise StepSkipped(f"{error}\nThen run the same command again (with --part_b_weights FILE if the file "
                           "is elsewhere): the finished steps are reused and Part B runs.") from error

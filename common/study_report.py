@@ -4,6 +4,7 @@ same numbers for other tools. Nothing in it is typed by hand: sentences are gene
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -52,7 +53,7 @@ def sweep_results(result: dict, study_dir: Path) -> dict:
             study, order[:sweep_report.PARALLEL_AXES])
     if importance:
         drawn["sweep_importance"] = sweep_report.plot_importance(study, method)
-    if any(c["strength"] == c["strength"] for c in corr.values()):  # some correlation is not nan
+    if any(not math.isnan(c["strength"]) for c in corr.values()):
         drawn["sweep_correlations"] = sweep_report.plot_correlations(corr, order, metric)
     best = study.best_trial
     return {"study": study.study_name, "file": result["file"], "method": spec.method, "metric": metric,
@@ -94,13 +95,19 @@ def best_model_results(best: dict, evaluation: dict) -> dict:
             "figures": evaluation["figures"]}
 
 
+def _meta_model(run_dir: Path) -> tuple[dict, nn.Module]:
+    """A Part B run's config.json and its model rebuilt from it on the meta device (no memory)."""
+    from part_b.model import build_from_config
+    saved = files.read_json(run_dir / "config.json")
+    with torch.device("meta"):
+        return saved, build_from_config(saved)
+
+
 def _strategy_row(run_dir: Path) -> dict:
     """One Part B run: what trained, for how long, how well; the trainable count at the last epoch and
-    the head's widths come from the run's configuration, rebuilt on the meta device (no memory)."""
-    from part_b.model import build_from_config
-    saved, summary = files.read_json(run_dir / "config.json"), files.read_json(run_dir / "summary.json")
-    with torch.device("meta"):
-        model = build_from_config(saved)
+    the head's widths come from the run's configuration (``_meta_model``)."""
+    _, model = _meta_model(run_dir)
+    summary = files.read_json(run_dir / "summary.json")
     linears = [m for m in model.net.get_submodule(model.layout.head).modules() if isinstance(m, nn.Linear)]
     return {"run_dir": str(run_dir), "trainable_params": summary["trainable_params"],
             "trainable_params_last_epoch": model.set_epoch(summary["epochs_run"])["trainable_params"],
@@ -115,10 +122,8 @@ def _input_and_head(run_dir: Path) -> dict:
     """How a Part B run fed the pretrained model and replaced its ImageNet classifier."""
     from torchvision.models import get_model_weights
 
-    from part_b.model import build_from_config, normalisation, resolve_config
-    saved = files.read_json(run_dir / "config.json")
-    with torch.device("meta"):
-        model = build_from_config(saved)
+    from part_b.model import normalisation, resolve_config
+    saved, model = _meta_model(run_dir)
     config = model.config
     mean, std = normalisation(config)
     return {"model": config.model, "weights": config.weights, "input_size": config.input_size,

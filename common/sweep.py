@@ -164,6 +164,11 @@ def database_path(out_dir: str | Path, study: str) -> Path:
     return (Path(out_dir) / "sweeps" / f"{study}.db").resolve()
 
 
+def default_storage(out_dir: str | Path, study: str) -> str:
+    """The Optuna URL of ``database_path``."""
+    return f"sqlite:///{database_path(out_dir, study)}"
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The study database. Heartbeats let any worker mark a killed worker's trial as failed."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait on locks
@@ -348,7 +353,7 @@ def sweep_main(options: SweepOptions) -> None:
     from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
     database = database_path(out_dir, study)
     database.parent.mkdir(parents=True, exist_ok=True)
-    storage_url = options.storage or f"sqlite:///{database}"
+    storage_url = options.storage or default_storage(out_dir, study)
     trials_dir = Path(out_dir) / study
     known = optuna.study.get_all_study_names(storage=open_storage(storage_url))
     if study not in known and trials_dir.is_dir() and any(trials_dir.iterdir()):
@@ -375,7 +380,7 @@ def report_main(args: argparse.Namespace) -> None:
     database = database_path(args.out_dir, args.study)
     if args.storage is None and not database.is_file():
         raise SweepConfigError(f"no study database at {database}; pass the runner's --out_dir, or --storage URL")
-    storage_url = args.storage or f"sqlite:///{database}"
+    storage_url = args.storage or default_storage(args.out_dir, args.study)
     try:
         study = optuna.load_study(study_name=args.study, storage=storage_url)
     except KeyError:
