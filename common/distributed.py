@@ -102,4 +102,5 @@ def broadcast_tensors(tensors, info: DistInfo) -> None:
     for tensor in tensors:
         buffer = tensor.contiguous()
         dist.broadcast(buffer, src=0)
-        tensor.copy_(buffer)
+        if buffer is not tensor:
+            tensor.copy_(buffer)
