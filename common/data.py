@@ -26,8 +26,8 @@ from common.data_cache import CachedSplit, decode_image, load_cache, open_rgb, s
 from common.data_fetch import DATASET_URL, DataError
 from common.data_prepare import prepare
 
-__all__ = ["DATASET_URL", "CachedSplit", "DataError", "DeviceLoader", "decode_image", "load_cache", "normalise",
-           "open_rgb", "prepare", "split_changes", "split_digests"]
+__all__ = ["DATASET_URL", "CachedSplit", "DataError", "DeviceLoader", "decode_image", "load_cache",
+           "normalise", "open_rgb", "prepare", "split_changes", "split_digests"]
 
 # The cache stays on the GPU only if this much memory is still free afterwards (model, activations).
 GPU_MARGIN_BYTES = 4 << 30
@@ -173,8 +173,9 @@ class PrepareConfig:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="iNaturalist-12K data preparation")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_args(commands.add_parser("prepare", help="download, extract, validate and split the dataset"),
-                       PrepareConfig, "prepare")
+    command = commands.add_parser("prepare", help="download, extract, validate and split the dataset; "
+                                  "again: refresh the split from its source, moving no image")
+    add_dataclass_args(command, PrepareConfig, "prepare")
     return parser
 
 

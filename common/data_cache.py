@@ -122,7 +122,8 @@ def split_digests(split_dir: str | Path) -> dict[str, torch.Tensor]:
     return {split: torch.tensor(sorted(values), dtype=torch.int64) for split, values in digests.items()}
 
 
-def split_changes(recorded: dict[str, torch.Tensor] | None, split_dir: str | Path, splits: tuple[str, ...]) -> str:
+def split_changes(recorded: dict[str, torch.Tensor] | None, split_dir: str | Path,
+                  splits: tuple[str, ...]) -> str:
     """How ``splits`` of ``split_dir`` differ from ``recorded`` (a checkpoint's ``split``), e.g. "3 images
     added to train, 1 removed from test"; "" when they do not, or when nothing was recorded (a
     checkpoint from before splits were recorded). A file with new content counts as removed and added."""

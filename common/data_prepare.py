@@ -91,12 +91,12 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
         return split_dir
     if problem:
         print(f"{split_dir} is incomplete ({problem}): rebuilding it from its source, moving no image")
-    if source is None and saved.get("source") is not None:  # a split of the user's own folders: refresh from them
+    if source is None and saved.get("source") is not None:  # a split of your own folders: refresh from them
         source, test_fraction = saved["source"], saved["test_fraction"]
         if not Path(source).is_dir():
-            raise DataError(f"refreshing {split_dir} needs {source}, the folder it was made from, which is no "
-                            f"longer there: pass its new place (python common/data.py prepare --root {root} "
-                            "--source DIR)")
+            raise DataError(f"refreshing {split_dir} needs {source}, the folder it was made from, which is "
+                            f"no longer there: pass its new place (python common/data.py prepare --root "
+                            f"{root} --source DIR)")
     if source is None:
         dataset = find_or_fetch_source(root, url, zip_path)
         train_dir, test_dir = dataset / "train", dataset / "val"
@@ -129,15 +129,16 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
 
 def _check_same_options(split_dir: Path, saved: dict, **asked) -> None:
     """Refuse split options other than those ``split_dir`` was made with: its images never move."""
-    differ = {name: (saved[name], value) for name, value in asked.items() if name in saved and saved[name] != value}
+    differ = {name: (saved[name], value) for name, value in asked.items()
+              if name in saved and saved[name] != value}
     if differ:
-        def shown(name, value):
-            return f"{name} {value}" if value is not None else f"{name} none (a test folder of its own)"
-        raise DataError(
-            f"{split_dir} was made with {', '.join(shown(k, v[0]) for k, v in differ.items())}, not "
-            f"{', '.join(shown(k, v[1]) for k, v in differ.items())}, and its images never move: use its values "
-            "(train scripts: --val_fraction, --split_seed), or make a new split with another --root / --data_dir "
-            f"(or delete {split_dir}: runs trained on it can then no longer be resumed or evaluated)")
+        def shown(side: int) -> str:
+            return ", ".join(f"{name} {values[side] if values[side] is not None else 'none (a test folder)'}"
+                             for name, values in differ.items())
+        raise DataError(f"{split_dir} was made with {shown(0)}, not {shown(1)}, and its images never move: "
+                        "use its values (train scripts: --val_fraction, --split_seed), or make a new split "
+                        f"with another --root / --data_dir (or delete {split_dir}: runs trained on it can "
+                        "then no longer be resumed or evaluated)")
 
 
 def source_folders(source: Path) -> tuple[Path, Path | None]:
@@ -178,7 +179,8 @@ def scan_class_folders(folder: Path, origin: str) -> list[ImageFile]:
                 if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                     continue  # .DS_Store, *:Zone.Identifier, notes, ...
                 path = Path(dirpath) / name
-                found.append(ImageFile(path, nfc(class_dir.name), nfc(path.relative_to(class_dir).as_posix()), origin))
+                relative = nfc(path.relative_to(class_dir).as_posix())
+                found.append(ImageFile(path, nfc(class_dir.name), relative, origin))
     return found
 
 
@@ -245,9 +247,9 @@ def _split_images(split_dir: Path, test_drawn: bool) -> dict[tuple[str, str, str
             origin = "test" if split == "test" and not test_drawn else "train"
             images[(origin, nfc(label), nfc(relative))] = (split, row["sha256"])
         except (AttributeError, KeyError, ValueError) as error:
-            raise DataError(f"{split_dir / MANIFEST} is damaged (line {line}), so which image is in which split "
-                            f"is unknown: restore it, or delete {split_dir} to make a new split (runs trained on "
-                            "it can then no longer be resumed or evaluated)") from error
+            raise DataError(f"{split_dir / MANIFEST} is damaged (line {line}), so which image is in which "
+                            f"split is unknown: restore it, or delete {split_dir} to make a new split (runs "
+                            "trained on it can then no longer be resumed or evaluated)") from error
     return images
 
 
@@ -307,8 +309,9 @@ def assign_splits(good: list[ImageFile], val_fraction: float, seed: int, test_fr
         counts, wanted = Counter(assigned[f] for f in members), SPLITS if test_fraction else SPLITS[:2]
         if not all(counts[split] for split in wanted):
             shown = ", ".join(f"{split} {counts[split]}" for split in wanted)
-            raise DataError(f"class {label} has {len(members)} readable image(s) to split: too few for an image "
-                            f"in each split ({shown}); add images, or lower --val_fraction / --test_fraction")
+            raise DataError(f"class {label} has {len(members)} readable image(s) to split: too few for an "
+                            f"image in each split ({shown}); add images, or lower --val_fraction / "
+                            "--test_fraction")
     return assigned
 
 
@@ -385,9 +388,11 @@ def _changes(now: dict, before: dict) -> str:
     ``ImageFile.key`` to (split, sha256)."""
     def listed(keys, images: dict) -> str:
         counts = Counter((key[1], images[key][0]) for key in keys)
-        by_class = "; ".join(f"{label}: " + ", ".join(f"{counts[label, s]} {s}" for s in SPLITS if counts[label, s])
+        by_class = "; ".join(f"{label}: " + ", ".join(f"{counts[label, s]} {s}" for s in SPLITS
+                                                      if counts[label, s])
                              for label in sorted({label for label, _ in counts}))
         return f"{len(keys)} image{'s' * (len(keys) != 1)} ({by_class})" if keys else "0"
+    added, removed = now.keys() - before.keys(), before.keys() - now.keys()
     changed = sum(now[key][1] != before[key][1] for key in now.keys() & before.keys())
-    return (f"added {listed(now.keys() - before.keys(), now)}, removed {listed(before.keys() - now.keys(), before)}"
+    return (f"added {listed(added, now)}, removed {listed(removed, before)}"
             + (f"; {changed} kept their split with new content" if changed else ""))

@@ -479,8 +479,9 @@ def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, em
     splits = ("train", "val", "test") if config.test else ("train", "val")  # test: this run will be tested
     changes = data_lib.split_changes(state.get("split"), Path(config.data_dir) / "split", splits)
     if changes:
-        raise ValueError(f"--resume: the split in {config.data_dir} changed since this run started ({changes}); a "
-                         "run trains on one split: start a new run on this one (another --name, without --resume)")
+        raise ValueError(f"--resume: the split in {config.data_dir} changed since this run started "
+                         f"({changes}); a run trains on one split: start a new run on this one (another "
+                         "--name, without --resume)")
     model.load_state_dict(state["model"])
     if ema is not None:  # n_averaged > 0: the next step averages rather than copies
         ema.module.load_state_dict(state["ema"])

@@ -8,7 +8,6 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from common import checkpoint as ckpt_io
@@ -18,8 +17,8 @@ from conftest import class_image
 from part_a import train as part_a_train
 from test_own_data import make_folders
 
-TINY = ["--input_size", "32", "--n_filters", "4", "--n_blocks", "3", "--kernel_size", "3", "--dense_neurons", "8",
-        "--batch_size", "8", "--device", "cpu", "--wandb_mode", "disabled", "--compile", "false"]
+TINY = ["--input_size", "32", "--n_filters", "4", "--n_blocks", "3", "--kernel_size", "3", "--dense_neurons",
+        "8", "--batch_size", "8", "--device", "cpu", "--wandb_mode", "disabled", "--compile", "false"]
 
 
 def splits(split_dir: Path) -> dict[str, str]:
@@ -89,9 +88,9 @@ def test_other_split_options_for_an_existing_split_are_refused(tmp_path, capsys)
     source = make_folders(tmp_path / "photos", {"cats": 10, "dogs": 10})
     split_dir = data_lib.prepare(tmp_path / "data", source=source)
     before = splits(split_dir)
-    for command in (lambda: data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--seed", "7"]),
-                    lambda: data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--source", str(source),
-                                           "--test_fraction", "0.4"]),
+    prepare = ["prepare", "--root", str(tmp_path / "data")]
+    for command in (lambda: data_lib.main([*prepare, "--seed", "7"]),
+                    lambda: data_lib.main([*prepare, "--source", str(source), "--test_fraction", "0.4"]),
                     lambda: train(tmp_path / "data", tmp_path / "runs", "--val_fraction", "0.3")):
         capsys.readouterr()
         assert command() == 1
@@ -163,6 +162,6 @@ def test_class_order_is_one_rule_for_cased_spaced_and_decomposed_names(tmp_path)
         assert data_lib.load_cache(split_dir, split, 16).classes == order
     assert train(tmp_path / "data", tmp_path / "runs", "--name", "r", "--epochs", "1") == 0
     assert ckpt_io.load_checkpoint(tmp_path / "runs" / "r" / "best.pt")["classes"] == order
-    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "r" / "best.pt", tmp_path / "data", device="cpu",
-                                          wandb_mode="disabled")
+    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "r" / "best.pt", tmp_path / "data",
+                                          device="cpu", wandb_mode="disabled")
     assert list(result["test_per_class_acc"]) == order
