@@ -129,16 +129,13 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
 
 def _check_same_options(split_dir: Path, saved: dict, **asked) -> None:
     """Refuse split options other than those ``split_dir`` was made with: its images never move."""
-    differ = {name: (saved[name], value) for name, value in asked.items()
-              if name in saved and saved[name] != value}
+    differ = [name for name, value in asked.items() if name in saved and saved[name] != value]
     if differ:
-        def shown(side: int) -> str:
-            return ", ".join(f"{name} {values[side] if values[side] is not None else 'none (a test folder)'}"
-                             for name, values in differ.items())
-        raise DataError(f"{split_dir} was made with {shown(0)}, not {shown(1)}, and its images never move: "
-                        "use its values (train scripts: --val_fraction, --split_seed), or make a new split "
-                        f"with another --root / --data_dir (or delete {split_dir}: runs trained on it can "
-                        "then no longer be resumed or evaluated)")
+        raise DataError(f"{split_dir} was made with {', '.join(f'{k} {saved[k]}' for k in differ)}, not "
+                        f"{', '.join(f'{k} {asked[k]}' for k in differ)}, and its images never move: use its "
+                        "values (train scripts: --val_fraction, --split_seed), or make a new split with another "
+                        f"--root / --data_dir (or delete {split_dir}: runs trained on it can then no longer be "
+                        "resumed or evaluated)")
 
 
 def source_folders(source: Path) -> tuple[Path, Path | None]:
@@ -226,30 +223,28 @@ def fingerprint(files: list[ImageFile]) -> str:
 def _split_problem(split_dir: Path) -> str | None:
     """None when every file the manifest lists is there with its size, else what is wrong (a deleted or
     replaced split file makes ``prepare`` rebuild the split instead of reporting it ready)."""
-    for row in read_manifest(split_dir):
+    for line, row in enumerate(read_manifest(split_dir), start=2):
         try:
+            row["path"].split("/", 2)[2]  # split/class/file: what _split_images reads
             if (split_dir / row["path"]).stat().st_size != int(row["bytes"]):
                 return f"{row['path']} has another size than when it was split"
         except OSError:
             return f"{row['path']} is missing"
-        except (KeyError, TypeError, ValueError):
-            return f"{MANIFEST} is damaged"
+        except (AttributeError, IndexError, KeyError, ValueError) as error:
+            raise DataError(f"{split_dir / MANIFEST} is damaged (line {line}), so which image is in which "
+                            f"split is unknown: restore it, or delete {split_dir} to make a new split (runs "
+                            "trained on it can then no longer be resumed or evaluated)") from error
     return None
 
 
 def _split_images(split_dir: Path, test_drawn: bool) -> dict[tuple[str, str, str], tuple[str, str]]:
-    """``ImageFile.key`` -> (split, sha256) of every image in the split's manifest; its test images came
-    from ``train/`` too when ``test_drawn``."""
+    """``ImageFile.key`` -> (split, sha256) of every image in the manifest (checked by ``_split_problem``);
+    its test images came from ``train/`` too when ``test_drawn``."""
     images = {}
-    for line, row in enumerate(read_manifest(split_dir), start=2):
-        try:
-            split, label, relative = row["path"].split("/", 2)
-            origin = "test" if split == "test" and not test_drawn else "train"
-            images[(origin, nfc(label), nfc(relative))] = (split, row["sha256"])
-        except (AttributeError, KeyError, ValueError) as error:
-            raise DataError(f"{split_dir / MANIFEST} is damaged (line {line}), so which image is in which "
-                            f"split is unknown: restore it, or delete {split_dir} to make a new split (runs "
-                            "trained on it can then no longer be resumed or evaluated)") from error
+    for row in read_manifest(split_dir):
+        split, label, relative = row["path"].split("/", 2)
+        origin = "test" if split == "test" and not test_drawn else "train"
+        images[(origin, nfc(label), nfc(relative))] = (split, row["sha256"])
     return images
 
 
@@ -297,10 +292,11 @@ def assign_splits(good: list[ImageFile], val_fraction: float, seed: int, test_fr
         new = sorted((f for f in members if f.key not in kept), key=lambda f: f.relative)
         assigned.update({f: kept[f.key] for f in members if f.key in kept})
         assigned.update(dict.fromkeys(new, "train"))
-        # The counts the fractions give for the class's total, less the kept images already there.
+        # New images fill the counts the fractions give for the class's total, less the kept ones there.
         have = Counter(kept[f.key] for f in members if f.key in kept)
-        n_val = min(max(0, max(1, round(len(members) * val_fraction)) - have["val"]), len(new))
+        n_val = max(1, round(len(members) * val_fraction)) - have["val"]
         n_test = max(1, round(len(members) * test_fraction)) - have["test"] if test_fraction else 0
+        n_val = min(max(0, n_val), len(new))
         n_test = min(max(0, n_test), len(new) - n_val)
         # A string seed is hashed deterministically (not with Python's per-process hash salt).
         drawn = random.Random(f"{seed}:{label}").sample(range(len(new)), n_val + n_test)
@@ -395,4 +391,4 @@ def _changes(now: dict, before: dict) -> str:
     added, removed = now.keys() - before.keys(), before.keys() - now.keys()
     changed = sum(now[key][1] != before[key][1] for key in now.keys() & before.keys())
     return (f"added {listed(added, now)}, removed {listed(removed, before)}"
-            + (f"; {changed} kept their split with new content" if changed else ""))
+            + (f"; {changed} changed in place (kept in their split)" if changed else ""))
