@@ -22,12 +22,12 @@ import torch
 
 from common.augment import crop_flip, sample_crops, sample_flips
 from common.config import add_dataclass_args, cli_main, from_namespace
-from common.data_cache import CachedSplit, decode_image, load_cache, open_rgb
+from common.data_cache import CachedSplit, decode_image, load_cache, open_rgb, split_changes, split_digests
 from common.data_fetch import DATASET_URL, DataError
 from common.data_prepare import prepare
 
-__all__ = ["DATASET_URL", "CachedSplit", "DataError", "DeviceLoader",
-           "decode_image", "load_cache", "normalise", "open_rgb", "prepare"]
+__all__ = ["DATASET_URL", "CachedSplit", "DataError", "DeviceLoader", "decode_image", "load_cache",
+           "normalise", "open_rgb", "prepare", "split_changes", "split_digests"]
 
 # The cache stays on the GPU only if this much memory is still free afterwards (model, activations).
 GPU_MARGIN_BYTES = 4 << 30
@@ -173,8 +173,9 @@ class PrepareConfig:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="iNaturalist-12K data preparation")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_args(commands.add_parser("prepare", help="download, extract, validate and split the dataset"),
-                       PrepareConfig, "prepare")
+    command = commands.add_parser("prepare", help="download, extract, validate and split the dataset; "
+                                  "again: refresh the split from its source, moving no image")
+    add_dataclass_args(command, PrepareConfig, "prepare")
     return parser
 
 
@@ -190,7 +191,7 @@ def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
 def main(argv: list[str] | None = None) -> int:
     return cli_main(config_from_args, lambda config: prepare(
         config.root, url=config.url, zip_path=config.zip, val_fraction=config.val_fraction, seed=config.seed,
-        source=config.source, test_fraction=config.test_fraction), argv)
+        source=config.source, test_fraction=config.test_fraction, refresh=True), argv)
 
 
 if __name__ == "__main__":

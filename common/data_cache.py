@@ -108,8 +108,34 @@ def read_manifest(split_dir: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise DataError(f"no {MANIFEST} in {split_dir}; prepare the data first: "
                         f"python common/data.py prepare --root {Path(split_dir).parent}")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def split_digests(split_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Per split, the sorted 64-bit digests of its manifest rows (path, class, sha256): what a checkpoint
+    records of the split it trained on, small enough to keep and to say later what changed."""
+    digests: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for row in read_manifest(Path(split_dir)):
+        digest = hashlib.sha256(f"{row['path']}\0{row['class']}\0{row['sha256']}".encode()).digest()
+        digests.setdefault(row["split"], []).append(int.from_bytes(digest[:8], "little", signed=True))
+    return {split: torch.tensor(sorted(values), dtype=torch.int64) for split, values in digests.items()}
+
+
+def split_changes(recorded: dict[str, torch.Tensor] | None, split_dir: str | Path,
+                  splits: tuple[str, ...]) -> str:
+    """How ``splits`` of ``split_dir`` differ from ``recorded`` (a checkpoint's ``split``), e.g. "3 images
+    added to train, 1 removed from test"; "" when they do not, or when nothing was recorded (a
+    checkpoint from before splits were recorded). A file with new content counts as removed and added."""
+    if recorded is None:
+        return ""
+    current, changes = split_digests(split_dir), []
+    for split in splits:
+        then, now = set(recorded[split].tolist()), set(current[split].tolist())
+        for count, what in ((len(now - then), "added to"), (len(then - now), "removed from")):
+            if count:
+                changes.append(f"{count} image{'s' * (count != 1)} {what} {split}")
+    return ", ".join(changes)
 
 
 def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:

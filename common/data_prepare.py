@@ -9,12 +9,22 @@
     root/split/prepare.json                     what the split was made from; makes reruns free
 
 ``val`` is a stratified ``val_fraction`` of each class of the original ``train/``, chosen by ``seed``;
-``test`` is the original ``val/``. A rerun with the same options on unchanged files does nothing.
+``test`` is the original ``val/``.
+
+A split never moves. An intact split is used as it is (the train scripts' call); ``refresh=True``
+(``python common/data.py prepare``) brings it up to date with its source: images no longer there
+leave, new ones are assigned by ``assign_splits`` without moving any other, and what changed is
+printed. Another ``val_fraction``, ``seed`` or ``test_fraction`` for an existing split is refused:
+it could only be honoured by moving images.
 
 ``source=DIR`` splits your own image folders instead, left where they are: ``DIR/<Class>/*`` (then
 ``test`` is a stratified ``test_fraction`` too) or ``DIR/train/<Class>/*`` with an optional
-``DIR/test/`` or ``DIR/val/`` as the test set. A later ``prepare(root)`` (as the train scripts call it)
-reuses the source the split was made from.
+``DIR/test/`` or ``DIR/val/`` as the test set. A refresh without ``source`` uses the folder the split
+was made from; only a refresh needs it.
+
+A class is named by its folder's name in Unicode NFC (a macOS zip's decomposed names become the
+names as typed), and every tool orders classes by Python's ``sorted`` of those names (code points:
+``Bee`` before ``ant``), as torchvision's ``ImageFolder`` does.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import io
 import os
 import random
 import shutil
+import unicodedata
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +58,11 @@ class ImageFile:
     relative: str  # path below the class folder, posix style
     origin: str  # "train" (to be split) or "test" (the given test set)
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What identifies the image from one prepare to the next (not where the source lies)."""
+        return self.origin, self.label, self.relative
+
 
 @dataclass(frozen=True)
 class FileCheck:
@@ -57,15 +73,30 @@ class FileCheck:
 
 def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | None = None,
             val_fraction: float = 0.2, seed: int = 42, source: str | Path | None = None,
-            test_fraction: float = 0.2) -> Path:
-    """Make ``root/split`` (see the module docstring) and return it; cheap when already done."""
+            test_fraction: float = 0.2, refresh: bool = False) -> Path:
+    """Make ``root/split`` (see the module docstring) and return it. An intact split is used as it is
+    unless ``refresh``; a refresh with unchanged files does nothing either."""
     root, split_dir = Path(root), Path(root) / "split"
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {fraction}")
     saved = read_json(split_dir / "prepare.json")
-    if source is None and saved.get("source") is not None:  # a split of the user's own folders: keep using them
+    made = (split_dir / MANIFEST).is_file()
+    if made:
+        _check_same_options(split_dir, saved, val_fraction=val_fraction, seed=seed)
+    problem = _split_problem(split_dir) if made else None
+    if made and not problem and not refresh:
+        print(f"data ready: {split_dir} (to add new images of its source: python common/data.py prepare "
+              f"--root {root})")
+        return split_dir
+    if problem:
+        print(f"{split_dir} is incomplete ({problem}): rebuilding it from its source, moving no image")
+    if source is None and saved.get("source") is not None:  # a split of your own folders: refresh from them
         source, test_fraction = saved["source"], saved["test_fraction"]
+        if not Path(source).is_dir():
+            raise DataError(f"refreshing {split_dir} needs {source}, the folder it was made from, which is "
+                            f"no longer there: pass its new place (python common/data.py prepare --root "
+                            f"{root} --source DIR)")
     if source is None:
         dataset = find_or_fetch_source(root, url, zip_path)
         train_dir, test_dir = dataset / "train", dataset / "val"
@@ -73,21 +104,38 @@ def prepare(root: str | Path, url: str = DATASET_URL, zip_path: str | Path | Non
         train_dir, test_dir = source_folders(Path(source))
     if test_dir is not None:
         test_fraction = None  # a test set of its own: nothing is drawn from train/ for it
+    if made:
+        _check_same_options(split_dir, saved, test_fraction=test_fraction)
     files = scan_class_folders(train_dir, "train") + (scan_class_folders(test_dir, "test") if test_dir else [])
     check_class_sets(train_dir, test_dir, files)
     state = {"format": PREPARE_FORMAT, "val_fraction": val_fraction, "seed": seed, "fingerprint": fingerprint(files)}
     if source is not None:
         state.update(source=str(Path(source).resolve()), test_fraction=test_fraction)
-    if (split_dir / MANIFEST).is_file() and saved == state and _split_intact(split_dir):
-        print(f"data ready: {split_dir} (same files, seed {seed}, val_fraction {val_fraction})")
+    if made and not problem and saved == state:
+        print(f"data ready: {split_dir} (no image of its source added, removed or changed)")
         return split_dir
 
     checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate")))
     good = [f for f in files if checks[f].problem is None]
     check_no_empty_class(files, good)
-    assigned = assign_splits(good, val_fraction, seed, test_fraction or 0.0)
+    before = _split_images(split_dir, test_drawn=test_fraction is not None) if made else {}
+    assigned = assign_splits(good, val_fraction, seed, test_fraction or 0.0,
+                             {key: split for key, (split, _) in before.items()})
     _write_split(root, split_dir, assigned, checks, files, state)
+    if made:
+        print(_changes({f.key: (split, checks[f].sha256) for f, split in assigned.items()}, before))
     return split_dir
+
+
+def _check_same_options(split_dir: Path, saved: dict, **asked) -> None:
+    """Refuse split options other than those ``split_dir`` was made with: its images never move."""
+    differ = [name for name, value in asked.items() if name in saved and saved[name] != value]
+    if differ:
+        raise DataError(f"{split_dir} was made with {', '.join(f'{k} {saved[k]}' for k in differ)}, not "
+                        f"{', '.join(f'{k} {asked[k]}' for k in differ)}, and its images never move: use its "
+                        "values (train scripts: --val_fraction, --split_seed), or make a new split with another "
+                        f"--root / --data_dir (or delete {split_dir}: runs trained on it can then no longer be "
+                        "resumed or evaluated)")
 
 
 def source_folders(source: Path) -> tuple[Path, Path | None]:
@@ -128,8 +176,14 @@ def scan_class_folders(folder: Path, origin: str) -> list[ImageFile]:
                 if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                     continue  # .DS_Store, *:Zone.Identifier, notes, ...
                 path = Path(dirpath) / name
-                found.append(ImageFile(path, class_dir.name, path.relative_to(class_dir).as_posix(), origin))
+                relative = nfc(path.relative_to(class_dir).as_posix())
+                found.append(ImageFile(path, nfc(class_dir.name), relative, origin))
     return found
+
+
+def nfc(name: str) -> str:
+    """A file or folder name as typed (Unicode NFC): macOS writes names decomposed (NFD)."""
+    return unicodedata.normalize("NFC", name)
 
 
 def check_class_sets(train_dir: Path, test_dir: Path | None, files: list[ImageFile]) -> None:
@@ -138,8 +192,8 @@ def check_class_sets(train_dir: Path, test_dir: Path | None, files: list[ImageFi
     for origin, folder in (("train", train_dir), ("test", test_dir)):
         if folder is None:
             continue
-        empty = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)
-                       and p.name not in found[origin])
+        empty = sorted(nfc(p.name) for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)
+                       and nfc(p.name) not in found[origin])
         if empty:
             raise DataError(f"class folders with no images in {folder}: {', '.join(empty)}; "
                             "add their images or remove the folders")
@@ -166,16 +220,32 @@ def fingerprint(files: list[ImageFile]) -> str:
     return digest.hexdigest()
 
 
-def _split_intact(split_dir: Path) -> bool:
-    """Every file the manifest lists is there with its size (a deleted or replaced split file makes
-    ``prepare`` build the split again instead of reporting it ready)."""
-    for row in read_manifest(split_dir):
+def _split_problem(split_dir: Path) -> str | None:
+    """None when every file the manifest lists is there with its size, else what is wrong (a deleted or
+    replaced split file makes ``prepare`` rebuild the split instead of reporting it ready)."""
+    for line, row in enumerate(read_manifest(split_dir), start=2):
         try:
+            row["path"].split("/", 2)[2]  # split/class/file: what _split_images reads
             if (split_dir / row["path"]).stat().st_size != int(row["bytes"]):
-                return False
-        except (OSError, KeyError, ValueError):
-            return False
-    return True
+                return f"{row['path']} has another size than when it was split"
+        except OSError:
+            return f"{row['path']} is missing"
+        except (AttributeError, IndexError, KeyError, ValueError) as error:
+            raise DataError(f"{split_dir / MANIFEST} is damaged (line {line}), so which image is in which "
+                            f"split is unknown: restore it, or delete {split_dir} to make a new split (runs "
+                            "trained on it can then no longer be resumed or evaluated)") from error
+    return None
+
+
+def _split_images(split_dir: Path, test_drawn: bool) -> dict[tuple[str, str, str], tuple[str, str]]:
+    """``ImageFile.key`` -> (split, sha256) of every image in the manifest (checked by ``_split_problem``);
+    its test images came from ``train/`` too when ``test_drawn``."""
+    images = {}
+    for row in read_manifest(split_dir):
+        split, label, relative = row["path"].split("/", 2)
+        origin = "test" if split == "test" and not test_drawn else "train"
+        images[(origin, nfc(label), nfc(relative))] = (split, row["sha256"])
+    return images
 
 
 def check_file(path: Path) -> FileCheck:
@@ -209,24 +279,35 @@ def check_no_empty_class(files: list[ImageFile], good: list[ImageFile]) -> None:
                         "replace the broken files")
 
 
-def assign_splits(good: list[ImageFile], val_fraction: float, seed: int,
-                  test_fraction: float = 0.0) -> dict[ImageFile, str]:
-    """The given test set -> test; per class to split, round(n * val_fraction) files (at least 1) -> val
-    and, with ``test_fraction``, round(n * test_fraction) (at least 1) -> test; the rest -> train."""
+def assign_splits(good: list[ImageFile], val_fraction: float, seed: int, test_fraction: float = 0.0,
+                  kept: dict[tuple[str, str, str], str] | None = None) -> dict[ImageFile, str]:
+    """The given test set -> test. Per class to split, images already in ``kept`` (key -> split) stay
+    there; the new ones first fill the val (and with ``test_fraction`` the test) counts that the class's
+    total gives, round(n * fraction) and at least 1, drawn by ``seed``; the rest -> train. With nothing
+    kept this is a fresh stratified split."""
+    kept = kept or {}
     assigned = {f: "test" for f in good if f.origin == "test"}
     for label in sorted({f.label for f in good if f.origin == "train"}):
-        members = sorted((f for f in good if f.origin == "train" and f.label == label), key=lambda f: f.relative)
-        n_val = max(1, round(len(members) * val_fraction))
-        n_test = max(1, round(len(members) * test_fraction)) if test_fraction else 0
-        if len(members) - n_val - n_test < 1:
-            raise DataError(f"class {label} has {len(members)} readable training image(s): too few for {n_val} "
-                            f"validation{f' and {n_test} test' if n_test else ''} image(s) and at least one to "
-                            "train on; add images, or lower --val_fraction / --test_fraction")
+        members = [f for f in good if f.origin == "train" and f.label == label]
+        new = sorted((f for f in members if f.key not in kept), key=lambda f: f.relative)
+        assigned.update({f: kept[f.key] for f in members if f.key in kept})
+        assigned.update(dict.fromkeys(new, "train"))
+        # New images fill the counts the fractions give for the class's total, less the kept ones there.
+        have = Counter(kept[f.key] for f in members if f.key in kept)
+        n_val = max(1, round(len(members) * val_fraction)) - have["val"]
+        n_test = max(1, round(len(members) * test_fraction)) - have["test"] if test_fraction else 0
+        n_val = min(max(0, n_val), len(new))
+        n_test = min(max(0, n_test), len(new) - n_val)
         # A string seed is hashed deterministically (not with Python's per-process hash salt).
-        drawn = random.Random(f"{seed}:{label}").sample(range(len(members)), n_val + n_test)
-        assigned.update(dict.fromkeys(members, "train"))
+        drawn = random.Random(f"{seed}:{label}").sample(range(len(new)), n_val + n_test)
         for position, index in enumerate(drawn):
-            assigned[members[index]] = "val" if position < n_val else "test"
+            assigned[new[index]] = "val" if position < n_val else "test"
+        counts, wanted = Counter(assigned[f] for f in members), SPLITS if test_fraction else SPLITS[:2]
+        if not all(counts[split] for split in wanted):
+            shown = ", ".join(f"{split} {counts[split]}" for split in wanted)
+            raise DataError(f"class {label} has {len(members)} readable image(s) to split: too few for an "
+                            f"image in each split ({shown}); add images, or lower --val_fraction / "
+                            "--test_fraction")
     return assigned
 
 
@@ -240,7 +321,7 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
@@ -296,3 +377,18 @@ def _write_split(root: Path, split_dir: Path, assigned: dict[ImageFile, str], ch
         print(f"{label:<12}" + "".join(f"{counts[(s, label)]:>7}" for s in SPLITS))
     print(f"{'total':<12}" + "".join(f"{sum(counts[(s, c)] for c in classes):>7}" for s in SPLITS)
           + f"   skipped {len(skipped)}  -> {split_dir}")
+
+
+def _changes(now: dict, before: dict) -> str:
+    """What a refresh did, e.g. 'added 1 image (Aves: 1 train), removed 0'; ``now`` and ``before`` map
+    ``ImageFile.key`` to (split, sha256)."""
+    def listed(keys, images: dict) -> str:
+        counts = Counter((key[1], images[key][0]) for key in keys)
+        by_class = "; ".join(f"{label}: " + ", ".join(f"{counts[label, s]} {s}" for s in SPLITS
+                                                      if counts[label, s])
+                             for label in sorted({label for label, _ in counts}))
+        return f"{len(keys)} image{'s' * (len(keys) != 1)} ({by_class})" if keys else "0"
+    added, removed = now.keys() - before.keys(), before.keys() - now.keys()
+    changed = sum(now[key][1] != before[key][1] for key in now.keys() & before.keys())
+    return (f"added {listed(added, now)}, removed {listed(removed, before)}"
+            + (f"; {changed} changed in place (kept in their split)" if changed else ""))

@@ -171,6 +171,11 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path = "dat
     model, checkpoint, torch_device = load_model(checkpoint_path, device)
     classes, mean, std = list(checkpoint["classes"]), checkpoint["mean"], checkpoint["std"]
     split_dir = Path(data_dir) / "split"
+    changes = data_lib.split_changes(checkpoint.get("split"), split_dir, ("test",))
+    if changes:
+        raise UserError(f"{split_dir / 'test'} changed since {checkpoint_path} was trained ({changes}), "
+                        "so its accuracy would not be comparable: evaluate it on the split it was trained "
+                        "on, or train a new run on this one (part_a/train.py or part_b/train.py with --test)")
     test_set = data_lib.load_cache(split_dir, "test", checkpoint["input_size"])
     if list(test_set.classes) != classes:
         raise UserError(f"checkpoint {checkpoint_path} was trained on classes {classes} but "

@@ -274,7 +274,8 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
 
         record = {"kind": kind, "model_config": dataclasses.asdict(model_config),  # what every checkpoint says
                   "run_config": dataclasses.asdict(config), "classes": list(train_set.classes),
-                  "input_size": model_config.input_size, "mean": list(mean), "std": list(std), **ckpt_io.provenance()}
+                  "input_size": model_config.input_size, "mean": list(mean), "std": list(std),
+                  "split": data_lib.split_digests(split_dir), **ckpt_io.provenance()}
         tracker = _start_tracking(run_dir, config, record, wandb_id) if info.is_main else None
         wandb_id = tracker.id if tracker is not None else None
         summary = {"run_dir": str(run_dir), "kind": kind, "device": str(device), "world_size": info.world_size,
@@ -475,6 +476,12 @@ def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, em
         if diff:
             raise ValueError(f"--resume: {what} options differ from those in {path} (saved, given): {diff}; "
                              "a resumed run must use its original values")
+    splits = ("train", "val", "test") if config.test else ("train", "val")  # test: this run will be tested
+    changes = data_lib.split_changes(state.get("split"), Path(config.data_dir) / "split", splits)
+    if changes:
+        raise ValueError(f"--resume: the split in {config.data_dir} changed since this run started "
+                         f"({changes}); a run trains on one split: start a new run on this one (another "
+                         "--name, without --resume)")
     model.load_state_dict(state["model"])
     if ema is not None:  # n_averaged > 0: the next step averages rather than copies
         ema.module.load_state_dict(state["ema"])

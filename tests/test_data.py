@@ -194,14 +194,15 @@ def test_split_is_stratified_disjoint_reproducible_and_free_the_second_time(tmp_
     assert tree_digest(dataset) == originals
 
     # The same seed on another copy gives the same split; another seed gives another one.
-    copy = make_image_tree(tmp_path / "b", ["Aves", "Fungi", "Plantae"], n_train=10, n_test=3)
-    add_train_images(copy / "train" / "Plantae", range(10, 20))
+    for copy, seed in (("b", 7), ("c", 8)):
+        add_train_images(make_image_tree(tmp_path / copy, ["Aves", "Fungi", "Plantae"], n_train=10, n_test=3)
+                         / "train" / "Plantae", range(10, 20))
     again = read_csv(prepare(tmp_path / "b", val_fraction=0.2, seed=7) / "manifest.csv")
     assert again == manifest
-    other = read_csv(prepare(tmp_path / "b", val_fraction=0.2, seed=8) / "manifest.csv")
+    other = read_csv(prepare(tmp_path / "c", val_fraction=0.2, seed=8) / "manifest.csv")
     assert {r["path"] for r in other if r["split"] == "val"} != {r["path"] for r in manifest if r["split"] == "val"}
 
-    # A second run with the same options decodes nothing and rewrites nothing.
+    # A second run with the same options, even a refresh from the source, decodes and rewrites nothing.
     stamp = (split_dir / "manifest.csv").stat().st_mtime_ns
 
     def no_work(*args, **kwargs):
@@ -210,6 +211,7 @@ def test_split_is_stratified_disjoint_reproducible_and_free_the_second_time(tmp_
     monkeypatch.setattr(data_prepare, "parallel_map", no_work)
     started = time.perf_counter()
     assert prepare(tmp_path / "a", val_fraction=0.2, seed=7) == split_dir
+    assert prepare(tmp_path / "a", val_fraction=0.2, seed=7, refresh=True) == split_dir
     assert time.perf_counter() - started < 1.0
     assert (split_dir / "manifest.csv").stat().st_mtime_ns == stamp
 
@@ -232,7 +234,9 @@ def test_prepare_rebuilds_a_damaged_split_and_notices_content_changes_that_keep_
     data[-3] ^= 0xFF
     original.write_bytes(bytes(data))
     os.utime(original, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    prepare(tmp_path)
+    prepare(tmp_path)  # what the train scripts do: the split as it is
+    assert "data ready" in capsys.readouterr().out
+    prepare(tmp_path, refresh=True)
     assert "data ready" not in capsys.readouterr().out
     row = next(r for r in read_csv(split_dir / "manifest.csv") if r["path"].endswith("Aves/0001.jpg"))
     assert row["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
@@ -298,7 +302,7 @@ def test_cache_matches_torchvision_resize_and_rebuilds_when_files_or_size_change
     # A changed file (after prepare notices it) and a changed size give new caches.
     changed = next(p for p in cached.paths if p.name == "big.jpg")
     Image.new("RGB", (96, 128), (0, 255, 0)).save(big, quality=95)
-    prepare(tmp_path, val_fraction=0.3)
+    prepare(tmp_path, val_fraction=0.3, refresh=True)
     rebuilt = load_cache(split_dir, "train", size)
     index = rebuilt.paths.index(changed)
     assert np.abs(rebuilt.images[index].numpy().astype(int) - [0, 255, 0]).max() <= 3

@@ -59,21 +59,21 @@ def test_a_train_folder_with_its_own_test_folder(tmp_path, test_folder):
                                        ("val", "dogs"): 1, ("test", "cats"): 3, ("test", "dogs"): 2}
 
 
-def test_later_prepares_without_source_reuse_it_and_a_changed_fraction_resplits(tmp_path, capsys):
+def test_later_prepares_without_source_reuse_it(tmp_path, capsys):
     source = make_folders(tmp_path / "photos", {"cats": 10, "dogs": 10})
     data_lib.prepare(tmp_path / "data", source=source)
     data_lib.prepare(tmp_path / "data")  # what the train scripts do: no download, the same split
     assert "data ready" in capsys.readouterr().out
-    data_lib.prepare(tmp_path / "data", test_fraction=0.4)  # ignored: the split keeps its own source settings
-    assert "data ready" in capsys.readouterr().out
-    data_lib.prepare(tmp_path / "data", source=source, test_fraction=0.4)
-    assert split_counts(tmp_path / "data" / "split")[("test", "cats")] == 4
+    # A refresh reads the source the split was made from, with its own test_fraction.
+    assert data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--test_fraction", "0.4"]) == 0
+    assert "no image of its source added, removed or changed" in capsys.readouterr().out
+    assert split_counts(tmp_path / "data" / "split")[("test", "cats")] == 2
 
 
 @pytest.mark.parametrize("layout, fragment", [
     ({"cats": 10, "dogs": 0}, "class folders with no images"),
     ({"cats": 10}, "needs at least 2"),
-    ({"cats": 10, "dogs": 2}, "class dogs has 2 readable training image(s): too few"),
+    ({"cats": 10, "dogs": 2}, "class dogs has 2 readable image(s) to split: too few"),
 ])
 def test_bad_folders_are_clear_errors(tmp_path, capsys, layout, fragment):
     source = make_folders(tmp_path / "photos", layout)
