@@ -3,11 +3,10 @@
     python common/study.py --data_dir data --out_dir runs [--count 30] [--workers K] [--quick]
                            [--part_b_weights FILE] [--seed 0]
 
-Steps: prepare the data; run (or continue) the Part A sweep of sweep.yaml; test its best configuration
-(reusing the trial's run when it trained with the same options) and draw the evaluation figures;
-compare the Part B strategies of part_b/sweep.yaml; write OUT_DIR/study/report.md from the run
-folders. OUT_DIR/study/state.json records each step: a rerun reuses a step that finished with the same
-inputs and whose outputs are all still there, and redoes any other from its run folders and database.
+Prepares the data, runs (or continues) the Part A sweep of sweep.yaml, tests its best configuration and
+draws its figures, compares the Part B strategies of part_b/sweep.yaml, and writes OUT_DIR/study/report.md
+from the run folders. OUT_DIR/study/state.json records the steps: a rerun reuses a step that finished
+with the same inputs whose outputs all exist, and redoes any other from its run folders and database.
 """
 from __future__ import annotations
 
@@ -99,8 +98,8 @@ class Steps:
     def run(self, name: str, key: dict, work: Callable[[], dict]) -> dict:
         key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
         record = self.records.get(name, {})
-        outputs = record.get("result", {}).get("outputs", [None])
-        if record.get("status") == "done" and record.get("key") == key and all(Path(p).exists() for p in outputs):
+        outputs = [Path(path) for path in record.get("result", {}).get("outputs", [""])]
+        if record.get("status") == "done" and record.get("key") == key and all(map(Path.is_file, outputs)):
             print(f"study: {name}: reused (done {record['finished']})", flush=True)
             return record["result"]
         print(f"study: {name} ...", flush=True)
@@ -127,53 +126,49 @@ class Steps:
 @dataclass(frozen=True)
 class Dataset:
     """What the study needs of the prepared split: a fingerprint of its manifest (every file's path,
-    class, split, size and SHA-256), the number of classes and of training images."""
+    class, split, size and SHA-256) and the number of training images."""
     fingerprint: str
-    classes: int
     train_images: int
 
 
 def read_dataset(split_dir: Path) -> Dataset:
-    rows = read_manifest(split_dir)
     return Dataset(hashlib.sha256((split_dir / MANIFEST).read_bytes()).hexdigest(),
-                   len({row["class"] for row in rows}), sum(row["split"] == "train" for row in rows))
+                   sum(row["split"] == "train" for row in read_manifest(split_dir)))
 
 
 @dataclass(frozen=True)
 class Plan:
-    """One sweep of the study: its file, fixed overrides, how many trials it should hold, and what else
-    changes its results (the proposals' seed, the data). The study name carries a digest of all but the
-    count, so other inputs make another study and never mix with this one's trials."""
+    """One sweep of the study: its file, study name, fixed overrides, and how many trials it should hold.
+    The name ends in a digest of every input that changes the trials' results but their count (make_plan),
+    so other inputs make another study, whose trials never mix with these."""
     file: str
     study: str
     overrides: dict[str, Any]
     trials: int
-    seed: int
-    data: str
 
 
-def make_plan(file: Path, config: StudyConfig, dataset: Dataset, quick: dict[str, Any], count: int | None = None,
-              fixed: dict[str, Any] | None = None) -> Plan:
+def make_plan(file: Path, config: StudyConfig, dataset: Dataset, quick: dict[str, Any],
+              count: int | None = None, fixed: dict[str, Any] | None = None) -> Plan:
     """The sweep of ``file`` with ``fixed`` values (and ``quick`` ones with --quick); ``count`` None means
     every point of its grid. Refuses a batch size larger than the training split."""
+    from common.training import RunConfig
     overrides = {**(quick if config.quick else {}), **(fixed or {})}
     if config.quick:  # a small dataset: at least two steps per epoch
         overrides["batch_size"] = min(overrides["batch_size"], max(1, dataset.train_images // 2))
     spec = load_sweep(file, overrides)  # a bad file fails here, before any step
     batch = spec.search_space.get("batch_size")
-    largest = max(batch.choices) if batch else spec.fixed.get(
-        "batch_size", sweep.load_program(spec.program).get_args_parser().get_default("batch_size"))
-    if largest > dataset.train_images:
-        raise UserError(f"{file.relative_to(ROOT)}: batch_size {largest} is larger than the {dataset.train_images} "
-                        "training images of the data; run with --quick (it fits its batch sizes to the data) "
-                        "or give the file smaller batch sizes")
+    if (largest := max(batch.choices) if batch else spec.fixed.get("batch_size", RunConfig.batch_size)) > \
+            dataset.train_images:
+        raise UserError(f"{file.relative_to(ROOT)}: batch_size {largest} is larger than the "
+                        f"{dataset.train_images} training images of the data; run with --quick (it fits "
+                        "its batch sizes to the data) or give the file smaller batch sizes")
     trials = count or math.prod(len(dist.choices) for dist in spec.search_space.values())
     named_files = {v: hashlib.sha256(Path(v).read_bytes()).hexdigest() for v in overrides.values()
                    if isinstance(v, str) and Path(v).is_file()}  # a weights file counts by its content
     inputs = [file.read_text(), overrides, named_files, config.seed, dataset.fingerprint]
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{spec.name or file.stem}{'_quick' if config.quick else ''}_{digest}"
-    return Plan(str(file.relative_to(ROOT)), name, overrides, trials, config.seed, dataset.fingerprint)
+    return Plan(str(file.relative_to(ROOT)), name, overrides, trials)
 
 
 def study_trials(out_dir: str, study: str) -> list[FrozenTrial]:
@@ -194,11 +189,12 @@ def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
     trials = study_trials(config.out_dir, plan.study)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     completed = any(t.state == TrialState.COMPLETE for t in trials)
-    ended = [t for t in trials if t.state.is_finished() and not sweep.was_interrupted(t) and t.number not in retried]
+    ended = [t for t in trials
+             if t.state.is_finished() and not sweep.was_interrupted(t) and t.number not in retried]
     redo = [t for t in ended if (t.state == TrialState.FAIL and not completed)
             or (rerun_lost and t.state == TrialState.COMPLETE and not has_run(t))]
     storage = sweep.default_storage(config.out_dir, plan.study)
-    for trial in redo:
+    for trial in redo:  # queued: the runner takes them before proposing new trials
         optuna.load_study(study_name=plan.study, storage=storage).enqueue_trial(
             trial.params, user_attrs={"retry_of": trial.number})
     if (missing := plan.trials - len(ended) + len(redo)) > 0:
@@ -208,50 +204,37 @@ def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
     trials = study_trials(config.out_dir, plan.study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and (has_run(t) or not rerun_lost)]
     if not complete:
-        error = next((t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL), "none recorded")
-        raise UserError(f"no trial of study {plan.study} completed; the first error: {error}; every trial is in "
-                        f"{Path(config.out_dir) / 'sweeps' / f'{plan.study}_trials.csv'}; fix the cause and run "
-                        "the same command again")
+        error = next((t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL
+                      and not sweep.was_interrupted(t)), "none recorded")
+        table = Path(config.out_dir) / "sweeps" / f"{plan.study}_trials.csv"
+        raise UserError(f"no trial of study {plan.study} completed; the first error: {error}; every trial "
+                        f"is in {table}; fix the cause and run the same command again")
     outputs = [sweep.database_path(config.out_dir, plan.study)] + [
         Path(t.user_attrs["run_dir"]) / "summary.json" for t in complete if rerun_lost]
     return {"study": plan.study, "storage": storage, "file": plan.file, "overrides": plan.overrides,
             "outputs": [str(path) for path in outputs]}
 
 
-def same_finished_run(run_dir: Path | None, model_config, run_config) -> bool:
-    """Whether ``run_dir`` finished training with these model options and these trajectory options."""
-    from common.training import RESUME_MUST_MATCH
-    if run_dir is None or not (run_dir / "best.pt").is_file():
-        return False
-    saved = files.read_json(run_dir / "config.json")
-    wanted = {**dataclasses.asdict(model_config),
-              **{name: getattr(run_config, name) for name in ("epochs", *RESUME_MUST_MATCH)}}
-    return (files.read_json(run_dir / "summary.json").get("status") == "finished"
-            and all(saved.get(name) == value for name, value in wanted.items()))
+def finished_run(run_dir: Path) -> bool:
+    return (run_dir / "best.pt").is_file() and files.read_json(run_dir / "summary.json").get(
+        "status") == "finished"
 
 
-def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, dataset: Dataset, study_dir: Path) -> dict:
-    """The best configuration trained for its full epochs (the trial's own run when it is one, else a new
-    run, continued when an earlier try was cut short, tested at the end), then tested by
-    ``common/evaluate.py``: test metrics into the run's summary.json, figures into the study folder."""
+def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Path) -> dict:
+    """The best configuration trained for its full epochs, then tested by ``common/evaluate.py`` (test metrics
+    into the run's summary.json, figures into the study folder). The runner trained the trial's own run with
+    exactly the trial's options, so that run is used while it is there; else the options are trained again
+    (a started try continues)."""
     from common.evaluate import evaluate_checkpoint
     from part_a import train as part_a_train
-    values = {**trial.user_attrs.get("fixed", {}), **trial.params, "data_dir": config.data_dir,
-              "out_dir": config.out_dir, "name": f"{plan.study}_best_{trial.number}", "test": True}
-    model_config, run_config = part_a_train.config_from_args(to_cli(values))
-    # Training sizes the output layer to the data's classes (common/training.py: run), and saves that.
-    model_config = dataclasses.replace(model_config, num_classes=dataset.classes)
-    run_dir = Path(trial.user_attrs["run_dir"]) if "run_dir" in trial.user_attrs else None
-    retrained = not same_finished_run(run_dir, model_config, run_config)
-    if retrained:
-        run_dir = Path(run_config.out_dir) / run_config.name
-        summary = files.read_json(run_dir / "summary.json")
-        if not (summary.get("status") == "finished" and "test_acc" in summary and (run_dir / "best.pt").is_file()):
-            run_config.resume = (run_dir / "last.pt").is_file()
-            part_a_train.run((model_config, run_config))
-    else:
-        print(f"study: trial {trial.number} trained the best configuration for its full epochs; "
-              f"testing its run {run_dir}", flush=True)
+    run_dir = Path(trial.user_attrs["run_dir"])
+    if retrained := not finished_run(run_dir):
+        values = {**trial.user_attrs["fixed"], **trial.params, "data_dir": config.data_dir,
+                  "out_dir": config.out_dir, "name": f"{plan.study}_best_{trial.number}"}
+        run_dir = Path(config.out_dir) / values["name"]
+        if not finished_run(run_dir):
+            values["resume"] = (run_dir / "last.pt").is_file()
+            part_a_train.run(part_a_train.config_from_args(to_cli(values)))
     figures = [str(path) for path in evaluate_checkpoint(run_dir / "best.pt", config.data_dir,
                                                          out_dir=study_dir)["figures"].values()]
     return {"run_dir": str(run_dir), "trial": trial.number, "retrained": retrained,
@@ -285,7 +268,7 @@ def run_study(config: StudyConfig) -> Path:
     trial = optuna.load_study(study_name=part_a.study, storage=sweep.default_storage(config.out_dir,
                                                                                      part_a.study)).best_trial
     steps.run("part_a_best", {"study": part_a.study, "trial": trial.number},
-              lambda: best_run(trial, part_a, config, dataset, study_dir))
+              lambda: best_run(trial, part_a, config, study_dir))
     try:
         steps.run("part_b", dataclasses.asdict(part_b), lambda: run_part_b(part_b, config))
     finally:  # also when Part B failed: the report says why

@@ -9,6 +9,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
@@ -21,25 +22,24 @@ from common import files, sweep_report, tracking
 from common.config import from_namespace
 from common.data_cache import MANIFEST, read_manifest
 from common.figures import save_figure
-from common.flops import count_config, question1_formula, question1_text
+from common.flops import count_config, question1_text
 from common.sweep import was_interrupted
 from common.sweep_space import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_TITLES = {"part_a_sweep": "Part A sweep", "part_a_best": "best configuration trained, tested and explained",
+STEP_TITLES = {"part_a_sweep": "Part A sweep", "part_a_best": "best configuration trained, tested, explained",
                "part_b": "Part B strategies"}
-FIGURE_TITLES = {"prediction_grid": "test predictions, 3 per class", "confusion_matrix": "confusion matrix (test)",
-                 "first_layer_filters": "first-layer filters", "guided_backprop": "guided backprop, last conv layer"}
 
 
 def data_results(split_dir: Path) -> dict:
-    """The split's classes and sizes (manifest.csv) and what its test and validation sets are (prepare.json)."""
+    """The split's classes and sizes (manifest.csv); what its test and validation sets are (prepare.json)."""
     rows, prepared = read_manifest(split_dir), files.read_json(split_dir / "prepare.json")
     source, test_fraction = prepared.get("source"), prepared.get("test_fraction")
     val = f"a stratified {prepared.get('val_fraction', 0):.0%} of each class of " + (
         "the original `train/`" if source is None else f"`{source}`")
-    test = ("the original `val/` of iNaturalist-12K" if source is None else f"the test folder given in `{source}`"
-            if not test_fraction else f"a stratified {test_fraction:.0%} of each class of `{source}`")
+    test = ("the original `val/` of iNaturalist-12K" if source is None
+            else f"a stratified {test_fraction:.0%} of each class of `{source}`" if test_fraction
+            else f"the test folder given in `{source}`")
     return {"split_dir": str(split_dir), "classes": sorted({row["class"] for row in rows}),
             "images": Counter(row["split"] for row in rows), "test": test, "val": val}
 
@@ -83,17 +83,14 @@ def sweep_results(result: dict, study_dir: Path) -> dict:
 
 
 def question1_results(run_dir: Path) -> dict:
-    """Question 1 for the trained configuration, from ``common/flops.py``, and the model's own count."""
+    """Question 1 for the trained configuration, from ``common/flops.py`` (its text evaluates the formula
+    where the configuration is the Question 1 network), and the model's own count."""
     from part_a.model import ModelConfig
     config = from_namespace(ModelConfig, files.read_json(run_dir / "config.json"))
     counts = count_config(config)
-    kernel = config.kernel_size if isinstance(config.kernel_size, int) else config.kernel_size[0]
-    m, k, n, w = config.n_filters, kernel, config.dense_neurons, config.input_size
-    formula = (question1_formula(m, k, n, w, conv_bias=config.conv_bias, batch_norm=config.batch_norm)
-               if w % 32 == 0 else None)  # the formula assumes five exact halvings
-    return {"input_size": w, "macs": counts.macs, "flops": counts.flops, "element_ops": counts.element_ops,
-            "params": counts.params, "model_params": files.read_json(run_dir / "summary.json").get("params"),
-            "formula": formula and {"m": m, "k": k, "n": n, "w": w, "macs": formula.macs, "params": formula.params},
+    return {"input_size": config.input_size, "macs": counts.macs, "flops": counts.flops,
+            "element_ops": counts.element_ops, "params": counts.params,
+            "model_params": files.read_json(run_dir / "summary.json").get("params"),
             "text": question1_text(config, counts)}
 
 
@@ -105,7 +102,8 @@ def best_model_results(best: dict) -> dict:
     return {"run_dir": str(run_dir), "trial": best["trial"], "retrained": best["retrained"],
             "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"], "train_acc": at_best["train_acc"],
             "val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"], "test_loss": summary["test_loss"],
-            "per_class": summary["test_per_class_acc"], "device": summary.get("device"), "figures": best["figures"]}
+            "per_class": summary["test_per_class_acc"], "device": summary.get("device"),
+            "figures": best["figures"]}
 
 
 def _strategy_row(run_dir: Path) -> dict:
@@ -121,10 +119,10 @@ def _strategy_row(run_dir: Path) -> dict:
     linears = [m for m in model.net.get_submodule(model.layout.head).modules() if isinstance(m, nn.Linear)]
     mean, std = normalisation(config)
     setup = {"model": config.model, "weights": config.weights, "input_size": config.input_size,
-             "native_input_size": resolve_config({**saved, "input_size": None}).input_size, "mean": mean, "std": std,
-             "imagenet_classes": len(get_model_weights(config.model).DEFAULT.meta["categories"]),
-             "head_layer": model.layout.head, "outputs": config.num_classes, "learning_rate": saved["learning_rate"],
-             "backbone_lr_scale": config.backbone_lr_scale}
+             "native_input_size": resolve_config({**saved, "input_size": None}).input_size, "mean": mean,
+             "std": std, "imagenet_classes": len(get_model_weights(config.model).DEFAULT.meta["categories"]),
+             "head_layer": model.layout.head, "outputs": config.num_classes,
+             "learning_rate": saved["learning_rate"], "backbone_lr_scale": config.backbone_lr_scale}
     return {"run_dir": str(run_dir), "trainable_params": summary["trainable_params"],
             "trainable_params_last_epoch": model.set_epoch(summary["epochs_run"])["trainable_params"],
             "params": summary["params"], "epochs": summary["epochs_run"],
@@ -144,12 +142,12 @@ def part_b_results(record: dict) -> dict:
     rows: dict[str, dict] = {name: {} for name in load_sweep(ROOT / result["file"], result["overrides"])
                              .search_space["strategy"].choices}  # {}: no trial of it has ended
     for trial in study.trials:
-        row, run_dir = rows[trial.params["strategy"]], Path(trial.user_attrs.get("run_dir", ""))
+        strategy, run_dir = trial.params.get("strategy"), Path(trial.user_attrs.get("run_dir", ""))
         if trial.state == TrialState.COMPLETE and (run_dir / "summary.json").is_file():
-            row.clear()
-            row.update(_strategy_row(run_dir))
-        elif trial.state == TrialState.FAIL and "run_dir" not in row:
-            row["ended"] = "interrupted" if was_interrupted(trial) else f"failed: {trial.user_attrs['error']}"
+            rows[strategy] = _strategy_row(run_dir)
+        elif trial.state == TrialState.FAIL and "run_dir" not in rows[strategy]:
+            rows[strategy] = {"ended": "interrupted" if was_interrupted(trial)
+                              else f"failed: {trial.user_attrs['error']}"}
     return {"status": "done", "study": result["study"], "rows": rows}
 
 
@@ -172,18 +170,11 @@ def write_report(study_dir: Path, records: dict[str, dict], split_dir: Path) -> 
 
 # --- markdown -------------------------------------------------------------------------------------
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def _data_markdown(d: dict) -> list[str]:
     n = Counter(d["images"])
-    return ["## Data", "", f"`{d['split_dir']}` (`{MANIFEST}`): {len(d['classes'])} classes ({', '.join(d['classes'])}); "
-            f"{n['train']} training, {n['val']} validation and {n['test']} test images. Test set: {d['test']}; "
-            f"validation set: {d['val']}.", ""]
+    return ["## Data", "", f"`{d['split_dir']}` (`{MANIFEST}`): {len(d['classes'])} classes "
+            f"({', '.join(d['classes'])}); {n['train']} training, {n['val']} validation and {n['test']} test "
+            f"images. Test set: {d['test']}; validation set: {d['val']}.", ""]
 
 
 def _question1_markdown(q1: dict) -> list[str]:
@@ -191,15 +182,9 @@ def _question1_markdown(q1: dict) -> list[str]:
     lines = ["## Question 1: computations and parameters", "",
              f"The best configuration (below) at {w}x{w}: **{q1['macs']:,} multiply-accumulates "
              f"({q1['flops']:,} FLOPs at 2 per multiply-accumulate)**, {q1['element_ops']:,} element-wise "
-             f"operations, and **{q1['params']:,} parameters** per image, counted by `common/flops.py` from the "
-             f"layer shapes; the trained model's `summary.json` counts {q1['model_params']:,} parameters.", ""]
-    if f := q1["formula"]:
-        same = (f["macs"], f["params"]) == (q1["macs"], q1["params"])
-        lines += [f"The Question 1 formula below (m filters of k x k in every block, n dense neurons, a w x w input) "
-                  f"with this configuration's m={f['m']}, k={f['k']}, n={f['n']}, w={f['w']} gives {f['macs']:,} "
-                  f"multiply-accumulates and {f['params']:,} parameters: "
-                  + ("the same as the count above." if same else "not the count above, because this configuration "
-                     "is not the Question 1 network (the derivation's last line says how)."), ""]
+             f"operations, and **{q1['params']:,} parameters** per image, counted by `common/flops.py` from "
+             f"the layer shapes; the trained model's `summary.json` says {q1['model_params']:,} parameters.",
+             ""]
     return lines + ["```text", q1["text"], "```", ""]
 
 
@@ -225,14 +210,14 @@ def _sweep_markdown(s: dict) -> list[str]:
         return lines + [f"From {s['complete']} completed trials no parameter could be ranked: "
                         f"{s['importance_method']}.", ""]
     ranked_by = f"importance ({s['importance_method'].split(' (')[0]})" if s["importance"] else "correlation strength"
-    return lines + [f"From {s['complete']} completed trials, the parameters ranked highest by {ranked_by}:", "",
+    return lines + [f"From {s['complete']} completed trials, the parameters ranked highest by {ranked_by}:",
+                    "",
                     *(f"- {sentence}" for sentence in s["observations"]), ""]
 
 
 def _best_model_markdown(b: dict, metric: str, test_set: str) -> list[str]:
-    origin = (f"trained again for its full epochs, because trial {b['trial']}'s own run was missing or had not "
-              "finished with these options" if b["retrained"]
-              else f"the run of trial {b['trial']}, which trained it for its full epochs")
+    origin = (f"trained again for its full epochs, as trial {b['trial']}'s own run was gone or unfinished"
+              if b["retrained"] else f"the run of trial {b['trial']}, which trained it for its full epochs")
     return ["## The best model", "",
             f"`{b['run_dir']}`: {origin}. Its `best.pt` was tested on the test set ({test_set}); "
             f"it trained on {b['device']}.", "",
@@ -242,7 +227,7 @@ def _best_model_markdown(b: dict, metric: str, test_set: str) -> list[str]:
             f"| test (loss {b['test_loss']:.4f}) | {b['test_acc']:.4f} |", "",
             "| class | test accuracy |", "| --- | --- |",
             *(f"| {name} | {acc:.4f} |" for name, acc in b["per_class"].items()), "",
-            *(f"![{FIGURE_TITLES.get(Path(name).stem, name)}]({name})" for name in b["figures"]), ""]
+            *(f"![{name}]({name})" for name in b["figures"]), ""]
 
 
 def _part_b_markdown(p: dict) -> list[str]:
@@ -257,8 +242,8 @@ def _part_b_markdown(p: dict) -> list[str]:
                      f"set by `--input_size`; the weights' transforms crop to {native}x{native}")
                   + f"), normalised with the weights' mean {setup['mean']} and std {setup['std']}. The "
                   f"{setup['imagenet_classes']:,}-class ImageNet classifier `{setup['head_layer']}` was replaced by a "
-                  f"new, randomly initialised head with {setup['outputs']} outputs (widths below), trained at the "
-                  f"full learning rate {setup['learning_rate']:g}; "
+                  f"new, randomly initialised head with {setup['outputs']} outputs (widths below), trained "
+                  f"at the full learning rate {setup['learning_rate']:g}; "
                   f"pretrained layers that train use {setup['backbone_lr_scale']:g} times it.", ""]
     lines += ["| strategy | trainable parameters | epochs | s per epoch | best val_acc | test_acc | head | run |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -278,10 +263,10 @@ def _part_b_markdown(p: dict) -> list[str]:
 
 def _steps_markdown(steps: dict) -> list[str]:
     lines = ["## Hardware, software and time", "", "| step | status | time | finished |", "| --- | --- | --- | --- |"]
-    lines += [f"| {STEP_TITLES[name]} | {r['status']} | {_duration(r['seconds'] or 0)} | "
+    lines += [f"| {STEP_TITLES[name]} | {r['status']} | {timedelta(seconds=round(r['seconds'] or 0))} | "
               f"{r['finished'] or ''} |" for name, r in steps.items()]
-    lines += ["", f"Total: {_duration(sum(r['seconds'] or 0 for r in steps.values()))} (a step's time adds up its "
-              "tries). The steps ran on:", ""]
+    total = timedelta(seconds=round(sum(r["seconds"] or 0 for r in steps.values())))
+    lines += ["", f"Total: {total} (a step's time adds up its tries). The steps ran on:", ""]
     places = Counter((r["machine"], r["software"]) for r in steps.values() if r["machine"])
     return lines + [f"- {machine}; {software}" for machine, software in places] + [""]
 
@@ -290,7 +275,7 @@ def render(results: dict) -> str:
     return "\n".join([
         "# Study report", "",
         f"Written by `python common/study.py` on {results['written']}. Every number below is read from the "
-        "data split, the run folders and the sweep databases it names (the same numbers are in `results.json`).", "",
+        "data split, run folders and sweep databases it names (the same numbers are in `results.json`).", "",
         *_data_markdown(results["data"]), *_question1_markdown(results["question1"]),
         *_sweep_markdown(results["sweep"]),
         *_best_model_markdown(results["best_model"], results["sweep"]["metric"], results["data"]["test"]),

@@ -208,7 +208,7 @@ def plot_importance(study: optuna.Study, method: str) -> Figure:
     with _optuna_drawing():
         ax = plot_param_importances(study, evaluator=importance_evaluator()[0], target_name=metric_name(study))
         # loc="left" replaces Optuna's own left-aligned title instead of printing over it
-        ax.set_title(f"{study.study_name}: parameter importance ({method.split(' (')[0]})", loc="left")
+        ax.set_title(f"{study.study_name}:\nparameter importance ({method.split(' (')[0]})", loc="left")
         ax.figure.set_size_inches(8, 4.5)
         ax.figure.tight_layout()
     return ax.figure
@@ -233,7 +233,8 @@ def observations(importance: dict[str, float], method: str, corr: dict[str, dict
     """Sentences on the ``top`` ranked parameters, each stating the numbers it rests on (none on a
     parameter whose correlation is undefined: it or the metric never varied)."""
     sentences = []
-    for name in [n for n in ranking(importance, corr) if n in corr and not math.isnan(corr[n]["strength"])][:top]:
+    ranked = [n for n in ranking(importance, corr) if n in corr and not math.isnan(corr[n]["strength"])]
+    for name in ranked[:top]:
         c = corr[name]
         weight = f"importance {importance[name]:.2f} by {method.split(' (')[0]}; " if name in importance else ""
         if c["kind"] == "categorical":

@@ -25,10 +25,11 @@ import optuna
 import pytest
 import torch
 import torchvision
+from matplotlib import pyplot as plt
 from optuna.trial import TrialState
 
 from common import checkpoint as ckpt_io
-from common import data, evaluate, files, flops, study, study_report, sweep
+from common import data, evaluate, files, flops, study, study_report, sweep, sweep_report
 from common.config import UserError, to_cli
 from common.sweep_space import load_sweep
 from conftest import class_image
@@ -141,7 +142,8 @@ def test_the_report_numbers_are_the_run_folders(chain):
     assert f"| test (loss {summary['test_loss']:.4f}) | {summary['test_acc']:.4f} |" in report
 
     # The data as the split holds it, and the test set as prepare made it: not iNaturalist's.
-    assert f"4 classes ({', '.join(results['data']['classes'])}); 36 training, 12 validation and 12 test" in report
+    classes = ", ".join(results["data"]["classes"])
+    assert f"4 classes ({classes}); 36 training, 12 validation and 12 test images" in report
     assert f"Test set: a stratified 20% of each class of `{chain.root / 'photos'}`" in report
     assert "original `val/`" not in report and "10 outputs" not in report
 
@@ -200,13 +202,15 @@ def test_a_step_whose_every_run_failed_fails_and_is_retried(chain):
     state, stderr = chain.all_failed.state, chain.all_failed_stderr
     assert state["part_b"]["status"] == "failed"
     assert [t.state for t in chain.all_failed.trials["part_b_strategies_quick"]] == [TrialState.FAIL] * 5
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: no trial of study part_b_strategies_quick_")
+    assert len(stderr.splitlines()) == 1
+    assert stderr.startswith("error: no trial of study part_b_strategies_quick_")
     assert "the first error: RuntimeError: simulated failure of every Part B run" in stderr
     assert "Not finished (failed)" in chain.all_failed.report and "| test (loss" in chain.all_failed.report
     # The next run retried each failed strategy (as a new trial) before anything else.
-    retried = chain.finished.trials["part_b_strategies_quick"][5:10]
+    failed, retried = chain.all_failed.trials["part_b_strategies_quick"], chain.finished.trials[
+        "part_b_strategies_quick"][5:10]
     assert [t.user_attrs.get("retry_of") for t in retried] == [0, 1, 2, 3, 4]
-    assert [t.params for t in retried] == [t.params for t in chain.all_failed.trials["part_b_strategies_quick"]]
+    assert [t.params for t in retried] == [t.params for t in failed]
 
 
 def test_an_interrupted_part_b_continues_and_ends_with_an_uninterrupted_runs_figures(chain, tmp_path, monkeypatch):
@@ -224,7 +228,8 @@ def test_an_interrupted_part_b_continues_and_ends_with_an_uninterrupted_runs_fig
     from part_b import train as part_b_train
     strategy = chain.interrupted_strategy
     argv = to_cli({**study.QUICK_PART_B, "batch_size": 18, "weights": chain.weights, "strategy": strategy,
-                   "test": True, "data_dir": chain.root / "data", "out_dir": tmp_path, "name": "uninterrupted"})
+                   "test": True, "data_dir": chain.root / "data", "out_dir": tmp_path,
+                   "name": "uninterrupted"})
     assert part_b_train.main(argv) == 0
     alone = files.read_json(tmp_path / "uninterrupted" / "summary.json")
     row = chain.finished.results["part_b"]["rows"][strategy]
@@ -255,16 +260,20 @@ def test_deleted_outputs_are_made_again_and_nothing_else_is_lost(chain, monkeypa
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         assert study.main([*chain.argv, "--part_b_weights", str(chain.weights)]) == 0
     after = _snapshot(chain.runs)
-    assert "study: part_a_sweep: reused" in printed.getvalue() and "study: part_a_best ..." in printed.getvalue()
+    assert "study: part_a_sweep: reused" in printed.getvalue()
+    assert "study: part_a_best ..." in printed.getvalue()
     # The best trial's run folder is gone: the configuration is trained again, to the same result on a CPU.
     best = after.results["best_model"]
-    assert best["retrained"] and Path(best["run_dir"]) != best_dir and Path(best["run_dir"], "best.pt").is_file()
+    assert best["retrained"] and Path(best["run_dir"]) != best_dir
+    assert Path(best["run_dir"], "best.pt").is_file()
     assert (best["val_acc"], best["train_acc"]) == (before.results["best_model"]["val_acc"],
                                                     before.results["best_model"]["train_acc"])
-    assert (chain.runs / "study" / "guided_backprop.png").is_file() and "(guided_backprop.png)" in after.report
+    assert (chain.runs / "study" / "guided_backprop.png").is_file()
+    assert "(guided_backprop.png)" in after.report
     # The lost strategy ran again, as one more trial, to the same numbers; the other strategies were kept.
     rows, old_rows = after.results["part_b"]["rows"], before.results["part_b"]["rows"]
-    assert rows[lost_strategy]["run_dir"] != lost_row["run_dir"] and len(after.trials["part_b_strategies_quick"]) == 12
+    assert rows[lost_strategy]["run_dir"] != lost_row["run_dir"]
+    assert len(after.trials["part_b_strategies_quick"]) == 12
     assert rows[lost_strategy]["test_acc"] == old_rows[lost_strategy]["test_acc"]
     assert {k: v for k, v in rows.items() if k != lost_strategy} == {
         k: v for k, v in old_rows.items() if k != lost_strategy}
@@ -276,12 +285,13 @@ def test_deleted_outputs_are_made_again_and_nothing_else_is_lost(chain, monkeypa
 def test_every_input_that_changes_a_result_redoes_its_step_and_no_other(tmp_path):
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"first")
-    base, dataset = study.StudyConfig(quick=True), study.Dataset("a" * 64, classes=4, train_images=36)
+    base, dataset = study.StudyConfig(quick=True), study.Dataset("a" * 64, train_images=36)
     steps, ran = study.Steps(tmp_path / "state.json"), []
 
     def run(config: study.StudyConfig = base, data: study.Dataset = dataset) -> set[str]:
         """The steps that ran, of the two sweeps planned for ``config`` and ``data``."""
-        plans = {"sweep": study.make_plan(study.PART_A_SWEEP, config, data, study.QUICK_PART_A, config.count or 5),
+        plans = {"sweep": study.make_plan(study.PART_A_SWEEP, config, data, study.QUICK_PART_A,
+                                          config.count or 5),
                  "part_b": study.make_plan(study.PART_B_SWEEP, config, data, study.QUICK_PART_B,
                                            fixed={"weights": str(weights)})}
         ran.clear()
@@ -290,13 +300,14 @@ def test_every_input_that_changes_a_result_redoes_its_step_and_no_other(tmp_path
         return set(ran)
 
     assert run() == {"sweep", "part_b"} and run() == set()
-    for config, data, redone in [(dataclasses.replace(base, workers=2), dataset, set()),  # no result changes
-                                 (dataclasses.replace(base, count=6), dataset, {"sweep"}),
-                                 (dataclasses.replace(base, seed=1), dataset, {"sweep", "part_b"}),
-                                 (base, dataclasses.replace(dataset, fingerprint="b" * 64), {"sweep", "part_b"}),
-                                 (dataclasses.replace(base, quick=False), dataclasses.replace(dataset, train_images=999),
-                                  {"sweep", "part_b"})]:
-        assert run(config, data) == redone
+    both, other_data, bigger_data = {"sweep", "part_b"}, dataclasses.replace(dataset, fingerprint="b" * 64), \
+        dataclasses.replace(dataset, train_images=999)
+    for config, changed_data, redone in [(dataclasses.replace(base, workers=2), dataset, set()),  # no result
+                                         (dataclasses.replace(base, count=6), dataset, {"sweep"}),
+                                         (dataclasses.replace(base, seed=1), dataset, both),
+                                         (base, other_data, both),
+                                         (dataclasses.replace(base, quick=False), bigger_data, both)]:
+        assert run(config, changed_data) == redone
         assert run() == redone  # and back
     weights.write_bytes(b"other weights, same file name")
     assert run() == {"part_b"} and run() == set()
@@ -305,7 +316,7 @@ def test_every_input_that_changes_a_result_redoes_its_step_and_no_other(tmp_path
 
 
 def test_batch_sizes_fit_the_training_images_or_the_study_refuses():
-    tiny = study.Dataset("a" * 64, classes=4, train_images=10)
+    tiny = study.Dataset("a" * 64, train_images=10)
     quick = study.make_plan(study.PART_B_SWEEP, study.StudyConfig(quick=True), tiny, study.QUICK_PART_B)
     assert quick.overrides["batch_size"] == 5  # at least two steps per epoch
     with pytest.raises(UserError, match="batch_size 128 is larger than the 10 training images"):
@@ -313,12 +324,14 @@ def test_batch_sizes_fit_the_training_images_or_the_study_refuses():
 
 
 def test_the_report_says_what_the_test_set_is(prepared_data, tmp_path):
-    assert study_report.data_results(prepared_data / "split")["test"] == "the original `val/` of iNaturalist-12K"
+    inaturalist = study_report.data_results(prepared_data / "split")
+    assert inaturalist["test"] == "the original `val/` of iNaturalist-12K"
     for name in ("ant", "bee"):
         for side, count in (("train", 4), ("test", 1)):
-            (tmp_path / "own" / side / name).mkdir(parents=True)
+            folder = tmp_path / "own" / side / name
+            folder.mkdir(parents=True)
             for i in range(count):
-                class_image(len(name), np.random.default_rng(i)).save(tmp_path / "own" / side / name / f"{i}.png")
+                class_image(len(name), np.random.default_rng(i)).save(folder / f"{i}.png")
     split_dir = data.prepare(tmp_path / "data", source=tmp_path / "own")
     assert study_report.data_results(split_dir)["test"] == f"the test folder given in `{tmp_path / 'own'}`"
 
@@ -330,11 +343,37 @@ def test_the_test_row_shows_the_test_accuracy(tmp_path):
         "test_per_class_acc": {"ant": 1.0, "bee": 0.5}, "device": "cpu"})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_acc": e / 10}) + "\n"
                                                     for e in (1, 2, 3)))
-    best = study_report.best_model_results({"run_dir": str(tmp_path), "trial": 0, "retrained": False, "figures": []})
+    best = study_report.best_model_results({"run_dir": str(tmp_path), "trial": 0, "retrained": False,
+                                            "figures": []})
     lines = study_report._best_model_markdown(best, "val_acc", "a test folder")
     assert "| test (loss 0.6250) | 0.7500 |" in lines
     assert "| validation (best val_acc: epoch 2 of 3) | 0.5000 |" in lines
     assert "| train (epoch 2, on the augmented batches as they trained) | 0.2000 |" in lines
+
+
+def _small_study(objective) -> optuna.Study:
+    small = optuna.create_study(study_name="small", direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    small.set_user_attr("metric", "val_acc")
+    small.optimize(lambda t: objective(t.suggest_float("lr", 0.1, 1.0), t.suggest_int("k", 1, 3)), n_trials=6)
+    return small
+
+
+def test_the_importance_figure_has_one_title():
+    small = _small_study(lambda lr, k: lr + 0.1 * k)
+    importance, method = sweep_report.parameter_importance(small)
+    figure = sweep_report.plot_importance(small, method)
+    titles = [figure.axes[0].get_title(loc) for loc in ("left", "center", "right")]
+    plt.close(figure)
+    assert importance and [title for title in titles if title] == [
+        f"small:\nparameter importance ({method.split(' (')[0]})"]
+
+
+def test_a_metric_that_never_varied_ranks_no_parameter():
+    small = _small_study(lambda lr, k: 0.25)
+    importance, method = sweep_report.parameter_importance(small)
+    correlations = sweep_report.correlations(small.trials)
+    assert importance == {} and method == "val_acc was 0.25 in every completed trial"
+    assert sweep_report.observations(importance, method, correlations, "val_acc") == []
 
 
 def test_part_b_sweep_is_a_grid_of_the_strategies_that_part_b_train_accepts():
