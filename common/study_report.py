@@ -103,7 +103,7 @@ def best_model_results(best: dict) -> dict:
             "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"], "train_acc": at_best["train_acc"],
             "val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"], "test_loss": summary["test_loss"],
             "per_class": summary["test_per_class_acc"], "device": summary.get("device"),
-            "figures": best["figures"]}
+            "augment": files.read_json(run_dir / "config.json").get("augment"), "figures": best["figures"]}
 
 
 def _strategy_row(run_dir: Path) -> dict:
@@ -222,7 +222,8 @@ def _best_model_markdown(b: dict, metric: str, test_set: str) -> list[str]:
             f"`{b['run_dir']}`: {origin}. Its `best.pt` was tested on the test set ({test_set}); "
             f"it trained on {b['device']}.", "",
             "| split | accuracy |", "| --- | --- |",
-            f"| train (epoch {b['best_epoch']}, on the augmented batches as they trained) | {b['train_acc']:.4f} |",
+            f"| train (epoch {b['best_epoch']}, on the {'augmented ' * bool(b['augment'])}batches as they "
+            f"trained) | {b['train_acc']:.4f} |",
             f"| validation (best {metric}: epoch {b['best_epoch']} of {b['epochs_run']}) | {b['val_acc']:.4f} |",
             f"| test (loss {b['test_loss']:.4f}) | {b['test_acc']:.4f} |", "",
             "| class | test accuracy |", "| --- | --- |",

@@ -341,6 +341,7 @@ def test_the_test_row_shows_the_test_accuracy(tmp_path):
     files.write_json(tmp_path / "summary.json", {
         "best_epoch": 2, "epochs_run": 3, "best_val_acc": 0.5, "test_acc": 0.75, "test_loss": 0.625,
         "test_per_class_acc": {"ant": 1.0, "bee": 0.5}, "device": "cpu"})
+    files.write_json(tmp_path / "config.json", {"augment": False})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_acc": e / 10}) + "\n"
                                                     for e in (1, 2, 3)))
     best = study_report.best_model_results({"run_dir": str(tmp_path), "trial": 0, "retrained": False,
@@ -348,11 +349,12 @@ def test_the_test_row_shows_the_test_accuracy(tmp_path):
     lines = study_report._best_model_markdown(best, "val_acc", "a test folder")
     assert "| test (loss 0.6250) | 0.7500 |" in lines
     assert "| validation (best val_acc: epoch 2 of 3) | 0.5000 |" in lines
-    assert "| train (epoch 2, on the augmented batches as they trained) | 0.2000 |" in lines
+    assert "| train (epoch 2, on the batches as they trained) | 0.2000 |" in lines  # config.json: no augment
 
 
 def _small_study(objective) -> optuna.Study:
-    small = optuna.create_study(study_name="small", direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    small = optuna.create_study(study_name="small", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
     small.set_user_attr("metric", "val_acc")
     small.optimize(lambda t: objective(t.suggest_float("lr", 0.1, 1.0), t.suggest_int("k", 1, 3)), n_trials=6)
     return small
