@@ -1,6 +1,7 @@
-"""The study's report, written again each time ``common/study.py`` runs, from the run folders, the sweep
-databases and the study's state: OUT_DIR/study/report.md with its PNGs, and results.json holding the
-same numbers for other tools. Nothing in it is typed by hand: sentences are generated from the numbers.
+"""The study's report, written again each time ``common/study.py`` runs: OUT_DIR/study/report.md with its
+PNGs, and results.json holding the same numbers for other tools. One ``*_results`` function per section
+collects its facts from the data split, run folders, sweep databases and step records; one ``_*_markdown``
+function per section turns them into sentences. Nothing in it is typed by hand.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
@@ -18,17 +20,28 @@ from torch import nn
 
 from common import files, sweep_report, tracking
 from common.config import from_namespace
+from common.data_cache import MANIFEST, read_manifest
 from common.figures import save_figure
-from common.flops import count_config, question1_formula, question1_text
+from common.flops import count_config, question1_text
 from common.sweep import was_interrupted
 from common.sweep_space import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_TITLES = {"prepare": "data preparation", "part_a_sweep": "Part A sweep",
-               "part_a_best": "best configuration trained and tested", "part_a_evaluate": "evaluation figures",
+STEP_TITLES = {"part_a_sweep": "Part A sweep", "part_a_best": "best configuration trained, tested, explained",
                "part_b": "Part B strategies"}
-FIGURE_TITLES = {"prediction_grid": "test predictions, 3 per class", "confusion_matrix": "confusion matrix (test)",
-                 "first_layer_filters": "first-layer filters", "guided_backprop": "guided backprop, last conv layer"}
+
+
+def data_results(split_dir: Path) -> dict:
+    """The split's classes and sizes (manifest.csv); what its test and validation sets are (prepare.json)."""
+    rows, prepared = read_manifest(split_dir), files.read_json(split_dir / "prepare.json")
+    source, test_fraction = prepared.get("source"), prepared.get("test_fraction")
+    val = f"a stratified {prepared.get('val_fraction', 0):.0%} of each class of " + (
+        "the original `train/`" if source is None else f"`{source}`")
+    test = ("the original `val/` of iNaturalist-12K" if source is None
+            else f"a stratified {test_fraction:.0%} of each class of `{source}`" if test_fraction
+            else f"the test folder given in `{source}`")
+    return {"split_dir": str(split_dir), "classes": sorted({row["class"] for row in rows}),
+            "images": Counter(row["split"] for row in rows), "test": test, "val": val}
 
 
 def _describe(dist) -> str:
@@ -57,7 +70,8 @@ def sweep_results(result: dict, study_dir: Path) -> dict:
         drawn["sweep_correlations"] = sweep_report.plot_correlations(corr, order, metric)
     best = study.best_trial
     return {"study": study.study_name, "file": result["file"], "method": spec.method, "metric": metric,
-            "maximize": spec.goal == "maximize", "trials": dict(Counter(t.state.name.lower() for t in study.trials)),
+            "maximize": spec.goal == "maximize", "trials": dict(Counter(
+                "interrupted" if was_interrupted(t) else t.state.name.lower() for t in study.trials)),
             "space": {name: _describe(dist) for name, dist in spec.search_space.items()},
             "fixed": {k: v for k, v in spec.fixed.items() if k not in ("data_dir", "out_dir")},
             "best": {"trial": best.number, "value": best.value, "params": best.params,
@@ -69,21 +83,18 @@ def sweep_results(result: dict, study_dir: Path) -> dict:
 
 
 def question1_results(run_dir: Path) -> dict:
-    """Question 1 for the trained configuration, from ``common/flops.py``, and the model's own count."""
+    """Question 1 for the trained configuration, from ``common/flops.py`` (its text evaluates the formula
+    where the configuration is the Question 1 network), and the model's own count."""
     from part_a.model import ModelConfig
     config = from_namespace(ModelConfig, files.read_json(run_dir / "config.json"))
     counts = count_config(config)
-    kernel = config.kernel_size if isinstance(config.kernel_size, int) else config.kernel_size[0]
-    m, k, n, w = config.n_filters, kernel, config.dense_neurons, config.input_size
-    formula = (question1_formula(m, k, n, w, conv_bias=config.conv_bias, batch_norm=config.batch_norm)
-               if w % 32 == 0 else None)  # the formula assumes five exact halvings
-    return {"input_size": w, "macs": counts.macs, "flops": counts.flops, "element_ops": counts.element_ops,
-            "params": counts.params, "model_params": files.read_json(run_dir / "summary.json").get("params"),
-            "formula": formula and {"m": m, "k": k, "n": n, "w": w, "macs": formula.macs, "params": formula.params},
+    return {"input_size": config.input_size, "macs": counts.macs, "flops": counts.flops,
+            "element_ops": counts.element_ops, "params": counts.params,
+            "model_params": files.read_json(run_dir / "summary.json").get("params"),
             "text": question1_text(config, counts)}
 
 
-def best_model_results(best: dict, evaluation: dict) -> dict:
+def best_model_results(best: dict) -> dict:
     """Train (at the best epoch), validation and test accuracy, per-class test accuracy, figures."""
     run_dir = Path(best["run_dir"])
     summary = files.read_json(run_dir / "summary.json")
@@ -92,78 +103,64 @@ def best_model_results(best: dict, evaluation: dict) -> dict:
             "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"], "train_acc": at_best["train_acc"],
             "val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"], "test_loss": summary["test_loss"],
             "per_class": summary["test_per_class_acc"], "device": summary.get("device"),
-            "figures": evaluation["figures"]}
-
-
-def _meta_model(run_dir: Path) -> tuple[dict, nn.Module]:
-    """A Part B run's config.json and its model rebuilt from it on the meta device (no memory)."""
-    from part_b.model import build_from_config
-    saved = files.read_json(run_dir / "config.json")
-    with torch.device("meta"):
-        return saved, build_from_config(saved)
+            "augment": files.read_json(run_dir / "config.json").get("augment"), "figures": best["figures"]}
 
 
 def _strategy_row(run_dir: Path) -> dict:
-    """One Part B run: what trained, for how long, how well; the trainable count at the last epoch and
-    the head's widths come from the run's configuration (``_meta_model``)."""
-    _, model = _meta_model(run_dir)
-    summary = files.read_json(run_dir / "summary.json")
+    """One Part B run: what trained, for how long, how well, with the trainable count at the last epoch,
+    the head's widths and the setup (input, normalisation, head) from its model rebuilt on the meta device."""
+    from torchvision.models import get_model_weights
+
+    from part_b.model import build_from_config, normalisation, resolve_config
+    saved, summary = files.read_json(run_dir / "config.json"), files.read_json(run_dir / "summary.json")
+    with torch.device("meta"):
+        model = build_from_config(saved)
+    config = model.config
     linears = [m for m in model.net.get_submodule(model.layout.head).modules() if isinstance(m, nn.Linear)]
+    mean, std = normalisation(config)
+    setup = {"model": config.model, "weights": config.weights, "input_size": config.input_size,
+             "native_input_size": resolve_config({**saved, "input_size": None}).input_size, "mean": mean,
+             "std": std, "imagenet_classes": len(get_model_weights(config.model).DEFAULT.meta["categories"]),
+             "head_layer": model.layout.head, "outputs": config.num_classes,
+             "learning_rate": saved["learning_rate"], "backbone_lr_scale": config.backbone_lr_scale}
     return {"run_dir": str(run_dir), "trainable_params": summary["trainable_params"],
             "trainable_params_last_epoch": model.set_epoch(summary["epochs_run"])["trainable_params"],
             "params": summary["params"], "epochs": summary["epochs_run"],
             "epoch_time_s": statistics.mean(m["epoch_time_s"]
                                             for m in tracking.read_metrics(run_dir / "metrics.jsonl")),
             "best_val_acc": summary["best_val_acc"], "test_acc": summary.get("test_acc"),
-            "head": [linears[0].in_features, *(layer.out_features for layer in linears)]}
-
-
-def _input_and_head(run_dir: Path) -> dict:
-    """How a Part B run fed the pretrained model and replaced its ImageNet classifier."""
-    from torchvision.models import get_model_weights
-
-    from part_b.model import normalisation, resolve_config
-    saved, model = _meta_model(run_dir)
-    config = model.config
-    mean, std = normalisation(config)
-    return {"model": config.model, "weights": config.weights, "input_size": config.input_size,
-            "native_input_size": resolve_config({**saved, "input_size": None}).input_size, "mean": mean, "std": std,
-            "imagenet_classes": len(get_model_weights(config.model).DEFAULT.meta["categories"]),
-            "head_layer": model.layout.head, "learning_rate": saved["learning_rate"],
-            "backbone_lr_scale": config.backbone_lr_scale}
+            "head": [linears[0].in_features, *(layer.out_features for layer in linears)], "setup": setup}
 
 
 def part_b_results(record: dict) -> dict:
-    """Per strategy, its finished run (or the error of its failed one), and the input and head handling."""
+    """Per strategy, its last completed run, else how its trials ended (failed with an error, interrupted)."""
     if record.get("status") != "done":
         return {"status": record.get("status", "not run"),
                 "reason": record.get("result", {}).get("reason") or record.get("error", "")}
     result = record["result"]
     study = optuna.load_study(study_name=result["study"], storage=result["storage"])
-    strategies = load_sweep(ROOT / result["file"], result["overrides"]).search_space["strategy"].choices
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = {name: {} for name in load_sweep(ROOT / result["file"], result["overrides"])
+                             .search_space["strategy"].choices}  # {}: no trial of it has ended
     for trial in study.trials:
-        strategy = trial.params.get("strategy")
-        if trial.state == TrialState.COMPLETE:
-            rows[strategy] = _strategy_row(Path(trial.user_attrs["run_dir"]))
-        elif trial.state.is_finished() and not was_interrupted(trial) and strategy not in rows:
-            rows[strategy] = {"error": trial.user_attrs.get("error", trial.state.name.lower())}
-    done = [row["run_dir"] for row in rows.values() if "run_dir" in row]
-    return {"status": "done", "study": result["study"],
-            "rows": {name: rows.get(name, {}) for name in strategies},  # {}: no trial of it has finished
-            "setup": _input_and_head(Path(done[0])) if done else None}
+        strategy, run_dir = trial.params.get("strategy"), Path(trial.user_attrs.get("run_dir", ""))
+        if trial.state == TrialState.COMPLETE and (run_dir / "summary.json").is_file():
+            rows[strategy] = _strategy_row(run_dir)
+        elif trial.state == TrialState.FAIL and "run_dir" not in rows[strategy]:
+            rows[strategy] = {"ended": "interrupted" if was_interrupted(trial)
+                              else f"failed: {trial.user_attrs['error']}"}
+    return {"status": "done", "study": result["study"], "rows": rows}
 
 
-def write_report(study_dir: Path, records: dict[str, dict]) -> Path:
+def write_report(study_dir: Path, records: dict[str, dict], split_dir: Path) -> Path:
     """results.json and report.md (with the sweep's figures) in ``study_dir``; returns the report's path."""
     best = records["part_a_best"]["result"]
-    results = {"written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    results = {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data_results(split_dir),
                "question1": question1_results(Path(best["run_dir"])),
                "sweep": sweep_results(records["part_a_sweep"]["result"], study_dir),
-               "best_model": best_model_results(best, records["part_a_evaluate"]["result"]),
-               "part_b": part_b_results(records.get("part_b", {})),
-               "steps": {name: {k: record.get(k) for k in ("status", "seconds", "finished", "machine", "software")}
-                         for name, record in records.items()}}
+               "best_model": best_model_results(best), "part_b": part_b_results(records.get("part_b", {})),
+               "steps": {name: {k: records[name].get(k) for k in ("status", "seconds", "finished", "machine",
+                                                                  "software")}
+                         for name in STEP_TITLES if name in records}}
     files.write_json(study_dir / "results.json", results)
     report = study_dir / "report.md"
     with files.atomic_path(report) as tmp:
@@ -173,27 +170,21 @@ def write_report(study_dir: Path, records: dict[str, dict]) -> Path:
 
 # --- markdown -------------------------------------------------------------------------------------
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+def _data_markdown(d: dict) -> list[str]:
+    n = Counter(d["images"])
+    return ["## Data", "", f"`{d['split_dir']}` (`{MANIFEST}`): {len(d['classes'])} classes "
+            f"({', '.join(d['classes'])}); {n['train']} training, {n['val']} validation and {n['test']} test "
+            f"images. Test set: {d['test']}; validation set: {d['val']}.", ""]
 
 
 def _question1_markdown(q1: dict) -> list[str]:
     w = q1["input_size"]
     lines = ["## Question 1: computations and parameters", "",
-            f"The best configuration (below) at {w}x{w}: **{q1['macs']:,} multiply-accumulates "
-            f"({q1['flops']:,} FLOPs at 2 per multiply-accumulate)**, {q1['element_ops']:,} element-wise "
-            f"operations, and **{q1['params']:,} parameters** per image, counted by `common/flops.py` from the "
-            f"layer shapes; the trained model's `summary.json` counts {q1['model_params']:,} parameters.", ""]
-    if f := q1["formula"]:
-        same = (f["macs"], f["params"]) == (q1["macs"], q1["params"])
-        lines += [f"The Question 1 formula below (m filters of k x k in every block, n dense neurons, a w x w input) "
-                  f"with this configuration's m={f['m']}, k={f['k']}, n={f['n']}, w={f['w']} gives {f['macs']:,} "
-                  f"multiply-accumulates and {f['params']:,} parameters: "
-                  + ("the same as the count above." if same else "not the count above, because this configuration "
-                     "is not the Question 1 network (the derivation's last line says how)."), ""]
+             f"The best configuration (below) at {w}x{w}: **{q1['macs']:,} multiply-accumulates "
+             f"({q1['flops']:,} FLOPs at 2 per multiply-accumulate)**, {q1['element_ops']:,} element-wise "
+             f"operations, and **{q1['params']:,} parameters** per image, counted by `common/flops.py` from "
+             f"the layer shapes; the trained model's `summary.json` says {q1['model_params']:,} parameters.",
+             ""]
     return lines + ["```text", q1["text"], "```", ""]
 
 
@@ -215,46 +206,51 @@ def _sweep_markdown(s: dict) -> list[str]:
              f"### Correlation with {s['metric']}", "",
              *sweep_report.correlation_tables(s["metric"], s["order"], s["correlations"], s["maximize"]), "",
              "## Observations", ""]
+    if not s["observations"]:
+        return lines + [f"From {s['complete']} completed trials no parameter could be ranked: "
+                        f"{s['importance_method']}.", ""]
     ranked_by = f"importance ({s['importance_method'].split(' (')[0]})" if s["importance"] else "correlation strength"
-    lines += [f"From {s['complete']} completed trials, the parameters ranked highest by {ranked_by}:", "",
-              *(f"- {sentence}" for sentence in s["observations"] or ["no parameter could be ranked yet"]), ""]
-    return lines
+    return lines + [f"From {s['complete']} completed trials, the parameters ranked highest by {ranked_by}:",
+                    "",
+                    *(f"- {sentence}" for sentence in s["observations"]), ""]
 
 
-def _best_model_markdown(b: dict, metric: str) -> list[str]:
-    origin = ("retrained for its full epochs (the trial's own run was not usable)" if b["retrained"]
-              else f"the run of trial {b['trial']}, which trained it for its full epochs")
+def _best_model_markdown(b: dict, metric: str, test_set: str) -> list[str]:
+    origin = (f"trained again for its full epochs, as trial {b['trial']}'s own run was gone or unfinished"
+              if b["retrained"] else f"the run of trial {b['trial']}, which trained it for its full epochs")
     return ["## The best model", "",
-            f"`{b['run_dir']}`: {origin}; tested once on the test split (the original `val/`), on {b['device']}.", "",
+            f"`{b['run_dir']}`: {origin}. Its `best.pt` was tested on the test set ({test_set}); "
+            f"it trained on {b['device']}.", "",
             "| split | accuracy |", "| --- | --- |",
-            f"| train (epoch {b['best_epoch']}, on the augmented batches as they trained) | {b['train_acc']:.4f} |",
+            f"| train (epoch {b['best_epoch']}, on the {'augmented ' * bool(b['augment'])}batches as they "
+            f"trained) | {b['train_acc']:.4f} |",
             f"| validation (best {metric}: epoch {b['best_epoch']} of {b['epochs_run']}) | {b['val_acc']:.4f} |",
             f"| test (loss {b['test_loss']:.4f}) | {b['test_acc']:.4f} |", "",
             "| class | test accuracy |", "| --- | --- |",
             *(f"| {name} | {acc:.4f} |" for name, acc in b["per_class"].items()), "",
-            *(f"![{FIGURE_TITLES.get(Path(name).stem, name)}]({name})" for name in b["figures"]), ""]
+            *(f"![{name}]({name})" for name in b["figures"]), ""]
 
 
 def _part_b_markdown(p: dict) -> list[str]:
     lines = ["## Part B: fine-tuning strategies", ""]
     if p["status"] != "done":
-        return lines + [f"Not run ({p['status']}):", "", "```text", p["reason"], "```", ""]
-    if (setup := p["setup"]) is not None:
+        return lines + [f"Not {'run' if p['status'] == 'skipped' else 'finished'} ({p['status']}):", "",
+                        "```text", p["reason"], "```", ""]
+    if setup := next((row["setup"] for row in p["rows"].values() if "setup" in row), None):
         size, native = setup["input_size"], setup["native_input_size"]
         lines += [f"`{setup['model']}` with weights `{setup['weights']}`. Images enter at {size}x{size} pixels ("
                   + ("the crop size of the weights' transforms" if size == native else
                      f"set by `--input_size`; the weights' transforms crop to {native}x{native}")
                   + f"), normalised with the weights' mean {setup['mean']} and std {setup['std']}. The "
                   f"{setup['imagenet_classes']:,}-class ImageNet classifier `{setup['head_layer']}` was replaced by a "
-                  "new, randomly initialised head with 10 outputs (widths below), trained at the full learning rate "
-                  f"{setup['learning_rate']:g}; "
+                  f"new, randomly initialised head with {setup['outputs']} outputs (widths below), trained "
+                  f"at the full learning rate {setup['learning_rate']:g}; "
                   f"pretrained layers that train use {setup['backbone_lr_scale']:g} times it.", ""]
     lines += ["| strategy | trainable parameters | epochs | s per epoch | best val_acc | test_acc | head | run |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in p["rows"].items():
-        if "run_dir" not in row:
-            status = f"failed: {row['error']}" if "error" in row else "not run"
-            lines.append(f"| {name} | {status} | | | | | | |")
+        if "run_dir" not in row:  # no numbers: it did not finish
+            lines.append(f"| {name} | {row.get('ended', 'not run')} | | | | | | |")
             continue
         trainable = f"{row['trainable_params']:,}"
         if row["trainable_params_last_epoch"] != row["trainable_params"]:
@@ -268,10 +264,10 @@ def _part_b_markdown(p: dict) -> list[str]:
 
 def _steps_markdown(steps: dict) -> list[str]:
     lines = ["## Hardware, software and time", "", "| step | status | time | finished |", "| --- | --- | --- | --- |"]
-    lines += [f"| {STEP_TITLES.get(name, name)} | {r['status']} | {_duration(r['seconds'] or 0)} | "
+    lines += [f"| {STEP_TITLES[name]} | {r['status']} | {timedelta(seconds=round(r['seconds'] or 0))} | "
               f"{r['finished'] or ''} |" for name, r in steps.items()]
-    lines += ["", f"Total: {_duration(sum(r['seconds'] or 0 for r in steps.values()))} (a step's time adds up its "
-              "tries). The steps ran on:", ""]
+    total = timedelta(seconds=round(sum(r["seconds"] or 0 for r in steps.values())))
+    lines += ["", f"Total: {total} (a step's time adds up its tries). The steps ran on:", ""]
     places = Counter((r["machine"], r["software"]) for r in steps.values() if r["machine"])
     return lines + [f"- {machine}; {software}" for machine, software in places] + [""]
 
@@ -280,8 +276,8 @@ def render(results: dict) -> str:
     return "\n".join([
         "# Study report", "",
         f"Written by `python common/study.py` on {results['written']}. Every number below is read from the "
-        "run folders and sweep databases it names (the same numbers are in `results.json`).", "",
-        *_question1_markdown(results["question1"]), *_sweep_markdown(results["sweep"]),
-        *_best_model_markdown(results["best_model"], results["sweep"]["metric"]),
+        "data split, run folders and sweep databases it names (the same numbers are in `results.json`).", "",
+        *_data_markdown(results["data"]), *_question1_markdown(results["question1"]),
+        *_sweep_markdown(results["sweep"]),
+        *_best_model_markdown(results["best_model"], results["sweep"]["metric"], results["data"]["test"]),
         *_part_b_markdown(results["part_b"]), *_steps_markdown(results["steps"])])
-

@@ -34,6 +34,7 @@ from optuna.visualization.matplotlib import (plot_optimization_history, plot_par
 
 from common.config import to_cli
 from common.figures import save_figure
+from common.sweep import was_interrupted
 
 MIN_TRIALS_FOR_IMPORTANCE = 5
 PARALLEL_AXES = 8  # more parameter axes than this are unreadable at report size
@@ -139,10 +140,12 @@ def importance_evaluator() -> tuple[optuna.importance.BaseImportanceEvaluator, s
 
 def parameter_importance(study: optuna.Study) -> tuple[dict[str, float], str]:
     """(importances, method) - empty with the reason when there are too few completed trials."""
-    complete = len(_complete(study))
-    if complete < MIN_TRIALS_FOR_IMPORTANCE:
-        return {}, (f"only {complete} completed trials (importance needs {MIN_TRIALS_FOR_IMPORTANCE}); "
+    complete = _complete(study)
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        return {}, (f"only {len(complete)} completed trials (importance needs {MIN_TRIALS_FOR_IMPORTANCE}); "
                     "parameters are ranked by the strength of their correlation with the metric instead")
+    if len({t.value for t in complete}) == 1:  # evaluators would call every parameter equally important
+        return {}, f"{metric_name(study)} was {complete[0].value:.4g} in every completed trial"
     evaluator, method = importance_evaluator()
     try:
         return optuna.importance.get_param_importances(study, evaluator=evaluator), method
@@ -170,12 +173,12 @@ def _optuna_drawing():
 
 def plot_metric_per_trial(study: optuna.Study) -> Figure:
     """Completed trials' metric and the running best (Optuna's history plot); pruned trials at the
-    value they had when stopped, failed ones as crosses along the bottom."""
+    value they had when stopped, failed ones (not those stopped by Ctrl-C) as crosses along the bottom."""
     metric, trials = metric_name(study), study.get_trials(deepcopy=False)
     with _optuna_drawing():
         ax = plot_optimization_history(study, target_name=metric)
         pruned = [t for t in trials if t.state == TrialState.PRUNED and trial_value(t) is not None]
-        failed = [t.number for t in trials if t.state == TrialState.FAIL]
+        failed = [t.number for t in trials if t.state == TrialState.FAIL and not was_interrupted(t)]
         if pruned:
             ax.scatter([t.number for t in pruned], [trial_value(t) for t in pruned], facecolors="none",
                        edgecolors="0.4", label="pruned (value when stopped)")
@@ -204,7 +207,8 @@ def plot_importance(study: optuna.Study, method: str) -> Figure:
     """Optuna's importance bars, by the evaluator ``parameter_importance`` used (the same numbers)."""
     with _optuna_drawing():
         ax = plot_param_importances(study, evaluator=importance_evaluator()[0], target_name=metric_name(study))
-        ax.set_title(f"{study.study_name}: parameter importance ({method.split(' (')[0]})")
+        # loc="left" replaces Optuna's own left-aligned title instead of printing over it
+        ax.set_title(f"{study.study_name}:\nparameter importance ({method.split(' (')[0]})", loc="left")
         ax.figure.set_size_inches(8, 4.5)
         ax.figure.tight_layout()
     return ax.figure
@@ -226,9 +230,11 @@ def plot_correlations(corr: dict[str, dict], order: list[str], metric: str) -> F
 
 def observations(importance: dict[str, float], method: str, corr: dict[str, dict], metric: str,
                  top: int = 3) -> list[str]:
-    """Sentences on the ``top`` ranked parameters, each stating the numbers it rests on."""
+    """Sentences on the ``top`` ranked parameters, each stating the numbers it rests on (none on a
+    parameter whose correlation is undefined: it or the metric never varied)."""
     sentences = []
-    for name in [n for n in ranking(importance, corr) if n in corr][:top]:
+    ranked = [n for n in ranking(importance, corr) if n in corr and not math.isnan(corr[n]["strength"])]
+    for name in ranked[:top]:
         c = corr[name]
         weight = f"importance {importance[name]:.2f} by {method.split(' (')[0]}; " if name in importance else ""
         if c["kind"] == "categorical":
