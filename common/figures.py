@@ -1,10 +1,9 @@
 """Report figures and guided backpropagation, for any image classifier (Part A or Part B).
 
-Every plotting function takes plain tensors or arrays and returns a matplotlib ``Figure`` in
-constrained layout (labels never overlap); ``save_figure`` writes it. Guided backpropagation
-(Springenberg et al., 2015, "Striving for Simplicity") passes a gradient backwards through a ReLU only
-where the forward input was positive *and* the gradient itself is positive; ``guided_backward``
-applies that rule through hooks that are removed afterwards, leaving the model as it was.
+Plotting functions take tensors or arrays and return a matplotlib ``Figure`` in constrained layout
+(labels never overlap). Guided backpropagation (Springenberg et al., 2015) passes a gradient back
+through a ReLU only where the forward input *and* the gradient are positive, through hooks removed
+afterwards.
 """
 from __future__ import annotations
 
@@ -74,11 +73,8 @@ def _grid(count: int, columns: int, cell: tuple[float, float], title_height: flo
 
 def plot_prediction_grid(images, true_labels: Sequence[int], predicted_labels: Sequence[int],
                          confidences: Sequence[float], classes: Sequence[str], columns: int = 3) -> Figure:
-    """One captioned cell per image (uint8 ``[N, H, W, 3]``), filled row by row.
-
-    Correct predictions get a green caption and border, wrong ones red with a thicker border, so
-    mistakes stand out even in a greyscale print.
-    """
+    """One captioned cell per image (uint8 ``[N, H, W, 3]``); wrong predictions red with a thicker border
+    (correct ones green), so mistakes stand out even in a greyscale print."""
     fig, axes = _grid(len(images), columns, (2.4, 2.7))
     for ax, image, true, pred, confidence in zip(axes, np.asarray(images), true_labels, predicted_labels,
                                                  confidences):
@@ -93,12 +89,9 @@ def plot_prediction_grid(images, true_labels: Sequence[int], predicted_labels: S
 
 def plot_filters(weight: torch.Tensor, title: str = "First conv layer filters",
                  max_filters: int = MAX_FILTERS) -> Figure:
-    """Each filter of a conv weight ``[F, C, k, k]`` as a small image in a near-square grid.
-
-    Three input channels are shown as RGB, anything else as the channel mean in grey. Each filter is
-    min-max normalised on its own, since filters differ in scale and one shared range would leave
-    most of them flat grey. Only the first ``max_filters`` are drawn (a ViT patch embedding has 768).
-    """
+    """Each filter of a conv weight ``[F, C, k, k]`` in a near-square grid: RGB for three input channels,
+    else their mean in grey; min-max normalised one by one (one shared range would leave most of them
+    flat grey); only the first ``max_filters`` (a ViT patch embedding has 768)."""
     all_filters = weight.shape[0]
     weight = weight.detach().float().cpu()[:max_filters]
     n_filters, channels, height, width = weight.shape
@@ -153,12 +146,8 @@ def guided_backward(model: nn.Module) -> Iterator[None]:
 
 
 def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The activation module that produces the model's last spatial feature map.
-
-    Found by running ``example`` (a batch of at least one image) through the model and keeping the
-    last ReLU-like call with a 4-D output, so it works for the Part A network (the last conv block's
-    activation) and for torchvision backbones alike, without knowing their attribute names.
-    """
+    """The activation module of the model's last spatial feature map: the last ReLU-like call with a 4-D
+    output on ``example``, so Part A and torchvision backbones alike need no attribute names."""
     last: list[nn.Module] = []
 
     def remember(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -175,14 +164,9 @@ def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 def guided_backprop(model: nn.Module, images: torch.Tensor, channels: Sequence[int],
                     layer: nn.Module | None = None) -> torch.Tensor:
-    """Guided-backprop gradients of the input, one image per channel: the gradient of the sum of
-    channel ``channels[i]``'s activation map on ``images[i]`` with respect to ``images[i]``.
-
-    ``images`` are normalised model inputs ``[N, C, H, W]``; ``layer`` is the activation whose output
-    holds the channels (default: ``feature_activation``). The model runs in eval mode (so samples do
-    not interact through batch norm) and is returned to its previous mode; no parameter gradient is
-    touched, since the gradient is taken with respect to the input only.
-    """
+    """The guided gradient of channel ``channels[i]``'s summed activation map in ``layer`` (default:
+    ``feature_activation``) with respect to ``images[i]`` (normalised inputs ``[N, C, H, W]``). Runs in
+    eval mode (samples do not interact through batch norm), restores the mode, touches no parameter."""
     if len(channels) != len(images):
         raise ValueError(f"got {len(images)} images but {len(channels)} channels; pass one channel per image")
     was_training = model.training
@@ -210,11 +194,8 @@ def guided_backprop(model: nn.Module, images: torch.Tensor, channels: Sequence[i
 
 
 def gradient_to_image(gradient: torch.Tensor) -> np.ndarray:
-    """A ``[3, H, W]`` gradient as an ``[H, W, 3]`` image in [0, 1]: 0.5 is zero gradient.
-
-    Scaled by the 99th percentile of its magnitude rather than its maximum, so a few extreme pixels
-    do not wash the rest of the picture out to grey.
-    """
+    """A ``[3, H, W]`` gradient as an ``[H, W, 3]`` image in [0, 1] (0.5 is zero), scaled by the 99th
+    percentile of its magnitude: a few extreme pixels do not wash the rest out to grey."""
     gradient = gradient.detach().float().cpu()
     scale = torch.quantile(gradient.abs().flatten(), 0.99).clamp_min(1e-12)
     return (0.5 + 0.5 * gradient / scale).clamp(0, 1).permute(1, 2, 0).numpy()

@@ -2,16 +2,11 @@
 
     python common/flops.py [Part A model options] [--verify] [--json] [--torchvision NAME]
 
-All counts are per image (a batch of one). MACs are the multiply-accumulates of conv and linear layers
-(and of products in functions: attention); FLOPs = 2 x MACs, as ``torch.utils.flop_counter``'s
-``FlopCounterMode`` counts them, bias adds excluded. Element ops are the work it does not count, per
-output element: a bias add 1, batch norm 2 (at inference a scale and a shift), an activation 1 (any
-formula), a max-pool ``window - 1`` comparisons; dropout, flatten and padding are free. Params are
-``nn.Parameter`` elements: batch norm's running statistics are buffers.
-
-``count_config`` counts the Part A network from its analytic block shapes alone (Question 1);
-``count_module`` counts any module per layer from one forward pass under FlopCounterMode (on the meta
-device without weight memory); ``verify`` checks a report against FlopCounterMode and the parameters.
+Counts are per image, by ``CONVENTIONS`` (batch norm's element ops: a scale and a shift at inference;
+dropout, flatten and padding are free). ``count_config`` counts the Part A network from its analytic
+block shapes alone (Question 1); ``count_module`` counts any module per layer from one forward pass
+under ``FlopCounterMode`` (on the meta device, without weight memory); ``verify`` checks a report
+against FlopCounterMode and the parameters.
 """
 from __future__ import annotations
 
@@ -37,7 +32,7 @@ from common.config import add_dataclass_args, from_namespace
 
 FLOPS_PER_MAC = 2
 BIAS_OPS, NORM_OPS, ACTIVATION_OPS = 1, 2, 1  # per output element
-TOTALS = ("macs", "flops", "element_ops", "params")
+TOTALS, LABELS = ("macs", "flops", "element_ops", "params"), ("MACs", "FLOPs", "element ops", "params")
 OUTSIDE_MACS = "(MACs outside the layers above)"  # count_module's row for FlopCounterMode's remainder
 CONVENTIONS = {
     "macs": "multiply-accumulates of conv and linear layers, and of products in functions (attention), "
@@ -87,7 +82,7 @@ class Report:
 
     def table(self) -> str:
         """An aligned text table, one row per layer, then the totals; names left, numbers right."""
-        rows = [("layer", "type", "output", "MACs", "FLOPs", "element ops", "params")]
+        rows = [("layer", "type", "output", *LABELS)]
         for layer in self.layers:
             shape = "x".join(map(str, layer.output_shape)) or "-"
             rows.append((layer.name, layer.type, shape, *_numbers(layer)))
@@ -104,9 +99,8 @@ def _numbers(counts: LayerCount | Report) -> list[str]:
 
 
 def count_config(config) -> Report:
-    """Count a Part A ``ModelConfig`` from its analytic block shapes (``part_a.model.block_shapes``)
-    without building it: conv -> [batch norm] -> activation -> 2x2 max-pool per block, then dense ->
-    activation -> output layer. Raises ``ValueError`` for a configuration that cannot be built."""
+    """Count a Part A ``ModelConfig`` from its analytic block shapes without building it; ``ValueError``
+    for a configuration that cannot be built."""
     from part_a.model import activation_class, block_shapes  # common/ imports a part only where needed
 
     act = activation_class(config.activation).__name__
@@ -168,15 +162,10 @@ def _element_ops(module: nn.Module, out: torch.Tensor) -> int:
 
 
 def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
-    """Count any module, one row per leaf-module call of a single sample's forward pass.
-
-    ``input_shape`` excludes the batch dimension. A row's MACs are what FlopCounterMode counted during
-    that call; its element ops follow the conventions. Products computed by functions rather than
-    leaf modules (attention) are one extra row, so ``macs`` is always exact; element ops in functions
-    (residual adds, softmax) are not counted. Parameters no called leaf owns are one extra row too, so
-    ``params`` is the module's full count. Build the module under ``torch.device('meta')`` to count a
-    large model without allocating or computing anything.
-    """
+    """Count any module (``input_shape`` without the batch), one row per leaf-module call: the MACs
+    FlopCounterMode counted during the call and its element ops. MACs of functions (attention) and
+    parameters no called leaf owns are one extra row each, so ``macs`` and ``params`` are exact;
+    element ops in functions (residual adds, softmax) are not counted."""
     names = {sub: name for name, sub in module.named_modules()}
     layers, counted, started = [], set(), []  # counted: parameter ids (shared weights count once)
     counter = FlopCounterMode(display=False)
@@ -218,18 +207,17 @@ def torch_flop_counts(module: nn.Module, input_shape: Sequence[int]) -> dict[str
 
 
 def verify(model: nn.Module, input_shape: Sequence[int], expected: Report) -> list[str]:
-    """Check ``expected`` exactly against FlopCounterMode (which counts products, never element-wise
-    work) and ``sum(p.numel())``; one message per mismatch. The model runs one sample on its own
-    device; meta works."""
+    """Check ``expected`` against FlopCounterMode (products only, never element-wise work) and
+    ``sum(p.numel())``, exactly; one message per mismatch."""
     problems = []
     by_op = torch_flop_counts(model, input_shape)
     if (measured := sum(by_op.values())) != expected.flops:
         breakdown = ", ".join(f"{op} {flops:,}" for op, flops in sorted(by_op.items())) or "nothing"
-        problems.append(f"FLOPs: analytic {expected.flops:,} but FlopCounterMode counted {measured:,} "
-                        f"({breakdown}); difference {expected.flops - measured:+,}")
+        message = f"FLOPs: analytic {expected.flops:,} but FlopCounterMode counted {measured:,} ({breakdown})"
+        problems.append(f"{message}; difference {expected.flops - measured:+,}")
     if (params := sum(p.numel() for p in model.parameters())) != expected.params:
-        problems.append(f"params: analytic {expected.params:,} but the model has {params:,}; "
-                        f"difference {expected.params - params:+,}")
+        difference = f"difference {expected.params - params:+,}"
+        problems.append(f"params: analytic {expected.params:,} but the model has {params:,}; {difference}")
     return problems
 
 
@@ -283,9 +271,10 @@ def question1_text(config, exact: Report) -> str:
     same = all(getattr(answer, key) == getattr(exact, key) for key in TOTALS)
     on = {True: "on", False: "off"}
     switches = f"conv bias {on[config.conv_bias]}, batch norm {on[config.batch_norm]}"
-    return (f"{QUESTION1_DERIVATION}\n  with m={m}, k={k}, n={n}, w={w}, {switches}: MACs {answer.macs:,}, "
-            f"FLOPs {answer.flops:,}, element ops {answer.element_ops:,}, params {answer.params:,}\n"
-            f"  {'= the exact' if same else 'DIFFERS from the exact'} layer-by-layer count above")
+    counts = ", ".join(f"{label} {getattr(answer, key):,}" for label, key in zip(LABELS, TOTALS))
+    verdict = "= the exact" if same else "DIFFERS from the exact"
+    text = f"{QUESTION1_DERIVATION}\n  with m={m}, k={k}, n={n}, w={w}, {switches}: {counts}\n"
+    return text + f"  {verdict} layer-by-layer count above"
 
 
 def _torchvision_on_meta(name: str) -> nn.Module:
@@ -303,15 +292,15 @@ def _torchvision_on_meta(name: str) -> nn.Module:
 def get_args_parser() -> argparse.ArgumentParser:
     from part_a.model import ModelConfig
 
-    parser = argparse.ArgumentParser(description="Count MACs, FLOPs, element ops and parameters of the "
-                                     "Part A network or a torchvision model.")
+    what = "the Part A network or a torchvision model"
+    parser = argparse.ArgumentParser(description=f"Count MACs, FLOPs, element ops and parameters of {what}.")
     add_dataclass_args(parser, ModelConfig, "Part A model")
     group = parser.add_argument_group("counter")
     group.add_argument("--verify", action="store_true", help="check FLOPs against FlopCounterMode and params "
                        "against the built model; exit 1 on any mismatch")
     group.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    group.add_argument("--torchvision", metavar="NAME",
-                       help="count this torchvision model (e.g. resnet50) at input_size instead")
+    torchvision_help = "count this torchvision model (e.g. resnet50) at input_size instead"
+    group.add_argument("--torchvision", metavar="NAME", help=torchvision_help)
     return parser
 
 
@@ -338,17 +327,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"model": title, **report.to_dict(), **verified}))
         return 1 if problems else 0
     print(f"{title}, counts per image\n\n{report.table()}\n")
-    print(f"MACs {report.macs:,}  FLOPs {report.flops:,}  element ops {report.element_ops:,}  "
-          f"FLOPs + element ops {report.flops + report.element_ops:,}  params {report.params:,}")
+    totals = f"MACs {report.macs:,}  FLOPs {report.flops:,}  element ops {report.element_ops:,}  "
+    print(f"{totals}FLOPs + element ops {report.flops + report.element_ops:,}  params {report.params:,}")
     if report.outside_macs:
-        print(f"  {report.outside_macs:,} of these MACs run in functional ops (e.g. attention) that no "
-              f"layer above owns; FlopCounterMode counts them, so the total is exact")
+        where = "run in functional ops (e.g. attention) that no layer above owns; FlopCounterMode counts them"
+        print(f"  {report.outside_macs:,} of these MACs {where}, so the total is exact")
     print("\n".join(f"  {key}: {text}" for key, text in CONVENTIONS.items()))
     if question1:
         print(f"\n{question1}")
     if args.verify:
-        print("\nverify: " + ("MISMATCH\n  " + "\n  ".join(problems) if problems else
-                              "exact match with FlopCounterMode FLOPs and the model's parameter count"))
+        exact = "exact match with FlopCounterMode FLOPs and the model's parameter count"
+        print("\nverify: " + ("MISMATCH\n  " + "\n  ".join(problems) if problems else exact))
     return 1 if problems else 0
 
 
