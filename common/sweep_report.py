@@ -5,9 +5,7 @@
     parallel_coordinates.png   the most important parameters against the metric, one line per trial
     metric_per_trial.png       the metric over trial number, with the running best
 
-Each piece has its own function (``parameter_importance``, ``correlations``, ``observations``,
-``importance_table``, ``correlation_tables``, ``plot_metric_per_trial``, ``plot_parallel_coordinates``,
-``plot_importance``, ``plot_correlations``) for other reports (common/study_report.py) to reuse;
+Each table and figure has its own function for other reports (common/study_report.py) to reuse;
 Optuna computes the importances and draws its figures.
 """
 from __future__ import annotations
@@ -34,7 +32,7 @@ from optuna.visualization import matplotlib as optuna_plots
 from common.config import to_cli
 from common.figures import save_figure
 
-MIN_TRIALS_FOR_IMPORTANCE = 5
+MIN_TRIALS = 5  # completed trials before parameter importance is computed
 PARALLEL_AXES = 8  # more parameter axes than this are unreadable at report size
 TOP_SHARE = 2 / 3  # a value "shared" by the top trials: held by at least this fraction of them
 WEAK_RHO = 0.3  # a rank correlation weaker than this is conventionally called weak: no direction is read
@@ -70,11 +68,11 @@ def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["number", "state", metric_name(study), "duration_s", *names, "run_dir", "error"])
         for trial, row in zip(trials, values):
-            value = trial_value(trial)
+            value = "" if (result := trial_value(trial)) is None else result
             duration = "" if trial.duration is None else round(trial.duration.total_seconds(), 1)
+            cells = [row.get(name, "") for name in names]
             attrs = [trial.user_attrs.get(key, "") for key in ("run_dir", "error")]
-            writer.writerow([trial.number, trial.state.name, "" if value is None else value, duration,
-                             *(row.get(name, "") for name in names), *attrs])
+            writer.writerow([trial.number, trial.state.name, value, duration, *cells, *attrs])
     return path
 
 
@@ -132,9 +130,9 @@ def importance_evaluator() -> tuple[optuna.importance.BaseImportanceEvaluator, s
 def parameter_importance(study: optuna.Study) -> tuple[dict[str, float], str]:
     """(importances, method) - empty with the reason when there are too few completed trials."""
     complete = len(_complete(study))
-    if complete < MIN_TRIALS_FOR_IMPORTANCE:
-        return {}, (f"only {complete} completed trials (importance needs {MIN_TRIALS_FOR_IMPORTANCE}); "
-                    "parameters are ranked by the strength of their correlation with the metric instead")
+    if complete < MIN_TRIALS:
+        instead = "parameters are ranked by the strength of their correlation with the metric instead"
+        return {}, f"only {complete} completed trials (importance needs {MIN_TRIALS}); {instead}"
     evaluator, method = importance_evaluator()
     try:
         return optuna.importance.get_param_importances(study, evaluator=evaluator), method
@@ -209,9 +207,9 @@ def plot_correlations(corr: dict[str, dict], order: list[str], metric: str) -> F
     names = [name for name in order if name in corr and not math.isnan(corr[name]["strength"])][::-1]
     numeric = [corr[name]["kind"] == "numeric" for name in names]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5), layout="constrained")
-    ax.barh([f"{name} ({'rho' if num else 'eta'})" for name, num in zip(names, numeric)],
-            [corr[name]["rho" if num else "strength"] for name, num in zip(names, numeric)],
-            color=["tab:blue" if num else "tab:orange" for num in numeric])
+    labels = [f"{name} ({'rho' if num else 'eta'})" for name, num in zip(names, numeric)]
+    values = [corr[name]["rho" if num else "strength"] for name, num in zip(names, numeric)]
+    ax.barh(labels, values, color=["tab:blue" if num else "tab:orange" for num in numeric])
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.set_xlim(-1, 1)
     ax.set_xlabel(f"correlation with {metric}: Spearman rho (blue) or correlation ratio eta (orange)")
@@ -228,9 +226,8 @@ def observations(importance: dict, method: str, corr: dict, metric: str, top: in
             finding = f"only {_fmt(next(iter(c['means'])))} was tried"
         elif c["kind"] == "categorical":
             (high, (high_mean, high_n)), *_, (low, (low_mean, low_n)) = _by_mean(c["means"], True)
-            eta = c["strength"]
-            finding = (f"mean {metric} {high_mean:.3f} with {_fmt(high)} ({high_n} trials) against "
-                       f"{low_mean:.3f} with {_fmt(low)} ({low_n}); correlation ratio eta {eta:.2f}")
+            finding = f"mean {metric} {high_mean:.3f} with {_fmt(high)} ({high_n} trials) against "
+            finding += f"{low_mean:.3f} with {_fmt(low)} ({low_n}); correlation ratio eta {c['strength']:.2f}"
         elif math.isnan(rho) or abs(rho) < WEAK_RHO:
             finding += f"no clear monotone relation with {metric} (|rho| < {WEAK_RHO})"
         else:
@@ -252,8 +249,8 @@ def _shared_by_top(top: list[FrozenTrial]) -> list[str]:
         values = [t.params[name] for t in top if name in t.params]
         dist = next(t.distributions[name] for t in top if name in t.params)
         if not isinstance(dist, CategoricalDistribution):
-            lines.append(f"- `{name}` from {_fmt(min(values))} to {_fmt(max(values))} "
-                         f"(searched {_fmt(dist.low)} to {_fmt(dist.high)})")
+            searched = f"(searched {_fmt(dist.low)} to {_fmt(dist.high)})"
+            lines.append(f"- `{name}` from {_fmt(min(values))} to {_fmt(max(values))} {searched}")
             continue
         value, count = Counter(values).most_common(1)[0]
         if len(dist.choices) > 1 and count >= TOP_SHARE * len(top):
@@ -331,11 +328,12 @@ def _summary_markdown(study: optuna.Study, importance: dict, method: str, corr: 
     params = _head("parameter", "value") + [f"| {name} | {_fmt(v)} |" for name, v in best.params.items()]
     where = f" (run folder `{best.user_attrs['run_dir']}`)" if "run_dir" in best.user_attrs else ""
     tables = correlation_tables(metric, ranking(importance, corr), corr, maximize)
-    return head + SUMMARY.format(
-        best=best, metric=metric, where=where, params="\n".join(params), command=best_command(study),
-        importance="\n".join(importance_table(importance, method)), correlations="\n".join(tables),
-        top=len(top), shared="\n".join(_shared_by_top(top) or ["- nothing stands out"]),
-        figures="\n".join(f"![{name}]({name})" for name in figures))
+    parts = dict(params=params, importance=importance_table(importance, method), correlations=tables)
+    parts["shared"] = _shared_by_top(top) or ["- nothing stands out"]
+    parts["figures"] = [f"![{name}]({name})" for name in figures]
+    fields = {key: "\n".join(lines) for key, lines in parts.items()}
+    fields.update(best=best, metric=metric, where=where, command=best_command(study), top=len(top))
+    return head + SUMMARY.format(**fields)
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> list[Path]:
