@@ -21,6 +21,7 @@ from torch import nn
 
 from common import data as data_lib
 from common import engine, figures, files, tracking
+from common.tracking import WANDB_MODES
 from common.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from common.config import UserError, add_dataclass_args, cli_main, from_namespace
 from common.data import normalise
@@ -31,6 +32,8 @@ TABLE_PER_CLASS = 10  # rows per class in the wandb predictions table (the grid'
 GUIDED_NEURONS = 10
 SAMPLE_SEED = 0  # which test images the grid and table show: fixed, so reruns draw the same figure
 REQUIRED_KEYS = ("model", "model_config", "classes", "input_size", "mean", "std")
+WANDB_HELP = ("online/offline: log figures to a new wandb run unless one is active; disabled: log nothing; "
+              "default: log only to an already active run")
 
 
 @dataclass
@@ -44,18 +47,15 @@ class EvalConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     tta: bool = field(default=False, metadata={
         "help": "average the softmax of each image and its mirror image"})
-    wandb_mode: str | None = field(default=None, metadata={
-        "help": "online/offline: log figures to a new wandb run unless one is active; disabled: log nothing; "
-                "default: log only to an already active run",
-        "choices": tracking.WANDB_MODES})
+    wandb_mode: str | None = field(default=None, metadata={"help": WANDB_HELP, "choices": WANDB_MODES})
     images: list[str] = field(default_factory=list, metadata={"cli": False})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Test accuracy and report figures for a trained checkpoint.")
     add_dataclass_args(parser, EvalConfig, "evaluation")
-    parser.add_argument("--images", nargs="+", default=[], metavar="FILE",
-                        help="only print the top-3 classes of these image files (no dataset needed)")
+    images_help = "only print the top-3 classes of these image files (no dataset needed)"
+    parser.add_argument("--images", nargs="+", default=[], metavar="FILE", help=images_help)
     return parser
 
 
@@ -67,14 +67,14 @@ def load_model(checkpoint_path: str | Path, device: str) -> tuple[nn.Module, dic
         raise UserError(str(error)) from error
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
     if missing := [key for key in REQUIRED_KEYS if key not in checkpoint]:
-        raise CheckpointError(f"checkpoint {checkpoint_path} lacks {missing}; it was not written by "
-                              "part_a/train.py or part_b/train.py")
+        origin = "part_a/train.py or part_b/train.py"
+        raise CheckpointError(f"checkpoint {checkpoint_path} lacks {missing}; it was not written by {origin}")
     try:
         model = build_model_from_checkpoint(checkpoint)
     except (RuntimeError, ValueError, TypeError, KeyError) as error:  # config or weights do not fit
         reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-        raise CheckpointError(f"checkpoint {checkpoint_path}: its weights do not fit the model its "
-                              f"model_config describes ({reason})") from error
+        misfit = f"its weights do not fit the model its model_config describes ({reason})"
+        raise CheckpointError(f"checkpoint {checkpoint_path}: {misfit}") from error
     return model.to(torch_device).eval(), checkpoint, torch_device
 
 
@@ -113,8 +113,8 @@ def predict_test_set(model: nn.Module, loader, device: torch.device, feature_lay
 def format_table(metrics: dict[str, Any], matrix: torch.Tensor, checkpoint_path: Path) -> str:
     width = max(len(name) for name in metrics["test_per_class_acc"]) + 2
     tta = " (mean of each image and its mirror image)" if metrics["test_tta"] else ""
-    lines = [f"{checkpoint_path}: test accuracy {metrics['test_acc']:.4f}, loss {metrics['test_loss']:.4f} "
-             f"on {int(matrix.sum())} images{tta}", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
+    head = f"{checkpoint_path}: test accuracy {metrics['test_acc']:.4f}, loss {metrics['test_loss']:.4f} "
+    lines = [f"{head}on {int(matrix.sum())} images{tta}", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
     for (name, accuracy), count in zip(metrics["test_per_class_acc"].items(), matrix.sum(dim=1).tolist()):
         lines.append(f"{name:<{width}}{accuracy:>9.4f}{count:>8}")
     return "\n".join(lines)
@@ -132,8 +132,7 @@ def guided_backprop_figure(model: nn.Module, layer: nn.Module, channel_strength,
     return figures.plot_guided_backprop(images[chosen], gradients, titles)
 
 
-def log_to_wandb(mode: str | None, checkpoint: dict, checkpoint_path: Path, metrics: dict, figure_paths: dict,
-                 table_rows: list):
+def log_to_wandb(mode, checkpoint: dict, checkpoint_path: Path, metrics: dict, figure_paths: dict, rows):
     """Log figures and a predictions table to the active wandb run, or to a new one ``mode`` asks for
     (``disabled``: log nothing)."""
     # Without an import there can be no active run; importing wandb only when needed saves seconds.
@@ -150,7 +149,7 @@ def log_to_wandb(mode: str | None, checkpoint: dict, checkpoint_path: Path, metr
     import wandb
 
     table = wandb.Table(columns=["image", "true", "predicted", "confidence"])
-    for image, *row in table_rows:
+    for image, *row in rows:
         table.add_data(wandb.Image(image), *row)
     test = {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]}
     pictures = {name: wandb.Image(str(path)) for name, path in figure_paths.items()}
@@ -167,10 +166,11 @@ def report_figures(model: nn.Module, checkpoint: dict, images: torch.Tensor, res
     grid = [i for per_class in sample_per_class(labels, GRID_PER_CLASS, len(classes)) for i in per_class]
     confidence = result["probabilities"][grid].max(dim=1).values.tolist()
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    return {"confusion_matrix": figures.plot_confusion_matrix(matrix, classes),
-            "prediction_grid": figures.plot_prediction_grid(images[grid], labels[grid].tolist(),
-                                                            predictions[grid].tolist(), confidence, classes),
-            "first_layer_filters": figures.plot_filters(first_conv.weight)}
+    shown = (images[grid], labels[grid].tolist(), predictions[grid].tolist(), confidence)
+    drawn = {"confusion_matrix": figures.plot_confusion_matrix(matrix, classes)}
+    drawn["prediction_grid"] = figures.plot_prediction_grid(*shown, classes)
+    drawn["first_layer_filters"] = figures.plot_filters(first_conv.weight)
+    return drawn
 
 
 def evaluate_checkpoint(checkpoint_path, data_dir="data", out_dir=None, batch_size=256, device="auto",
@@ -227,10 +227,10 @@ def predict_files(config: EvalConfig, top: int = 3) -> list[list[tuple[str, floa
             decoded.append(data_lib.decode_image(path, checkpoint["input_size"]))
         except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
             raise UserError(f"cannot read image {path}: {error}") from error
-    mean, std = checkpoint["mean"], checkpoint["std"]
+    mean, std, tta = checkpoint["mean"], checkpoint["std"], config.tta
+    batches = torch.from_numpy(np.stack(decoded)).split(config.batch_size)
     with torch.inference_mode():
-        logits = [engine.predict(model, normalise(batch.to(device), mean, std), config.tta)
-                  for batch in torch.from_numpy(np.stack(decoded)).split(config.batch_size)]
+        logits = [engine.predict(model, normalise(batch.to(device), mean, std), tta) for batch in batches]
     classes = checkpoint["classes"]
     values, indices = torch.cat(logits).softmax(dim=1).topk(min(top, len(classes)), dim=1)
     return [[(classes[i], v) for v, i in zip(*row)] for row in zip(values.tolist(), indices.tolist())]

@@ -71,13 +71,12 @@ def _grid(count: int, columns: int, cell: tuple[float, float], title_height: flo
     return fig, list(axes.flat[:count])
 
 
-def plot_prediction_grid(images, true_labels: Sequence[int], predicted_labels: Sequence[int],
-                         confidences: Sequence[float], classes: Sequence[str], columns: int = 3) -> Figure:
+def plot_prediction_grid(images, true_labels, predicted_labels, confidences, classes, columns=3) -> Figure:
     """One captioned cell per image (uint8 ``[N, H, W, 3]``); wrong predictions red with a thicker border
     (correct ones green), so mistakes stand out even in a greyscale print."""
     fig, axes = _grid(len(images), columns, (2.4, 2.7))
-    for ax, image, true, pred, confidence in zip(axes, np.asarray(images), true_labels, predicted_labels,
-                                                 confidences):
+    cells = zip(axes, np.asarray(images), true_labels, predicted_labels, confidences)
+    for ax, image, true, pred, confidence in cells:
         color = CORRECT_COLOR if true == pred else WRONG_COLOR
         ax.imshow(image)
         ax.set(xticks=[], yticks=[])
@@ -87,8 +86,7 @@ def plot_prediction_grid(images, true_labels: Sequence[int], predicted_labels: S
     return fig
 
 
-def plot_filters(weight: torch.Tensor, title: str = "First conv layer filters",
-                 max_filters: int = MAX_FILTERS) -> Figure:
+def plot_filters(weight: torch.Tensor, title="First conv layer filters", max_filters=MAX_FILTERS) -> Figure:
     """Each filter of a conv weight ``[F, C, k, k]`` in a near-square grid: RGB for three input channels,
     else their mean in grey; min-max normalised one by one (one shared range would leave most of them
     flat grey); only the first ``max_filters`` (a ViT patch embedding has 768)."""
@@ -157,13 +155,12 @@ def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
     with forward_hooks(_activations(model), remember), torch.no_grad():
         model(example[:1])
     if not last:
-        raise ValueError(f"{type(model).__name__} has no ReLU-like activation with a 4-D (image-shaped) "
-                         "output; guided backprop needs a convolutional feature map")
+        found = f"{type(model).__name__} has no ReLU-like activation with a 4-D (image-shaped) output"
+        raise ValueError(f"{found}; guided backprop needs a convolutional feature map")
     return last[0]
 
 
-def guided_backprop(model: nn.Module, images: torch.Tensor, channels: Sequence[int],
-                    layer: nn.Module | None = None) -> torch.Tensor:
+def guided_backprop(model: nn.Module, images: torch.Tensor, channels, layer=None) -> torch.Tensor:
     """The guided gradient of channel ``channels[i]``'s summed activation map in ``layer`` (default:
     ``feature_activation``) with respect to ``images[i]`` (normalised inputs ``[N, C, H, W]``). Runs in
     eval mode (samples do not interact through batch norm), restores the mode, touches no parameter."""

@@ -50,12 +50,12 @@ class ModelConfig:
 
 def filter_counts(config: ModelConfig) -> list[int]:
     """Output channels of each block for the filter strategy (``half`` never drops below 1)."""
-    m, blocks = config.n_filters, range(config.n_blocks)
-    counts = {"same": [m for _ in blocks], "double": [m * 2**i for i in blocks],
-              "half": [max(1, m // 2**i) for i in blocks]}
+    m, powers = config.n_filters, [2**i for i in range(config.n_blocks)]
+    counts = {"same": [m for _ in powers], "double": [m * p for p in powers]}
+    counts["half"] = [max(1, m // p) for p in powers]
     if config.filter_strategy not in counts:
-        raise ValueError(f"unknown filter_strategy {config.filter_strategy!r}; choose one of: "
-                         f"{', '.join(FILTER_STRATEGIES)}")
+        choices = ", ".join(FILTER_STRATEGIES)
+        raise ValueError(f"unknown filter_strategy {config.filter_strategy!r}; choose one of: {choices}")
     return counts[config.filter_strategy]
 
 
@@ -63,8 +63,8 @@ def kernel_sizes(config: ModelConfig) -> list[int]:
     k = config.kernel_size
     sizes = [k] * config.n_blocks if isinstance(k, int) else list(k)
     if len(sizes) != config.n_blocks:
-        raise ValueError(f"kernel_size lists {len(sizes)} values but there are {config.n_blocks} blocks; "
-                         "give one value or one per block")
+        problem = f"kernel_size lists {len(sizes)} values but there are {config.n_blocks} blocks"
+        raise ValueError(f"{problem}; give one value or one per block")
     if any(not isinstance(s, int) or s < 1 for s in sizes):
         raise ValueError(f"kernel sizes must be positive integers, got {sizes}")
     return sizes
@@ -136,18 +136,17 @@ class ConvNet(nn.Module):
             (before, after), symmetric = shape.pad, shape.pad[0] == shape.pad[1]
             # Asymmetric 'same' padding (even kernels) is a layer of its own.
             layers = [] if symmetric else [nn.ZeroPad2d((before, after, before, after))]
-            conv = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel, stride=config.stride,
-                             padding=before if symmetric else 0, bias=config.conv_bias)
+            padding = before if symmetric else 0
+            conv = nn.Conv2d(*shape[:3], config.stride, padding, bias=config.conv_bias)  # in, out, kernel
             layers += [conv, nn.BatchNorm2d(shape.out_channels)] if config.batch_norm else [conv]
             layers += [act(), nn.MaxPool2d(2, 2)]
             layers += [nn.Dropout(config.block_dropout)] if config.block_dropout else []
             blocks.append(nn.Sequential(*layers))
         self.features = nn.Sequential(*blocks)
         flat = shapes[-1].out_channels * shapes[-1].pool_size**2
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, config.dense_neurons),
-            activation_class(config.dense_activation or config.activation)(), nn.Dropout(config.dropout),
-            nn.Linear(config.dense_neurons, config.num_classes))
+        dense_act = activation_class(config.dense_activation or config.activation)
+        dense = [nn.Flatten(), nn.Linear(flat, config.dense_neurons), dense_act(), nn.Dropout(config.dropout)]
+        self.classifier = nn.Sequential(*dense, nn.Linear(config.dense_neurons, config.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -49,9 +49,9 @@ def check_spec(model_name: str, spec: str) -> None:
     """Fail early, before data or models, when ``spec`` is neither a known name nor a file."""
     is_file = Path(spec).expanduser().is_file()
     if is_pretrained(spec) and named_weights(model_name, spec) is None and not is_file:
-        names = ", ".join(get_model_weights(model_name).__members__)
-        raise WeightsError(f"--weights {spec!r} is neither a weights name of {model_name} ({names}, none) "
-                           "nor an existing file")
+        names = ", ".join([*get_model_weights(model_name).__members__, "none"])
+        named = f"a weights name of {model_name} ({names})"
+        raise WeightsError(f"--weights {spec!r} is neither {named} nor an existing file")
 
 
 def fetch(url: str, timeout: float = NETWORK_TIMEOUT_S) -> Path:
@@ -89,8 +89,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(data, dict):
         data = next((data[key] for key in ("state_dict", "model") if isinstance(data.get(key), dict)), data)
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightsError(f"weights file {path} holds no state dict (a mapping of parameter names to "
-                           "tensors, possibly under a 'state_dict' or 'model' key)")
+        expected = "a mapping of parameter names to tensors, possibly under a 'state_dict' or 'model' key"
+        raise WeightsError(f"weights file {path} holds no state dict ({expected})")
     if all(key.startswith("module.") for key in data):
         data = {key.removeprefix("module."): value for key, value in data.items()}
     return data
@@ -114,14 +114,16 @@ def load_matching(module: nn.Module, state: dict, source, *, ignore: Callable, o
     """
     expected = module.state_dict()
     keys = [k for k in {**expected, **state} if not ignore(k)]
+    missing = [k for k in keys if k not in state and not optional(k)]
+    unexpected = [k for k in keys if k not in expected and not optional(k)]
     reshaped = [k for k in keys if k in state and k in expected and state[k].shape != expected[k].shape]
-    problems = {"missing in the file": [k for k in keys if k not in state and not optional(k)],
-                "not in the model": [k for k in keys if k not in expected and not optional(k)],
-                "different shape": [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-                                    for k in reshaped]}
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in reshaped]
+    problems = {"missing in the file": missing, "not in the model": unexpected, "different shape": shapes}
     if any(problems.values()):
-        lines = [f"{label}: {', '.join(names[:5])}{' ...' * (len(names) > 5)} ({len(names)} in all)"
-                 for label, names in problems.items() if names]
-        lines.insert(0, f"weights file {source} does not fit this architecture - is it for another model?")
+        lines = [f"weights file {source} does not fit this architecture - is it for another model?"]
+        for label, names in problems.items():
+            if names:
+                more = " ..." if len(names) > 5 else ""
+                lines.append(f"{label}: {', '.join(names[:5])}{more} ({len(names)} in all)")
         raise WeightsError("\n  ".join(lines))
     module.load_state_dict({k: v for k, v in state.items() if k in expected and not ignore(k)}, strict=False)
