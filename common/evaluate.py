@@ -13,7 +13,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +21,10 @@ from torch import nn
 
 from common import data as data_lib
 from common import engine, figures, files, tracking
-from common.tracking import WANDB_MODES
 from common.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from common.config import UserError, add_dataclass_args, cli_main, from_namespace
 from common.data import normalise
+from common.tracking import WANDB_MODES
 from common.training import RunConfig, resolve_device
 
 GRID_PER_CLASS = 3  # prediction_grid.png: one row per class

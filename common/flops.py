@@ -182,10 +182,10 @@ def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
             kind = type(sub).__name__
             layers.append(LayerCount(names[sub] or kind, kind, shape, macs, ops, params))
 
-    leaves = [sub for sub in module.modules() if next(sub.children(), None) is None]
     def start(*_) -> None:
         started.append(counter.get_total_flops())
 
+    leaves = [sub for sub in module.modules() if next(sub.children(), None) is None]
     handles = [leaf.register_forward_pre_hook(start) for leaf in leaves]
     handles += [leaf.register_forward_hook(record) for leaf in leaves]
     try:

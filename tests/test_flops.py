@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.vision_transformer import VisionTransformer
 
 from common import flops
-from common.flops import LayerCount, Report, count_config, count_module, question1_formula, torch_flop_counts, verify
+from common.flops import LayerCount, Report, count_config, count_module, question1_formula, verify
 from part_a.model import ModelConfig, block_shapes, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,16 +63,18 @@ def test_analytic_count_matches_flop_counter_and_parameters_exactly(config):
     assert verify(model, input_shape, report) == []
     # The hook-based generic counter sees the same layers with the same counts.
     observed = count_module(model, input_shape)
-    strip = lambda r: [(l.type, l.output_shape, l.macs, l.element_ops, l.params) for l in r.layers]
+    def strip(counts):
+        return [(row.type, row.output_shape, row.macs, row.element_ops, row.params) for row in counts.layers]
+
     assert strip(observed) == strip(report)
 
 
 def test_flop_counter_convention_is_two_per_multiply_accumulate_without_bias():
     # A 1x1 conv with bias on a 1x1 image and a linear layer: 2 multiply-adds each.
     conv = nn.Conv2d(2, 1, 1, bias=True)
-    assert torch_flop_counts(conv, (2, 1, 1)) == {"aten.convolution": 4}
-    assert torch_flop_counts(nn.Linear(2, 1), (2,)) == {"aten.addmm": 4}
-    assert torch_flop_counts(nn.Linear(2, 1, bias=False), (2,)) == {"aten.mm": 4}
+    assert flops.torch_flop_counts(conv, (2, 1, 1)) == {"aten.convolution": 4}
+    assert flops.torch_flop_counts(nn.Linear(2, 1), (2,)) == {"aten.addmm": 4}
+    assert flops.torch_flop_counts(nn.Linear(2, 1, bias=False), (2,)) == {"aten.mm": 4}
 
 
 def test_verify_reports_each_mismatch():
@@ -140,7 +142,7 @@ def test_count_module_covers_transposed_grouped_shared_and_loose_parameters():
     model = Odd()
     report = count_module(model, (4, 5, 5))
     assert verify(model, (4, 5, 5), report) == []
-    assert [l.name for l in report.layers] == ["up", "grouped", "pool", "shared", "shared",
+    assert [row.name for row in report.layers] == ["up", "grouped", "pool", "shared", "shared",
                                               "(parameters outside the layers above)"]
     assert report.layers[2].element_ops == 8 * 6 * 3 * 3  # 3x3 window: 8 comparisons per output
     assert report.layers[4].params == 0  # the second call of a shared layer adds no parameters
