@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish,
-    "elu": nn.ELU, "selu": nn.SELU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh,
-}
+ACTIVATIONS: dict[str, type[nn.Module]] = dict(relu=nn.ReLU, gelu=nn.GELU, silu=nn.SiLU, mish=nn.Mish)
+ACTIVATIONS.update(elu=nn.ELU, selu=nn.SELU, leaky_relu=nn.LeakyReLU, tanh=nn.Tanh)
 # f(x) > 0 exactly when x > 0, and f' > 0 there: guided backprop's rule is well defined for these
 # (the options, and those of torchvision models). Sigmoid and Softplus are positive everywhere.
 SIGN_PRESERVING: tuple[type[nn.Module], ...] = (*ACTIVATIONS.values(), nn.ReLU6, nn.CELU, nn.Hardswish)
@@ -15,7 +13,6 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (*SIGN_PRESERVING, nn.Sigmoid, nn.Har
 
 
 def activation_class(name: str) -> type[nn.Module]:
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in ACTIVATIONS:
+    if (key := str(name).strip().lower().replace("-", "_")) not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[key]

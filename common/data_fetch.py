@@ -2,9 +2,8 @@
 
 Standard library only (urllib, zipfile): the download goes to ``NAME.part`` and is renamed when
 complete, so a half-downloaded file is never mistaken for the archive, and a rerun continues it with
-an HTTP Range request (``download_into`` also fetches Part B's pretrained weights). Extraction checks
-every entry before writing anything and unpacks into a ``.partial`` folder that is renamed at the
-end, for the same reason.
+an HTTP Range request. Extraction checks every entry before writing anything and unpacks into a
+``.partial`` folder that is renamed at the end, for the same reason.
 """
 from __future__ import annotations
 

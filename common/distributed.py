@@ -27,14 +27,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    is_main = property(lambda self: self.rank == 0)
+    enabled = property(lambda self: self.world_size > 1)
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -43,18 +37,18 @@ def init_distributed(device_type: str) -> DistInfo:
     if world_size <= 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda" and local_rank >= torch.cuda.device_count():
-        raise ValueError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this "
-                         f"machine but only {torch.cuda.device_count()} CUDA GPU(s) are visible; use "
-                         f"--nproc_per_node {torch.cuda.device_count()} (one process per GPU)")
+    cuda = device_type == "cuda"
+    if cuda and local_rank >= (gpus := torch.cuda.device_count()):
+        started = os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)
+        raise ValueError(f"torchrun started {started} processes on this machine but only {gpus} CUDA GPU(s) "
+                         f"are visible; use --nproc_per_node {gpus} (one process per GPU)")
     if not dist.is_initialized():
-        device_id = None
-        if device_type == "cuda":
-            device_id = torch.device("cuda", local_rank)
+        device_id = torch.device("cuda", local_rank) if cuda else None
+        if cuda:
             torch.cuda.set_device(device_id)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_WAIT,
-                                device_id=device_id)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_WAIT, device_id=device_id)
+    return DistInfo(rank, world_size, local_rank)
 
 
 @contextlib.contextmanager
@@ -97,9 +91,7 @@ def all_gather_object(value, info: DistInfo, *, long_wait: bool = False) -> list
 
 def broadcast_tensors(tensors, info: DistInfo) -> None:
     """Overwrite each tensor with rank 0's, in place (through a contiguous copy: channels_last weights)."""
-    if not info.enabled:
-        return
-    for tensor in tensors:
+    for tensor in tensors if info.enabled else []:
         buffer = tensor.contiguous()
         dist.broadcast(buffer, src=0)
         if buffer is not tensor:

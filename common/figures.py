@@ -1,10 +1,9 @@
 """Report figures and guided backpropagation, for any image classifier (Part A or Part B).
 
-Every plotting function takes plain tensors or arrays and returns a matplotlib ``Figure`` in
-constrained layout (labels never overlap); ``save_figure`` writes it. Guided backpropagation
-(Springenberg et al., 2015, "Striving for Simplicity") passes a gradient backwards through a ReLU only
-where the forward input was positive *and* the gradient itself is positive; ``guided_backward``
-applies that rule through forward hooks that are removed afterwards, leaving the model as it was.
+Plotting functions take tensors or arrays and return a matplotlib ``Figure`` in constrained layout
+(labels never overlap). Guided backpropagation (Springenberg et al., 2015) passes a gradient back
+through a ReLU only where the forward input *and* the gradient are positive, through hooks removed
+afterwards.
 """
 from __future__ import annotations
 
@@ -41,70 +40,56 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[num_classes, num_classes]`` counts: row = true class, column = predicted class."""
     flat = labels.long() * num_classes + predictions.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def plot_confusion_matrix(matrix: torch.Tensor | np.ndarray, classes: Sequence[str]) -> Figure:
     """Two panels: raw counts, and rows normalised to 1 (each row = recall of that class)."""
     counts = np.asarray(matrix, dtype=np.int64)
-    row_sums = counts.sum(axis=1, keepdims=True)
-    normalised = counts / np.maximum(row_sums, 1)  # a class absent from the data keeps a zero row
+    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # an absent class: a zero row
     fig, axes = plt.subplots(1, 2, figsize=(16, 7.5), layout="constrained")
     panels = ((counts, "Counts", "d"), (normalised, "Normalised by true class", ".2f"))
     for ax, (values, title, fmt) in zip(axes, panels):
-        image = ax.imshow(values, cmap="Blues", vmin=0)
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(ax.imshow(values, cmap="Blues", vmin=0), ax=ax, shrink=0.8)
         threshold = values.max() / 2 if values.max() > 0 else 1
         for (row, col), value in np.ndenumerate(values):
-            ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=8,
-                    color="white" if value > threshold else "black")
+            color = "white" if value > threshold else "black"
+            ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
         ax.set_yticks(range(len(classes)), classes)
-        ax.set_xlabel("Predicted class")
-        ax.set_ylabel("True class")
-        ax.set_title(title)
+        ax.set(xlabel="Predicted class", ylabel="True class", title=title)
     return fig
 
 
-def _grid(count: int, columns: int, cell: tuple[float, float], title_height: float = 0.0) -> tuple[Figure, list]:
+def _grid(count: int, columns: int, cell: tuple[float, float], title_height: float = 0.0):
     """A figure of ``count`` cells filled row by row, ``columns`` per row; the unused cells removed."""
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(cell[0] * columns, cell[1] * rows + title_height),
-                             layout="constrained", squeeze=False)
+    size = (cell[0] * columns, cell[1] * rows + title_height)
+    fig, axes = plt.subplots(rows, columns, figsize=size, layout="constrained", squeeze=False)
     for ax in axes.flat[count:]:
         fig.delaxes(ax)
     return fig, list(axes.flat[:count])
 
 
-def plot_prediction_grid(images: torch.Tensor | np.ndarray, true_labels: Sequence[int],
-                         predicted_labels: Sequence[int], confidences: Sequence[float],
-                         classes: Sequence[str], columns: int = 3) -> Figure:
-    """One captioned cell per image (uint8 ``[N, H, W, 3]``), filled row by row.
-
-    Correct predictions get a green caption and border, wrong ones red with a thicker border, so
-    mistakes stand out even in a greyscale print.
-    """
+def plot_prediction_grid(images, true_labels, predicted_labels, confidences, classes, columns=3) -> Figure:
+    """One captioned cell per image (uint8 ``[N, H, W, 3]``); wrong predictions red with a thicker border
+    (correct ones green), so mistakes stand out even in a greyscale print."""
     fig, axes = _grid(len(images), columns, (2.4, 2.7))
-    for ax, image, true, pred, confidence in zip(axes, np.asarray(images), true_labels, predicted_labels, confidences):
+    cells = zip(axes, np.asarray(images), true_labels, predicted_labels, confidences)
+    for ax, image, true, pred, confidence in cells:
         color = CORRECT_COLOR if true == pred else WRONG_COLOR
         ax.imshow(image)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(color)
-            spine.set_linewidth(2.5 if true == pred else 4)
-        ax.set_title(f"true: {classes[true]}\npred: {classes[pred]} ({float(confidence):.0%})", color=color, fontsize=9)
+        ax.set(xticks=[], yticks=[])
+        plt.setp(list(ax.spines.values()), edgecolor=color, linewidth=2.5 if true == pred else 4)
+        caption = f"true: {classes[true]}\npred: {classes[pred]} ({float(confidence):.0%})"
+        ax.set_title(caption, color=color, fontsize=9)
     return fig
 
 
-def plot_filters(weight: torch.Tensor, title: str = "First conv layer filters",
-                 max_filters: int = MAX_FILTERS) -> Figure:
-    """Each filter of a conv weight ``[F, C, k, k]`` as a small image in a near-square grid.
-
-    Three input channels are shown as RGB, anything else as the channel mean in grey. Each filter is
-    min-max normalised on its own, since filters differ in scale and one shared range would leave
-    most of them flat grey. Only the first ``max_filters`` are drawn (a ViT patch embedding has 768).
-    """
+def plot_filters(weight: torch.Tensor, title="First conv layer filters", max_filters=MAX_FILTERS) -> Figure:
+    """Each filter of a conv weight ``[F, C, k, k]`` in a near-square grid: RGB for three input channels,
+    else their mean in grey; min-max normalised one by one (one shared range would leave most of them
+    flat grey); only the first ``max_filters`` (a ViT patch embedding has 768)."""
     all_filters = weight.shape[0]
     weight = weight.detach().float().cpu()[:max_filters]
     n_filters, channels, height, width = weight.shape
@@ -122,27 +107,6 @@ def plot_filters(weight: torch.Tensor, title: str = "First conv layer filters",
     return fig
 
 
-class _GuidedGate(torch.autograd.Function):
-    """Identity on an activation's output; backward keeps only positive gradients at positive units.
-
-    Gating the gradient *before* it enters the activation's own backward means the gradient that
-    reaches the activation's input is f'(x) * max(grad, 0) where x > 0 and 0 elsewhere: non-negative
-    for every activation in ``SIGN_PRESERVING``, and exactly the guided rule for ReLU. The mask is
-    read from the output (f(x) > 0 iff x > 0 for those activations), which stays correct for in-place
-    activations that overwrite their input.
-    """
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(output > 0)
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (positive,) = ctx.saved_tensors
-        return grad.clamp(min=0) * positive
-
-
 @contextlib.contextmanager
 def forward_hooks(modules: Sequence[nn.Module], hook) -> Iterator[None]:
     """``hook`` on each of ``modules`` for the duration of the block only."""
@@ -158,24 +122,30 @@ def _activations(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, SIGN_PRESERVING)]
 
 
+def _guided_gate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """Keep only positive gradients at positive units, *before* they enter the activation's own backward:
+    the activation's input then gets f'(x) * max(grad, 0) where x > 0 and 0 elsewhere, exactly the guided
+    rule for ReLU and non-negative for every ``SIGN_PRESERVING`` activation (f(x) > 0 iff x > 0, so the
+    mask is read from the output, now, before any later in-place operation could change it)."""
+    if output.requires_grad:
+        positive = output > 0
+        output.register_hook(lambda grad: grad.clamp(min=0) * positive)
+
+
 @contextlib.contextmanager
 def guided_backward(model: nn.Module) -> Iterator[None]:
     """Within the block, gradients pass every ReLU-like activation of ``model`` the guided way."""
-    activations = _activations(model)
-    if not activations:
-        raise ValueError(f"{type(model).__name__} has no ReLU-like activation "
-                         f"({', '.join(c.__name__ for c in SIGN_PRESERVING)}); guided backprop needs one")
-    with forward_hooks(activations, lambda module, inputs, output: _GuidedGate.apply(output)):
+    if not (activations := _activations(model)):
+        names = ", ".join(c.__name__ for c in SIGN_PRESERVING)
+        model_name = type(model).__name__
+        raise ValueError(f"{model_name} has no ReLU-like activation ({names}); guided backprop needs one")
+    with forward_hooks(activations, _guided_gate):
         yield
 
 
 def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The activation module that produces the model's last spatial feature map.
-
-    Found by running ``example`` (a batch of at least one image) through the model and keeping the
-    last ReLU-like call with a 4-D output, so it works for the Part A network (the last conv block's
-    activation) and for torchvision backbones alike, without knowing their attribute names.
-    """
+    """The activation module of the model's last spatial feature map: the last ReLU-like call with a 4-D
+    output on ``example``, so Part A and torchvision backbones alike need no attribute names."""
     last: list[nn.Module] = []
 
     def remember(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -185,21 +155,15 @@ def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
     with forward_hooks(_activations(model), remember), torch.no_grad():
         model(example[:1])
     if not last:
-        raise ValueError(f"{type(model).__name__} has no ReLU-like activation with a 4-D (image-shaped) "
-                         "output; guided backprop needs a convolutional feature map")
+        found = f"{type(model).__name__} has no ReLU-like activation with a 4-D (image-shaped) output"
+        raise ValueError(f"{found}; guided backprop needs a convolutional feature map")
     return last[0]
 
 
-def guided_backprop(model: nn.Module, images: torch.Tensor, channels: Sequence[int],
-                    layer: nn.Module | None = None) -> torch.Tensor:
-    """Guided-backprop gradients of the input, one image per channel: the gradient of the sum of
-    channel ``channels[i]``'s activation map on ``images[i]`` with respect to ``images[i]``.
-
-    ``images`` are normalised model inputs ``[N, C, H, W]``; ``layer`` is the activation whose output
-    holds the channels (default: ``feature_activation``). The model runs in eval mode (so samples do
-    not interact through batch norm) and is returned to its previous mode; no parameter gradient is
-    touched, since the gradient is taken with respect to the input only.
-    """
+def guided_backprop(model: nn.Module, images: torch.Tensor, channels, layer=None) -> torch.Tensor:
+    """The guided gradient of channel ``channels[i]``'s summed activation map in ``layer`` (default:
+    ``feature_activation``) with respect to ``images[i]`` (normalised inputs ``[N, C, H, W]``). Runs in
+    eval mode (samples do not interact through batch norm), restores the mode, touches no parameter."""
     if len(channels) != len(images):
         raise ValueError(f"got {len(images)} images but {len(channels)} channels; pass one channel per image")
     was_training = model.training
@@ -207,48 +171,41 @@ def guided_backprop(model: nn.Module, images: torch.Tensor, channels: Sequence[i
     try:
         layer = layer if layer is not None else feature_activation(model, images)
         inputs = images.detach().clone().requires_grad_(True)
-        # The gate hooks are registered first so the recorder sees the gated output: the target
-        # layer's own activation then follows the guided rule too. A module may run several times
-        # per forward (the shared ReLU of a torchvision bottleneck); its last call feeds onwards.
+        # A module may run several times per forward (a torchvision bottleneck's shared ReLU): its last
+        # call feeds onwards. The gate is on that output tensor, so the layer itself is guided too.
         outputs: list[torch.Tensor] = []
-        with torch.enable_grad(), guided_backward(model), forward_hooks([layer], lambda m, i, o: outputs.append(o)):
+        record = forward_hooks([layer], lambda module, args, output: outputs.append(output))
+        with torch.enable_grad(), guided_backward(model), record:
             model(inputs)
-            feature_map = outputs[-1] if outputs else None
-            if feature_map is None or feature_map.dim() != 4:
-                raise ValueError(f"layer {type(layer).__name__} did not produce a 4-D feature map")
-            index = torch.as_tensor(list(channels), device=feature_map.device)
-            if index.max() >= feature_map.shape[1] or index.min() < 0:
-                raise ValueError(f"channels must be in [0, {feature_map.shape[1]}), got {list(channels)}")
-            rows = torch.arange(len(inputs), device=feature_map.device)
-            # Samples are independent in eval mode, so one summed objective gives every image the
-            # gradient of its own channel.
-            objective = feature_map[rows, index].sum()
-            (gradient,) = torch.autograd.grad(objective, inputs)
+        if not outputs or outputs[-1].dim() != 4:
+            raise ValueError(f"layer {type(layer).__name__} did not produce a 4-D feature map")
+        feature_map, index = outputs[-1], torch.as_tensor(list(channels), device=outputs[-1].device)
+        if index.max() >= feature_map.shape[1] or index.min() < 0:
+            raise ValueError(f"channels must be in [0, {feature_map.shape[1]}), got {list(channels)}")
+        # Samples are independent in eval mode: one summed objective gives each image its channel's gradient.
+        objective = feature_map[torch.arange(len(inputs), device=index.device), index].sum()
+        (gradient,) = torch.autograd.grad(objective, inputs)
     finally:
         model.train(was_training)
     return gradient
 
 
 def gradient_to_image(gradient: torch.Tensor) -> np.ndarray:
-    """A ``[3, H, W]`` gradient as an ``[H, W, 3]`` image in [0, 1]: 0.5 is zero gradient.
-
-    Scaled by the 99th percentile of its magnitude rather than its maximum, so a few extreme pixels
-    do not wash the rest of the picture out to grey.
-    """
+    """A ``[3, H, W]`` gradient as an ``[H, W, 3]`` image in [0, 1] (0.5 is zero), scaled by the 99th
+    percentile of its magnitude: a few extreme pixels do not wash the rest out to grey."""
     gradient = gradient.detach().float().cpu()
     scale = torch.quantile(gradient.abs().flatten(), 0.99).clamp_min(1e-12)
     return (0.5 + 0.5 * gradient / scale).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def plot_guided_backprop(images: torch.Tensor | np.ndarray, gradients: torch.Tensor,
-                         titles: Sequence[str], pairs_per_row: int = 2) -> Figure:
+def plot_guided_backprop(images, gradients: torch.Tensor, titles: Sequence[str], pairs_per_row=2) -> Figure:
     """Each input image (uint8 ``[N, H, W, 3]``) beside its guided gradient (``[N, 3, H, W]``)."""
     if not len(images) == len(gradients) == len(titles):
         raise ValueError(f"got {len(images)} images, {len(gradients)} gradients and {len(titles)} titles; "
                          "they must match one to one")
     fig, axes = _grid(2 * len(images), 2 * pairs_per_row, (2.6, 2.9))
-    for image_ax, gradient_ax, image, gradient, title in zip(axes[::2], axes[1::2], np.asarray(images),
-                                                             gradients, titles):
+    pairs = zip(axes[::2], axes[1::2], np.asarray(images), gradients, titles)
+    for image_ax, gradient_ax, image, gradient, title in pairs:
         image_ax.imshow(image)
         image_ax.set_title(title, fontsize=9)
         gradient_ax.imshow(gradient_to_image(gradient))

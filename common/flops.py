@@ -2,24 +2,16 @@
 
     python common/flops.py [Part A model options] [--verify] [--json] [--torchvision NAME]
 
-Conventions, the same in every count here (all counts are per image, i.e. for a batch of one):
-
-- MACs: the multiply-accumulates of conv and linear layers (and of products in functions, attention).
-- FLOPs = 2 x MACs, as ``torch.utils.flop_counter.FlopCounterMode`` counts them; it ignores bias adds.
-- Element ops, the work FlopCounterMode does not count, per output element: a bias add 1, batch norm
-  2 (at inference one scale and one shift), an activation 1 (whatever its formula), a max-pool
-  ``window - 1`` comparisons (3 for 2x2). Dropout, flatten and padding cost nothing.
-- Params: ``nn.Parameter`` elements; batch norm's running mean and variance are buffers, not params.
-
-``count_part_a`` derives the Part A counts from the analytic block shapes alone (Question 1;
-``count_config`` for a ``ModelConfig``);
-``count_module`` counts any ``nn.Module`` per layer from one forward pass under FlopCounterMode (on
-the meta device no weight memory is used); ``verify`` checks a report against FlopCounterMode and
-``sum(p.numel())``.
+Counts are per image, by ``CONVENTIONS`` (batch norm's element ops: a scale and a shift at inference;
+dropout, flatten and padding are free). ``count_config`` counts the Part A network from its analytic
+block shapes alone (Question 1); ``count_module`` counts any module per layer from one forward pass
+under ``FlopCounterMode`` (on the meta device, without weight memory); ``verify`` checks a report
+against FlopCounterMode and the parameters.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -39,121 +31,116 @@ from common import activations
 from common.config import add_dataclass_args, from_namespace
 
 FLOPS_PER_MAC = 2
-BIAS_OPS = 1        # one add per output element
-NORM_OPS = 2        # inference batch norm: one multiply and one add per element
-ACTIVATION_OPS = 1  # one op per output element, whatever the function
+BIAS_OPS, NORM_OPS, ACTIVATION_OPS = 1, 2, 1  # per output element
+TOTALS, LABELS = ("macs", "flops", "element_ops", "params"), ("MACs", "FLOPs", "element ops", "params")
 OUTSIDE_MACS = "(MACs outside the layers above)"  # count_module's row for FlopCounterMode's remainder
-
 CONVENTIONS = {
-    "macs": "multiply-accumulates of conv and linear layers, and of products in functions (attention), per image",
-    "flops": "2 per multiply-accumulate, as torch.utils.flop_counter.FlopCounterMode counts (bias adds excluded)",
-    "element_ops": "per output element: bias add 1, batch norm 2, activation 1, max-pool window-1 comparisons",
+    "macs": "multiply-accumulates of conv and linear layers, and of products in functions (attention), "
+    "per image",
+    "flops": "2 per multiply-accumulate, as torch.utils.flop_counter.FlopCounterMode counts (bias adds "
+    "excluded)",
+    "element_ops": "per output element: bias add 1, batch norm 2, activation 1, max-pool window-1 "
+    "comparisons",
     "params": "nn.Parameter elements (batch-norm running statistics are buffers and not counted)",
 }
 
 
 @dataclass(frozen=True)
 class LayerCount:
-    """One layer's counts; ``output_shape`` is per image (no batch dimension)."""
+    """One layer's counts (or a formula's totals); ``output_shape`` is per image."""
+
     name: str
     type: str
     output_shape: tuple[int, ...]
     macs: int = 0
     element_ops: int = 0
     params: int = 0
-
     flops = property(lambda self: FLOPS_PER_MAC * self.macs)
 
 
 @dataclass
 class Report:
     """Per-layer counts for one input shape (per image); the totals are sums over ``layers``."""
+
     input_shape: tuple[int, ...]
     layers: list[LayerCount]
 
-    def _sum(self, key: str, name: str | None = None) -> int:
+    def total(self, key: str, name: str | None = None) -> int:
         return sum(getattr(layer, key) for layer in self.layers if name in (None, layer.name))
 
-    macs = property(lambda self: self._sum("macs"))
-    flops = property(lambda self: FLOPS_PER_MAC * self.macs)
-    element_ops = property(lambda self: self._sum("element_ops"))
-    params = property(lambda self: self._sum("params"))
-    # MACs of functional ops (e.g. attention) that no listed layer accounts for.
-    outside_macs = property(lambda self: self._sum("macs", OUTSIDE_MACS))
+    macs = property(lambda self: self.total("macs"))
+    flops = property(lambda self: self.total("flops"))
+    element_ops = property(lambda self: self.total("element_ops"))
+    params = property(lambda self: self.total("params"))
+    outside_macs = property(lambda self: self.total("macs", OUTSIDE_MACS))  # attention and other functions
 
     def to_dict(self) -> dict:
-        return {"input_shape": list(self.input_shape), "macs": self.macs, "flops": self.flops,
-                "element_ops": self.element_ops, "params": self.params,
-                "macs_outside_layers": self.outside_macs, "conventions": CONVENTIONS,
-                "layers": [{**asdict(layer), "flops": layer.flops} for layer in self.layers]}
+        totals = {key: getattr(self, key) for key in TOTALS}
+        layers = [{**asdict(layer), "flops": layer.flops} for layer in self.layers]
+        extra = {"macs_outside_layers": self.outside_macs, "conventions": CONVENTIONS, "layers": layers}
+        return {"input_shape": list(self.input_shape), **totals, **extra}
 
     def table(self) -> str:
         """An aligned text table, one row per layer, then the totals; names left, numbers right."""
-        rows = [(layer.name, layer.type, "x".join(map(str, layer.output_shape)) or "-",
-                 *(f"{n:,}" for n in (layer.macs, layer.flops, layer.element_ops, layer.params)))
-                for layer in self.layers]
-        header = ("layer", "type", "output", "MACs", "FLOPs", "element ops", "params")
-        total = ("total", "", "", *(f"{n:,}" for n in (self.macs, self.flops, self.element_ops, self.params)))
-        widths = [max(len(row[i]) for row in (header, *rows, total)) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-                 for row in (header, *rows, total)]
+        rows = [("layer", "type", "output", *LABELS)]
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.output_shape)) or "-"
+            rows.append((layer.name, layer.type, shape, *_numbers(layer)))
+        rows.append(("total", "", "", *_numbers(self)))
+        widths = [max(map(len, column)) for column in zip(*rows)]
+        line = "  ".join(f"{{:{'<' if i < 3 else '>'}{width}}}" for i, width in enumerate(widths))
+        lines = [line.format(*row).rstrip() for row in rows]
         rule = "-" * len(lines[0])
         return "\n".join([lines[0], rule, *lines[1:-1], rule, lines[-1]])
 
 
-def count_part_a(blocks: Sequence, *, dense_neurons: int, num_classes: int, batch_norm: bool, conv_bias: bool,
-                 activation: str = "Activation", dense_activation: str | None = None) -> Report:
-    """Count the Part A network from its analytic block shapes (``part_a.model.block_shapes``).
-
-    ``activation`` and ``dense_activation`` only label the rows (every activation costs the same
-    here). Each block is conv -> [batch norm] -> activation -> 2x2 max-pool; then dense ->
-    activation -> output layer. Dropout, flatten and asymmetric padding are free.
-    """
-    if not blocks:
-        raise ValueError("count_part_a needs at least one block shape")
-    layers: list[LayerCount] = []
-    for index, block in enumerate(blocks, start=1):
-        conv_shape = (block.out_channels, block.conv_size, block.conv_size)
-        conv_elements = math.prod(conv_shape)
-        weights = block.out_channels * block.in_channels * block.kernel ** 2
-        layers.append(LayerCount(f"block{index}.conv", "Conv2d", conv_shape,
-                                 macs=conv_elements * block.in_channels * block.kernel ** 2,
-                                 element_ops=BIAS_OPS * conv_elements if conv_bias else 0,
-                                 params=weights + (block.out_channels if conv_bias else 0)))
-        if batch_norm:
-            layers.append(LayerCount(f"block{index}.norm", "BatchNorm2d", conv_shape,
-                                     element_ops=NORM_OPS * conv_elements, params=2 * block.out_channels))
-        layers.append(LayerCount(f"block{index}.act", activation, conv_shape,
-                                 element_ops=ACTIVATION_OPS * conv_elements))
-        pooled_shape = (block.out_channels, block.pool_size, block.pool_size)
-        layers.append(LayerCount(f"block{index}.pool", "MaxPool2d", pooled_shape,
-                                 element_ops=(2 * 2 - 1) * math.prod(pooled_shape)))
-    flat = math.prod(pooled_shape)
-    layers += [LayerCount("dense", "Linear", (dense_neurons,), macs=flat * dense_neurons,
-                          element_ops=BIAS_OPS * dense_neurons, params=(flat + 1) * dense_neurons),
-               LayerCount("dense.act", dense_activation or activation, (dense_neurons,),
-                          element_ops=ACTIVATION_OPS * dense_neurons),
-               LayerCount("output", "Linear", (num_classes,), macs=dense_neurons * num_classes,
-                          element_ops=BIAS_OPS * num_classes, params=(dense_neurons + 1) * num_classes)]
-    first = blocks[0]
-    return Report((first.in_channels, first.in_size, first.in_size), layers)
+def _numbers(counts: LayerCount | Report) -> list[str]:
+    return [f"{getattr(counts, key):,}" for key in TOTALS]
 
 
-def _one_pass(module: nn.Module, input_shape: Sequence[int], counter: FlopCounterMode | None = None) -> FlopCounterMode:
-    """One forward pass of a single sample under ``counter``, on the module's device (meta stays
-    meta), in eval mode without autograd, restoring what it changed. Attention runs its math path:
+def count_config(config) -> Report:
+    """Count a Part A ``ModelConfig`` from its analytic block shapes without building it; ``ValueError``
+    for a configuration that cannot be built."""
+    from part_a.model import activation_class, block_shapes  # common/ imports a part only where needed
+
+    act = activation_class(config.activation).__name__
+    dense_act = activation_class(config.dense_activation or config.activation).__name__
+    layers = []
+
+    def add(*counts) -> None:  # name, type, output shape, MACs, element ops, params
+        layers.append(LayerCount(*counts))
+
+    for i, block in enumerate(block_shapes(config), start=1):
+        out, fan_in = block.out_channels, block.in_channels * block.kernel**2
+        conv_shape = (out, block.conv_size, block.conv_size)
+        pooled_shape = (out, block.pool_size, block.pool_size)
+        elements, bias = math.prod(conv_shape), out if config.conv_bias else 0
+        bias_ops = BIAS_OPS * elements if bias else 0
+        add(f"block{i}.conv", "Conv2d", conv_shape, elements * fan_in, bias_ops, out * fan_in + bias)
+        if config.batch_norm:  # parameters: gamma and beta
+            add(f"block{i}.norm", "BatchNorm2d", conv_shape, 0, NORM_OPS * elements, 2 * out)
+        add(f"block{i}.act", act, conv_shape, 0, ACTIVATION_OPS * elements)
+        add(f"block{i}.pool", "MaxPool2d", pooled_shape, 0, 3 * math.prod(pooled_shape))  # 3 per 2x2 window
+    flat, n, classes = math.prod(pooled_shape), config.dense_neurons, config.num_classes
+    add("dense", "Linear", (n,), flat * n, BIAS_OPS * n, (flat + 1) * n)
+    add("dense.act", dense_act, (n,), 0, ACTIVATION_OPS * n)
+    add("output", "Linear", (classes,), n * classes, BIAS_OPS * classes, (n + 1) * classes)
+    return Report((config.in_channels, config.input_size, config.input_size), layers)
+
+
+def _one_pass(module: nn.Module, input_shape: Sequence[int], counter: FlopCounterMode | None = None):
+    """One forward pass of a single sample under ``counter``, on the module's device (meta stays meta),
+    in eval mode without autograd, restoring what it changed. Attention runs its math path:
     FlopCounterMode has no formula for the fused CPU kernels (nn.MultiheadAttention's fast path, CPU
     flash attention) and would miss their products; the math path runs them as bmm/addmm."""
     counter = counter or FlopCounterMode(display=False)
-    tensor = next(module.parameters(), None)
-    tensor = next(module.buffers(), None) if tensor is None else tensor
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     example = torch.zeros((1, *input_shape), device=tensor.device if tensor is not None else "cpu")
     was_training, fastpath = module.training, torch.backends.mha.get_fastpath_enabled()
-    module.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-            module(example)
+            module.eval()(example)
     finally:
         module.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -175,37 +162,32 @@ def _element_ops(module: nn.Module, out: torch.Tensor) -> int:
 
 
 def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
-    """Count any module, one row per leaf-module call of a single sample's forward pass.
-
-    ``input_shape`` excludes the batch dimension. A row's MACs are what FlopCounterMode counted
-    during that call; its element ops follow the conventions. Products computed by functions rather
-    than leaf modules (attention's projections and products) are one extra row, so ``macs`` is
-    always exact; element ops in functions (residual adds, softmax) are not counted. Parameters no
-    called leaf owns are totalled in one extra row too, so ``params`` is always the module's full
-    count. Build the module under ``torch.device('meta')`` to count a large model without
-    allocating or computing anything.
-    """
+    """Count any module (``input_shape`` without the batch), one row per leaf-module call: the MACs
+    FlopCounterMode counted during the call and its element ops. MACs of functions (attention) and
+    parameters no called leaf owns are one extra row each, so ``macs`` and ``params`` are exact;
+    element ops in functions (residual adds, softmax) are not counted."""
     names = {sub: name for name, sub in module.named_modules()}
-    layers: list[LayerCount] = []
-    counted: set[int] = set()  # parameter ids, so shared weights are counted once
-    started: list[int] = []  # FlopCounterMode's total when each running leaf call began
+    layers, counted, started = [], set(), []  # counted: parameter ids (shared weights count once)
+    counter = FlopCounterMode(display=False)
 
     def record(sub: nn.Module, inputs: tuple, output) -> None:
         macs = (counter.get_total_flops() - started.pop()) // FLOPS_PER_MAC
         own = [p for p in sub.parameters(recurse=False) if id(p) not in counted]
         counted.update(id(p) for p in own)
-        if isinstance(output, torch.Tensor):
-            shape, ops = tuple(output.shape[1:]), _element_ops(sub, output)
-        else:  # e.g. a recurrent layer returning a tuple: only its parameters are counted
-            shape, ops = (), 0
+        # A module returning a tuple (a recurrent layer): only its parameters are counted.
+        tensor = isinstance(output, torch.Tensor)
+        shape, ops = (tuple(output.shape[1:]), _element_ops(sub, output)) if tensor else ((), 0)
         params = sum(p.numel() for p in own)
         if macs or ops or params:
-            layers.append(LayerCount(names[sub] or type(sub).__name__, type(sub).__name__, shape, macs, ops, params))
+            kind = type(sub).__name__
+            layers.append(LayerCount(names[sub] or kind, kind, shape, macs, ops, params))
 
-    counter = FlopCounterMode(display=False)
+    def start(*_) -> None:
+        started.append(counter.get_total_flops())
+
     leaves = [sub for sub in module.modules() if next(sub.children(), None) is None]
-    handles = [leaf.register_forward_pre_hook(lambda sub, inputs: started.append(counter.get_total_flops()))
-               for leaf in leaves] + [leaf.register_forward_hook(record) for leaf in leaves]
+    handles = [leaf.register_forward_pre_hook(start) for leaf in leaves]
+    handles += [leaf.register_forward_hook(record) for leaf in leaves]
     try:
         _one_pass(module, input_shape, counter)
     finally:
@@ -220,59 +202,40 @@ def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
 
 def torch_flop_counts(module: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """FlopCounterMode's FLOPs per aten op for one forward pass of a single sample."""
-    counter = _one_pass(module, input_shape)
-    return {str(op): flops for op, flops in counter.get_flop_counts().get("Global", {}).items()}
+    counts = _one_pass(module, input_shape).get_flop_counts().get("Global", {})
+    return {str(op): flops for op, flops in counts.items()}
 
 
 def verify(model: nn.Module, input_shape: Sequence[int], expected: Report) -> list[str]:
-    """Check ``expected`` exactly against FlopCounterMode and ``sum(p.numel())``; one message per mismatch.
-
-    FlopCounterMode counts convolutions, matrix products and attention, never element-wise work, so
-    it must equal ``expected.flops`` (which excludes element ops). The model runs one sample on its
-    own device; meta works.
-    """
+    """Check ``expected`` against FlopCounterMode (products only, never element-wise work) and
+    ``sum(p.numel())``, exactly; one message per mismatch."""
     problems = []
     by_op = torch_flop_counts(model, input_shape)
     if (measured := sum(by_op.values())) != expected.flops:
         breakdown = ", ".join(f"{op} {flops:,}" for op, flops in sorted(by_op.items())) or "nothing"
-        problems.append(f"FLOPs: analytic {expected.flops:,} but FlopCounterMode counted {measured:,} "
-                        f"({breakdown}); difference {expected.flops - measured:+,}")
+        message = f"FLOPs: analytic {expected.flops:,} but FlopCounterMode counted {measured:,} ({breakdown})"
+        problems.append(f"{message}; difference {expected.flops - measured:+,}")
     if (params := sum(p.numel() for p in model.parameters())) != expected.params:
-        problems.append(f"params: analytic {expected.params:,} but the model has {params:,}; "
-                        f"difference {expected.params - params:+,}")
+        difference = f"difference {expected.params - params:+,}"
+        problems.append(f"params: analytic {expected.params:,} but the model has {params:,}; {difference}")
     return problems
 
 
-@dataclass(frozen=True)
-class Question1:
-    """The closed-form Question 1 counts (see ``question1_text`` for the derivation)."""
-    macs: int
-    element_ops: int
-    params: int
-    flops = property(lambda self: FLOPS_PER_MAC * self.macs)
-
-
-def question1_formula(m: int, k: int, n: int, w: int, *, conv_bias: bool = True,
-                      batch_norm: bool = False) -> Question1:
-    """Question 1 in closed form: 5 blocks of m k x k filters, 'same' padding, stride 1, 2x2 pools,
-    n dense neurons, a w x w x 3 input and 10 classes. w must be divisible by 32 (five halvings)."""
+def question1_formula(m: int, k: int, n: int, w: int, *, conv_bias=True, batch_norm=False) -> LayerCount:
+    """Question 1's totals in closed form (``QUESTION1_DERIVATION``): 5 blocks of m k x k filters,
+    'same' padding, stride 1, 2x2 pools, n dense neurons, a w x w x 3 input and 10 classes."""
     if w % 32:
         raise ValueError(f"the Question 1 formula assumes w divisible by 32 (five exact halvings), "
-                         f"got w={w}; use count_part_a for other sizes")
-    # Conv i runs at w/2^(i-1): sum of (w/2^(i-1))^2 over i=1..5 is w^2 (1+1/4+...+1/256) = 341 w^2/256.
-    conv_pixels = 341 * w * w // 256
-    # Pool i outputs w/2^i: sum of (w/2^i)^2 over i=1..5 is 341 w^2/1024.
-    pool_pixels = 341 * w * w // 1024
-    # Block 1 reads 3 channels at w^2 pixels; blocks 2..5 read m channels: (1/4+1/16+1/64+1/256) = 85/256.
-    conv_macs = k * k * m * (3 * w * w + m * 85 * w * w // 256)
+                         f"got w={w}; use count_config for other sizes")
+    conv_pixels, pool_pixels = 341 * w * w // 256, 341 * w * w // 1024  # sums of (w/2^i)^2 over the blocks
     flat = m * (w // 32) ** 2
-    dense_macs = flat * n + n * 10
-    per_conv_element = ACTIVATION_OPS + (BIAS_OPS if conv_bias else 0) + (NORM_OPS if batch_norm else 0)
-    element_ops = (per_conv_element * m * conv_pixels + 3 * m * pool_pixels
-                   + (BIAS_OPS + ACTIVATION_OPS) * n + BIAS_OPS * 10)
-    params = (3 * k * k * m + 4 * (k * k * m * m) + (5 * m if conv_bias else 0)
-              + (10 * m if batch_norm else 0) + flat * n + n + 10 * n + 10)
-    return Question1(conv_macs + dense_macs, element_ops, params)
+    macs = k * k * m * (3 * w * w + m * 85 * w * w // 256) + flat * n + n * 10
+    per_conv_output = ACTIVATION_OPS + BIAS_OPS * conv_bias + NORM_OPS * batch_norm
+    dense_ops = (BIAS_OPS + ACTIVATION_OPS) * n + BIAS_OPS * 10
+    element_ops = per_conv_output * m * conv_pixels + 3 * m * pool_pixels + dense_ops
+    params = 3 * k * k * m + 4 * k * k * m * m + flat * n + 11 * n + 10
+    params += (5 * conv_bias + 10 * batch_norm) * m  # conv biases; batch-norm gamma and beta
+    return LayerCount("Question 1", "formula", (), macs, element_ops, params)
 
 
 QUESTION1_DERIVATION = """\
@@ -293,28 +256,30 @@ runs at w/2^(i-1) and the last 2x2 pool leaves (w/32)^2 pixels; n dense neurons;
 def question1_text(config, exact: Report) -> str:
     """The derivation, then the formula evaluated for a Part A ``ModelConfig`` and compared with
     ``exact``, or the reasons the formula does not apply to it."""
-    kernels = [config.kernel_size] if isinstance(config.kernel_size, int) else list(config.kernel_size)
-    checks = [(config.n_blocks == 5, "n_blocks is not 5"),
-              (config.filter_strategy == "same", "filter_strategy is not 'same'"),
-              (len(set(kernels)) == 1, "kernel_size differs per block"),
-              (config.padding == "same", "padding is not 'same'"),
-              (config.stride == 1, "stride is not 1"),
-              (config.input_size % 32 == 0, "input_size is not divisible by 32"),
-              (config.in_channels == 3 and config.num_classes == 10, "not 3 channels in, 10 classes out")]
-    if misfits := [reason for ok, reason in checks if not ok]:
+    kernels = {config.kernel_size} if isinstance(config.kernel_size, int) else set(config.kernel_size)
+    checks = {"n_blocks is not 5": config.n_blocks == 5,
+              "filter_strategy is not 'same'": config.filter_strategy == "same",
+              "kernel_size differs per block": len(kernels) == 1,
+              "padding is not 'same'": config.padding == "same",
+              "stride is not 1": config.stride == 1,
+              "input_size is not divisible by 32": config.input_size % 32 == 0,
+              "not 3 channels in, 10 classes out": config.in_channels == 3 and config.num_classes == 10}
+    if misfits := [reason for reason, ok in checks.items() if not ok]:
         return f"{QUESTION1_DERIVATION}\n  (not evaluated for this configuration: {'; '.join(misfits)})"
-    m, k, n, w = config.n_filters, kernels[0], config.dense_neurons, config.input_size
+    m, k, n, w = config.n_filters, kernels.pop(), config.dense_neurons, config.input_size
     answer = question1_formula(m, k, n, w, conv_bias=config.conv_bias, batch_norm=config.batch_norm)
-    same = (answer.macs, answer.element_ops, answer.params) == (exact.macs, exact.element_ops, exact.params)
-    return (f"{QUESTION1_DERIVATION}\n"
-            f"  with m={m}, k={k}, n={n}, w={w}, conv bias {'on' if config.conv_bias else 'off'}, batch norm "
-            f"{'on' if config.batch_norm else 'off'}: MACs {answer.macs:,}, FLOPs {answer.flops:,}, "
-            f"element ops {answer.element_ops:,}, params {answer.params:,}\n"
-            + ("  = the exact" if same else "  DIFFERS from the exact") + " layer-by-layer count above")
+    same = all(getattr(answer, key) == getattr(exact, key) for key in TOTALS)
+    on = {True: "on", False: "off"}
+    switches = f"conv bias {on[config.conv_bias]}, batch norm {on[config.batch_norm]}"
+    counts = ", ".join(f"{label} {getattr(answer, key):,}" for label, key in zip(LABELS, TOTALS))
+    verdict = "= the exact" if same else "DIFFERS from the exact"
+    text = f"{QUESTION1_DERIVATION}\n  with m={m}, k={k}, n={n}, w={w}, {switches}: {counts}\n"
+    return text + f"  {verdict} layer-by-layer count above"
 
 
 def _torchvision_on_meta(name: str) -> nn.Module:
     import torchvision
+
     try:
         with torch.device("meta"):  # shapes only: no weight memory, no download
             return torchvision.models.get_model(name, weights=None)
@@ -325,70 +290,54 @@ def _torchvision_on_meta(name: str) -> nn.Module:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    # The one place common/ needs the concrete Part A model; imported here, not at module level.
     from part_a.model import ModelConfig
 
-    parser = argparse.ArgumentParser(description="Count MACs, FLOPs, element ops and parameters "
-                                                 "of the Part A network or a torchvision model.")
+    what = "the Part A network or a torchvision model"
+    parser = argparse.ArgumentParser(description=f"Count MACs, FLOPs, element ops and parameters of {what}.")
     add_dataclass_args(parser, ModelConfig, "Part A model")
     group = parser.add_argument_group("counter")
-    group.add_argument("--verify", action="store_true",
-                       help="check FLOPs against FlopCounterMode and params against the built model; "
-                            "exit 1 on any mismatch")
+    group.add_argument("--verify", action="store_true", help="check FLOPs against FlopCounterMode and params "
+                       "against the built model; exit 1 on any mismatch")
     group.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    group.add_argument("--torchvision", metavar="NAME",
-                       help="count this torchvision model (e.g. resnet50) at input_size instead")
+    torchvision_help = "count this torchvision model (e.g. resnet50) at input_size instead"
+    group.add_argument("--torchvision", metavar="NAME", help=torchvision_help)
     return parser
 
 
-def count_config(config) -> Report:
-    """``count_part_a`` for a Part A ``ModelConfig`` (its analytic block shapes; no weights built).
-    Raises ``ValueError`` for a configuration that cannot be built."""
-    from part_a.model import activation_class, block_shapes
-    return count_part_a(block_shapes(config), dense_neurons=config.dense_neurons, num_classes=config.num_classes,
-                        batch_norm=config.batch_norm, conv_bias=config.conv_bias,
-                        activation=activation_class(config.activation).__name__,
-                        dense_activation=activation_class(config.dense_activation or config.activation).__name__)
-
-
-def _count(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, Report, nn.Module | None, str]:
-    """(title, report, the model when --verify needs one, the Question 1 text) for the parsed options."""
+def main(argv: Sequence[str] | None = None) -> int:
     from part_a.model import ModelConfig, build_model
+
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    size, question1 = args.input_size, ""
     try:
         if args.torchvision:
             model = _torchvision_on_meta(args.torchvision)
-            title = f"{args.torchvision} (torchvision) at {args.input_size}x{args.input_size}"
-            return title, count_module(model, (3, args.input_size, args.input_size)), model, ""
-        config = from_namespace(ModelConfig, args)
-        report = count_config(config)
+            title, report = f"{args.torchvision} (torchvision)", count_module(model, (3, size, size))
+        else:
+            config = from_namespace(ModelConfig, args)
+            title, report = "Part A network", count_config(config)
+            model, question1 = build_model(config) if args.verify else None, question1_text(config, report)
     except ValueError as error:
         parser.error(str(error))
-    return (f"Part A network at {config.input_size}x{config.input_size}", report,
-            build_model(config) if args.verify else None, question1_text(config, report))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    title, report, model, question1 = _count(parser, args)
+    title = f"{title} at {size}x{size}"
     problems = verify(model, report.input_shape, report) if args.verify else []
     if args.json:
         verified = {"verified": not problems, "mismatches": problems} if args.verify else {}
         print(json.dumps({"model": title, **report.to_dict(), **verified}))
         return 1 if problems else 0
     print(f"{title}, counts per image\n\n{report.table()}\n")
-    print(f"MACs {report.macs:,}  FLOPs {report.flops:,}  element ops {report.element_ops:,}  "
-          f"FLOPs + element ops {report.flops + report.element_ops:,}  params {report.params:,}")
+    totals = f"MACs {report.macs:,}  FLOPs {report.flops:,}  element ops {report.element_ops:,}  "
+    print(f"{totals}FLOPs + element ops {report.flops + report.element_ops:,}  params {report.params:,}")
     if report.outside_macs:
-        print(f"  {report.outside_macs:,} of these MACs run in functional ops (e.g. attention) that no "
-              f"layer above owns; FlopCounterMode counts them, so the total is exact")
-    for key, text in CONVENTIONS.items():
-        print(f"  {key}: {text}")
+        where = "run in functional ops (e.g. attention) that no layer above owns; FlopCounterMode counts them"
+        print(f"  {report.outside_macs:,} of these MACs {where}, so the total is exact")
+    print("\n".join(f"  {key}: {text}" for key, text in CONVENTIONS.items()))
     if question1:
         print(f"\n{question1}")
     if args.verify:
-        print("\nverify: " + ("exact match with FlopCounterMode FLOPs and the model's parameter count"
-                              if not problems else "MISMATCH\n  " + "\n  ".join(problems)))
+        exact = "exact match with FlopCounterMode FLOPs and the model's parameter count"
+        print("\nverify: " + ("MISMATCH\n  " + "\n  ".join(problems) if problems else exact))
     return 1 if problems else 0
 
 

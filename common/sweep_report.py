@@ -5,10 +5,8 @@
     parallel_coordinates.png   the most important parameters against the metric, one line per trial
     metric_per_trial.png       the metric over trial number, with the running best
 
-Each piece has its own function (``parameter_importance``, ``correlations``, ``observations``,
-``importance_table``, ``correlation_tables``, ``plot_metric_per_trial``, ``plot_parallel_coordinates``,
-``plot_importance``, ``plot_correlations``) for other reports (common/study_report.py) to reuse;
-Optuna draws its figures.
+Each table and figure has its own function for other reports (common/study_report.py) to reuse;
+Optuna computes the importances and draws its figures.
 """
 from __future__ import annotations
 
@@ -29,17 +27,16 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
-from optuna.visualization.matplotlib import (plot_optimization_history, plot_parallel_coordinate,
-                                              plot_param_importances)
+from optuna.visualization import matplotlib as optuna_plots
 
 from common.config import to_cli
 from common.figures import save_figure
 from common.sweep import was_interrupted
 
-MIN_TRIALS_FOR_IMPORTANCE = 5
+MIN_TRIALS = 5  # completed trials before parameter importance is computed
 PARALLEL_AXES = 8  # more parameter axes than this are unreadable at report size
 TOP_SHARE = 2 / 3  # a value "shared" by the top trials: held by at least this fraction of them
-WEAK_RHO = 0.3  # a rank correlation below this in size is conventionally called weak: no direction is read from it
+WEAK_RHO = 0.3  # a rank correlation weaker than this is conventionally called weak: no direction is read
 
 
 def metric_name(study: optuna.Study) -> str:
@@ -72,11 +69,11 @@ def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["number", "state", metric_name(study), "duration_s", *names, "run_dir", "error"])
         for trial, row in zip(trials, values):
-            value = trial_value(trial)
-            writer.writerow([trial.number, trial.state.name, "" if value is None else value,
-                             "" if trial.duration is None else round(trial.duration.total_seconds(), 1),
-                             *(row.get(name, "") for name in names),
-                             trial.user_attrs.get("run_dir", ""), trial.user_attrs.get("error", "")])
+            value = "" if (result := trial_value(trial)) is None else result
+            duration = "" if trial.duration is None else round(trial.duration.total_seconds(), 1)
+            cells = [row.get(name, "") for name in names]
+            attrs = [trial.user_attrs.get(key, "") for key in ("run_dir", "error")]
+            writer.writerow([trial.number, trial.state.name, value, duration, *cells, *attrs])
     return path
 
 
@@ -91,43 +88,36 @@ def best_command(study: optuna.Study) -> str | None:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (tied values share their mean rank); nan when either side is constant.
-    Neither numpy nor the project's other dependencies has one."""
-    def ranks(values: list[float]) -> np.ndarray:
-        _, inverse, counts = np.unique(np.asarray(values, dtype=float), return_inverse=True, return_counts=True)
-        return (np.cumsum(counts) - (counts - 1) / 2)[inverse]
-    rx, ry = ranks(x), ranks(y)
-    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() > 0 and ry.std() > 0 else float("nan")
-
-
-def correlation_ratio(groups: dict[Any, list[float]]) -> float:
-    """How much of the metric's spread the categories explain (eta, 0..1); nan when constant."""
-    values = np.concatenate([np.asarray(v, dtype=float) for v in groups.values()])
-    total = ((values - values.mean()) ** 2).sum()
-    between = sum(len(v) * (np.mean(v) - values.mean()) ** 2 for v in groups.values())
-    return float(math.sqrt(between / total)) if total > 0 else float("nan")
-
-
-def _is_numeric(dist) -> bool:
-    return not isinstance(dist, CategoricalDistribution) or all(
-        isinstance(c, (int, float)) and not isinstance(c, bool) for c in dist.choices)
+    """Spearman's rank correlation (tied values share their mean rank); nan when either side is
+    constant. Neither numpy nor the project's other dependencies has one."""
+    ranks = []
+    for values in (x, y):
+        _, inverse, counts = np.unique(np.asarray(values, float), return_inverse=True, return_counts=True)
+        ranks.append((np.cumsum(counts) - (counts - 1) / 2)[inverse])
+    constant = ranks[0].std() == 0 or ranks[1].std() == 0
+    return float("nan") if constant else float(np.corrcoef(*ranks)[0, 1])
 
 
 def correlations(trials: list[FrozenTrial]) -> dict[str, dict]:
-    """Per parameter: Spearman rho with the metric (numeric) or the mean metric per category."""
+    """Per parameter: Spearman rho with the metric (numeric), or the mean metric per category and the
+    correlation ratio eta (how much of the metric's spread the categories explain, 0..1)."""
     result = {}
     for name in dict.fromkeys(name for trial in trials for name in trial.params):
         having = [t for t in trials if name in t.params]
-        values, metric = [t.params[name] for t in having], [t.value for t in having]
-        if _is_numeric(having[0].distributions[name]):
-            rho = spearman(values, metric)
+        choices = getattr(having[0].distributions[name], "choices", [0])  # a float or int range has none
+        if all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+            rho = spearman([t.params[name] for t in having], [t.value for t in having])
             result[name] = {"kind": "numeric", "rho": rho, "strength": abs(rho), "n": len(having)}
             continue
         groups: dict[Any, list[float]] = {}
-        for value, score in zip(values, metric):
-            groups.setdefault(value, []).append(score)
-        result[name] = {"kind": "categorical", "n": len(having), "strength": correlation_ratio(groups),
-                        "means": {k: (float(np.mean(v)), len(v)) for k, v in groups.items()}}
+        for trial in having:
+            groups.setdefault(trial.params[name], []).append(trial.value)
+        values = np.array([t.value for t in having], dtype=float)
+        spread = ((values - values.mean()) ** 2).sum()
+        between = sum(len(v) * (np.mean(v) - values.mean()) ** 2 for v in groups.values())
+        eta = math.sqrt(between / spread) if spread > 0 else float("nan")
+        means = {k: (float(np.mean(v)), len(v)) for k, v in groups.items()}
+        result[name] = {"kind": "categorical", "n": len(having), "strength": eta, "means": means}
     return result
 
 
@@ -141,9 +131,9 @@ def importance_evaluator() -> tuple[optuna.importance.BaseImportanceEvaluator, s
 def parameter_importance(study: optuna.Study) -> tuple[dict[str, float], str]:
     """(importances, method) - empty with the reason when there are too few completed trials."""
     complete = _complete(study)
-    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
-        return {}, (f"only {len(complete)} completed trials (importance needs {MIN_TRIALS_FOR_IMPORTANCE}); "
-                    "parameters are ranked by the strength of their correlation with the metric instead")
+    if len(complete) < MIN_TRIALS:
+        instead = "parameters are ranked by the strength of their correlation with the metric instead"
+        return {}, f"only {len(complete)} completed trials (importance needs {MIN_TRIALS}); {instead}"
     if len({t.value for t in complete}) == 1:  # evaluators would call every parameter equally important
         return {}, f"{metric_name(study)} was {complete[0].value:.4g} in every completed trial"
     evaluator, method = importance_evaluator()
@@ -175,16 +165,16 @@ def plot_metric_per_trial(study: optuna.Study) -> Figure:
     """Completed trials' metric and the running best (Optuna's history plot); pruned trials at the
     value they had when stopped, failed ones (not those stopped by Ctrl-C) as crosses along the bottom."""
     metric, trials = metric_name(study), study.get_trials(deepcopy=False)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and trial_value(t) is not None]
+    failed = [t.number for t in trials if t.state == TrialState.FAIL and not was_interrupted(t)]
     with _optuna_drawing():
-        ax = plot_optimization_history(study, target_name=metric)
-        pruned = [t for t in trials if t.state == TrialState.PRUNED and trial_value(t) is not None]
-        failed = [t.number for t in trials if t.state == TrialState.FAIL and not was_interrupted(t)]
+        ax = optuna_plots.plot_optimization_history(study, target_name=metric)
         if pruned:
-            ax.scatter([t.number for t in pruned], [trial_value(t) for t in pruned], facecolors="none",
-                       edgecolors="0.4", label="pruned (value when stopped)")
-        if failed:  # axes coordinates in y: no value to place them at
-            ax.scatter(failed, [0.02] * len(failed), marker="x", color="tab:red", label="failed",
-                       transform=ax.get_xaxis_transform())
+            numbers, values = zip(*[(t.number, trial_value(t)) for t in pruned])
+            ax.scatter(numbers, values, fc="none", ec="0.4", label="pruned (value when stopped)")
+        if failed:
+            crosses = dict(c="tab:red", marker="x", label="failed", transform=ax.get_xaxis_transform())
+            ax.scatter(failed, [0.02] * len(failed), **crosses)  # y in axes coordinates: no value
         if trials:
             ax.set_xlim(-0.5, trials[-1].number + 0.5)  # failed crosses do not widen the limits
             ax.legend(loc="best", fontsize=9)
@@ -196,7 +186,7 @@ def plot_metric_per_trial(study: optuna.Study) -> Figure:
 def plot_parallel_coordinates(study: optuna.Study, params: list[str], title: str = "") -> Figure:
     """One line per completed trial through ``params`` and the metric, coloured by the metric."""
     with _optuna_drawing():
-        ax = plot_parallel_coordinate(study, params=params, target_name=metric_name(study))
+        ax = optuna_plots.plot_parallel_coordinate(study, params=params, target_name=metric_name(study))
         ax.set_title(title or f"{study.study_name}: parallel coordinates", y=1.03)
         ax.figure.set_size_inches(max(8.0, 1.45 * len(params) + 3), 5.5)
         ax.figure.tight_layout()  # room for the slanted parameter names
@@ -206,7 +196,8 @@ def plot_parallel_coordinates(study: optuna.Study, params: list[str], title: str
 def plot_importance(study: optuna.Study, method: str) -> Figure:
     """Optuna's importance bars, by the evaluator ``parameter_importance`` used (the same numbers)."""
     with _optuna_drawing():
-        ax = plot_param_importances(study, evaluator=importance_evaluator()[0], target_name=metric_name(study))
+        evaluator = importance_evaluator()[0]
+        ax = optuna_plots.plot_param_importances(study, evaluator=evaluator, target_name=metric_name(study))
         # loc="left" replaces Optuna's own left-aligned title instead of printing over it
         ax.set_title(f"{study.study_name}:\nparameter importance ({method.split(' (')[0]})", loc="left")
         ax.figure.set_size_inches(8, 4.5)
@@ -218,118 +209,150 @@ def plot_correlations(corr: dict[str, dict], order: list[str], metric: str) -> F
     """One bar per parameter: Spearman's rho with the metric (numeric, signed) or the correlation ratio
     eta (categorical, 0..1, no direction)."""
     names = [name for name in order if name in corr and not math.isnan(corr[name]["strength"])][::-1]
-    values = [corr[n]["rho"] if corr[n]["kind"] == "numeric" else corr[n]["strength"] for n in names]
+    numeric = [corr[name]["kind"] == "numeric" for name in names]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5), layout="constrained")
-    ax.barh([f"{n} ({'rho' if corr[n]['kind'] == 'numeric' else 'eta'})" for n in names], values,
-            color=["tab:blue" if corr[n]["kind"] == "numeric" else "tab:orange" for n in names])
+    labels = [f"{name} ({'rho' if num else 'eta'})" for name, num in zip(names, numeric)]
+    values = [corr[name]["rho" if num else "strength"] for name, num in zip(names, numeric)]
+    ax.barh(labels, values, color=["tab:blue" if num else "tab:orange" for num in numeric])
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.set_xlim(-1, 1)
     ax.set_xlabel(f"correlation with {metric}: Spearman rho (blue) or correlation ratio eta (orange)")
     return fig
 
 
-def observations(importance: dict[str, float], method: str, corr: dict[str, dict], metric: str,
-                 top: int = 3) -> list[str]:
+def observations(importance: dict, method: str, corr: dict, metric: str, top: int = 3) -> list[str]:
     """Sentences on the ``top`` ranked parameters, each stating the numbers it rests on (none on a
     parameter whose correlation is undefined: it or the metric never varied)."""
     sentences = []
     ranked = [n for n in ranking(importance, corr) if n in corr and not math.isnan(corr[n]["strength"])]
     for name in ranked[:top]:
-        c = corr[name]
-        weight = f"importance {importance[name]:.2f} by {method.split(' (')[0]}; " if name in importance else ""
-        if c["kind"] == "categorical":
-            means = sorted(c["means"].items(), key=lambda item: item[1][0], reverse=True)
-            (high, (high_mean, high_n)), (low, (low_mean, low_n)) = means[0], means[-1]
-            finding = (f"mean {metric} {high_mean:.3f} with {_fmt(high)} ({high_n} trials) against {low_mean:.3f} "
-                       f"with {_fmt(low)} ({low_n}); correlation ratio eta {c['strength']:.2f}"
-                       if len(means) > 1 else f"only {_fmt(high)} was tried")
-        elif math.isnan(c["rho"]) or abs(c["rho"]) < WEAK_RHO:
-            finding = (f"Spearman rho {c['rho']:+.2f} over {c['n']} trials: no clear monotone relation with {metric} "
-                       f"(|rho| < {WEAK_RHO})")
+        c, rho = corr[name], corr[name].get("rho", 0.0)
+        finding = f"Spearman rho {rho:+.2f} over {c['n']} trials: "
+        if c["kind"] == "categorical" and len(c["means"]) == 1:
+            finding = f"only {_fmt(next(iter(c['means'])))} was tried"
+        elif c["kind"] == "categorical":
+            (high, (high_mean, high_n)), *_, (low, (low_mean, low_n)) = _by_mean(c["means"], True)
+            finding = f"mean {metric} {high_mean:.3f} with {_fmt(high)} ({high_n} trials) against "
+            finding += f"{low_mean:.3f} with {_fmt(low)} ({low_n}); correlation ratio eta {c['strength']:.2f}"
+        elif math.isnan(rho) or abs(rho) < WEAK_RHO:
+            finding += f"no clear monotone relation with {metric} (|rho| < {WEAK_RHO})"
         else:
-            finding = (f"Spearman rho {c['rho']:+.2f} over {c['n']} trials: higher {name} went with "
-                       f"{'higher' if c['rho'] > 0 else 'lower'} {metric}")
-        sentences.append(f"`{name}` ({weight}{finding}).")
+            finding += f"higher {name} went with {'higher' if rho > 0 else 'lower'} {metric}"
+        if name in importance:
+            finding = f"importance {importance[name]:.2f} by {method.split(' (')[0]}; {finding}"
+        sentences.append(f"`{name}` ({finding}).")
     return sentences
 
 
-def _shared_by_top(complete: list[FrozenTrial], maximize: bool) -> tuple[int, list[str]]:
-    """What the best fifth (at least three) of the completed trials have in common."""
-    top = sorted(complete, key=lambda t: t.value, reverse=maximize)[:max(3, math.ceil(len(complete) / 5))]
+def _by_mean(means: dict, descending: bool) -> list:
+    return sorted(means.items(), key=lambda item: item[1][0], reverse=descending)
+
+
+def _shared_by_top(top: list[FrozenTrial]) -> list[str]:
+    """Markdown lines: the range of each numeric parameter over ``top`` and the categories most share."""
     lines = []
     for name in dict.fromkeys(n for t in top for n in t.params):
         values = [t.params[name] for t in top if name in t.params]
         dist = next(t.distributions[name] for t in top if name in t.params)
         if not isinstance(dist, CategoricalDistribution):
-            lines.append(f"- `{name}` from {_fmt(min(values))} to {_fmt(max(values))} "
-                         f"(searched {_fmt(dist.low)} to {_fmt(dist.high)})")
+            searched = f"(searched {_fmt(dist.low)} to {_fmt(dist.high)})"
+            lines.append(f"- `{name}` from {_fmt(min(values))} to {_fmt(max(values))} {searched}")
             continue
         value, count = Counter(values).most_common(1)[0]
         if len(dist.choices) > 1 and count >= TOP_SHARE * len(top):
             lines.append(f"- `{name}` = {_fmt(value)} in {count} of {len(top)}")
-    return len(top), lines
+    return lines
+
+
+def _head(*columns: str) -> list[str]:
+    """A markdown table's header and rule."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
 
 
 def importance_table(importance: dict[str, float], method: str) -> list[str]:
     """Markdown lines: the importance ranking, or why there is none."""
     if not importance:
         return [f"Not computed: {method}.", ""]
-    return [f"Method: {method}.", "", "| rank | parameter | importance |", "| --- | --- | --- |",
-            *(f"| {i} | {name} | {value:.3f} |" for i, (name, value) in enumerate(importance.items(), 1)), ""]
+    rows = [f"| {i} | {name} | {value:.3f} |" for i, (name, value) in enumerate(importance.items(), 1)]
+    return [f"Method: {method}.", "", *_head("rank", "parameter", "importance"), *rows, ""]
 
 
 def correlation_tables(metric: str, order: list[str], corr: dict[str, dict], maximize: bool) -> list[str]:
     """Markdown lines: Spearman's rho of each numeric parameter, the mean metric per value of each other."""
-    lines = ["Numeric parameters (Spearman's rank correlation):", "",
-             "| parameter | rho | trials |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {corr[name]['rho']:+.2f} | {corr[name]['n']} |"
-              for name in order if corr.get(name, {}).get("kind") == "numeric"]
-    lines += ["", f"Categorical parameters (mean {metric} per value, trials in brackets):", "",
-              "| parameter | values |", "| --- | --- |"]
-    for name in order:
-        if corr.get(name, {}).get("kind") == "categorical":
-            means = sorted(corr[name]["means"].items(), key=lambda item: item[1][0], reverse=maximize)
-            lines.append(f"| {name} | " + ", ".join(f"{_fmt(k)}: {m:.3f} ({n})" for k, (m, n) in means) + " |")
+    kinds = {name: corr.get(name, {}).get("kind") for name in order}
+    lines = ["Numeric parameters (Spearman's rank correlation):", "", *_head("parameter", "rho", "trials")]
+    lines += [f"| {n} | {corr[n]['rho']:+.2f} | {corr[n]['n']} |" for n in order if kinds[n] == "numeric"]
+    lines += ["", f"Categorical parameters (mean {metric} per value, trials in brackets):", ""]
+    lines += _head("parameter", "values")
+    for name in [n for n in order if kinds[n] == "categorical"]:
+        means = _by_mean(corr[name]["means"], maximize)
+        lines.append(f"| {name} | " + ", ".join(f"{_fmt(k)}: {m:.3f} ({n})" for k, (m, n) in means) + " |")
     return lines
 
 
-def _summary_markdown(study: optuna.Study, importance: dict[str, float], method: str, corr: dict[str, dict],
-                     figures: list[str]) -> str:
+SUMMARY = """\
+## Best trial
+
+Trial {best.number}: {metric} = {best.value:.4f}{where}
+
+{params}
+
+Ready to run:
+
+```
+{command}
+```
+
+## Parameter importance
+
+{importance}
+## Correlation with {metric}
+
+{correlations}
+
+## What the top {top} trials share
+
+{shared}
+
+## Figures
+
+{figures}
+"""
+
+
+def _summary_markdown(study: optuna.Study, importance: dict, method: str, corr: dict, figures: list) -> str:
     metric, maximize, complete = metric_name(study), study.direction.name == "MAXIMIZE", _complete(study)
-    trials = study.get_trials(deepcopy=False)
-    states = Counter(t.state.name.lower() for t in trials)
-    lines = [f"# Sweep report: {study.study_name}", "",
-             f"{len(trials)} trials ({', '.join(f'{n} {s}' for s, n in states.items())}); "
-             f"metric `{metric}`, {'maximized' if maximize else 'minimized'}.", ""]
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    counts = ", ".join(f"{n} {state}" for state, n in states.items())
+    direction = "maximized" if maximize else "minimized"
+    head = f"# Sweep report: {study.study_name}\n\n{sum(states.values())} trials ({counts}); "
+    head += f"metric `{metric}`, {direction}.\n\n"
     if not complete:
-        return "\n".join(lines + ["No trial has completed yet, so there is nothing to analyse.", ""])
+        return head + "No trial has completed yet, so there is nothing to analyse.\n"
     best = study.best_trial
+    top = sorted(complete, key=lambda t: t.value, reverse=maximize)[:max(3, math.ceil(len(complete) / 5))]
+    params = _head("parameter", "value") + [f"| {name} | {_fmt(v)} |" for name, v in best.params.items()]
     where = f" (run folder `{best.user_attrs['run_dir']}`)" if "run_dir" in best.user_attrs else ""
-    lines += ["## Best trial", "", f"Trial {best.number}: {metric} = {best.value:.4f}{where}", "",
-              "| parameter | value |", "| --- | --- |",
-              *(f"| {name} | {_fmt(value)} |" for name, value in best.params.items()), "",
-              "Ready to run:", "", "```", best_command(study), "```", "", "## Parameter importance", "",
-              *importance_table(importance, method), f"## Correlation with {metric}", "",
-              *correlation_tables(metric, ranking(importance, corr), corr, maximize)]
-    top_count, shared = _shared_by_top(complete, maximize)
-    lines += ["", f"## What the top {top_count} trials share", "", *(shared or ["- nothing stands out"]), "",
-              "## Figures", "", *(f"![{name}]({name})" for name in figures), ""]
-    return "\n".join(lines)
+    tables = correlation_tables(metric, ranking(importance, corr), corr, maximize)
+    parts = dict(params=params, importance=importance_table(importance, method), correlations=tables)
+    parts["shared"] = _shared_by_top(top) or ["- nothing stands out"]
+    parts["figures"] = [f"![{name}]({name})" for name in figures]
+    fields = {key: "\n".join(lines) for key, lines in parts.items()}
+    fields.update(best=best, metric=metric, where=where, command=best_command(study), top=len(top))
+    return head + SUMMARY.format(**fields)
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> list[Path]:
     """Write summary.md and the figures into ``out_dir``; return the paths written."""
-    out_dir = Path(out_dir)
-    complete = _complete(study)
+    out_dir, complete = Path(out_dir), _complete(study)
     importance, method = parameter_importance(study)
     corr = correlations(complete)
     written = [save_figure(plot_metric_per_trial(study), out_dir / "metric_per_trial.png", dpi=120)]
-    params = ranking(importance, corr)[:PARALLEL_AXES]
-    if complete and params:
-        title = (f"{study.study_name}: {len(complete)} completed trials, top {len(params)} parameters by "
-                 + ("importance" if importance else "correlation strength"))
-        written.append(save_figure(plot_parallel_coordinates(study, params, title),
-                                   out_dir / "parallel_coordinates.png", dpi=120))
+    if complete and (params := ranking(importance, corr)[:PARALLEL_AXES]):
+        by = "importance" if importance else "correlation strength"
+        title = f"{study.study_name}: {len(complete)} completed trials, top {len(params)} parameters by {by}"
+        figure = plot_parallel_coordinates(study, params, title)
+        written.append(save_figure(figure, out_dir / "parallel_coordinates.png", dpi=120))
     summary = out_dir / "summary.md"
     summary.write_text(_summary_markdown(study, importance, method, corr, [p.name for p in written]))
     return [summary, *written]

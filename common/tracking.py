@@ -16,7 +16,6 @@ from pathlib import Path
 from common.files import atomic_path
 
 WANDB_MODES = ("online", "offline", "disabled")
-WANDB_HOST = "api.wandb.ai"
 INIT_TIMEOUT_S = 30  # how long an online start may wait for the server (WANDB_INIT_TIMEOUT overrides)
 
 
@@ -29,10 +28,8 @@ def append_metrics(path: str | Path, metrics: dict, wandb_run=None) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def truncate_metrics(path: str | Path, last_epoch: int) -> None:
@@ -42,49 +39,38 @@ def truncate_metrics(path: str | Path, last_epoch: int) -> None:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
 
-def has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators(WANDB_HOST) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
 def resolve_wandb_mode(requested: str | None) -> str:
-    """``--wandb_mode`` wins; then ``WANDB_MODE``; then online with credentials, offline without."""
-    if requested:
-        if requested not in WANDB_MODES:
-            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {requested!r}")
-        return requested
-    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env_mode in WANDB_MODES:
-        return env_mode
-    if env_mode == "dryrun":
-        return "offline"
-    return "online" if has_wandb_credentials() else "offline"
+    """``--wandb_mode`` wins; then ``WANDB_MODE``; then online with credentials (``WANDB_API_KEY`` or
+    ``wandb login``'s entry in ~/.netrc), offline without."""
+    if requested and requested not in WANDB_MODES:
+        raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {requested!r}")
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower().replace("dryrun", "offline")
+    if requested or env_mode in WANDB_MODES:
+        return requested or env_mode
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        logged_in = False
+    return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
 
 
-def start_wandb(mode: str | None, *, project: str, entity: str | None, name: str, group: str | None,
-                config: dict, run_dir: str | Path, resume_id: str | None = None):
-    """Start a wandb run (or return ``None`` when disabled). Never blocks long on a dead server.
-
-    Online with an unreachable server fails after a short init timeout and falls back to offline
-    logging, saying so; metrics are the same either way, only where they are stored differs.
-    """
+def start_wandb(mode: str | None, run_dir: str | Path, resume_id: str | None = None, **init):
+    """Start a wandb run in ``run_dir`` (``init``: ``wandb.init``'s project, entity, name, group,
+    config), or return ``None`` when disabled. Never blocks long on a dead server: online with an
+    unreachable server fails after a short init timeout and logs offline instead, saying so; metrics
+    are the same either way, only where they are stored differs."""
     mode = resolve_wandb_mode(mode)
     if mode == "disabled":
         return None
     import wandb
 
-    kwargs = dict(project=project, entity=entity, name=name, group=group, config=config,
-                  dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None)
+    init.update(dir=str(run_dir), id=resume_id, resume="allow" if resume_id else None)
     try:
         timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout, silent=True), **kwargs)
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout, silent=True), **init)
     except Exception as error:  # wandb raises its own CommError/UsageError/timeouts
         if mode != "online":
             raise
         print(f"wandb: could not reach the server ({type(error).__name__}); logging offline instead. "
               f"Upload later with: wandb sync {Path(run_dir) / 'wandb'}", file=sys.stderr)
-        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init)

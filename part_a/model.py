@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from common.activations import ACTIVATIONS, activation_class
 FILTER_STRATEGIES = ("same", "double", "half")
 # Inputs are normalised to [-1, 1]; the network trains from scratch, so no dataset statistics are needed.
 MEAN = STD = (0.5, 0.5, 0.5)
+SAME_HELP = "'same' (output size = ceil(input/stride), asymmetric for even kernels), 'valid', or an int"
 
 
 @dataclass
@@ -31,10 +33,8 @@ class ModelConfig:
     kernel_size: int | list[int] = field(default=5, metadata={
         "help": "conv kernel size k: one int, or a comma list with one per block"})
     stride: int = field(default=1, metadata={"help": "conv stride"})
-    padding: int | str = field(default="same", metadata={
-        "help": "'same' (output size = ceil(input/stride), asymmetric for even kernels), 'valid', or an int"})
-    activation: str = field(default="gelu", metadata={
-        "help": "conv activation: " + ", ".join(ACTIVATIONS)})
+    padding: int | str = field(default="same", metadata={"help": SAME_HELP})
+    activation: str = field(default="gelu", metadata={"help": "conv activation: " + ", ".join(ACTIVATIONS)})
     dense_activation: str | None = field(default=None, metadata={
         "help": "dense-layer activation; none = same as --activation"})
     dense_neurons: int = field(default=128, metadata={"help": "neurons in the dense layer (n)"})
@@ -44,28 +44,27 @@ class ModelConfig:
     block_dropout: float = field(default=0.0, metadata={"help": "dropout after each conv block"})
     input_size: int = field(default=224, metadata={"help": "input images are input_size x input_size"})
     in_channels: int = field(default=3, metadata={"help": "input channels", "cli": False})
-    num_classes: int = field(default=10, metadata={"help": "output classes (training: the data's)", "cli": False})
+    num_classes: int = field(default=10, metadata={"help": "output classes (training: the data's)",
+                                                   "cli": False})
 
 
 def filter_counts(config: ModelConfig) -> list[int]:
     """Output channels of each block for the filter strategy (``half`` never drops below 1)."""
-    m = config.n_filters
-    if config.filter_strategy == "same":
-        return [m] * config.n_blocks
-    if config.filter_strategy == "double":
-        return [m * 2**i for i in range(config.n_blocks)]
-    if config.filter_strategy == "half":
-        return [max(1, m // 2**i) for i in range(config.n_blocks)]
-    raise ValueError(f"unknown filter_strategy {config.filter_strategy!r}; choose one of: "
-                     f"{', '.join(FILTER_STRATEGIES)}")
+    m, powers = config.n_filters, [2**i for i in range(config.n_blocks)]
+    counts = {"same": [m for _ in powers], "double": [m * p for p in powers]}
+    counts["half"] = [max(1, m // p) for p in powers]
+    if config.filter_strategy not in counts:
+        choices = ", ".join(FILTER_STRATEGIES)
+        raise ValueError(f"unknown filter_strategy {config.filter_strategy!r}; choose one of: {choices}")
+    return counts[config.filter_strategy]
 
 
 def kernel_sizes(config: ModelConfig) -> list[int]:
     k = config.kernel_size
     sizes = [k] * config.n_blocks if isinstance(k, int) else list(k)
     if len(sizes) != config.n_blocks:
-        raise ValueError(f"kernel_size lists {len(sizes)} values but there are {config.n_blocks} blocks; "
-                         "give one value or one per block")
+        problem = f"kernel_size lists {len(sizes)} values but there are {config.n_blocks} blocks"
+        raise ValueError(f"{problem}; give one value or one per block")
     if any(not isinstance(s, int) or s < 1 for s in sizes):
         raise ValueError(f"kernel sizes must be positive integers, got {sizes}")
     return sizes
@@ -84,9 +83,9 @@ def conv_padding(padding: int | str, kernel: int, stride: int, size: int) -> tup
     raise ValueError(f"padding must be 'same', 'valid' or a non-negative int, got {padding!r}")
 
 
-@dataclass(frozen=True)
-class BlockShape:
+class BlockShape(NamedTuple):
     """Analytic shapes of one block: input side, conv padding, conv output side, pooled side."""
+
     in_channels: int
     out_channels: int
     kernel: int
@@ -98,40 +97,32 @@ class BlockShape:
 
 def block_shapes(config: ModelConfig) -> list[BlockShape]:
     """Validate ``config`` and derive every block's shapes without building anything."""
-    for name in ("n_blocks", "n_filters", "dense_neurons", "stride", "input_size", "num_classes", "in_channels"):
-        value = getattr(config, name)
+    positive = "n_blocks n_filters dense_neurons stride input_size num_classes in_channels".split()
+    for name, value in [(name, getattr(config, name)) for name in positive]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name in ("dropout", "block_dropout"):
-        value = getattr(config, name)
+    for name, value in [("dropout", config.dropout), ("block_dropout", config.block_dropout)]:
         if not 0.0 <= float(value) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     activation_class(config.activation)
-    if config.dense_activation is not None:
-        activation_class(config.dense_activation)
-    channels, kernels = filter_counts(config), kernel_sizes(config)
+    activation_class(config.dense_activation or config.activation)
     shapes, size, in_ch = [], config.input_size, config.in_channels
-    for index, (out_ch, k) in enumerate(zip(channels, kernels), start=1):
+    for index, (out_ch, k) in enumerate(zip(filter_counts(config), kernel_sizes(config)), start=1):
         pad = conv_padding(config.padding, k, config.stride, size)
         conv_size = (size + sum(pad) - k) // config.stride + 1
-        pool_size = conv_size // 2 if conv_size >= 1 else 0
-        if conv_size < 1 or pool_size < 1:
+        pool_size = max(conv_size, 0) // 2
+        if pool_size < 1:
             # Suggest padding='same' only where it is not already the padding.
-            remedies = "a larger input_size, fewer blocks, a smaller kernel" + (
-                "" if config.padding == "same" else " or padding='same'")
-            raise ValueError(
-                f"block {index} shrinks the feature map to nothing: input {size}x{size}, kernel {k}, "
-                f"stride {config.stride}, padding {config.padding!r} gives a {max(conv_size, 0)}x"
-                f"{max(conv_size, 0)} conv output and a {max(pool_size, 0)}x{max(pool_size, 0)} pooled "
-                f"output; use {remedies}")
+            remedies = "a larger input_size, fewer blocks, a smaller kernel"
+            remedies += "" if config.padding == "same" else " or padding='same'"
+            side = max(conv_size, 0)
+            raise ValueError(f"block {index} shrinks the feature map to nothing: input {size}x{size}, "
+                             f"kernel {k}, stride {config.stride}, padding {config.padding!r} gives a "
+                             f"{side}x{side} conv output and a {pool_size}x{pool_size} pooled output; "
+                             f"use {remedies}")
         shapes.append(BlockShape(in_ch, out_ch, k, size, pad, conv_size, pool_size))
         size, in_ch = pool_size, out_ch
     return shapes
-
-
-def flat_features(config: ModelConfig) -> int:
-    last = block_shapes(config)[-1]
-    return last.out_channels * last.pool_size * last.pool_size
 
 
 class ConvNet(nn.Module):
@@ -140,32 +131,22 @@ class ConvNet(nn.Module):
         shapes = block_shapes(config)  # raises before any weight is made
         self.config = config
         act = activation_class(config.activation)
-        dense_act = activation_class(config.dense_activation or config.activation)
         blocks = []
         for shape in shapes:
-            layers: list[nn.Module] = []
-            before, after = shape.pad
-            if before == after:
-                conv_pad = before
-            else:  # asymmetric 'same' padding for even kernels
-                layers.append(nn.ZeroPad2d((before, after, before, after)))
-                conv_pad = 0
-            layers.append(nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel,
-                                    stride=config.stride, padding=conv_pad, bias=config.conv_bias))
-            if config.batch_norm:
-                layers.append(nn.BatchNorm2d(shape.out_channels))
+            (before, after), symmetric = shape.pad, shape.pad[0] == shape.pad[1]
+            # Asymmetric 'same' padding (even kernels) is a layer of its own.
+            layers = [] if symmetric else [nn.ZeroPad2d((before, after, before, after))]
+            padding = before if symmetric else 0
+            conv = nn.Conv2d(*shape[:3], config.stride, padding, bias=config.conv_bias)  # in, out, kernel
+            layers += [conv, nn.BatchNorm2d(shape.out_channels)] if config.batch_norm else [conv]
             layers += [act(), nn.MaxPool2d(2, 2)]
-            if config.block_dropout > 0:
-                layers.append(nn.Dropout(config.block_dropout))
+            layers += [nn.Dropout(config.block_dropout)] if config.block_dropout else []
             blocks.append(nn.Sequential(*layers))
         self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(flat_features(config), config.dense_neurons),
-            dense_act(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.dense_neurons, config.num_classes),
-        )
+        flat = shapes[-1].out_channels * shapes[-1].pool_size**2
+        dense_act = activation_class(config.dense_activation or config.activation)
+        dense = [nn.Flatten(), nn.Linear(flat, config.dense_neurons), dense_act(), nn.Dropout(config.dropout)]
+        self.classifier = nn.Sequential(*dense, nn.Linear(config.dense_neurons, config.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

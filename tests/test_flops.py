@@ -14,19 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.vision_transformer import VisionTransformer
 
 from common import flops
-from common.flops import (LayerCount, Report, count_module, count_part_a, question1_formula,
-                          torch_flop_counts, verify)
-from part_a.model import ModelConfig, activation_class, block_shapes, build_model
+from common.flops import LayerCount, Report, count_config, count_module, question1_formula, verify
+from part_a.model import ModelConfig, block_shapes, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def analytic(config: ModelConfig) -> Report:
-    return count_part_a(block_shapes(config), dense_neurons=config.dense_neurons,
-                        num_classes=config.num_classes, batch_norm=config.batch_norm,
-                        conv_bias=config.conv_bias,
-                        activation=activation_class(config.activation).__name__,
-                        dense_activation=activation_class(config.dense_activation or config.activation).__name__)
 
 
 def random_configs(count: int, seed: int = 0) -> list[ModelConfig]:
@@ -67,26 +58,28 @@ def test_random_configs_cover_every_option():
 def test_analytic_count_matches_flop_counter_and_parameters_exactly(config):
     torch.manual_seed(0)
     model = build_model(config)
-    report = analytic(config)
+    report = count_config(config)
     input_shape = (3, config.input_size, config.input_size)
     assert verify(model, input_shape, report) == []
     # The hook-based generic counter sees the same layers with the same counts.
     observed = count_module(model, input_shape)
-    strip = lambda r: [(l.type, l.output_shape, l.macs, l.element_ops, l.params) for l in r.layers]
+    def strip(counts):
+        return [(row.type, row.output_shape, row.macs, row.element_ops, row.params) for row in counts.layers]
+
     assert strip(observed) == strip(report)
 
 
 def test_flop_counter_convention_is_two_per_multiply_accumulate_without_bias():
     # A 1x1 conv with bias on a 1x1 image and a linear layer: 2 multiply-adds each.
     conv = nn.Conv2d(2, 1, 1, bias=True)
-    assert torch_flop_counts(conv, (2, 1, 1)) == {"aten.convolution": 4}
-    assert torch_flop_counts(nn.Linear(2, 1), (2,)) == {"aten.addmm": 4}
-    assert torch_flop_counts(nn.Linear(2, 1, bias=False), (2,)) == {"aten.mm": 4}
+    assert flops.torch_flop_counts(conv, (2, 1, 1)) == {"aten.convolution": 4}
+    assert flops.torch_flop_counts(nn.Linear(2, 1), (2,)) == {"aten.addmm": 4}
+    assert flops.torch_flop_counts(nn.Linear(2, 1, bias=False), (2,)) == {"aten.mm": 4}
 
 
 def test_verify_reports_each_mismatch():
     config = CONFIGS[0]
-    good = analytic(config)
+    good = count_config(config)
     wrong = Report(good.input_shape, good.layers + [LayerCount("extra", "Linear", (1,), macs=3, params=5)])
     problems = verify(build_model(config), good.input_shape, wrong)
     assert len(problems) == 2
@@ -100,7 +93,7 @@ def test_verify_reports_each_mismatch():
 def test_question1_formula_equals_the_exact_count(m, k, n, w, conv_bias, batch_norm):
     config = ModelConfig(n_filters=m, kernel_size=k, dense_neurons=n, input_size=w,
                          conv_bias=conv_bias, batch_norm=batch_norm)
-    exact = analytic(config)
+    exact = count_config(config)
     answer = question1_formula(m, k, n, w, conv_bias=conv_bias, batch_norm=batch_norm)
     assert (answer.macs, answer.flops, answer.element_ops, answer.params) == (
         exact.macs, exact.flops, exact.element_ops, exact.params)
@@ -149,7 +142,7 @@ def test_count_module_covers_transposed_grouped_shared_and_loose_parameters():
     model = Odd()
     report = count_module(model, (4, 5, 5))
     assert verify(model, (4, 5, 5), report) == []
-    assert [l.name for l in report.layers] == ["up", "grouped", "pool", "shared", "shared",
+    assert [row.name for row in report.layers] == ["up", "grouped", "pool", "shared", "shared",
                                               "(parameters outside the layers above)"]
     assert report.layers[2].element_ops == 8 * 6 * 3 * 3  # 3x3 window: 8 comparisons per output
     assert report.layers[4].params == 0  # the second call of a shared layer adds no parameters
@@ -168,7 +161,7 @@ def test_cli_json_with_verify_on_the_default_config():
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)  # exactly one JSON object and nothing else
     assert output["verified"] is True and output["mismatches"] == []
-    assert output["macs"] == analytic(ModelConfig()).macs and output["flops"] == 2 * output["macs"]
+    assert output["macs"] == count_config(ModelConfig()).macs and output["flops"] == 2 * output["macs"]
     assert output["params"] == sum(p.numel() for p in build_model(ModelConfig()).parameters())
     assert {"name", "type", "output_shape", "macs", "flops", "element_ops", "params"} <= set(output["layers"][0])
     assert output["layers"][0]["output_shape"] == [64, 224, 224]
@@ -177,7 +170,7 @@ def test_cli_json_with_verify_on_the_default_config():
 def test_cli_human_output_has_table_totals_and_question1(capsys):
     assert flops.main(["--n_filters=4", "--dense_neurons=8", "--input_size=64"]) == 0
     text = capsys.readouterr().out
-    exact = analytic(ModelConfig(n_filters=4, dense_neurons=8, input_size=64))
+    exact = count_config(ModelConfig(n_filters=4, dense_neurons=8, input_size=64))
     assert "block1.conv  Conv2d" in text and f"MACs {exact.macs:,}" in text
     assert "= the exact layer-by-layer count above" in text
     assert flops.main(["--padding=valid", "--input_size=96", "--kernel_size=3"]) == 0
@@ -185,11 +178,11 @@ def test_cli_human_output_has_table_totals_and_question1(capsys):
 
 
 def test_cli_verify_exits_nonzero_on_a_mismatch(monkeypatch, capsys):
-    def off_by_one(*args, **kwargs):
-        report = count_part_a(*args, **kwargs)
+    def off_by_one(config):
+        report = count_config(config)
         return Report(report.input_shape, report.layers + [LayerCount("bogus", "Linear", (1,), params=1)])
 
-    monkeypatch.setattr(flops, "count_part_a", off_by_one)
+    monkeypatch.setattr(flops, "count_config", off_by_one)
     assert flops.main(["--verify", "--n_filters=2", "--input_size=32"]) == 1
     assert "params: analytic" in capsys.readouterr().out
 
