@@ -427,7 +427,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="the sweep file, e.g. sweep.yaml")
     parser.add_argument("--count", type=int, required=True, help="trials to run in this invocation, across workers")
     parser.add_argument("--study", help="study name (default: the file's name key, else its stem)")
-    parser.add_argument("--storage", help="Optuna database URL, e.g. postgresql://user:pw@host/db "
+    parser.add_argument("--storage", help="Optuna database URL, e.g. postgresql+psycopg://user:pw@host/db "
                         "(default: sqlite under OUT_DIR/sweeps/)")
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel worker processes on this machine, one trial each (default: 1)")

@@ -48,33 +48,40 @@ def postgres():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     data = root / "data"
-    subprocess.run([*as_server, binaries / "initdb", "-D", data, "-U", "sweeps", "--auth=trust", "--no-sync"],
-                   check=True, capture_output=True)
+    subprocess.run([*as_server, binaries / "initdb", "-D", data, "-U", "sweeps", "--auth=trust",
+                    "--no-sync"], check=True, capture_output=True)
     subprocess.run([*as_server, binaries / "pg_ctl", "-D", data, "-l", root / "log", "-w", "start",
                     "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"], check=True, capture_output=True)
     try:
         yield f"sweeps@127.0.0.1:{port}"
     finally:
-        subprocess.run([*as_server, binaries / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run([*as_server, binaries / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
+                       capture_output=True)
         shutil.rmtree(root)
 
 
 @pytest.fixture
 def new_database(postgres) -> str:
-    """``user@host:port/name`` of a new, empty database: Optuna has created no table in it yet."""
+    """The storage URL of a new, empty database (Optuna has created no table in it yet), with the
+    driver that docs/sweeps.md names."""
     import psycopg
     name = f"sweeps_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(f"postgresql://{postgres}/postgres", autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
-    return f"{postgres}/{name}"
+    return f"postgresql+psycopg://{postgres}/{name}"
 
 
-def start_machine(tmp_path, machine: str, storage: str, data_dir, *options: str) -> subprocess.Popen:
-    """One machine's `python common/sweep.py` on the fake sweep of tmp_path, with runs of its own."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "SWEEP_HEARTBEAT": "1"}  # stale after 3 s, not 3 minutes
-    return subprocess.Popen([sys.executable, "common/sweep.py", str(tmp_path / "fake_sweep.yaml"), "--study", "s",
-                             "--storage", storage, "--out_dir", str(tmp_path / machine), "--data_dir", str(data_dir),
-                             *options], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start_machine(tmp_path, prepared_data, new_database):
+    """Starts one machine's `python common/sweep.py` on the fake sweep of tmp_path and new_database."""
+    def start(machine: str, *options: str) -> subprocess.Popen:
+        env = {**os.environ, "WANDB_MODE": "disabled", "SWEEP_HEARTBEAT": "1"}  # stale after 3 s, not 3 min
+        command = [sys.executable, "common/sweep.py", str(tmp_path / "fake_sweep.yaml"), "--study", "s",
+                   "--storage", new_database, "--data_dir", str(prepared_data),
+                   "--out_dir", str(tmp_path / machine), *options]
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return start
 
 
 def finish(machine: subprocess.Popen) -> None:
@@ -87,13 +94,14 @@ def finish(machine: subprocess.Popen) -> None:
 def test_a_missing_driver_or_server_is_one_error_line(tmp_path, prepared_data, capsys, monkeypatch,
                                                       url, module, package):
     fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
-    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "1", "--storage", f"{url}://u:secret@127.0.0.1:1/db",
-            "--out_dir", str(tmp_path / "runs"), "--data_dir", str(prepared_data)]
+    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "1", "--storage",
+            f"{url}://u:secret@127.0.0.1:1/db", "--out_dir", str(tmp_path / "runs"),
+            "--data_dir", str(prepared_data)]
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, module, None)  # not installed
         assert sweep.main(argv) == 1
-    assert capsys.readouterr().err == (f"error: the {url} storage needs the database driver {module}, which is "
-                                       f"not installed: pip install {package}\n")
+    assert capsys.readouterr().err == (f"error: the {url} storage needs the database driver {module}, "
+                                       f"which is not installed: pip install {package}\n")
     if module == "psycopg":  # installed: port 1 has no server
         assert sweep.main(argv) == 1
         err = capsys.readouterr().err
@@ -101,34 +109,33 @@ def test_a_missing_driver_or_server_is_one_error_line(tmp_path, prepared_data, c
         assert "secret" not in err
 
 
-def test_two_machines_started_together_on_a_new_database_share_the_study(tmp_path, prepared_data, new_database):
+def test_two_machines_started_together_on_a_new_database_share_the_study(tmp_path, new_database,
+                                                                          start_machine):
     fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
-    machines = [start_machine(tmp_path, name, f"postgresql://{new_database}", prepared_data, "--count", "3")
-                for name in ("a", "b")]
+    machines = [start_machine(name, "--count", "3") for name in "ab"]
     for machine in machines:
         finish(machine)
-    study = optuna.load_study(study_name="s", storage=f"postgresql+psycopg://{new_database}")
+    study = optuna.load_study(study_name="s", storage=new_database)
     assert sorted(t.number for t in study.trials if t.state == TrialState.COMPLETE) == list(range(6))
     ran = [{int(p.name.removeprefix("trial_")) for p in (tmp_path / name / "s").iterdir()} for name in "ab"]
     assert len(ran[0]) == len(ran[1]) == 3 and ran[0] | ran[1] == set(range(6))
 
 
-def test_a_machine_killed_mid_trial_has_its_trial_run_again(tmp_path, prepared_data, new_database):
+def test_a_machine_killed_mid_trial_has_its_trial_run_again(tmp_path, new_database, start_machine):
     fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
-    storage = f"postgresql+psycopg://{new_database}"
-    killed = start_machine(tmp_path, "a", storage, prepared_data, "--count", "1", "--set", "sleep=600")
-    finish(start_machine(tmp_path, "b", storage, prepared_data, "--count", "2"))
+    killed = start_machine("a", "--count", "1", "--set", "sleep=600")
+    finish(start_machine("b", "--count", "2"))
     while not (tmp_path / "a" / "s").is_dir():  # its trial has started
         assert killed.poll() is None, killed.communicate()
         time.sleep(0.1)
     killed.kill()  # SIGKILL: no Python cleanup, the trial stays RUNNING
     killed.wait()
-    study = optuna.load_study(study_name="s", storage=storage)
+    study = optuna.load_study(study_name="s", storage=new_database)
     [lost] = study.get_trials(states=(TrialState.RUNNING,))
 
     time.sleep(4)  # past the 3 s grace period: the next trial to start fails the killed one
-    finish(start_machine(tmp_path, "b", storage, prepared_data, "--count", "1"))
+    finish(start_machine("b", "--count", "1"))
     assert study.trials[lost.number].state == TrialState.FAIL
-    finish(start_machine(tmp_path, "a", storage, prepared_data, "--count", "1"))  # the machine is back
+    finish(start_machine("a", "--count", "1"))  # the machine is back
     [retry] = [t for t in study.get_trials() if t.system_attrs.get(sweep.RETRY_OF) == lost.number]
     assert retry.state == TrialState.COMPLETE and retry.params == lost.params
