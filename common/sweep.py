@@ -48,7 +48,8 @@ PROGRAM_API = ("get_args_parser", "config_from_args", "run")
 RUNNER_OPTIONS = ("out_dir", "name", "wandb_group")  # set per trial, on top of the sweep's parameters
 INTERRUPTED = "interrupted (Ctrl-C)"
 RETRY_OF = "retry_of"  # a queued retry's system attribute: the number of the interrupted trial
-DRIVER_PACKAGES = {"psycopg": '"psycopg[binary]"', "psycopg2": "psycopg2-binary"}  # module: pip package
+DRIVER_PACKAGES = {"psycopg": '"psycopg[binary]"', "psycopg2": "psycopg2-binary",  # module: pip package
+                   "MySQLdb": "mysqlclient"}
 
 
 @dataclass
