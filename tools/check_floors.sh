@@ -8,7 +8,7 @@ python=${1:-python3.10} venv=${2:-/tmp/floor-venv}
 rm -rf "$venv" && "$python" -m venv "$venv"
 sed -nE 's/^([A-Za-z0-9_.-]+(\[[a-z,]+\])?)>=([^,; ]+).*/\1==\3/p' requirements.txt requirements-dev.txt \
     > "$venv/floors.txt"
-# PIP_CONSTRAINT: a pip configuration that caps versions (these machines cap torch) must not move a floor.
+# A constraints file in the pip configuration (one capping torch, say) must not move a floor.
 PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install -q --disable-pip-version-check -r "$venv/floors.txt"
 "$venv/bin/python" --version && "$venv/bin/pip" freeze | grep -iE "^($(cut -d= -f1 "$venv/floors.txt" |
     sed 's/\[.*//' | paste -sd'|'))=="
