@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 import yaml
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -47,6 +48,8 @@ PROGRAM_API = ("get_args_parser", "config_from_args", "run")
 RUNNER_OPTIONS = ("out_dir", "name", "wandb_group")  # set per trial, on top of the sweep's parameters
 INTERRUPTED = "interrupted (Ctrl-C)"
 RETRY_OF = "retry_of"  # a queued retry's system attribute: the number of the interrupted trial
+DRIVER_PACKAGES = {"psycopg": '"psycopg[binary]"', "psycopg2": "psycopg2-binary",  # module: pip package
+                   "MySQLdb": "mysqlclient"}
 
 
 @dataclass
@@ -170,12 +173,39 @@ def default_storage(out_dir: str | Path, study: str) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The study database. Heartbeats let any worker mark a killed worker's trial as failed."""
+    """The study database. Heartbeats let any worker mark a killed worker's trial as failed: a running
+    trial is stamped every SWEEP_HEARTBEAT seconds (default 60) and is stale after three times that."""
+    heartbeat = os.environ.get("SWEEP_HEARTBEAT", "60")
+    if not heartbeat.isdigit() or int(heartbeat) < 1:
+        raise ValueError(f"SWEEP_HEARTBEAT must be a whole number of seconds >= 1, got {heartbeat!r}")
+    heartbeat = int(heartbeat)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait on locks
-    with warnings.catch_warnings():  # heartbeats are marked experimental, and have been for years
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
-                                          grace_period=180)
+    try:
+        with _table_creation_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, for years
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                              grace_period=3 * heartbeat)
+    except ImportError as error:  # SQLAlchemy imports the URL's driver (Optuna re-raises that as its cause)
+        module = getattr(error.__cause__, "name", None) or error.name
+        raise UserError(f"the {url.partition(':')[0]} storage needs the database driver {module}, which is "
+                        f"not installed: pip install {DRIVER_PACKAGES.get(module, module)}") from None
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError) as error:  # no password in these
+        message = " ".join(str(getattr(error, "orig", None) or error).split())  # psycopg's has several lines
+        raise UserError(f"cannot open the study database: {message}") from None
+
+
+@contextlib.contextmanager
+def _table_creation_lock(url: str):
+    """Optuna creates its tables on a new database by check-then-create, so machines starting together on
+    PostgreSQL all create them and all but one die on a duplicate key; this lock makes them take turns."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.begin() as connection:  # held until this transaction ends
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(20240520)"))  # any number all share
+        yield
+    engine.dispose()
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
@@ -348,14 +378,14 @@ def sweep_main(options: SweepOptions) -> None:
     fixed = {**spec.fixed, "data_dir": options.data_dir or str(spec.fixed.get("data_dir", "data")), "out_dir": out_dir}
     program = load_program(spec.program)
     check_program_accepts(program, spec, fixed)
-    _prepare_data(program, spec, fixed, options.workers)
-
-    from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
     database = database_path(out_dir, study)
     database.parent.mkdir(parents=True, exist_ok=True)
     storage_url = options.storage or default_storage(out_dir, study)
+    known = optuna.study.get_all_study_names(storage=open_storage(storage_url))  # a bad URL fails before the data
+    _prepare_data(program, spec, fixed, options.workers)
+
+    from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
     trials_dir = Path(out_dir) / study
-    known = optuna.study.get_all_study_names(storage=open_storage(storage_url))
     if study not in known and trials_dir.is_dir() and any(trials_dir.iterdir()):
         # A new study numbers its trials from 0 again, and trial_0 ... would collide with these runs.
         raise SweepConfigError(f"{trials_dir} holds runs of an earlier study {study}, which {storage_url} does not "
@@ -381,10 +411,11 @@ def report_main(args: argparse.Namespace) -> None:
     if args.storage is None and not database.is_file():
         raise SweepConfigError(f"no study database at {database}; pass the runner's --out_dir, or --storage URL")
     storage_url = args.storage or default_storage(args.out_dir, args.study)
+    storage = open_storage(storage_url)
     try:
-        study = optuna.load_study(study_name=args.study, storage=storage_url)
+        study = optuna.load_study(study_name=args.study, storage=storage)
     except KeyError:
-        names = optuna.get_all_study_names(storage_url)
+        names = optuna.get_all_study_names(storage)
         raise SweepConfigError(f"no study {args.study!r} in {storage_url}; it holds: "
                                f"{', '.join(names) or 'none'}") from None
     written = write_report(study, args.out or Path(args.out_dir) / "sweeps" / f"{args.study}_report")
@@ -397,7 +428,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="the sweep file, e.g. sweep.yaml")
     parser.add_argument("--count", type=int, required=True, help="trials to run in this invocation, across workers")
     parser.add_argument("--study", help="study name (default: the file's name key, else its stem)")
-    parser.add_argument("--storage", help="Optuna database URL, e.g. postgresql://user:pw@host/db "
+    parser.add_argument("--storage", help="Optuna database URL, e.g. postgresql+psycopg://user:pw@host/db "
                         "(default: sqlite under OUT_DIR/sweeps/)")
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel worker processes on this machine, one trial each (default: 1)")

@@ -448,7 +448,10 @@ def test_compiled_gradual_unfreezing_stays_compiled_through_every_stage(prepared
     import torch._dynamo
     from part_b import train as part_b_train
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    limit_hit = "fail_on_recompile_limit_hit"
+    if not hasattr(torch._dynamo.config, limit_hit):  # its name in torch 2.6
+        limit_hit = "fail_on_cache_limit_hit"
+    monkeypatch.setattr(torch._dynamo.config, limit_hit, True)
     config = part_b_train.config_from_args([
         "--model=resnet18", "--weights=none", "--input_size=32", "--strategy=gradual", "--epochs=6",
         "--batch_size=8", "--device=cpu", "--compile=true", "--wandb_mode=disabled",

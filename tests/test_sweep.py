@@ -281,6 +281,16 @@ def test_two_workers_finish_exactly_the_requested_trials(tmp_path):
     assert sorted(t.number for t in study.get_trials()) == list(range(8))
 
 
+def test_the_heartbeat_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SWEEP_HEARTBEAT", "2")
+    storage = sweep.open_storage("sqlite://")
+    assert (storage.heartbeat_interval, storage.grace_period) == (2, 6)
+    for bad in ("0", "1.5", "soon"):
+        monkeypatch.setenv("SWEEP_HEARTBEAT", bad)
+        with pytest.raises(ValueError, match=f"SWEEP_HEARTBEAT must be a whole number of seconds >= 1, got '{bad}'"):
+            sweep.open_storage("sqlite://")
+
+
 def test_hyperband_prunes_a_clearly_bad_trial(tmp_path):
     spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 9}},
                       early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 9, "eta": 3})
