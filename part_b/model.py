@@ -325,6 +325,12 @@ class FineTuneNet(nn.Module):
         return [{"name": "backbone", "params": backbone, "lr_scale": self.config.backbone_lr_scale},
                 {"name": "head", "params": self.head_parameters(), "lr_scale": 1.0}]
 
+    def extra_repr(self) -> str:
+        """What trains, as the log shows it at the start and whenever ``set_epoch`` changes it."""
+        counts = parameter_counts(self)
+        return (f"{self.frozen_summary()} | {counts['trainable_params']:,} trainable, "
+                f"{counts['frozen_params']:,} frozen parameters")
+
     def frozen_summary(self) -> str:
         """E.g. 'stem + stages 1-2 of 4 frozen' for the log."""
         stages = len(self.layout.stages)

@@ -16,6 +16,7 @@ import torch
 
 from common import checkpoint as ckpt_io
 from common import data as data_lib
+from common import device as device_lib
 from common import distributed, engine, training
 from common import evaluate
 from common.config import to_cli
@@ -38,17 +39,17 @@ def old_gpu(monkeypatch):
 
 
 def test_an_old_gpu_trains_eager_by_default_and_refuses_an_explicit_compile(old_gpu):
-    use_compile, notice = training.resolve_compile(None, CUDA)
+    use_compile, notice = device_lib.resolve_compile(None, CUDA)
     assert use_compile is False and "P100" in notice and "eager" in notice
     with pytest.raises(ValueError, match="compute capability 7.0"):
-        training.resolve_compile(True, CUDA)
-    assert training.resolve_compile(False, CUDA) == (False, None)
+        device_lib.resolve_compile(True, CUDA)
+    assert device_lib.resolve_compile(False, CUDA) == (False, None)
 
 
 def test_an_old_gpu_refuses_bf16_and_auto_picks_fp16(old_gpu):
     with pytest.raises(ValueError, match="no bf16"):
-        training.resolve_precision("bf16", CUDA)
-    assert training.resolve_precision("auto", CUDA) == torch.float16
+        device_lib.resolve_precision("bf16", CUDA)
+    assert device_lib.resolve_precision("auto", CUDA) == torch.float16
 
 
 def test_explicit_compile_on_an_old_gpu_fails_before_any_data_is_read(old_gpu, tmp_path, capsys):
@@ -61,9 +62,9 @@ def test_explicit_compile_on_an_old_gpu_fails_before_any_data_is_read(old_gpu, t
 def test_sync_bn_turns_compile_off_with_a_notice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     for requested in (None, True):
-        use_compile, notice = training.resolve_compile(requested, CUDA, sync_bn=True)
+        use_compile, notice = device_lib.resolve_compile(requested, CUDA, sync_bn=True)
         assert use_compile is False and "--sync_bn" in notice
-    assert training.resolve_compile(None, CUDA) == (True, None)
+    assert device_lib.resolve_compile(None, CUDA) == (True, None)
 
 
 def test_memory_pytorch_cached_but_does_not_use_counts_as_free(monkeypatch):
