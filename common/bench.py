@@ -34,8 +34,10 @@ from common import device as device_lib
 from common.config import add_dataclass_args, from_namespace, to_cli
 from common.distributed import DistInfo
 
-VARIANTS = {"eager": dict(compile=False, cuda_graphs=False), "compile": dict(compile=True, cuda_graphs=False),
-            "graphs": dict(compile=False, cuda_graphs=True), "compile_graphs": dict(compile=True, cuda_graphs=True)}
+VARIANTS = {"eager": dict(compile=False, cuda_graphs=False),
+            "compile": dict(compile=True, cuda_graphs=False),
+            "graphs": dict(compile=False, cuda_graphs=True),
+            "compile_graphs": dict(compile=True, cuda_graphs=True)}
 STEP_QUICK = dict(input_size=32, batch_sizes=[8], steps=4, repeats=1, models=["part_a"], variants=["eager"])
 E2E_QUICK = dict(images=40, input_size=32, batch_size=8)
 
@@ -43,13 +45,14 @@ E2E_QUICK = dict(images=40, input_size=32, batch_size=8)
 @dataclass
 class StepBenchConfig:
     models: list[str] = field(default_factory=lambda: ["part_a", "resnet50"], metadata={
-        "help": "comma list: part_a (its train script's defaults), resnet50 (part_b's, every layer training)"})
-    batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 256], metadata={"help": "training batch sizes"})
+        "help": "comma list: part_a (its train script's defaults), resnet50 (part_b's, all layers train)"})
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 256], metadata={"help": "batch sizes"})
     input_size: int = field(default=224, metadata={"help": "square input side"})
     steps: int = field(default=20, metadata={"help": "steps per timed epoch"})
     repeats: int = field(default=3, metadata={"help": "timed epochs (the median is reported)"})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "comma list"})
-    precision: str = field(default="auto", metadata={"help": "the runs' --precision", "choices": training.PRECISIONS})
+    precision: str = field(default="auto", metadata={"help": "the runs' --precision",
+                                                     "choices": training.PRECISIONS})
     device: str = field(default="auto", metadata={"help": "the runs' --device"})
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {STEP_QUICK}"})
 
@@ -61,7 +64,8 @@ class E2EBenchConfig:
     batch_size: int = field(default=32, metadata={"help": "training batch size (both loops)"})
     workers: int = field(default=2, metadata={"help": "DataLoader workers of the plain loop"})
     compile: bool | None = field(default=None, metadata={"help": "our loop's --compile; default: the run's"})
-    cuda_graphs: bool | None = field(default=None, metadata={"help": "our loop's --cuda_graphs; default: the run's"})
+    cuda_graphs: bool | None = field(default=None, metadata={
+        "help": "our loop's --cuda_graphs; default: the run's"})
     device: str = field(default="auto", metadata={"help": "the runs' --device"})
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {E2E_QUICK}"})
 
@@ -142,7 +146,8 @@ def run_step(config: StepBenchConfig) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             results.append(row)
-    return {"section": "step", "hardware": bench_data.hardware(device), "config": config.__dict__, "results": results}
+    return {"section": "step", "hardware": bench_data.hardware(device), "config": config.__dict__,
+            "results": results}
 
 
 def _time_variant(name: str, batch_size: int, variant: str, config: StepBenchConfig) -> dict:
@@ -152,17 +157,18 @@ def _time_variant(name: str, batch_size: int, variant: str, config: StepBenchCon
         epoch, policy = trainer(name, options, config.steps)
     except ValueError as error:  # e.g. CUDA graphs on a CPU
         return {"skipped": str(error)}
-    images = torch.randn(batch_size, 3, config.input_size, config.input_size, device=policy.device).contiguous(
-        memory_format=torch.channels_last if policy.channels_last else torch.contiguous_format)
+    size, memory_format = config.input_size, torch.channels_last if policy.channels_last else None
+    images = torch.randn(batch_size, 3, size, size, device=policy.device)
+    images = images.contiguous(memory_format=memory_format or torch.contiguous_format)
     batch = (images, torch.randint(0, 10, (batch_size,), device=policy.device))  # one batch: the step alone
     start = time.perf_counter()
     epoch([batch] * (engine.WARMUP_STEPS + 2))  # compiles, autotunes, captures
     warmup_s = time.perf_counter() - start
     rates = [epoch([batch] * config.steps)["images_per_s"] for _ in range(config.repeats)]
     rate = statistics.median(rates)
-    return {"images_per_s": rate, "ms_per_step": 1000 * batch_size / rate, "runs": rates, "warmup_s": warmup_s,
-            "gpu_busy": gpu_busy_share(lambda: epoch([batch] * config.steps), policy.device),
-            "precision": _precision(policy)}
+    busy = gpu_busy_share(lambda: epoch([batch] * config.steps), policy.device)
+    return {"images_per_s": rate, "ms_per_step": 1000 * batch_size / rate, "runs": rates,
+            "warmup_s": warmup_s, "gpu_busy": busy, "precision": _precision(policy)}
 
 
 def _precision(policy: device_lib.Policy) -> str:
@@ -200,7 +206,8 @@ def run_e2e(config: E2EBenchConfig) -> dict:
     from common.data import DeviceLoader, load_cache, prepare
     from part_a.model import MEAN, STD, ModelConfig, build_model
     device = device_lib.resolve_device(config.device)
-    options = {k: v for k, v in dict(compile=config.compile, cuda_graphs=config.cuda_graphs).items() if v is not None}
+    chosen = (("compile", config.compile), ("cuda_graphs", config.cuda_graphs))
+    options = {name: value for name, value in chosen if value is not None}  # else the run's defaults
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         bench_data.generate(Path(tmp), config.images)
         with contextlib.redirect_stdout(sys.stderr):
@@ -214,9 +221,9 @@ def run_e2e(config: E2EBenchConfig) -> dict:
         plain_s, plain_seen = _plain_epoch(build_model(ModelConfig(input_size=config.input_size)).to(device),
                                            folder, device)
         del folder
-        epoch, policy = trainer("part_a", dict(device=config.device, batch_size=config.batch_size,
-                                               input_size=config.input_size, wandb_mode="disabled", **options),
-                                len(cached.labels) // config.batch_size)
+        options.update(device=config.device, batch_size=config.batch_size, input_size=config.input_size,
+                       wandb_mode="disabled")
+        epoch, policy = trainer("part_a", options, len(cached.labels) // config.batch_size)
         loader = DeviceLoader(cached.images, cached.labels, config.batch_size, policy.device, train=True,
                               augment=True, seed=0, mean=MEAN, std=STD, channels_last=policy.channels_last)
         epochs = []

@@ -44,7 +44,8 @@ class DataBenchConfig:
     batch_size: int = field(default=64, metadata={"help": "batch size of both loaders"})
     workers: int = field(default=2, metadata={"help": "DataLoader workers (the cache build uses all cores)"})
     epochs: int = field(default=5, metadata={"help": "cache epochs timed after the first; the median is reported"})
-    device: str = field(default="auto", metadata={"help": "auto (the current accelerator, else cpu), cpu, cuda, ..."})
+    device: str = field(default="auto", metadata={
+        "help": "auto (the current accelerator, else cpu), cpu, cuda, mps, xpu"})
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {QUICK}"})
     work_dir: str | None = field(default=None, metadata={"help": "where to write the images (default: a temp folder)"})
 

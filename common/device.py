@@ -82,8 +82,9 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in AVAILABLE:
         raise ValueError(f"--device {name}: use auto, cpu, cuda, cuda:N, mps or xpu")
     if not AVAILABLE[device.type]():
-        raise ValueError(f"--device {name} asks for {device.type.upper()}, but torch sees no such device here "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+        raise ValueError(f"--device {name} asks for {device.type.upper()}, but torch sees no such device "
+                         f"here (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+                         "use --device cpu")
     count = getattr(torch, device.type).device_count() if device.type in ("cuda", "xpu") else 1
     if device.index is not None and device.index >= count:
         raise ValueError(f"--device {name}: only {count} {device.type.upper()} device(s) are visible")
@@ -99,11 +100,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16 if device.type in ("mps", "xpu") else None
     if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         raise ValueError(f"--precision bf16: {_gpu_name(device)} has no bf16 arithmetic (it needs compute "
-                         "capability 8.0, Ampere, or newer); use --precision auto (fp16 with loss scaling) or fp32")
+                         "capability 8.0, Ampere, or newer); use --precision auto (fp16 with loss scaling) "
+                         "or fp32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def resolve_compile(requested: bool | None, device: torch.device, sync_bn: bool = False) -> tuple[bool, str | None]:
+def resolve_compile(requested: bool | None, device: torch.device,
+                    sync_bn: bool = False) -> tuple[bool, str | None]:
     """Whether to ``torch.compile`` (by default on CUDA only), and a notice when the default or the request
     is overridden.
 
@@ -114,11 +117,12 @@ def resolve_compile(requested: bool | None, device: torch.device, sync_bn: bool 
     use_compile = device.type == "cuda" if requested is None else requested
     if use_compile and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
         if requested:
-            raise ValueError(f"--compile true: torch.compile needs a GPU of compute capability 7.0 or newer and "
-                             f"{_gpu_name(device)} is older; drop --compile (or pass --compile false)")
-        return False, f"notice: {_gpu_name(device)} is too old for torch.compile (Triton); training runs eager"
+            raise ValueError(f"--compile true: torch.compile needs a GPU of compute capability 7.0 or newer "
+                             f"and {_gpu_name(device)} is older; drop --compile (or pass --compile false)")
+        return False, f"notice: {_gpu_name(device)} is too old for torch.compile (Triton); it trains eager"
     if use_compile and sync_bn:
-        return False, "notice: --sync_bn splits compiled graphs at every batch-norm layer; training runs without torch.compile"
+        return False, ("notice: --sync_bn splits compiled graphs at every batch-norm layer; training runs "
+                       "without torch.compile")
     return use_compile, None
 
 
@@ -143,14 +147,15 @@ def configure_backends(deterministic: bool = False) -> None:
     torch.backends.cudnn.allow_tf32 = True
     if deterministic:  # cuBLAS reads this when it first makes its workspace
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)  # process-wide: set by every run, for sweeps' next trial
+    torch.use_deterministic_algorithms(deterministic)  # process-wide: each run sets it (a sweep's next trial)
 
 
 def place(model: nn.Module, policy: Policy) -> nn.Module:
     """The backend flags set, and ``model`` on the policy's device and memory format (SyncBatchNorm when
     the policy says): the raw module that is trained, saved and tested."""
     configure_backends(policy.deterministic)
-    model.to(policy.device, memory_format=torch.channels_last if policy.channels_last else torch.preserve_format)
+    memory_format = torch.channels_last if policy.channels_last else torch.preserve_format
+    model.to(policy.device, memory_format=memory_format)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if policy.sync_bn else model
 
 

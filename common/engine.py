@@ -67,7 +67,8 @@ class Sums:
     def __init__(self, device: torch.device):
         real = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.loss = torch.zeros((), device=device, dtype=real)
-        self.correct, self.seen, self.steps = (torch.zeros((), device=device, dtype=torch.int64) for _ in range(3))
+        self.correct, self.seen, self.steps = (torch.zeros((), device=device, dtype=torch.int64)
+                                               for _ in range(3))
         self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
 
     def zero_(self) -> Sums:
@@ -184,8 +185,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
     ctx.scaler.update()
     if ctx.update_ema is not None:
         ctx.update_ema()
-    sums.add(loss.detach().to(sums.loss.dtype) * labels.numel(), (logits.detach().argmax(dim=1) == labels).sum(),
-             labels.numel())
+    correct = (logits.detach().argmax(dim=1) == labels).sum()
+    sums.add(loss.detach().to(sums.loss.dtype) * labels.numel(), correct, labels.numel())
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,

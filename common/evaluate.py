@@ -41,8 +41,8 @@ class EvalConfig:
     data_dir: str = field(default="data", metadata={"help": "dataset root holding split/test"})
     out_dir: str | None = field(default=None, metadata={"help": "where figures go; default: the checkpoint's folder"})
     batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
-    device: str = field(default="auto", metadata={"help": "auto (torch's current accelerator), cpu, cuda, cuda:N, "
-                                                  "mps or xpu"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (torch's current accelerator), cpu, cuda, cuda:N, mps or xpu"})
     tta: bool = field(default=False, metadata={"help": "average the softmax of each image and its mirror image"})
     wandb_mode: str | None = field(default=None, metadata={
         "help": "online/offline: log figures to a new wandb run unless one is active; disabled: log nothing; "

@@ -73,17 +73,21 @@ class RunConfig:
     seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
-    precision: str = field(default="auto", metadata={"help": "autocast precision; auto = bf16 on CUDA (fp16 with loss scaling before compute capability 8.0), MPS and XPU, fp32 on CPU", "choices": PRECISIONS})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model; default: on for CUDA, off elsewhere"})
+    precision: str = field(default="auto", metadata={
+        "help": "autocast precision; auto = bf16 on CUDA (fp16 with loss scaling before compute capability "
+                "8.0), MPS and XPU, fp32 on CPU", "choices": PRECISIONS})
+    compile: bool | None = field(default=None, metadata={
+        "help": "torch.compile the model; default: on for CUDA, off elsewhere"})
     cuda_graphs: bool | None = field(default=None, metadata={
-        "help": "capture each training and validation step (forward, backward, optimizer, EMA, metrics) as one "
-                "CUDA graph, replayed with one launch; one CUDA process only; default: per model, off until "
-                "measured (common/device.py: CUDA_GRAPHS)"})
+        "help": "capture each training and validation step (forward, backward, optimizer, EMA, metrics) as "
+                "one CUDA graph, replayed with one launch; one CUDA process only; default: per model, off "
+                "until measured (common/device.py: CUDA_GRAPHS)"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format for model and inputs"})
     sync_bn: bool = field(default=False, metadata={"help": "under torchrun on GPUs, batch norm statistics over the "
                                                    "global batch (SyncBatchNorm; slower, and it turns torch.compile off)"})
-    device: str = field(default="auto", metadata={"help": "auto (torch's current accelerator: CUDA, MPS or XPU, "
-                                                  "else the CPU), cpu, cuda, cuda:N, mps or xpu"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (torch's current accelerator: CUDA, MPS or XPU, else the CPU), cpu, cuda, cuda:N, mps "
+                "or xpu"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic kernels only (no cuDNN autotuning): "
                                                          "bit-identical GPU runs and resumes, at some speed"})
     test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
@@ -257,7 +261,7 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
         status, started, trainable = "running", time.perf_counter(), None
         try:
             for epoch in range(start_epoch, config.epochs + 1):
-                if hasattr(raw_model, "set_epoch"):  # the layers that train this epoch (Part B's gradual unfreezing)
+                if hasattr(raw_model, "set_epoch"):  # the layers that train this epoch (Part B: gradual)
                     before = _trainable(raw_model)
                     raw_model.set_epoch(epoch)
                     if _trainable(raw_model) != before:
@@ -374,8 +378,8 @@ def _describe(summary: dict, config: RunConfig, policy: device_lib.Policy, train
     dtype = "" if policy.amp_dtype is None else f" ({str(policy.amp_dtype).removeprefix('torch.')})"
     size = train_set.images.shape[1]  # the cache holds [N, S, S, 3] images
     return (f"{summary['kind']} | {summary['run_dir']} | device {summary['device']} x{summary['world_size']} | "
-            f"precision {config.precision}{dtype} | compile {policy.compile} | cuda_graphs {policy.cuda_graphs} | "
-            f"channels_last {config.channels_last} | "
+            f"precision {config.precision}{dtype} | compile {policy.compile} | "
+            f"cuda_graphs {policy.cuda_graphs} | channels_last {config.channels_last} | "
             f"params {summary['params']:,} ({summary['trainable_params']:,} trainable) | "
             f"train {len(train_set.labels)} val {len(val_set.labels)} images at {size}x{size}")
 

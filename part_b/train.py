@@ -52,7 +52,8 @@ def _build(model_config: ModelBConfig) -> FineTuneNet:
     model = build_model(model_config)
     if is_main_process():
         print(f"{model_config.model} | weights {model_config.weights} | strategy {model_config.strategy} | "
-              f"input {model_config.input_size}px | {model_config.num_classes} classes | {model.extra_repr()}",
+              f"input {model_config.input_size}px | {model_config.num_classes} classes | "
+              f"{model.extra_repr()}",
               flush=True)
     return model
 

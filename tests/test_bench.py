@@ -49,7 +49,7 @@ def test_quick_e2e_benchmark_prints_both_rates(capsys):
     assert result["ours"]["images_per_s"] > 0 and result["plain_imagefolder_eager"]["images_per_s"] > 0
     assert result["ratio"] == pytest.approx(
         result["ours"]["images_per_s"] / result["plain_imagefolder_eager"]["images_per_s"])
-    assert result["ours"]["compile"] is False and result["ours"]["cuda_graphs"] is False  # the CPU run's defaults
+    assert result["ours"]["compile"] is False and result["ours"]["cuda_graphs"] is False  # the CPU's defaults
 
 
 @pytest.mark.parametrize("argv, fragment", [(["--variants", "warp_speed"], "unknown variants or models"),

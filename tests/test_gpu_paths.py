@@ -79,48 +79,51 @@ def modern_gpu(monkeypatch):
 
 def test_cuda_graphs_on_a_cpu_are_refused_before_any_data_is_read(tmp_path, capsys):
     data_dir = tmp_path / "never_created"
-    code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu", "--cuda_graphs"])
+    code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu",
+                              "--cuda_graphs"])
     assert code == 2 and "--cuda_graphs true: CUDA graphs need a CUDA GPU" in capsys.readouterr().err
     assert not data_dir.exists()
 
 
 def test_cuda_graphs_are_refused_with_nadam_in_fp16_and_under_torchrun(modern_gpu, monkeypatch):
+    def graphs(**options):
+        return device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True, **options)).cuda_graphs
     with pytest.raises(ValueError, match="nadam has no fused kernel"):
-        device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True, optimizer="nadam", precision="fp16"))
-    assert device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True, optimizer="nadam")).cuda_graphs  # bf16
-    assert device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True, precision="fp16")).cuda_graphs  # fused adam
+        graphs(optimizer="nadam", precision="fp16")
+    assert graphs(optimizer="nadam") and graphs(precision="fp16")  # nadam in bf16; fp16 with fused adam
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="not under torchrun"):
-        device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True))
+        graphs()
 
 
 def test_the_cuda_graphs_default_is_per_model_and_never_fails(modern_gpu, monkeypatch):
-    assert not device_lib.resolve(RunConfig(device="cuda"), "part_a").cuda_graphs  # off until measured
+    def graphs(kind="part_a", **options):
+        return device_lib.resolve(RunConfig(**{"device": "cuda", **options}), kind).cuda_graphs
+    assert not graphs()  # off until measured
     monkeypatch.setitem(device_lib.CUDA_GRAPHS, "part_a", True)
-    assert device_lib.resolve(RunConfig(device="cuda"), "part_a").cuda_graphs
-    assert not device_lib.resolve(RunConfig(device="cuda"), "part_b").cuda_graphs
+    assert graphs() and not graphs("part_b")
     # Where they cannot run, the default is off rather than an error.
-    assert not device_lib.resolve(RunConfig(device="cpu"), "part_a").cuda_graphs
-    assert not device_lib.resolve(RunConfig(device="cuda", optimizer="nadam", precision="fp16"), "part_a").cuda_graphs
+    assert not graphs(device="cpu") and not graphs(optimizer="nadam", precision="fp16")
 
 
 def test_cuda_graphs_get_capturable_optimizers_and_cuda_fused_ones(modern_gpu):
     model = torch.nn.Linear(3, 2)
     graphs = device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True))
-    for name, flags in (("adam", ("fused", "capturable")), ("adamw", ("fused", "capturable")), ("sgd", ("fused",)),
-                        ("nadam", ("capturable",))):
+    for name, flags in (("adam", ("fused", "capturable")), ("adamw", ("fused", "capturable")),
+                        ("sgd", ("fused",)), ("nadam", ("capturable",))):
         group = training.build_optimizer(RunConfig(optimizer=name), model, None, graphs).param_groups[0]
         assert all(group[flag] for flag in flags), (name, group)
     plain = device_lib.resolve(RunConfig(device="cuda"))
-    group = training.build_optimizer(RunConfig(optimizer="sgd"), model, None, plain).param_groups[0]
-    assert group["fused"] and not training.build_optimizer(RunConfig(), model, None, plain).param_groups[0]["capturable"]
+    sgd, adam = (training.build_optimizer(RunConfig(optimizer=name), model, None, plain).param_groups[0]
+                 for name in ("sgd", "adam"))
+    assert sgd["fused"] and adam["fused"] and not adam["capturable"]
 
 
 @pytest.mark.parametrize("accelerator", ["mps", "xpu"])
 def test_device_auto_takes_the_current_accelerator_with_defaults_it_supports(monkeypatch, accelerator):
     """Resolution only: MPS and XPU hardware is untested here."""
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args, **kwargs: torch.device(accelerator))
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args: torch.device(accelerator))
     policy = device_lib.resolve(RunConfig())
     assert policy.device == torch.device(accelerator) and policy.amp_dtype == torch.bfloat16
     assert not policy.compile and not policy.cuda_graphs and not policy.fused  # compile only when asked
@@ -129,15 +132,16 @@ def test_device_auto_takes_the_current_accelerator_with_defaults_it_supports(mon
     assert device_lib.resolve(RunConfig()).device == torch.device("cpu")
 
 
-@pytest.mark.parametrize("name, fragment", [("mps", "asks for MPS"), ("xpu:1", "asks for XPU"), ("gpu", "use auto"),
-                                            ("meta", "use auto"), ("cuda:7", "asks for CUDA")])
+@pytest.mark.parametrize("name, fragment", [("mps", "asks for MPS"), ("xpu:1", "asks for XPU"),
+                                            ("gpu", "use auto"), ("meta", "use auto"),
+                                            ("cuda:7", "asks for CUDA")])
 def test_a_device_torch_cannot_use_here_is_one_clear_error(name, fragment):
     with pytest.raises(ValueError, match=fragment):
         device_lib.resolve_device(name)
 
 
 def test_the_cache_stays_on_devices_that_share_host_memory_and_xpu_memory_is_checked(monkeypatch):
-    assert data_lib.fits_on_gpu(1 << 50, torch.device("mps")) and data_lib.fits_on_gpu(1 << 50, torch.device("cpu"))
+    assert all(data_lib.fits_on_gpu(1 << 50, torch.device(name)) for name in ("mps", "cpu"))
     gib = 1 << 30
     monkeypatch.setattr(torch.xpu, "mem_get_info", lambda device=None: (10 * gib, 16 * gib))
     monkeypatch.setattr(torch.xpu, "memory_reserved", lambda device=None: 0)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -149,6 +150,7 @@ def test_lr_schedules_warm_up_then_follow_their_shape(schedule):
 # ---------------------------------------------------------------- the step: graph-ready, no host reads
 
 CPU = torch.device("cpu")
+SMALL = ModelConfig(input_size=16, n_filters=2, n_blocks=2, kernel_size=3, dense_neurons=8)
 
 
 @pytest.fixture
@@ -176,7 +178,7 @@ def _tiny_training(graphs: bool, **options) -> training.Training:
     model = build_model(ModelConfig(input_size=16, n_filters=4, n_blocks=2, kernel_size=3, dense_neurons=8,
                                     dropout=0.3))
     config = RunConfig(learning_rate=3e-3, lr_schedule="cosine", warmup_epochs=0.5, epochs=2, **options)
-    policy = device_lib.Policy(CPU, None, compile=False, cuda_graphs=False)  # a float learning rate, as on the CPU
+    policy = device_lib.Policy(CPU, None, compile=False, cuda_graphs=False)  # a float learning rate
     parts = training.build_training(config, policy, model, 6, torch.arange(10), 10)
     return parts._replace(ctx=dataclasses.replace(parts.ctx, cuda_graphs=graphs))
 
@@ -245,8 +247,10 @@ def no_host_reads(monkeypatch):
 
 # nadam alone keeps its step count in host memory (torch reads it there: no device sync), which this
 # stand-in cannot tell from a device read; its fp16 case shows the sync it has, tests/test_cuda.py the rest.
-@pytest.mark.parametrize("optimizer, precision", [(optimizer, precision) for optimizer in ("adam", "adamw", "sgd")
-                                                  for precision in ("fp32", "bf16", "fp16")] + [("nadam", "fp16")])
+SYNC_FREE = [*itertools.product(("adam", "adamw", "sgd"), ("fp32", "bf16", "fp16")), ("nadam", "fp16")]
+
+
+@pytest.mark.parametrize("optimizer, precision", SYNC_FREE)
 def test_the_training_step_reads_nothing_back_to_the_host(no_host_reads, monkeypatch, optimizer, precision):
     # The optimizers build_optimizer makes on CUDA (fused where torch has a kernel), built on the CPU.
     monkeypatch.setattr(device_lib.Policy, "fused", property(lambda policy: True))
@@ -254,11 +258,11 @@ def test_the_training_step_reads_nothing_back_to_the_host(no_host_reads, monkeyp
     policy = device_lib.Policy(CPU, amp_dtype, compile=False, cuda_graphs=False)
     for options in (dict(grad_clip=1.0, mixup_alpha=0.4, class_weights=True), dict(label_smoothing=0.1)):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(input_size=16, n_filters=2, n_blocks=2, kernel_size=3, dense_neurons=8))
+        model = build_model(SMALL)
         config = RunConfig(optimizer=optimizer, learning_rate=1e-3, lr_schedule="onecycle", **options)
         parts = training.build_training(config, policy, model, 3, torch.arange(10), 10)
-        run = functools.partial(engine.train_one_epoch, parts.model, _loaders(3)[0], parts.optimizer, parts.scheduler,
-                                parts.loss_fn, parts.ctx, 1)
+        run = functools.partial(engine.train_one_epoch, parts.model, _loaders(3)[0], parts.optimizer,
+                                parts.scheduler, parts.loss_fn, parts.ctx, 1)
         if optimizer == "nadam":  # no fused NAdam: GradScaler reads its overflow check on the host
             with pytest.raises(HostRead, match="item") as read:
                 run()
@@ -267,20 +271,21 @@ def test_the_training_step_reads_nothing_back_to_the_host(no_host_reads, monkeyp
             assert run()["train_loss"] > 0
 
 
-@pytest.mark.xfail(strict=True, raises=HostRead, reason="AveragedModel syncs; issue 19's EMA rewrite removes it")
+@pytest.mark.xfail(strict=True, raises=HostRead, reason="AveragedModel reads; issue 19 rewrites the EMA")
 def test_the_weight_average_update_reads_nothing_back_to_the_host(no_host_reads):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(input_size=16, n_filters=2, n_blocks=2, kernel_size=3, dense_neurons=8))
-    parts = training.build_training(RunConfig(ema_decay=0.9), device_lib.Policy(CPU, None, False, False), model, 3,
-                                    torch.arange(10), 10)
-    engine.train_one_epoch(parts.model, _loaders(3)[0], parts.optimizer, parts.scheduler, parts.loss_fn, parts.ctx, 1)
+    model = build_model(SMALL)
+    policy = device_lib.Policy(CPU, None, compile=False, cuda_graphs=False)
+    parts = training.build_training(RunConfig(ema_decay=0.9), policy, model, 3, torch.arange(10), 10)
+    engine.train_one_epoch(parts.model, _loaders(3)[0], parts.optimizer, parts.scheduler, parts.loss_fn,
+                           parts.ctx, 1)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
 def test_with_cuda_graphs_the_schedule_writes_the_learning_rate_into_one_tensor_that_resume_keeps():
     def build(graphs: bool) -> training.Training:
         torch.manual_seed(0)
-        model = build_model(ModelConfig(input_size=16, n_filters=2, n_blocks=2, kernel_size=3, dense_neurons=8))
+        model = build_model(SMALL)
         config = RunConfig(learning_rate=0.01, lr_schedule="cosine", warmup_epochs=1, epochs=3)
         return training.build_training(config, device_lib.Policy(CPU, None, False, graphs), model, 4,
                                        torch.arange(10), 10)
