@@ -281,7 +281,7 @@ def test_the_weight_average_update_reads_nothing_back_to_the_host(no_host_reads)
                            parts.ctx, 1)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_with_cuda_graphs_the_schedule_writes_the_learning_rate_into_one_tensor_that_resume_keeps():
     def build(graphs: bool) -> training.Training:
         torch.manual_seed(0)
