@@ -50,7 +50,8 @@ class StepBenchConfig:
     input_size: int = field(default=224, metadata={"help": "square input side"})
     steps: int = field(default=20, metadata={"help": "steps per timed epoch"})
     repeats: int = field(default=3, metadata={"help": "timed epochs (the median is reported)"})
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": "comma list"})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={
+        "help": "comma list: eager, compile (--compile), graphs (--cuda_graphs), compile_graphs (both)"})
     precision: str = field(default="auto", metadata={"help": "the runs' --precision",
                                                      "choices": training.PRECISIONS})
     device: str = field(default="auto", metadata={"help": "the runs' --device"})

@@ -115,18 +115,28 @@ class Step:
 
 @contextlib.contextmanager
 def _side_stream():
-    side = torch.cuda.Stream()
+    """CUDA work on the warm-up stream, after the current stream's and before what follows on it."""
+    side = _warm_up_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         yield
     torch.cuda.current_stream().wait_stream(side)
 
 
+@functools.cache
+def _warm_up_stream() -> torch.cuda.Stream:
+    return torch.cuda.Stream()  # one, so that each warm-up reuses the memory the last one freed
+
+
 def _capture(fn: Callable[[], Any]) -> Callable[[], None]:
     """``fn``'s CUDA work, recorded (not run) as one graph; returns its replay."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:  # e.g. something in the step waited for the GPU
+        raise UserError(f"--cuda_graphs: the training step could not be captured as a CUDA graph "
+                        f"({str(error).strip().splitlines()[0]}); train without --cuda_graphs") from error
     return graph.replay
 
 

@@ -218,6 +218,18 @@ def test_a_new_trainable_set_is_captured_again(eager_graphs):
     assert len(eager_graphs) == 3 and torch.equal(first_conv.weight, frozen)
 
 
+def test_a_step_that_cannot_be_captured_is_one_clear_error(monkeypatch):
+    @contextlib.contextmanager
+    def capture_fails(graph):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+        yield
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", capture_fails)
+    with pytest.raises(engine.UserError, match=r"could not be captured as a CUDA graph \(CUDA error: operation "
+                                               r"not permitted when stream is capturing\); train without"):
+        engine._capture(lambda: None)
+
+
 class HostRead(AssertionError):
     pass
 
