@@ -92,11 +92,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA (fp16 with loss scaling before compute capability 8.0), bf16 on MPS and XPU,
-    fp32 on the CPU."""
+    """``auto``: bf16 where the device computes in it: MPS, XPU and CUDA GPUs of compute capability 8.0
+    (Ampere) and newer, else fp16 with loss scaling (``torch.cuda.is_bf16_supported()`` also says yes to
+    older GPUs that only emulate bf16); fp32 on the CPU."""
+    if precision == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if precision == "auto":
-        if device.type == "cuda":
-            return cuda_amp_dtype(device)
         return torch.bfloat16 if device.type in ("mps", "xpu") else None
     if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         raise ValueError(f"--precision bf16: {_gpu_name(device)} has no bf16 arithmetic (it needs compute "
@@ -129,12 +130,6 @@ def resolve_compile(requested: bool | None, device: torch.device,
 def _gpu_name(device: torch.device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-
-
-def cuda_amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the GPU computes in it (compute capability 8.0, Ampere, and newer), else fp16 with
-    loss scaling. ``torch.cuda.is_bf16_supported()`` also says yes to older GPUs that only emulate it."""
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def configure_backends(deterministic: bool = False) -> None:

@@ -90,9 +90,8 @@ class Step:
     """``fn(sums, *inputs)`` with the sums it adds to. With ``graph``, the first WARMUP_STEPS calls run
     eagerly on a side stream (as PyTorch's CUDA graph documentation warms up), the next is captured as one
     CUDA graph, and from then on each call copies its inputs into the captured ones and replays it: one
-    launch instead of hundreds. Only what runs on the device is replayed; the host work of ``fn`` runs
-    once, at capture, so ``fn`` must not depend on host values that change (device.py refuses the
-    option combinations where it would)."""
+    launch instead of hundreds. A replay repeats only the device work, so whatever changes from step to
+    step must be a tensor that ``fn`` reads (the learning rate is one: ``training.build_training``)."""
 
     def __init__(self, fn: Callable, device: torch.device, graph: bool):
         self.fn, self.sums, self.graph = fn, Sums(device), graph

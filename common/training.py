@@ -211,7 +211,13 @@ def build_training(config: RunConfig, policy: device_lib.Policy, model: nn.Modul
     ``--class_weights``)."""
     raw_model = device_lib.place(model, policy)
     param_groups = raw_model.param_groups() if hasattr(raw_model, "param_groups") else None
-    optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, policy, steps_per_epoch)
+    optimizer = build_optimizer(config, raw_model, param_groups, policy)
+    factor = engine.lr_lambda(config.lr_schedule, config.epochs * steps_per_epoch,
+                              int(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # stepped once per batch
+    if policy.cuda_graphs:  # a captured step reads its rate from the device, where the schedule writes it
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(group["lr"], device=policy.device)
     ctx, loss_fn, ema = _step_context(config, raw_model, policy.amp_dtype, labels, num_classes, policy.device)
     ctx = dataclasses.replace(ctx, cuda_graphs=policy.cuda_graphs)
     return Training(raw_model, optimizer, scheduler, ctx, loss_fn, ema)
@@ -382,18 +388,6 @@ def _describe(summary: dict, config: RunConfig, policy: device_lib.Policy, train
             f"cuda_graphs {policy.cuda_graphs} | channels_last {config.channels_last} | "
             f"params {summary['params']:,} ({summary['trainable_params']:,} trainable) | "
             f"train {len(train_set.labels)} val {len(val_set.labels)} images at {size}x{size}")
-
-
-def _optimizer_and_schedule(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
-                            policy: device_lib.Policy, steps_per_epoch: int):
-    optimizer = build_optimizer(config, model, param_groups, policy)
-    factor = engine.lr_lambda(config.lr_schedule, config.epochs * steps_per_epoch,
-                              int(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # stepped once per batch
-    if policy.cuda_graphs:  # a captured step reads its rate from the device, where the schedule writes it
-        for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(group["lr"], device=policy.device)
-    return optimizer, scheduler
 
 
 def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:
