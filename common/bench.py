@@ -193,11 +193,20 @@ def _plain_epoch(model: torch.nn.Module, loader, device: torch.device) -> tuple[
     return time.perf_counter() - start, seen
 
 
+def _e2e_options(config: E2EBenchConfig) -> dict:
+    """Our run's options: the e2e ones, and its own defaults for --compile and --cuda_graphs unless given."""
+    chosen = (("compile", config.compile), ("cuda_graphs", config.cuda_graphs))
+    return dict(device=config.device, batch_size=config.batch_size, input_size=config.input_size,
+                wandb_mode="disabled", **{name: value for name, value in chosen if value is not None})
+
+
 def check_e2e(config: E2EBenchConfig) -> E2EBenchConfig:
+    """--quick applied; what our run or the image count would refuse is refused before any image exists."""
+    from part_a import train as part_a_train
     if config.quick:
         config = E2EBenchConfig(**{**config.__dict__, **E2E_QUICK})
     bench_data.check_images(config.images, config.batch_size)
-    device_lib.resolve_device(config.device)
+    part_a_train.config_from_args(to_cli(_e2e_options(config)))
     return config
 
 
@@ -207,8 +216,6 @@ def run_e2e(config: E2EBenchConfig) -> dict:
     from common.data import DeviceLoader, load_cache, prepare
     from part_a.model import MEAN, STD, ModelConfig, build_model
     device = device_lib.resolve_device(config.device)
-    chosen = (("compile", config.compile), ("cuda_graphs", config.cuda_graphs))
-    options = {name: value for name, value in chosen if value is not None}  # else the run's defaults
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         bench_data.generate(Path(tmp), config.images)
         with contextlib.redirect_stdout(sys.stderr):
@@ -222,9 +229,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
         plain_s, plain_seen = _plain_epoch(build_model(ModelConfig(input_size=config.input_size)).to(device),
                                            folder, device)
         del folder
-        options.update(device=config.device, batch_size=config.batch_size, input_size=config.input_size,
-                       wandb_mode="disabled")
-        epoch, policy = trainer("part_a", options, len(cached.labels) // config.batch_size)
+        epoch, policy = trainer("part_a", _e2e_options(config), len(cached.labels) // config.batch_size)
         loader = DeviceLoader(cached.images, cached.labels, config.batch_size, policy.device, train=True,
                               augment=True, seed=0, mean=MEAN, std=STD, channels_last=policy.channels_last)
         epochs = []

@@ -61,6 +61,13 @@ def test_bad_step_options_are_one_error_line(capsys, argv, fragment):
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
 
 
+def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(monkeypatch, capsys):
+    monkeypatch.setattr(bench_data, "generate", lambda *args: pytest.fail("images generated before the check"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["e2e", "--quick", "--device", "cpu", "--cuda_graphs", "true"])
+    assert exit_.value.code == 2 and "CUDA graphs need a CUDA GPU" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("section", ["data", "e2e"])
 def test_too_few_images_for_one_batch_is_refused_before_any_image_is_written(section, monkeypatch, capsys):
     def no_images(*args):
