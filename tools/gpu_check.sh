@@ -7,8 +7,12 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu_check}")
+if ! mkdir -p "$OUT" || ! : > "$OUT/steps.jsonl"; then
+    echo "error: cannot write to $OUT; set OUT to a folder you can write" >&2
+    exit 1
+fi
 WORK=$(mktemp -d)
-mkdir -p "$OUT"
+trap 'rm -rf "$WORK"' EXIT  # the generated data and runs, also after Ctrl-C
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 
 timed() {  # timed NAME COMMAND...: runs it, logging to NAME.log; its exit code and seconds go to steps.jsonl
@@ -20,7 +24,6 @@ timed() {  # timed NAME COMMAND...: runs it, logging to NAME.log; its exit code 
     echo "$name: exit $code after $seconds s"
 }
 
-: > "$OUT/steps.jsonl"
 timed install pip install -r requirements-dev.txt
 timed cuda_tests python - "$OUT/cuda_tests.json" <<'EOF'
 import json, sys, pytest
@@ -67,4 +70,3 @@ for workers in (1, 3):  # finished 2-epoch trials per hour of the sweep's wall t
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(f"results: {out}/summary.json")
 EOF
-rm -rf "$WORK"
