@@ -28,7 +28,7 @@ from common.data import DeviceLoader, load_cache, prepare
 from common.data_cache import parallel_map
 from common.data_fetch import DATASET_DIR
 from common.data_prepare import ImageFile, assign_splits
-from common.training import resolve_device
+from common.device import resolve_device
 from part_a.model import MEAN, STD  # the data the benchmark serves is the Part A model's, by design
 
 CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
@@ -44,7 +44,8 @@ class DataBenchConfig:
     batch_size: int = field(default=64, metadata={"help": "batch size of both loaders"})
     workers: int = field(default=2, metadata={"help": "DataLoader workers (the cache build uses all cores)"})
     epochs: int = field(default=5, metadata={"help": "cache epochs timed after the first; the median is reported"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (the current accelerator, else cpu), cpu, cuda, mps, xpu"})
     quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {QUICK}"})
     work_dir: str | None = field(default=None, metadata={"help": "where to write the images (default: a temp folder)"})
 
@@ -58,10 +59,11 @@ def _photo_like(task: tuple[int, Path]) -> None:
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def generate(root: Path, n_train: int) -> None:
-    """``n_train`` training images over 10 classes, plus one test image per class (prepare needs them)."""
+def generate(root: Path, n_train: int, n_test: int = len(CLASSES)) -> None:
+    """``n_train`` training and ``n_test`` test images (prepare needs one per class) over 10 classes, in
+    the archive's layout; their content does not depend on the class."""
     tasks = []
-    for origin, count in (("train", n_train), ("val", len(CLASSES))):
+    for origin, count in (("train", n_train), ("val", n_test)):
         for i in range(count):
             folder = root / DATASET_DIR / origin / CLASSES[i % len(CLASSES)]
             folder.mkdir(parents=True, exist_ok=True)
@@ -114,10 +116,15 @@ def timed_epochs(loader, device: torch.device, epochs: range) -> list[tuple[floa
         seen, wall, cpu = 0, time.perf_counter(), _cpu_seconds()
         for x, _ in loader:
             seen += len(x.to(device, non_blocking=True))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         timed.append((time.perf_counter() - wall, _cpu_seconds() - cpu, seen))
     return timed
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has done the work queued on it."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def _median(timed: list[tuple[float, float, int]]) -> tuple[float, float, int]:

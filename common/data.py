@@ -41,10 +41,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
-    """Whether ``nbytes`` fit on the GPU with the margin to spare. Memory PyTorch has cached but not
-    allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used."""
-    free, total = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """Whether ``nbytes`` fit on the device with the margin to spare. Memory PyTorch has cached but not
+    allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used.
+    The CPU and Apple's MPS (memory shared with the host) hold the array where it is anyway."""
+    if device.type not in ("cuda", "xpu"):
+        return True
+    memory = getattr(torch, device.type)  # torch.cuda and torch.xpu answer alike
+    free, total = memory.mem_get_info(device)
+    free += memory.memory_reserved(device) - memory.memory_allocated(device)
     return nbytes + max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)) <= free
 
 
@@ -88,7 +92,7 @@ class DeviceLoader:
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
         self.epoch = 0
         self.size = images.shape[1]
-        self.prefetch = self.device.type == "cuda" and not fits_on_gpu(images.nbytes, self.device)
+        self.prefetch = not fits_on_gpu(images.nbytes, self.device)
         self.images = images if self.prefetch else images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=self.device) for v in (mean, std))
@@ -144,7 +148,7 @@ class DeviceLoader:
         after the work queued before them). The pinned allocator reuses a block once its copy is done."""
         def copy(index: torch.Tensor) -> torch.Tensor:
             host = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8,
-                               pin_memory=self.device.type == "cuda")
+                               pin_memory=self.device.type != "cpu")
             return torch.index_select(self.images, 0, index.clamp(min=0), out=host).to(self.device, non_blocking=True)
 
         batches = map(copy, indices)

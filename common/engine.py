@@ -1,17 +1,20 @@
-"""The hand-written step loop: one ``train_one_epoch``, one ``evaluate``.
+"""The hand-written step loop: one ``train_one_epoch``, one ``evaluate``, each calling one step function.
 
 Features are switches on one code path, never copies of it: autocast and the GradScaler take
-``enabled=``; the model may be plain, channels_last, compiled or DDP-wrapped. Metrics accumulate on
-the device and are read (one host sync) only at log points.
+``enabled=``; the model may be plain, channels_last, compiled or DDP-wrapped; with ``cuda_graphs`` the
+same step is captured once as a CUDA graph and replayed (``Step``). No step reads anything back to the
+host: metrics and the non-finite check accumulate on the device and are read (one host sync) only at
+log points.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,7 @@ from tqdm import tqdm
 from common.config import UserError
 
 SYNC_EVERY = 50  # steps between host syncs (non-finite check, progress-bar loss)
+WARMUP_STEPS = 3  # eager steps before a step is captured: autotuning, compilation, lazy optimizer state
 TEST_PRECISION = "fp32"  # recorded beside test_acc in summary.json
 
 
@@ -42,9 +46,97 @@ class StepContext:
     # MixUp/CutMix: (images, labels) -> (mixed images, soft targets [B, classes]); None: off.
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     update_ema: Callable[[], None] | None = None  # after every optimizer step; None: no weight average
+    cuda_graphs: bool = False  # capture each step as a CUDA graph (device.py says when it can)
+    steps: dict[str, tuple[Any, Step]] = field(default_factory=dict, init=False, repr=False)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def step(self, kind: str, key: tuple, fn: Callable) -> Step:
+        """The ``kind`` step of the objects in ``key`` (what ``fn`` closes over), kept while they stay the
+        same, so that its sums, and its CUDA graph, are made once."""
+        if kind not in self.steps or self.steps[kind][0] != key:
+            self.steps[kind] = (key, Step(fn, self.device, self.cuda_graphs))
+        return self.steps[kind][1]
+
+
+class Sums:
+    """A pass's on-device sums (loss, correct predictions, samples), its step count and first non-finite
+    step, added to in place: a captured step keeps adding into the same tensors."""
+
+    def __init__(self, device: torch.device):
+        real = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.loss = torch.zeros((), device=device, dtype=real)
+        self.correct, self.seen, self.steps = (torch.zeros((), device=device, dtype=torch.int64)
+                                               for _ in range(3))
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+
+    def zero_(self) -> Sums:
+        for total in (self.loss, self.correct, self.seen, self.steps):
+            total.zero_()
+        self.first_bad.fill_(-1)
+        return self
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor | int) -> None:
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss_sum)
+        self.first_bad.copy_(torch.where(bad, self.steps, self.first_bad))
+        self.loss += loss_sum
+        self.correct += correct
+        self.seen += seen
+        self.steps += 1
+
+
+class Step:
+    """``fn(sums, *inputs)`` with the sums it adds to. With ``graph``, the first WARMUP_STEPS calls run
+    eagerly on a side stream (as PyTorch's CUDA graph documentation warms up), the next is captured as one
+    CUDA graph, and from then on each call copies its inputs into the captured ones and replays it: one
+    launch instead of hundreds. A replay repeats only the device work, so whatever changes from step to
+    step must be a tensor that ``fn`` reads (the learning rate is one: ``training.build_training``)."""
+
+    def __init__(self, fn: Callable, device: torch.device, graph: bool):
+        self.fn, self.sums, self.graph = fn, Sums(device), graph
+        self.calls, self.inputs, self.replay = 0, None, None
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        self.calls += 1
+        if not self.graph:
+            return self.fn(self.sums, *inputs)
+        if self.replay is None and self.calls <= WARMUP_STEPS:
+            with _side_stream():
+                return self.fn(self.sums, *inputs)
+        if self.replay is None:
+            self.inputs = [x.clone() for x in inputs]  # the graph reads its inputs from these
+            self.replay = _capture(lambda: self.fn(self.sums, *self.inputs))
+        for captured, x in zip(self.inputs, inputs):
+            captured.copy_(x)
+        self.replay()
+
+
+@contextlib.contextmanager
+def _side_stream():
+    """CUDA work on the warm-up stream, after the current stream's and before what follows on it."""
+    side = _warm_up_stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@functools.cache
+def _warm_up_stream() -> torch.cuda.Stream:
+    return torch.cuda.Stream()  # one, so that each warm-up reuses the memory the last one freed
+
+
+def _capture(fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn``'s CUDA work, recorded (not run) as one graph; returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:  # e.g. something in the step waited for the GPU
+        raise UserError(f"--cuda_graphs: the training step could not be captured as a CUDA graph "
+                        f"({str(error).strip().splitlines()[0]}); train without --cuda_graphs") from error
+    return graph.replay
 
 
 def _progress(iterable: Iterable, total: int, desc: str) -> tqdm:
@@ -52,15 +144,9 @@ def _progress(iterable: Iterable, total: int, desc: str) -> tqdm:
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
-def _zeros(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """On-device sums of loss, correct predictions and samples (read once, by ``_totals``)."""
-    return (torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.int64),
-            torch.zeros((), device=device, dtype=torch.int64))
-
-
-def _totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor) -> tuple[float, float, int]:
+def _totals(sums: Sums) -> tuple[float, float, int]:
     """Mean loss, accuracy and sample count over every rank: one host sync."""
-    totals = torch.stack([loss_sum, correct.double(), seen.double()])
+    totals = torch.stack([sums.loss, sums.correct.to(sums.loss.dtype), sums.seen.to(sums.loss.dtype)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, correct, seen = totals.tolist()
@@ -91,47 +177,52 @@ def out_of_memory_hint(batch_size: int, epoch: int):
                                 f"try --batch_size {max(1, batch_size // 2)}") from error
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, ctx: StepContext,
+               params: list[nn.Parameter], sums: Sums, images: torch.Tensor, targets: torch.Tensor,
+               labels: torch.Tensor) -> None:
+    """One optimizer step on a batch, its loss and accuracy added to ``sums``; it reads nothing back to
+    the host, so a CUDA graph can capture it whole."""
+    optimizer.zero_grad(set_to_none=True)  # in a graph: once, at capture; each replay refills those .grad
+    with ctx.autocast():
+        logits = model(images)
+        loss = loss_fn(logits.float(), targets)
+    ctx.scaler.scale(loss).backward()
+    if ctx.grad_clip > 0:
+        ctx.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+    ctx.scaler.step(optimizer)  # a fused optimizer skips an overflowed fp16 step on the device
+    ctx.scaler.update()
+    if ctx.update_ema is not None:
+        ctx.update_ema()
+    correct = (logits.detach().argmax(dim=1) == labels).sum()
+    sums.add(loss.detach().to(sums.loss.dtype) * labels.numel(), correct, labels.numel())
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
                     loss_fn: Callable, ctx: StepContext, epoch: int) -> dict[str, float]:
     """One pass over ``loader``; returns ``train_loss``, ``train_acc`` and throughput figures."""
     model.train()
-    device = ctx.device
-    loss_sum, correct, seen = _zeros(device)
-    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Another trainable set (Part B's gradual unfreezing) is another step, captured again.
+    key = (model, optimizer, loss_fn, tuple(p.requires_grad for p in params))
+    step = ctx.step("train", key, functools.partial(train_step, model, optimizer, loss_fn, ctx, params))
+    sums = step.sums.zero_()
     bar = _progress(loader, len(loader), f"epoch {epoch}")
     start = time.perf_counter()
-    for step, (images, labels) in enumerate(bar):
+    for index, (images, labels) in enumerate(bar):
         targets = labels
-        if ctx.mix is not None:  # train_acc then counts the dominant label of each mixed image
+        if ctx.mix is not None:  # drawn on the host, outside the step; train_acc counts the dominant label
             images, targets = ctx.mix(images, labels)
             labels = targets.argmax(dim=1)
-        with ctx.autocast():
-            logits = model(images)
-            loss = loss_fn(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        ctx.scaler.scale(loss).backward()
-        if ctx.grad_clip > 0:
-            ctx.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip)
-        ctx.scaler.step(optimizer)
-        ctx.scaler.update()
-        if scheduler is not None:
+        step(images, targets, labels)
+        if scheduler is not None:  # a captured step reads a tensor learning rate that this writes in place
             scheduler.step()
-        if ctx.update_ema is not None:
-            ctx.update_ema()
-
-        detached = loss.detach()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), step, first_bad)
-        loss_sum += detached.double() * labels.numel()
-        correct += (logits.detach().argmax(dim=1) == labels).sum()
-        seen += labels.numel()
-        if (step + 1) % SYNC_EVERY == 0:
-            _check_finite(first_bad, epoch)
+        if (index + 1) % SYNC_EVERY == 0:
+            _check_finite(sums.first_bad, epoch)
             if not bar.disable:  # the loss read costs a host sync
-                bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
-    _check_finite(first_bad, epoch)
-    loss, accuracy, seen = _totals(loss_sum, correct, seen)  # the sync that ends the epoch's timing
+                bar.set_postfix(loss=f"{(sums.loss / sums.seen).item():.4f}")
+    _check_finite(sums.first_bad, epoch)
+    loss, accuracy, seen = _totals(sums)  # the sync that ends the epoch's timing
     elapsed = time.perf_counter() - start
     return {"train_loss": loss, "train_acc": accuracy, "train_time_s": elapsed,
             "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
@@ -147,25 +238,33 @@ def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.
     return logits
 
 
+def _eval_step(model: nn.Module, ctx: StepContext, tta: bool, sums: Sums, images: torch.Tensor,
+               labels: torch.Tensor) -> torch.Tensor:
+    with ctx.autocast():
+        logits = predict(model, images, tta)
+    valid = labels >= 0
+    loss_sum = nn.functional.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
+    sums.add(loss_sum.to(sums.loss.dtype), ((logits.argmax(dim=1) == labels) & valid).sum(), valid.sum())
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
              return_predictions: bool = False, tta: bool = False) -> dict:
-    """Loss and accuracy over every sample once; padding labels (-1) are ignored. ``tta``: see ``predict``."""
+    """Loss and accuracy over every sample once; padding labels (-1) are ignored. ``tta``: see ``predict``.
+    ``return_predictions`` reads each batch back, so it takes a ``ctx`` without CUDA graphs."""
     model.eval()
-    loss_sum, correct, seen = _zeros(ctx.device)
+    step = ctx.step(prefix, (model, tta), functools.partial(_eval_step, model, ctx, tta))
+    sums = step.sums.zero_()
     predictions, targets, probabilities = [], [], []
     for images, labels in _progress(loader, len(loader), prefix):
-        with ctx.autocast():
-            logits = predict(model, images, tta)
-        valid = labels >= 0
-        loss_sum += nn.functional.cross_entropy(logits, labels, ignore_index=-1, reduction="sum").double()
-        correct += ((logits.argmax(dim=1) == labels) & valid).sum()
-        seen += valid.sum()
+        logits = step(images, labels)
         if return_predictions:
+            valid = labels >= 0
             predictions.append(logits.argmax(dim=1)[valid].cpu())
             targets.append(labels[valid].cpu())
             probabilities.append(logits.softmax(dim=1)[valid].cpu())
-    loss, accuracy, seen = _totals(loss_sum, correct, seen)
+    loss, accuracy, seen = _totals(sums)
     result = {f"{prefix}_loss": loss, f"{prefix}_acc": accuracy, f"{prefix}_samples": seen}
     if return_predictions:
         result["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)

@@ -24,8 +24,9 @@ from common import engine, figures, files, tracking
 from common.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from common.config import UserError, add_dataclass_args, cli_main, from_namespace
 from common.data import normalise
+from common.device import resolve_device
 from common.tracking import WANDB_MODES
-from common.training import RunConfig, resolve_device
+from common.training import RunConfig
 
 GRID_PER_CLASS = 3  # prediction_grid.png: one row per class
 TABLE_PER_CLASS = 10  # rows per class in the wandb predictions table (the grid's images come first)
@@ -44,7 +45,8 @@ class EvalConfig:
     out_dir: str | None = field(default=None, metadata={
         "help": "where figures go; default: the checkpoint's folder"})
     batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (torch's current accelerator), cpu, cuda, cuda:N, mps or xpu"})
     tta: bool = field(default=False, metadata={
         "help": "average the softmax of each image and its mirror image"})
     wandb_mode: str | None = field(default=None, metadata={"help": WANDB_HELP, "choices": WANDB_MODES})

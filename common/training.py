@@ -15,7 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 
 from common import checkpoint as ckpt_io
 from common import data as data_lib
+from common import device as device_lib
 from common import engine, files, tracking
 from common.config import add_dataclass_args, from_namespace
 from common.distributed import DistInfo, all_gather_object, barrier, broadcast_tensors, process_group
@@ -72,12 +73,21 @@ class RunConfig:
     seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
-    precision: str = field(default="auto", metadata={"help": "autocast precision; auto = bf16 on CUDA (fp16 with loss scaling before compute capability 8.0), fp32 on CPU", "choices": PRECISIONS})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model; default: on for CUDA, off for CPU"})
+    precision: str = field(default="auto", metadata={
+        "help": "autocast precision; auto = bf16 on CUDA (fp16 with loss scaling before compute capability "
+                "8.0), MPS and XPU, fp32 on CPU", "choices": PRECISIONS})
+    compile: bool | None = field(default=None, metadata={
+        "help": "torch.compile the model; default: on for CUDA, off elsewhere"})
+    cuda_graphs: bool | None = field(default=None, metadata={
+        "help": "capture each training and validation step (forward, backward, optimizer, EMA, metrics) as "
+                "one CUDA graph, replayed with one launch; one CUDA process only; default: per model, off "
+                "until measured (common/device.py: CUDA_GRAPHS)"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format for model and inputs"})
     sync_bn: bool = field(default=False, metadata={"help": "under torchrun on GPUs, batch norm statistics over the "
                                                    "global batch (SyncBatchNorm; slower, and it turns torch.compile off)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (torch's current accelerator: CUDA, MPS or XPU, else the CPU), cpu, cuda, cuda:N, mps "
+                "or xpu"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic kernels only (no cuDNN autotuning): "
                                                          "bit-identical GPU runs and resumes, at some speed"})
     test: bool = field(default=False, metadata={"help": "evaluate best.pt on the test split (the original val/) at the end"})
@@ -129,72 +139,7 @@ def validate_run_config(config: RunConfig) -> None:
         if not ok:
             raise ValueError(message)
     tracking.resolve_wandb_mode(config.wandb_mode)
-    device = resolve_device(config.device)
-    resolve_compile(config.compile, device)
-    resolve_precision(config.precision, device)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asks for CUDA, but torch sees no CUDA GPU here "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return cuda_amp_dtype(device) if device.type == "cuda" else None
-    if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise ValueError(f"--precision bf16: {_gpu_name(device)} has no bf16 arithmetic (it needs compute "
-                         "capability 8.0, Ampere, or newer); use --precision auto (fp16 with loss scaling) or fp32")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def resolve_compile(requested: bool | None, device: torch.device, sync_bn: bool = False) -> tuple[bool, str | None]:
-    """Whether to ``torch.compile``, and a notice when the default or the request is overridden.
-
-    Inductor generates Triton kernels, which need compute capability 7.0 or newer: on older GPUs
-    (P100, K80) the default is eager and an explicit ``--compile true`` fails here, before training.
-    SyncBatchNorm's statistics exchange breaks the graph at every BN layer; on ResNet50 the pieces
-    exceed Dynamo's recompile limit and the rest runs eager anyway, so with it training runs eager."""
-    use_compile = device.type == "cuda" if requested is None else requested
-    if use_compile and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
-        if requested:
-            raise ValueError(f"--compile true: torch.compile needs a GPU of compute capability 7.0 or newer and "
-                             f"{_gpu_name(device)} is older; drop --compile (or pass --compile false)")
-        return False, f"notice: {_gpu_name(device)} is too old for torch.compile (Triton); training runs eager"
-    if use_compile and sync_bn:
-        return False, "notice: --sync_bn splits compiled graphs at every batch-norm layer; training runs without torch.compile"
-    return use_compile, None
-
-
-def _gpu_name(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-
-
-def cuda_amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the GPU computes in it (compute capability 8.0, Ampere, and newer), else fp16 with
-    loss scaling. ``torch.cuda.is_bf16_supported()`` also says yes to older GPUs that only emulate it."""
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-
-
-def configure_cuda_backends(deterministic: bool = False) -> None:
-    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (10 mantissa bits on inputs, fp32
-    accumulation) and cuDNN autotuning for fixed shapes, unless ``deterministic``: autotuning picks
-    kernels by timing and some add atomically, so two GPU runs of one seed differ in the last bits,
-    which training grows (docs/benchmarks.md, GPU section)."""
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if deterministic:  # cuBLAS reads this when it first makes its workspace
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)  # process-wide: set by every run, for sweeps' next trial
+    device_lib.resolve(config)
 
 
 def seed_everything(seed: int) -> None:
@@ -217,39 +162,78 @@ OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def build_optimizer(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
-                    device: torch.device) -> torch.optim.Optimizer:
-    """Optimizer over all parameters; a group's ``lr_scale`` multiplies the base learning rate."""
+                    policy: device_lib.Policy) -> torch.optim.Optimizer:
+    """Optimizer over all parameters; a group's ``lr_scale`` multiplies the base learning rate. Fused
+    kernels where the device has them (adam, adamw, sgd: fp16 loss scaling then needs no host sync; nadam
+    has none), capturable for CUDA graphs."""
     groups = [{**group, "lr_scale": float(group.get("lr_scale", 1.0)),
                "lr": config.learning_rate * float(group.get("lr_scale", 1.0))}
               for group in param_groups or [{"params": list(model.parameters())}]]
     common = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov, **common)
-    if config.optimizer == "nadam":  # no fused kernel
-        return torch.optim.NAdam(groups, **common)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer](groups, **common, **fused)
+    fused = {"fused": True} if policy.fused else {}
+    capturable = {"capturable": True} if policy.cuda_graphs else {}
+    if config.optimizer == "sgd":  # capturable without the flag
+        return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov, **common, **fused)
+    if config.optimizer == "nadam":
+        return torch.optim.NAdam(groups, **common, **capturable)
+    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer]
+    return optimizer(groups, **common, **fused, **capturable)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """``optimizer.load_state_dict(state)`` keeping this optimizer's implementation flags: they were
     chosen for this device (a run saved on the CPU resumes on CUDA with fused Adam), and the loaded
-    state (e.g. Adam's step counts) is placed as those flags need."""
+    state (e.g. Adam's step counts) is placed as those flags need. A learning rate this optimizer keeps
+    in a tensor (for CUDA graphs) stays that tensor, filled with the saved value."""
     groups = [{**saved, **{k: group[k] for k in OPTIMIZER_FLAGS if k in group}}
               for saved, group in zip(state["param_groups"], optimizer.param_groups)]
+    rates = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict({**state, "param_groups": groups})
+    for group, rate in zip(optimizer.param_groups, rates):
+        saved = float(group["lr"])
+        group["lr"] = rate.fill_(saved) if isinstance(rate, torch.Tensor) else saved
+
+
+class Training(NamedTuple):
+    """What a run trains with; ``build_training`` makes it, for runs and benchmarks alike."""
+    model: nn.Module  # the raw module, placed: what is saved and tested
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ctx: engine.StepContext
+    loss_fn: nn.Module
+    ema: AveragedModel | None
+
+
+def build_training(config: RunConfig, policy: device_lib.Policy, model: nn.Module, steps_per_epoch: int,
+                   labels: torch.Tensor, num_classes: int) -> Training:
+    """``model`` placed by the device policy, its optimizer (over a model's ``param_groups()`` when it has
+    them) and per-step schedule, the step context and the loss (``labels``: the training labels, for
+    ``--class_weights``)."""
+    raw_model = device_lib.place(model, policy)
+    param_groups = raw_model.param_groups() if hasattr(raw_model, "param_groups") else None
+    optimizer = build_optimizer(config, raw_model, param_groups, policy)
+    factor = engine.lr_lambda(config.lr_schedule, config.epochs * steps_per_epoch,
+                              int(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # stepped once per batch
+    if policy.cuda_graphs:  # a captured step reads its rate from the device, where the schedule writes it
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(group["lr"], device=policy.device)
+    ctx, loss_fn, ema = _step_context(config, raw_model, policy.amp_dtype, labels, num_classes, policy.device)
+    ctx = dataclasses.replace(ctx, cuda_graphs=policy.cuda_graphs)
+    return Training(raw_model, optimizer, scheduler, ctx, loss_fn, ema)
 
 
 def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, kind: str, mean, std,
-        on_epoch_start: Callable[[int, nn.Module], None] | None = None,
         epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train ``build(model_config)``, its output layer sized to the data's classes; return the summary.
-    A model's ``param_groups()``, if it has them, become the optimizer's; ``on_epoch_start(epoch, model)``
-    may change which parameters train; ``epoch_callback(epoch, metrics)`` runs after each checkpoint,
-    and what it raises stops the run and propagates."""
-    device = resolve_device(config.device)
-    with process_group(device.type) as info:
-        device = torch.device("cuda", info.local_rank) if info.enabled and device.type == "cuda" else device
+    A model's ``param_groups()``, if it has them, become the optimizer's; its ``set_epoch(epoch)``, if it
+    has one, sets which parameters train in each epoch; ``epoch_callback(epoch, metrics)`` runs after
+    each checkpoint, and what it raises stops the run and propagates."""
+    policy = device_lib.resolve(config, kind)
+    with process_group(policy.device.type) as info:
+        if info.enabled and policy.device.type == "cuda":  # one GPU per process
+            policy = dataclasses.replace(policy, device=torch.device("cuda", info.local_rank))
+        device = policy.device
         say = print if info.is_main else (lambda *args, **kwargs: None)
         run_dir = _run_dir(config, kind, info)
         loader_options = dict(device=device, mean=mean, std=std, channels_last=config.channels_last,
@@ -262,11 +246,8 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
         seed_everything(config.seed)
         model = build(model_config)
         seed_rank(config.seed, info.rank)
-        raw_model, amp_dtype, use_compile, notice = _place(model, config, device, info)
-        param_groups = raw_model.param_groups() if hasattr(raw_model, "param_groups") else None
-        optimizer, scheduler = _optimizer_and_schedule(config, raw_model, param_groups, device, len(train_loader))
-        ctx, loss_fn, ema = _step_context(config, raw_model, amp_dtype, train_set.labels, model_config.num_classes,
-                                          device)
+        raw_model, optimizer, scheduler, ctx, loss_fn, ema = build_training(
+            config, policy, model, len(train_loader), train_set.labels, model_config.num_classes)
         start_epoch, best_val_acc, best_epoch, wandb_id = 1, -1.0, 0, None
         if config.resume:
             start_epoch, best_val_acc, best_epoch, wandb_id = _resume(
@@ -281,17 +262,20 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
         summary = {"run_dir": str(run_dir), "kind": kind, "device": str(device), "world_size": info.world_size,
                    "params": sum(p.numel() for p in raw_model.parameters()),
                    "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad)}
-        if notice:
-            say(notice)
-        say(_describe(summary, config, amp_dtype, use_compile, train_set, val_set))
+        if policy.notice:
+            say(policy.notice)
+        say(_describe(summary, config, policy, train_set, val_set))
         status, started, trainable = "running", time.perf_counter(), None
         try:
             for epoch in range(start_epoch, config.epochs + 1):
-                if on_epoch_start is not None:
-                    on_epoch_start(epoch, raw_model)
+                if hasattr(raw_model, "set_epoch"):  # the layers that train this epoch (Part B: gradual)
+                    before = _trainable(raw_model)
+                    raw_model.set_epoch(epoch)
+                    if _trainable(raw_model) != before:
+                        say(f"epoch {epoch}: {raw_model.extra_repr()}", flush=True)
                 if _trainable(raw_model) != trainable:  # the first epoch, or the trainable set changed
                     trainable = _trainable(raw_model)
-                    wrapped, validated = _wrap(raw_model, ema, info, device, use_compile)
+                    wrapped, validated = _wrap(raw_model, ema, info, policy)
                 train_loader.set_epoch(epoch)
                 epoch_start = time.perf_counter()
                 with engine.out_of_memory_hint(config.batch_size, epoch):
@@ -300,7 +284,7 @@ def run(config: RunConfig, model_config, build: Callable[[Any], nn.Module], *, k
                     if ema is not None:  # rank 0's BN statistics in every rank's average, as DDP gives the model
                         broadcast_tensors(ema.module.buffers(), info)
                     metrics.update(engine.evaluate(validated, val_loader, ctx))
-                metrics.update(lr=max(group["lr"] for group in optimizer.param_groups),
+                metrics.update(lr=max(float(group["lr"]) for group in optimizer.param_groups),
                                epoch_time_s=time.perf_counter() - epoch_start)
                 improved = metrics["val_acc"] > best_val_acc
                 if improved:
@@ -397,32 +381,14 @@ def _data(config: RunConfig, input_size: int, info: DistInfo, loader_options: di
     return split_dir, train_set, val_set, train_loader, val_loader
 
 
-def _describe(summary: dict, config: RunConfig, amp_dtype, use_compile: bool, train_set, val_set) -> str:
-    dtype = "" if amp_dtype is None else f" ({str(amp_dtype).removeprefix('torch.')})"
+def _describe(summary: dict, config: RunConfig, policy: device_lib.Policy, train_set, val_set) -> str:
+    dtype = "" if policy.amp_dtype is None else f" ({str(policy.amp_dtype).removeprefix('torch.')})"
     size = train_set.images.shape[1]  # the cache holds [N, S, S, 3] images
     return (f"{summary['kind']} | {summary['run_dir']} | device {summary['device']} x{summary['world_size']} | "
-            f"precision {config.precision}{dtype} | compile {use_compile} | channels_last {config.channels_last} | "
+            f"precision {config.precision}{dtype} | compile {policy.compile} | "
+            f"cuda_graphs {policy.cuda_graphs} | channels_last {config.channels_last} | "
             f"params {summary['params']:,} ({summary['trainable_params']:,} trainable) | "
             f"train {len(train_set.labels)} val {len(val_set.labels)} images at {size}x{size}")
-
-
-def _place(model: nn.Module, config: RunConfig, device: torch.device, info: DistInfo):
-    """The model on its device and memory format, the autocast type, and whether to compile (with a
-    notice when the request is overridden)."""
-    configure_cuda_backends(config.deterministic)
-    sync_bn = info.enabled and device.type == "cuda" and config.sync_bn  # SyncBatchNorm needs GPUs
-    use_compile, notice = resolve_compile(config.compile, device, sync_bn)
-    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
-    return model, resolve_precision(config.precision, device), use_compile, notice
-
-
-def _optimizer_and_schedule(config: RunConfig, model: nn.Module, param_groups: list[dict] | None,
-                            device: torch.device, steps_per_epoch: int):
-    optimizer = build_optimizer(config, model, param_groups, device)
-    factor = engine.lr_lambda(config.lr_schedule, config.epochs * steps_per_epoch,
-                              int(config.warmup_epochs * steps_per_epoch))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # stepped once per batch
 
 
 def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:
@@ -513,26 +479,13 @@ def _trainable(model: nn.Module) -> tuple[bool, ...]:
     return tuple(p.requires_grad for p in model.parameters())
 
 
-def _wrap(raw_model: nn.Module, ema: AveragedModel | None, info: DistInfo, device: torch.device,
-          use_compile: bool) -> tuple[nn.Module, nn.Module]:
+def _wrap(raw_model: nn.Module, ema: AveragedModel | None, info: DistInfo,
+          policy: device_lib.Policy) -> tuple[nn.Module, nn.Module]:
     """The model to train and the one to validate: DDP, then compile, around the raw module (which is
     what is saved and tested); with ``ema``, its average, compiled alike (no DDP: it takes no
     gradients). Built again when the trainable set changes: DDP fixes its parameters when built."""
-    trained = _wrapped(raw_model, info, device, use_compile)
-    return trained, trained if ema is None else _wrapped(ema.module, DistInfo(), device, use_compile)
-
-
-def _wrapped(raw_model: nn.Module, info: DistInfo, device: torch.device, use_compile: bool) -> nn.Module:
-    model = raw_model
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(raw_model,
-                                                    device_ids=[device.index] if device.type == "cuda" else None)
-    if not use_compile:
-        return model
-    # Dynamo's per-function cache (8 entries) would fill with graphs never used again (earlier sweep
-    # trials in this process, earlier trainable sets) and training would silently fall back to eager.
-    torch._dynamo.reset()
-    return torch.compile(model, dynamic=False)
+    trained = device_lib.wrap(raw_model, policy, info)
+    return trained, trained if ema is None else device_lib.wrap(ema.module, policy, DistInfo())
 
 
 def _save_checkpoints(run_dir: Path, state: dict, improved: bool, optimizer, scheduler, scaler, rng: list,

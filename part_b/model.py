@@ -325,15 +325,17 @@ class FineTuneNet(nn.Module):
         return [{"name": "backbone", "params": backbone, "lr_scale": self.config.backbone_lr_scale},
                 {"name": "head", "params": self.head_parameters(), "lr_scale": 1.0}]
 
-    def frozen_summary(self) -> str:
-        """E.g. 'stem + stages 1-2 of 4 frozen' for the log."""
-        stages = len(self.layout.stages)
-        if self.frozen_units == 0:
-            return "nothing frozen"
-        if self.frozen_units == 1:
-            return f"stem frozen, all {stages} stages train"
-        frozen = self.frozen_units - 1
-        return f"stem + stage{'s 1-' if frozen > 1 else ' '}{frozen} of {stages} frozen"
+    def extra_repr(self) -> str:
+        """What trains, as the log shows it at the start and whenever ``set_epoch`` changes it."""
+        stages, frozen = len(self.layout.stages), self.frozen_units - 1  # frozen stages, after the stem
+        if frozen < 0:
+            what = "nothing frozen"
+        elif frozen == 0:
+            what = f"stem frozen, all {stages} stages train"
+        else:
+            what = f"stem + stage{'s 1-' if frozen > 1 else ' '}{frozen} of {stages} frozen"
+        counts = parameter_counts(self)
+        return f"{what} | {counts['trainable_params']:,} trainable, {counts['frozen_params']:,} frozen parameters"
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

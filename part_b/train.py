@@ -23,7 +23,7 @@ from common import training
 from common.config import cli_main
 from common.distributed import is_main_process
 from part_b import weights as weights_lib
-from part_b.model import FineTuneNet, ModelBConfig, build_from_config, build_model, normalisation, parameter_counts
+from part_b.model import FineTuneNet, ModelBConfig, build_from_config, build_model, normalisation
 
 # Fine-tuning: fewer epochs than from scratch, AdamW, a larger rate for the new head (the pretrained
 # layers get backbone_lr_scale times it).
@@ -48,25 +48,12 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ModelBConfig, train
     return training.parse_configs(get_args_parser(), ModelBConfig, argv, check_model)
 
 
-def _describe(model: FineTuneNet) -> str:
-    counts = parameter_counts(model)
-    return (f"{model.frozen_summary()} | {counts['trainable_params']:,} trainable, "
-            f"{counts['frozen_params']:,} frozen parameters")
-
-
-def _unfreeze_on_schedule(epoch: int, model: FineTuneNet) -> None:
-    """Bring the trainable set to what the strategy says for ``epoch``; only gradual changes it."""
-    before = model.frozen_units
-    model.set_epoch(epoch)
-    if model.frozen_units != before and is_main_process():
-        print(f"epoch {epoch}: {_describe(model)}", flush=True)
-
-
 def _build(model_config: ModelBConfig) -> FineTuneNet:
     model = build_model(model_config)
     if is_main_process():
         print(f"{model_config.model} | weights {model_config.weights} | strategy {model_config.strategy} | "
-              f"input {model_config.input_size}px | {model_config.num_classes} classes | {_describe(model)}",
+              f"input {model_config.input_size}px | {model_config.num_classes} classes | "
+              f"{model.extra_repr()}",
               flush=True)
     return model
 
@@ -77,7 +64,7 @@ def run(config: tuple[ModelBConfig, training.RunConfig],
     model_config, run_config = config
     mean, std = normalisation(model_config)
     return training.run(run_config, model_config, _build, kind="part_b", mean=mean, std=std,
-                        on_epoch_start=_unfreeze_on_schedule, epoch_callback=epoch_callback)
+                        epoch_callback=epoch_callback)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,34 +1,71 @@
-"""The benchmark sections run in quick mode and print one JSON object with their figures."""
+"""The benchmark sections run in quick mode, print one JSON object with their figures, and time the
+training step that a run trains with."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from common import bench, bench_data
+from common import bench, bench_data, engine
 
 
-@pytest.mark.parametrize("section", ["step", "e2e"])
-def test_quick_benchmark_prints_json_with_its_figures(section, capsys):
-    assert bench.main([section, "--quick", "--device", "cpu"]) == 0
+def test_quick_step_benchmark_times_each_variant_or_says_why_it_cannot_run(capsys):
+    assert bench.main(["step", "--quick", "--device", "cpu", "--variants", "eager,graphs"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["section"] == section and result["hardware"]["device"] == "cpu"
-    if section == "step":
-        variants = result["models"][0]["variants"]
-        assert set(variants) == {"eager_fp32_nchw", "channels_last"}
-        assert variants["eager_fp32_nchw"]["ratio_to_eager"] == 1.0
-        for figures in variants.values():
-            assert figures["images_per_s"] > 0 and 0 < figures["mfu"] and figures["warmup_s"] > 0
-    else:
-        assert result["ours"]["images_per_s"] > 0 and result["plain_imagefolder_eager"]["images_per_s"] > 0
-        assert result["ratio"] == pytest.approx(
-            result["ours"]["images_per_s"] / result["plain_imagefolder_eager"]["images_per_s"])
+    assert result["section"] == "step" and result["hardware"]["device"] == "cpu"
+    (row,) = result["results"]
+    eager, graphs = row["variants"]["eager"], row["variants"]["graphs"]
+    assert (row["model"], row["batch_size"]) == ("part_a", 8)
+    assert eager["images_per_s"] > 0 and eager["warmup_s"] > 0 and eager["precision"] == "fp32"
+    assert eager["ms_per_step"] == pytest.approx(1000 * 8 / eager["images_per_s"])
+    assert eager["gpu_busy"] is None  # a CUDA-only figure
+    assert "CUDA graphs need a CUDA GPU" in graphs["skipped"]
 
 
-def test_unknown_variant_is_one_error_line(capsys):
+def test_the_step_benchmark_times_the_step_a_run_trains_with(monkeypatch):
+    steps = []
+    real_step = engine.train_step
+    monkeypatch.setattr(engine, "train_step", lambda *args: steps.append(args) or real_step(*args))
+    epoch, policy = bench.trainer("resnet50", dict(device="cpu", batch_size=2, input_size=32,
+                                                   wandb_mode="disabled"), 1)
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert epoch([batch] * 2)["images_per_s"] > 0 and len(steps) == 2
+    model, optimizer = steps[0][0], steps[0][1]
+    # part_b/train.py's own choices: AdamW at its rate, the backbone at backbone_lr_scale of it.
+    assert type(optimizer) is torch.optim.AdamW and [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-3]
+    assert type(model).__name__ == "FineTuneNet" and policy.channels_last
+
+
+def test_gpu_busy_share_is_the_union_of_the_device_spans_over_the_window():
+    spans = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (9.0, 12.0)]  # overlapping, and past the window's end
+    assert bench.covered_share(spans, 0.0, 10.0) == pytest.approx(0.5)
+    assert bench.covered_share([], 0.0, 1.0) == 0.0
+
+
+def test_quick_e2e_benchmark_prints_both_rates(capsys):
+    assert bench.main(["e2e", "--quick", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ours"]["images_per_s"] > 0 and result["plain_imagefolder_eager"]["images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["ours"]["images_per_s"] / result["plain_imagefolder_eager"]["images_per_s"])
+    assert result["ours"]["compile"] is False and result["ours"]["cuda_graphs"] is False  # the CPU's defaults
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--variants", "warp_speed"], "unknown variants or models"),
+                                            (["--models", "vgg"], "unknown variants or models"),
+                                            (["--batch_sizes", "0"], "at least 1")])
+def test_bad_step_options_are_one_error_line(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["step", "--quick", "--device", "cpu", "--variants", "warp_speed"])
-    assert exit_.value.code == 2 and "unknown variants" in capsys.readouterr().err
+        bench.main(["step", "--quick", "--device", "cpu", *argv])
+    assert exit_.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(monkeypatch, capsys):
+    monkeypatch.setattr(bench_data, "generate", lambda *args: pytest.fail("images generated before the check"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["e2e", "--quick", "--device", "cpu", "--cuda_graphs", "true"])
+    assert exit_.value.code == 2 and "CUDA graphs need a CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("section", ["data", "e2e"])

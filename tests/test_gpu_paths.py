@@ -16,9 +16,11 @@ import torch
 
 from common import checkpoint as ckpt_io
 from common import data as data_lib
+from common import device as device_lib
 from common import distributed, engine, training
 from common import evaluate
 from common.config import to_cli
+from common.training import RunConfig
 from part_a import train as part_a_train
 from conftest import CLASSES, make_image_tree
 
@@ -38,17 +40,17 @@ def old_gpu(monkeypatch):
 
 
 def test_an_old_gpu_trains_eager_by_default_and_refuses_an_explicit_compile(old_gpu):
-    use_compile, notice = training.resolve_compile(None, CUDA)
+    use_compile, notice = device_lib.resolve_compile(None, CUDA)
     assert use_compile is False and "P100" in notice and "eager" in notice
     with pytest.raises(ValueError, match="compute capability 7.0"):
-        training.resolve_compile(True, CUDA)
-    assert training.resolve_compile(False, CUDA) == (False, None)
+        device_lib.resolve_compile(True, CUDA)
+    assert device_lib.resolve_compile(False, CUDA) == (False, None)
 
 
 def test_an_old_gpu_refuses_bf16_and_auto_picks_fp16(old_gpu):
     with pytest.raises(ValueError, match="no bf16"):
-        training.resolve_precision("bf16", CUDA)
-    assert training.resolve_precision("auto", CUDA) == torch.float16
+        device_lib.resolve_precision("bf16", CUDA)
+    assert device_lib.resolve_precision("auto", CUDA) == torch.float16
 
 
 def test_explicit_compile_on_an_old_gpu_fails_before_any_data_is_read(old_gpu, tmp_path, capsys):
@@ -61,9 +63,91 @@ def test_explicit_compile_on_an_old_gpu_fails_before_any_data_is_read(old_gpu, t
 def test_sync_bn_turns_compile_off_with_a_notice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     for requested in (None, True):
-        use_compile, notice = training.resolve_compile(requested, CUDA, sync_bn=True)
+        use_compile, notice = device_lib.resolve_compile(requested, CUDA, sync_bn=True)
         assert use_compile is False and "--sync_bn" in notice
-    assert training.resolve_compile(None, CUDA) == (True, None)
+    assert device_lib.resolve_compile(None, CUDA) == (True, None)
+
+
+@pytest.fixture
+def modern_gpu(monkeypatch):
+    """torch believes an H100 (compute capability 9.0) is present."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+
+
+def test_cuda_graphs_on_a_cpu_are_refused_before_any_data_is_read(tmp_path, capsys):
+    data_dir = tmp_path / "never_created"
+    code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu",
+                              "--cuda_graphs"])
+    assert code == 2 and "--cuda_graphs true: CUDA graphs need a CUDA GPU" in capsys.readouterr().err
+    assert not data_dir.exists()
+
+
+def test_cuda_graphs_are_refused_with_nadam_in_fp16_and_under_torchrun(modern_gpu, monkeypatch):
+    def graphs(**options):
+        return device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True, **options)).cuda_graphs
+    with pytest.raises(ValueError, match="nadam has no fused kernel"):
+        graphs(optimizer="nadam", precision="fp16")
+    assert graphs(optimizer="nadam") and graphs(precision="fp16")  # nadam in bf16; fp16 with fused adam
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="not under torchrun"):
+        graphs()
+
+
+def test_the_cuda_graphs_default_is_per_model_and_never_fails(modern_gpu, monkeypatch):
+    def graphs(kind="part_a", **options):
+        return device_lib.resolve(RunConfig(**{"device": "cuda", **options}), kind).cuda_graphs
+    assert not graphs()  # off until measured
+    monkeypatch.setitem(device_lib.CUDA_GRAPHS, "part_a", True)
+    assert graphs() and not graphs("part_b")
+    # Where they cannot run, the default is off rather than an error.
+    assert not graphs(device="cpu") and not graphs(optimizer="nadam", precision="fp16")
+
+
+def test_cuda_graphs_get_capturable_optimizers_and_cuda_fused_ones(modern_gpu):
+    model = torch.nn.Linear(3, 2)
+    graphs = device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True))
+    for name, flags in (("adam", ("fused", "capturable")), ("adamw", ("fused", "capturable")),
+                        ("sgd", ("fused",)), ("nadam", ("capturable",))):
+        group = training.build_optimizer(RunConfig(optimizer=name), model, None, graphs).param_groups[0]
+        assert all(group[flag] for flag in flags), (name, group)
+    plain = device_lib.resolve(RunConfig(device="cuda"))
+    sgd, adam = (training.build_optimizer(RunConfig(optimizer=name), model, None, plain).param_groups[0]
+                 for name in ("sgd", "adam"))
+    assert sgd["fused"] and adam["fused"] and not adam["capturable"]
+
+
+@pytest.mark.parametrize("accelerator", ["mps", "xpu"])
+def test_device_auto_takes_the_current_accelerator_with_defaults_it_supports(monkeypatch, accelerator):
+    """Resolution only: MPS and XPU hardware is untested here."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args: torch.device(accelerator))
+    policy = device_lib.resolve(RunConfig())
+    assert policy.device == torch.device(accelerator) and policy.amp_dtype == torch.bfloat16
+    assert not policy.compile and not policy.cuda_graphs and not policy.fused  # compile only when asked
+    assert device_lib.resolve(RunConfig(compile=True, precision="fp32")).compile
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert device_lib.resolve(RunConfig()).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name, fragment", [("mps", "asks for MPS"), ("xpu:1", "asks for XPU"),
+                                            ("gpu", "use auto"), ("meta", "use auto"),
+                                            ("cuda:7", "asks for CUDA")])
+def test_a_device_torch_cannot_use_here_is_one_clear_error(name, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        device_lib.resolve_device(name)
+
+
+def test_the_cache_stays_on_devices_that_share_host_memory_and_xpu_memory_is_checked(monkeypatch):
+    assert all(data_lib.fits_on_gpu(1 << 50, torch.device(name)) for name in ("mps", "cpu"))
+    gib = 1 << 30
+    monkeypatch.setattr(torch.xpu, "mem_get_info", lambda device=None: (10 * gib, 16 * gib))
+    monkeypatch.setattr(torch.xpu, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.xpu, "memory_allocated", lambda device=None: 0)
+    assert data_lib.fits_on_gpu(6 * gib, torch.device("xpu"))  # 4 GiB margin
+    assert not data_lib.fits_on_gpu(7 * gib, torch.device("xpu"))
 
 
 def test_memory_pytorch_cached_but_does_not_use_counts_as_free(monkeypatch):

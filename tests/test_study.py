@@ -100,16 +100,17 @@ def chain(tmp_path_factory):
             assert study.main(with_weights) == 1
         out.all_failed, out.all_failed_stderr = _snapshot(runs), stderr.getvalue()
 
-        unfreeze, calls = part_b_train._unfreeze_on_schedule, []
+        from common import engine
+        train_one_epoch, calls = engine.train_one_epoch, []
 
-        def ctrl_c_in_the_second_run(epoch, model):  # called at the start of every Part B epoch (2 per run)
+        def ctrl_c_in_the_second_run(model, *args):  # every Part B epoch (2 per run)
             calls.append(model.config.strategy)
             if len(calls) == 3:
                 raise KeyboardInterrupt
-            unfreeze(epoch, model)
+            return train_one_epoch(model, *args)
 
         with patch.context() as interrupting:
-            interrupting.setattr(part_b_train, "_unfreeze_on_schedule", ctrl_c_in_the_second_run)
+            interrupting.setattr(engine, "train_one_epoch", ctrl_c_in_the_second_run)
             assert study.main(with_weights) == 1
         out.interrupted, out.interrupted_strategy = _snapshot(runs), calls[-1]
         assert study.main(with_weights) == 0

@@ -1,18 +1,24 @@
 """The training engine, checkpoints, resume and the part_a/train.py entry point."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import functools
+import itertools
+
 import pytest
 import torch
 
 from common import checkpoint as ckpt_io
-from common import engine
+from common import device as device_lib
+from common import engine, training
 from common.config import to_cli
+from common.data import DeviceLoader
 from conftest import RepeatLoader
 from common.training import RunConfig
 from part_a import train as part_a_train
@@ -139,6 +145,179 @@ def test_lr_schedules_warm_up_then_follow_their_shape(schedule):
         assert factor(99) == 1.0
     else:
         assert factor(99) < 0.01 and factor(50) < factor(20)
+
+
+# ---------------------------------------------------------------- the step: graph-ready, no host reads
+
+CPU = torch.device("cpu")
+SMALL = ModelConfig(input_size=16, n_filters=2, n_blocks=2, kernel_size=3, dense_neurons=8)
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch) -> list:
+    """engine.Step's CUDA-graph path on the CPU: warm-up on the current stream, and a "capture" that
+    returns the step itself, so every replay runs it eagerly from the captured inputs. Lists the captures."""
+    captures = []
+    monkeypatch.setattr(engine, "_side_stream", contextlib.nullcontext)
+    monkeypatch.setattr(engine, "_capture", lambda fn: captures.append(fn) or fn)
+    return captures
+
+
+def _loaders(steps: int, batch: int = 4):
+    """A training loader with augmentation (every batch new) and an evaluation loader with a padded batch."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (steps * batch, 16, 16, 3), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(steps * batch) % 10
+    options = dict(mean=(0.5,) * 3, std=(0.25,) * 3, seed=1)
+    return (DeviceLoader(images, labels, batch, CPU, train=True, augment=True, **options),
+            DeviceLoader(images[:10], labels[:10], batch, CPU, train=False, **options))
+
+
+def _tiny_training(graphs: bool, **options) -> training.Training:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(input_size=16, n_filters=4, n_blocks=2, kernel_size=3, dense_neurons=8,
+                                    dropout=0.3))
+    config = RunConfig(learning_rate=3e-3, lr_schedule="cosine", warmup_epochs=0.5, epochs=2, **options)
+    policy = device_lib.Policy(CPU, None, compile=False, cuda_graphs=False)  # a float learning rate
+    parts = training.build_training(config, policy, model, 6, torch.arange(10), 10)
+    return parts._replace(ctx=dataclasses.replace(parts.ctx, cuda_graphs=graphs))
+
+
+def _train_and_validate(parts: training.Training, epochs: int = 2, new_steps: bool = False) -> list[dict]:
+    """Metrics of each epoch; ``new_steps``: each epoch in a context of its own (new steps, new sums)."""
+    train_loader, val_loader = _loaders(6)
+    results = []
+    for epoch in range(1, epochs + 1):
+        train_loader.set_epoch(epoch)
+        torch.manual_seed(epoch)  # MixUp/CutMix draw from the global generator
+        ctx = dataclasses.replace(parts.ctx) if new_steps else parts.ctx
+        results.append({**engine.train_one_epoch(parts.model, train_loader, parts.optimizer, parts.scheduler,
+                                                 parts.loss_fn, ctx, epoch),
+                        **engine.evaluate(parts.model, val_loader, ctx)})
+    return [{k: v for k, v in result.items() if "time" not in k and "per_s" not in k} for result in results]
+
+
+def test_the_graph_ready_step_run_eagerly_trains_like_the_plain_step_bit_for_bit(eager_graphs):
+    options = dict(grad_clip=0.5, mixup_alpha=0.4, cutmix_alpha=1.0)
+    plain, graphed = _tiny_training(False, **options), _tiny_training(True, **options)
+    assert _train_and_validate(plain, new_steps=True) == _train_and_validate(graphed)
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(graphed.model.state_dict()[name], value), name
+    # One training and one validation step captured (after their warm-up), then replayed: epoch 2's
+    # sums started again from zero and every replay read that step's own batch.
+    assert len(eager_graphs) == 2 and graphed.ctx.steps["train"][1].calls == 12 > engine.WARMUP_STEPS
+
+
+def test_a_new_trainable_set_is_captured_again(eager_graphs):
+    parts = _tiny_training(True)
+    _train_and_validate(parts, epochs=1)
+    first_conv = parts.model.first_conv()
+    first_conv.requires_grad_(False)  # as Part B's gradual unfreezing changes what trains
+    frozen = first_conv.weight.detach().clone()
+    _train_and_validate(parts, epochs=1)
+    assert len(eager_graphs) == 3 and torch.equal(first_conv.weight, frozen)
+
+
+def test_a_step_that_cannot_be_captured_is_one_clear_error(monkeypatch):
+    @contextlib.contextmanager
+    def capture_fails(graph):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+        yield
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", capture_fails)
+    with pytest.raises(engine.UserError, match=r"could not be captured as a CUDA graph \(CUDA error: operation "
+                                               r"not permitted when stream is capturing\); train without"):
+        engine._capture(lambda: None)
+
+
+class HostRead(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Tensor.item, tolist, bool, int and float raise while ``engine.train_step`` runs: on the CPU, a
+    stand-in for CUDA's sync debug mode, for the reads Python code makes (GradScaler's, AveragedModel's);
+    tests/test_cuda.py checks every synchronisation on a GPU."""
+    inside = []
+    step = engine.train_step
+
+    def watched(*args):
+        inside.append(True)
+        try:
+            return step(*args)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(engine, "train_step", watched)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        def read(self, *args, _original=getattr(torch.Tensor, name), _name=name):
+            if inside:
+                raise HostRead(f"Tensor.{_name} inside the training step")
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+
+# nadam alone keeps its step count in host memory (torch reads it there: no device sync), which this
+# stand-in cannot tell from a device read; its fp16 case shows the sync it has, tests/test_cuda.py the rest.
+SYNC_FREE = [*itertools.product(("adam", "adamw", "sgd"), ("fp32", "bf16", "fp16")), ("nadam", "fp16")]
+
+
+@pytest.mark.parametrize("optimizer, precision", SYNC_FREE)
+def test_the_training_step_reads_nothing_back_to_the_host(no_host_reads, monkeypatch, optimizer, precision):
+    # The optimizers build_optimizer makes on CUDA (fused where torch has a kernel), built on the CPU.
+    monkeypatch.setattr(device_lib.Policy, "fused", property(lambda policy: True))
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    policy = device_lib.Policy(CPU, amp_dtype, compile=False, cuda_graphs=False)
+    for options in (dict(grad_clip=1.0, mixup_alpha=0.4, class_weights=True), dict(label_smoothing=0.1)):
+        torch.manual_seed(0)
+        model = build_model(SMALL)
+        config = RunConfig(optimizer=optimizer, learning_rate=1e-3, lr_schedule="onecycle", **options)
+        parts = training.build_training(config, policy, model, 3, torch.arange(10), 10)
+        run = functools.partial(engine.train_one_epoch, parts.model, _loaders(3)[0], parts.optimizer,
+                                parts.scheduler, parts.loss_fn, parts.ctx, 1)
+        if optimizer == "nadam":  # no fused NAdam: GradScaler reads its overflow check on the host
+            with pytest.raises(HostRead, match="item") as read:
+                run()
+            assert any(entry.path.name == "grad_scaler.py" for entry in read.traceback)
+        else:
+            assert run()["train_loss"] > 0
+
+
+@pytest.mark.xfail(strict=True, raises=HostRead, reason="AveragedModel reads; issue 19 rewrites the EMA")
+def test_the_weight_average_update_reads_nothing_back_to_the_host(no_host_reads):
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    policy = device_lib.Policy(CPU, None, compile=False, cuda_graphs=False)
+    parts = training.build_training(RunConfig(ema_decay=0.9), policy, model, 3, torch.arange(10), 10)
+    engine.train_one_epoch(parts.model, _loaders(3)[0], parts.optimizer, parts.scheduler, parts.loss_fn,
+                           parts.ctx, 1)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_with_cuda_graphs_the_schedule_writes_the_learning_rate_into_one_tensor_that_resume_keeps():
+    def build(graphs: bool) -> training.Training:
+        torch.manual_seed(0)
+        model = build_model(SMALL)
+        config = RunConfig(learning_rate=0.01, lr_schedule="cosine", warmup_epochs=1, epochs=3)
+        return training.build_training(config, device_lib.Policy(CPU, None, False, graphs), model, 4,
+                                       torch.arange(10), 10)
+    graphed, plain = build(True), build(False)
+    rate = graphed.optimizer.param_groups[0]["lr"]
+    assert isinstance(rate, torch.Tensor) and graphed.optimizer.param_groups[0]["capturable"]
+    for _ in range(9):
+        graphed.scheduler.step()
+        plain.scheduler.step()
+        assert graphed.optimizer.param_groups[0]["lr"] is rate  # written in place, where a graph reads it
+        assert rate.item() == pytest.approx(plain.optimizer.param_groups[0]["lr"], rel=1e-6)
+    resumed, saved_plain = build(True), plain.optimizer.state_dict()
+    kept = resumed.optimizer.param_groups[0]["lr"]
+    training.load_optimizer_state(resumed.optimizer, graphed.optimizer.state_dict())
+    assert resumed.optimizer.param_groups[0]["lr"] is kept and kept.item() == rate.item()
+    training.load_optimizer_state(resumed.optimizer, saved_plain)  # a run saved without CUDA graphs
+    assert resumed.optimizer.param_groups[0]["lr"] is kept
+    assert kept.item() == pytest.approx(saved_plain["param_groups"][0]["lr"])
+    training.load_optimizer_state(plain.optimizer, graphed.optimizer.state_dict())  # and the other way round
+    assert type(plain.optimizer.param_groups[0]["lr"]) is float
 
 
 # ---------------------------------------------------------------- checkpoints
