@@ -10,7 +10,6 @@ holds the loader, which serves batches from the uint8 cache with all per-epoch w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -176,7 +175,7 @@ def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(config_from_args, lambda config: prepare(**dataclasses.asdict(config), refresh=True), argv)
+    return cli_main(config_from_args, lambda config: prepare(refresh=True, **vars(config)), argv)
 
 
 if __name__ == "__main__":

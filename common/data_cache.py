@@ -1,15 +1,12 @@
 """Decode once: every image of a split is decoded and resized a single time, into a uint8 array.
 
-``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8
-tensor, building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes
-the split's manifest rows (path, class, bytes, sha256) and S, so changed files or another size get a
-new cache automatically and a stale one is never read. The file is written atomically
-(``files.atomic_path``), so it exists only complete; concurrent builders of one cache (sweep workers)
-write identical bytes, so whichever rename lands last is as good as the first.
-
-Decoding (``open_rgb``) turns every mode PIL reads into correct RGB; resizing matches torchvision's
-``transforms.Resize((S, S))`` on a PIL image exactly (full JPEG decoding: drafting was faster but
-up to 4 levels off, docs/benchmarks.md).
+``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8 tensor,
+building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes the split's
+manifest rows (path, class, bytes, sha256) and S: changed files or another size get a new cache, a stale
+one is never read. The file is written atomically (``files.atomic_path``); concurrent builders (sweep
+workers) write identical bytes. Decoding (``open_rgb``) turns every mode PIL reads into correct RGB;
+resizing matches torchvision's ``transforms.Resize((S, S))`` on a PIL image exactly (full JPEG decoding:
+drafting was faster but up to 4 levels off, docs/benchmarks.md).
 """
 from __future__ import annotations
 

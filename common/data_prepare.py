@@ -47,16 +47,15 @@ def option(default, help: str):
 
 
 @dataclass
-class PrepareConfig:
-    """What ``prepare`` makes the split from (the options of ``python common/data.py prepare``)."""
+class PrepareConfig:  # the options of ``prepare`` and of ``python common/data.py prepare``
     root: str = option("data", "data folder: the original and the split go here")
     url: str = option(DATASET_URL, "where to download the archive from")
     zip: str | None = option(None, "use this already downloaded archive instead")
     val_fraction: float = option(0.2, "stratified fraction of train/ held out for validation")
     seed: int = option(42, "seed of the train/val split")
-    source: str | None = option(None, "split your own image folders instead: DIR/<Class>/* or DIR/train/"
-                                      "<Class>/* (+ DIR/test or DIR/val as the test set); they are linked, "
-                                      "never changed")
+    source: str | None = option(
+        None, "split your own image folders instead: DIR/<Class>/* or DIR/train/<Class>/* (+ DIR/test or "
+        "DIR/val as the test set); they are linked, never changed")
     test_fraction: float = option(0.2, "with --source and no test folder: stratified fraction of each "
                                               "class held out for testing")
 
@@ -81,7 +80,7 @@ class FileCheck(NamedTuple):
 
 def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
     """Make ``root/split`` (see the module docstring) with ``options`` (``PrepareConfig``'s) and return it.
-    An intact split is used as it is unless ``refresh``; a refresh with unchanged files does nothing either."""
+    An intact split is used as it is unless ``refresh``; a refresh with unchanged files does nothing."""
     config, root, split_dir = PrepareConfig(root=str(root), **options), Path(root), Path(root) / "split"
     for name, fraction in (("val_fraction", config.val_fraction), ("test_fraction", config.test_fraction)):
         if not 0.0 < fraction < 1.0:
@@ -100,15 +99,16 @@ def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
     if source is None and saved.get("source") is not None:  # a split of your own folders: refresh from them
         source, test_fraction = saved["source"], saved["test_fraction"]
         if not Path(source).is_dir():
-            raise DataError(f"refreshing {split_dir} needs {source}, the folder it was made from, which is no "
-                            f"longer there: pass its new place (python common/data.py prepare --root {root} "
-                            "--source DIR)")
+            raise DataError(
+                f"refreshing {split_dir} needs {source}, the folder it was made from, which is no longer "
+                f"there: pass its new place (python common/data.py prepare --root {root} --source DIR)")
     train_dir, test_dir = source_folders(Path(source)) if source else _dataset(root, config)
     if test_dir is not None:
         test_fraction = None  # a test set of its own: nothing is drawn from train/ for it
     if made:
         _check_same_options(split_dir, saved, test_fraction=test_fraction)
-    files = scan_class_folders(train_dir, "train") + (scan_class_folders(test_dir, "test") if test_dir else [])
+    tests = scan_class_folders(test_dir, "test") if test_dir else []
+    files = scan_class_folders(train_dir, "train") + tests
     check_class_sets(train_dir, test_dir, files)
     state = {"format": PREPARE_FORMAT, "val_fraction": config.val_fraction, "seed": config.seed,
              "fingerprint": fingerprint(files)}
@@ -124,11 +124,12 @@ def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
 def _check_same_options(split_dir: Path, saved: dict, **asked) -> None:
     """Refuse split options other than those ``split_dir`` was made with: its images never move."""
     if differ := [name for name, value in asked.items() if name in saved and saved[name] != value]:
-        raise DataError(f"{split_dir} was made with {', '.join(f'{k} {saved[k]}' for k in differ)}, not "
-                        f"{', '.join(f'{k} {asked[k]}' for k in differ)}, and its images never move: use its "
-                        "values (train scripts: --val_fraction, --split_seed), or make a new split with another "
-                        f"--root / --data_dir (or delete {split_dir}: runs trained on it can then no longer be "
-                        "resumed or evaluated)")
+        raise DataError(
+            f"{split_dir} was made with {', '.join(f'{k} {saved[k]}' for k in differ)}, not "
+            f"{', '.join(f'{k} {asked[k]}' for k in differ)}, and its images never move: use its values "
+            "(train scripts: --val_fraction, --split_seed), or make a new split with another --root / "
+            f"--data_dir (or delete {split_dir}: runs trained on it can then no longer be resumed or "
+            "evaluated)")
 
 
 def source_folders(source: Path) -> tuple[Path, Path | None]:
@@ -241,8 +242,8 @@ def check_file(path: Path) -> FileCheck:
     return FileCheck(len(data), sha256, problem)
 
 
-def assign_splits(good: list[ImageFile], val_fraction: float, seed: int, test_fraction: float | None = None,
-                  kept: dict[tuple[str, str, str], str] | None = None) -> dict[ImageFile, str]:
+def assign_splits(good: list[ImageFile], val_fraction: float, seed: int, test_fraction: float = 0.0,
+                  kept: dict | None = None) -> dict[ImageFile, str]:
     """The given test set -> test. Per class to split, images already in ``kept`` (key -> split) stay
     there; the new ones first fill the val (and with ``test_fraction`` the test) counts that the class's
     total gives, round(n * fraction) and at least 1, drawn by ``seed``; the rest -> train. With nothing
@@ -264,9 +265,9 @@ def assign_splits(good: list[ImageFile], val_fraction: float, seed: int, test_fr
         counts, wanted = Counter(assigned[f] for f in members), SPLITS if test_fraction else SPLITS[:2]
         if not all(counts[split] for split in wanted):
             shown = ", ".join(f"{split} {counts[split]}" for split in wanted)
-            raise DataError(f"class {label} has {len(members)} readable image(s) to split: too few for an "
-                            f"image in each split ({shown}); add images, or lower --val_fraction / "
-                            "--test_fraction")
+            raise DataError(
+                f"class {label} has {len(members)} readable image(s) to split: too few for an image in each "
+                f"split ({shown}); add images, or lower --val_fraction / --test_fraction")
     return assigned
 
 
@@ -298,12 +299,13 @@ def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, sta
         origin = "test" if split == "test" and not test_fraction else "train"
         before[(origin, nfc(label), nfc(relative))] = (split, row["sha256"])
     kept = {key: split for key, (split, _) in before.items()}
-    assigned = assign_splits(good, state["val_fraction"], state["seed"], test_fraction, kept)
+    assigned = assign_splits(good, state["val_fraction"], state["seed"], test_fraction or 0.0, kept)
     skipped = _write_split(root, assigned, checks, files)
     # Written last, with the fingerprint taken now: making and removing hard links changed the
     # originals' change times (link counts), and the next run compares against these.
     write_json(root / "split" / "prepare.json", {**state, "fingerprint": fingerprint(files)})
-    counts, classes = Counter((split, f.label) for f, split in assigned.items()), sorted({f.label for f in good})
+    counts = Counter((split, f.label) for f, split in assigned.items())
+    classes = sorted({f.label for f in good})
     print(f"{'class':<12}" + "".join(f"{s:>7}" for s in SPLITS))
     for label in classes:
         print(f"{label:<12}" + "".join(f"{counts[(s, label)]:>7}" for s in SPLITS))
@@ -313,18 +315,18 @@ def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, sta
         print(_changes({f.key: (split, checks[f].sha256) for f, split in assigned.items()}, before))
 
 
-def _write_split(root: Path, assigned: dict[ImageFile, str], checks: dict[ImageFile, FileCheck],
-                 files: list[ImageFile]) -> int:
-    """Build the split with its csv files in a fresh folder, then swap it in, so a crash never leaves
-    half a split; print the skipped files and any leak. Returns how many files were skipped."""
+def _write_split(root: Path, assigned: dict, checks: dict, files: list[ImageFile]) -> int:
+    """Build the split (``assigned``: file -> split) with its csv files in a fresh folder, then swap it in,
+    so a crash never leaves half a split; print the skipped files and any leak. Returns how many were."""
     split_dir, building, old = root / "split", root / "split.partial", root / "split.old"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     manifest = []
     for f, split in sorted(assigned.items(), key=lambda item: (SPLITS.index(item[1]), item[0].label,
                                                                item[0].relative)):
-        _link_or_copy(f.source, building / split / f.label / f.relative)
-        manifest.append([f"{split}/{f.label}/{f.relative}", f.label, split, checks[f].bytes, checks[f].sha256])
+        relative = f"{split}/{f.label}/{f.relative}"
+        _link_or_copy(f.source, building / relative)
+        manifest.append([relative, f.label, split, checks[f].bytes, checks[f].sha256])
     _write_csv(building / MANIFEST, "path,class,split,bytes,sha256", manifest)
     skipped = [[str(f.source), checks[f].problem] for f in files if checks[f].problem is not None]
     _write_csv(building / "skipped.csv", "path,reason", skipped)

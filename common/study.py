@@ -65,9 +65,9 @@ class StudyConfig:
     quick: bool = option(False, f"check an installation in minutes on a CPU: a {QUICK_COUNT}-trial sweep "
                                 f"of {QUICK_PART_A['epochs']}-epoch runs at {QUICK_PART_A['input_size']} px, "
                                 f"Part B with {QUICK_PART_B['model']} at {QUICK_PART_B['input_size']} px")
-    part_b_weights: str | None = option(None, "Part B pretrained weights, passed to part_b/train.py "
-                                              "--weights (a weights name or a state-dict FILE); none = "
-                                              "part_b/sweep.yaml's, read from the torch hub cache")
+    part_b_weights: str | None = option(
+        None, "Part B pretrained weights, passed to part_b/train.py --weights (a weights name or a "
+        "state-dict FILE); none = part_b/sweep.yaml's, read from the torch hub cache")
     seed: int = option(0, "seed of the sweeps' proposals (each run keeps its own --seed)")
 
 

@@ -639,7 +639,7 @@ def test_unsafe_zip_entries_are_refused_before_anything_is_written(tmp_path, ent
     with zipfile.ZipFile(archive_path, "a") as archive:
         archive.writestr(zipfile.ZipInfo(entry), b"gotcha")
     with pytest.raises(DataError, match=message):
-        prepare(tmp_path / "data", zip_path=archive_path)
+        prepare(tmp_path / "data", zip=archive_path)
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "data" / "inaturalist_12K").exists()
 
 
@@ -648,7 +648,7 @@ def test_archive_without_train_and_val_is_a_clear_error(tmp_path):
     with zipfile.ZipFile(archive_path, "w") as archive:
         archive.writestr("photos/Aves/1.jpg", b"x")
     with pytest.raises(DataError, match="no train/ and val/ class folders"):
-        prepare(tmp_path / "data", zip_path=archive_path)
+        prepare(tmp_path / "data", zip=archive_path)
 
 
 def test_a_damaged_archive_is_a_clear_error_and_leaves_no_partial_folder(tmp_path):
@@ -660,7 +660,7 @@ def test_a_damaged_archive_is_a_clear_error_and_leaves_no_partial_folder(tmp_pat
     archive_path = tmp_path / "damaged.zip"
     archive_path.write_bytes(bytes(payload))
     with pytest.raises(DataError, match=r"damaged.*delete it and download it again"):
-        prepare(tmp_path / "data", zip_path=archive_path)
+        prepare(tmp_path / "data", zip=archive_path)
     assert not list((tmp_path / "data").glob("*.partial"))
 
 
