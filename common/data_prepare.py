@@ -102,7 +102,7 @@ def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
             raise DataError(
                 f"refreshing {split_dir} needs {source}, the folder it was made from, which is no longer "
                 f"there: pass its new place (python common/data.py prepare --root {root} --source DIR)")
-    train_dir, test_dir = source_folders(Path(source)) if source else _dataset(root, config)
+    train_dir, test_dir = _folders(root, config, source)
     if test_dir is not None:
         test_fraction = None  # a test set of its own: nothing is drawn from train/ for it
     if made:
@@ -110,8 +110,8 @@ def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
     tests = scan_class_folders(test_dir, "test") if test_dir else []
     files = scan_class_folders(train_dir, "train") + tests
     check_class_sets(train_dir, test_dir, files)
-    state = {"format": PREPARE_FORMAT, "val_fraction": config.val_fraction, "seed": config.seed,
-             "fingerprint": fingerprint(files)}
+    state = {"format": PREPARE_FORMAT, "val_fraction": config.val_fraction, "seed": config.seed}
+    state["fingerprint"] = fingerprint(files)
     if source is not None:
         state.update(source=str(Path(source).resolve()), test_fraction=test_fraction)
     if made and not problem and saved == state:
@@ -132,21 +132,18 @@ def _check_same_options(split_dir: Path, saved: dict, **asked) -> None:
             "evaluated)")
 
 
-def source_folders(source: Path) -> tuple[Path, Path | None]:
-    """(the folder of class folders to split, the folder of test class folders or None) of ``source``."""
-    if not source.is_dir():
-        raise DataError(f"--source {source}: no such folder")
-    if not (source / "train").is_dir():
-        return source, None  # source/<Class>/*: train, val and test are all drawn from it
-    tests = [source / name for name in ("test", "val") if (source / name).is_dir()]
-    if len(tests) > 1:
-        raise DataError(f"{source} has both test/ and val/: keep the one that is your test set (validation "
-                        "is drawn from train/ by --val_fraction)")
-    return source / "train", tests[0] if tests else None
-
-
-def _dataset(root: Path, config: PrepareConfig) -> tuple[Path, Path]:
-    """``train/`` and ``val/`` of ``root/inaturalist_12K``: as found, else extracted from the zip."""
+def _folders(root: Path, config: PrepareConfig, source: str | None) -> tuple[Path, Path | None]:
+    """(the folder of class folders to split, the folder of test class folders or None): of ``source``, else
+    ``train/`` and ``val/`` of ``root/inaturalist_12K``, as found or else extracted from the archive."""
+    if source is not None:
+        if not (source := Path(source)).is_dir():
+            raise DataError(f"--source {source}: no such folder")
+        if not (source / "train").is_dir():
+            return source, None  # source/<Class>/*: train, val and test are all drawn from it
+        if len(tests := [source / name for name in ("test", "val") if (source / name).is_dir()]) > 1:
+            raise DataError(f"{source} has both test/ and val/: keep the one that is your test set "
+                            "(validation is drawn from train/ by --val_fraction)")
+        return source / "train", tests[0] if tests else None
     dataset = root / DATASET_DIR
     if not ((dataset / "train").is_dir() and (dataset / "val").is_dir()):
         if dataset.exists():
@@ -288,7 +285,7 @@ def _write_csv(path: Path, header: str, rows: list[list]) -> None:
 def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, state: dict) -> None:
     """Validate every file and assign the good ones (the images of the manifest's ``rows``, None for a
     first split, stay where they are); write the split and print what it holds and what changed."""
-    checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate")))
+    checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate"), strict=True))
     good = [f for f in files if checks[f].problem is None]
     if lost := sorted({f"{f.origin}/{f.label}" for f in files} - {f"{f.origin}/{f.label}" for f in good}):
         raise DataError(f"no readable images left in {', '.join(lost)} (see the skipped files above); "
@@ -309,8 +306,8 @@ def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, sta
     print(f"{'class':<12}" + "".join(f"{s:>7}" for s in SPLITS))
     for label in classes:
         print(f"{label:<12}" + "".join(f"{counts[(s, label)]:>7}" for s in SPLITS))
-    print(f"{'total':<12}" + "".join(f"{sum(counts[(s, c)] for c in classes):>7}" for s in SPLITS)
-          + f"   skipped {skipped}  -> {root / 'split'}")
+    totals = "".join(f"{sum(counts[(s, c)] for c in classes):>7}" for s in SPLITS)
+    print(f"{'total':<12}{totals}   skipped {skipped}  -> {root / 'split'}")
     if rows is not None:
         print(_changes({f.key: (split, checks[f].sha256) for f, split in assigned.items()}, before))
 
@@ -322,8 +319,8 @@ def _write_split(root: Path, assigned: dict, checks: dict, files: list[ImageFile
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     manifest = []
-    for f, split in sorted(assigned.items(), key=lambda item: (SPLITS.index(item[1]), item[0].label,
-                                                               item[0].relative)):
+    for f in sorted(assigned, key=lambda f: (SPLITS.index(assigned[f]), f.label, f.relative)):
+        split = assigned[f]
         relative = f"{split}/{f.label}/{f.relative}"
         _link_or_copy(f.source, building / relative)
         manifest.append([relative, f.label, split, checks[f].bytes, checks[f].sha256])
@@ -335,12 +332,12 @@ def _write_split(root: Path, assigned: dict, checks: dict, files: list[ImageFile
     by_hash: dict[str, list[list]] = {}
     for row in manifest:
         by_hash.setdefault(row[4], []).append(row)
-    duplicates = [[sha, row[2], row[0]] for sha, group in by_hash.items() if len({r[2] for r in group}) > 1
-                  for row in group]
+    leaked = [sha for sha, group in by_hash.items() if len({row[2] for row in group}) > 1]
+    duplicates = [[row[4], row[2], row[0]] for sha in leaked for row in by_hash[sha]]
     _write_csv(building / "duplicates.csv", "sha256,split,path", duplicates)
-    if duplicates:
-        print(f"warning: {len({d[0] for d in duplicates})} images appear byte-identical in more than one "
-              f"split (possible leak): see {split_dir / 'duplicates.csv'}")
+    if leaked:
+        print(f"warning: {len(leaked)} images appear byte-identical in more than one split (possible leak): "
+              f"see {split_dir / 'duplicates.csv'}")
     if (split_dir / "cache").is_dir():  # caches are keyed by content: those of unchanged splits stay valid
         os.replace(split_dir / "cache", building / "cache")
     shutil.rmtree(old, ignore_errors=True)
