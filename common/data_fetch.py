@@ -32,7 +32,6 @@ DATASET_DIR = "inaturalist_12K"
 # that a machine without network fails at once instead of hanging.
 NETWORK_TIMEOUT_S = 10
 CHUNK_BYTES = 1 << 20
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 BYTES_BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "mininterval": LOG_INTERVAL_S}
 
 
@@ -81,14 +80,12 @@ def download_into(url: str, part: Path, timeout: float = NETWORK_TIMEOUT_S) -> N
         except OSError as error:  # URLError, refused connections, timeouts, DNS failures
             raise DataError(f"cannot download {url}: {getattr(error, 'reason', error)}") from error
         with response:
+            start = have if response.status == 206 else 0  # 200: the whole file, from the start
+            if start and not (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
+                part.unlink()  # some other range than we asked for: start over
+                continue
             length = response.headers.get("Content-Length")
-            start, total = 0, int(length) if length is not None else None  # 200: from the start
-            if response.status == 206:
-                match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
-                if not match or int(match.group(1)) != have:  # some other range than we asked: start over
-                    part.unlink()
-                    continue
-                start, total = have, int(match.group(2)) if match.group(2) != "*" else None
+            total = start + int(length) if length is not None else None
             name = Path(urlsplit(url).path).name
             with open(part, "r+b" if start else "wb") as out, \
                     tqdm(total=total, initial=start, desc=f"download {name}", **BYTES_BAR) as bar:
