@@ -204,8 +204,8 @@ def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
                         f"is in {table}; fix the cause and run the same command again")
     outputs = [sweep.database_path(config.out_dir, plan.study)]
     outputs += [Path(t.user_attrs["run_dir"]) / "summary.json" for t in complete if rerun_lost]
-    plan_files = {"file": plan.file, "overrides": plan.overrides, "outputs": list(map(str, outputs))}
-    return {"study": plan.study, "storage": storage, **plan_files}
+    result = {"study": plan.study, "storage": storage, "file": plan.file, "overrides": plan.overrides}
+    return {**result, "outputs": [str(path) for path in outputs]}
 
 
 def finished_run(run_dir: Path) -> bool:

@@ -35,10 +35,14 @@ def data_results(split_dir: Path) -> dict:
     """The split's classes and sizes (manifest.csv); what its test and validation sets are (prepare.json)."""
     rows, prepared = read_manifest(split_dir), files.read_json(split_dir / "prepare.json")
     source, test_fraction = prepared.get("source"), prepared.get("test_fraction")
-    val = f"a stratified {prepared.get('val_fraction', 0):.0%} of each class of "
-    val += "the original `train/`" if source is None else f"`{source}`"
-    test = f"a stratified {test_fraction:.0%} of each class of `{source}`" if test_fraction else \
-        "the original `val/` of iNaturalist-12K" if source is None else f"the test folder given in `{source}`"
+    origin = "the original `train/`" if source is None else f"`{source}`"
+    val = f"a stratified {prepared.get('val_fraction', 0):.0%} of each class of {origin}"
+    if source is None:
+        test = "the original `val/` of iNaturalist-12K"
+    elif test_fraction:
+        test = f"a stratified {test_fraction:.0%} of each class of `{source}`"
+    else:
+        test = f"the test folder given in `{source}`"
     classes, images = sorted({row["class"] for row in rows}), Counter(row["split"] for row in rows)
     return {"split_dir": str(split_dir), "classes": classes, "images": images, "test": test, "val": val}
 
@@ -148,13 +152,14 @@ def part_b_results(record: dict) -> dict:
 
 def write_report(study_dir: Path, records: dict[str, dict], split_dir: Path) -> Path:
     """results.json and report.md (with the sweep's figures) in ``study_dir``; returns the report's path."""
-    best, keys = records["part_a_best"]["result"], ("status", "seconds", "finished", "machine", "software")
+    best = records["part_a_best"]["result"]
     results = {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data_results(split_dir)}
     results["question1"] = question1_results(Path(best["run_dir"]))
     results["sweep"] = sweep_results(records["part_a_sweep"]["result"], study_dir)
     results["best_model"] = best_model_results(best)
     results["part_b"] = part_b_results(records.get("part_b", {}))
     steps = [name for name in ("part_a_sweep", "part_a_best", "part_b") if name in records]
+    keys = ("status", "seconds", "finished", "machine", "software")
     results["steps"] = {name: {k: records[name].get(k) for k in keys} for name in steps}
     files.write_json(study_dir / "results.json", results)
     with files.atomic_path(study_dir / "report.md") as tmp:
