@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 
 from common.files import atomic_path
 
 FORMAT = "inat12k-checkpoint"
-# The function that rebuilds each kind of model from its saved ``model_config``, by name: the parts
-# import common, never the reverse.
+# Each kind's builder (from its saved ``model_config``) by name: the parts import common, not the reverse.
 MODEL_BUILDERS = {"part_a": "part_a.model:build_model", "part_b": "part_b.model:build_from_config"}
 
 
@@ -34,23 +34,22 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`, or raise ``CheckpointError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a best.pt or last.pt "
                               "written by part_a/train.py or part_b/train.py")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for truncated, damaged or foreign files
-        if "Unsupported global" in str(error):
-            # A readable pickle of arbitrary Python objects: a foreign file, not a damaged one.
-            raise CheckpointError(f"{path} holds Python objects other than tensors and plain data, so it "
-                                  "is not a checkpoint of this project; pass a best.pt or last.pt from a "
-                                  "run folder") from error
+        if "Unsupported global" in str(error):  # a readable pickle of other Python objects: not ours
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain data, so it is not a checkpoint "
+                "of this project; pass a best.pt or last.pt from a run folder") from error
         # torch's own text for a damaged pickle suggests weights_only=False, which is wrong here.
         detail = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n")[0]
         detail = "" if not detail or detail.startswith("Weights only load failed") else f": {detail}"
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}{detail}); it is "
-                              "corrupt or truncated: use another checkpoint (best.pt / last.pt) of the run") from error
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}{detail}); it is corrupt or "
+            "truncated: use another checkpoint (best.pt / last.pt) of the run") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
                               f"(no format={FORMAT!r}); pass a best.pt or last.pt from a run folder")
@@ -61,23 +60,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
-    """Rebuild the raw (uncompiled, unwrapped) model a checkpoint holds and load the weights it is
-    evaluated with: a last.pt of a run with --ema_decay holds their average as ``ema``."""
+    """The raw model of a checkpoint with the weights it is evaluated with (``ema`` when last.pt has it)."""
     model = pkgutil.resolve_name(MODEL_BUILDERS[state["kind"]])(state["model_config"])
     model.load_state_dict(state.get("ema", state["model"]))
     return model
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """Every random generator a run draws from, as weights_only-safe plain data and tensors; on a CUDA
-    ``device``, that GPU's generator (only that one: the run may resume with other GPUs visible)."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
+    """Every generator a run draws from, weights_only-safe; of the GPUs only ``device``'s (others may go)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss)}
+    numpy["cached_gaussian"] = float(cached_gaussian)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -86,9 +80,9 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     """Restore what ``rng_state`` saved; tensors are accepted on any device."""
     torch.set_rng_state(state["torch"].cpu())
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].cpu().numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    numpy = state["numpy"]
+    keys = numpy["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and device is not None and device.type == "cuda":
@@ -98,12 +92,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict[str, Any]:
     """Library versions and the git commit, so a checkpoint says what produced it (read once)."""
-    import torchvision
+    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+        commit = subprocess.run(git, capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-                         "numpy": str(np.__version__)},
-            "git_commit": commit}
+    versions = {module.__name__: str(module.__version__) for module in (torch, torchvision, np)}
+    return {"versions": versions, "git_commit": commit}

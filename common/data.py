@@ -1,6 +1,7 @@
 """The data pipeline's entry point: ``prepare`` the split, ``load_cache`` it, iterate a ``DeviceLoader``.
 
-    python common/data.py prepare --root data [--url URL | --zip FILE | --source DIR] [--val_fraction 0.2] [--seed 42]
+    python common/data.py prepare --root data [--url URL | --zip FILE | --source DIR] [--val_fraction 0.2]
+                                  [--seed 42] [--test_fraction 0.2]
 
 Preparation lives in ``data_prepare`` (download and extraction in ``data_fetch``), the decode-once
 cache in ``data_cache``, augmentation in ``augment``; this module re-exports their public names and
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,12 +22,11 @@ import torch
 
 from common.augment import crop_flip, sample_crops, sample_flips
 from common.config import add_dataclass_args, cli_main, from_namespace
-from common.data_cache import CachedSplit, decode_image, load_cache, open_rgb, split_changes, split_digests
+from common.data_cache import decode_image, load_cache, split_changes, split_digests
 from common.data_fetch import DATASET_URL, DataError
-from common.data_prepare import prepare
+from common.data_prepare import PrepareConfig, prepare
 
-__all__ = ["DATASET_URL", "CachedSplit", "DataError", "DeviceLoader", "decode_image", "load_cache",
-           "normalise", "open_rgb", "prepare", "split_changes", "split_digests"]
+__all__ = ["DataError", "decode_image", "load_cache", "prepare", "split_changes", "split_digests"]
 
 # The cache stays on the GPU only if this much memory is still free afterwards (model, activations).
 GPU_MARGIN_BYTES = 4 << 30
@@ -160,25 +159,11 @@ class DeviceLoader:
             yield current
 
 
-@dataclass
-class PrepareConfig:
-    root: str = field(default="data", metadata={"help": "data folder: the original and the split go here"})
-    url: str = field(default=DATASET_URL, metadata={"help": "where to download the archive from"})
-    zip: str | None = field(default=None, metadata={"help": "use this already downloaded archive instead"})
-    val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
-    seed: int = field(default=42, metadata={"help": "seed of the train/val split"})
-    source: str | None = field(default=None, metadata={
-        "help": "split your own image folders instead: DIR/<Class>/* or DIR/train/<Class>/* (+ DIR/test or DIR/val "
-                "as the test set); they are linked, never changed"})
-    test_fraction: float = field(default=0.2, metadata={
-        "help": "with --source and no test folder: stratified fraction of each class held out for testing"})
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="iNaturalist-12K data preparation")
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("prepare", help="download, extract, validate and split the dataset; "
-                                  "again: refresh the split from its source, moving no image")
+    command = parser.add_subparsers(dest="command", required=True).add_parser(
+        "prepare", help="download, extract, validate and split the dataset; again: refresh the split from "
+                        "its source, moving no image")
     add_dataclass_args(command, PrepareConfig, "prepare")
     return parser
 
@@ -188,14 +173,13 @@ def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
     if config.zip is not None and config.url != DATASET_URL:
         raise ValueError("give either --url or --zip, not both")
     if config.source is not None and (config.zip is not None or config.url != DATASET_URL):
-        raise ValueError("--source splits your own folders; --zip and --url fetch the iNaturalist archive: give one")
+        raise ValueError("--source splits your own folders; --zip and --url fetch the iNaturalist archive: "
+                         "give one")
     return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(config_from_args, lambda config: prepare(
-        config.root, url=config.url, zip_path=config.zip, val_fraction=config.val_fraction, seed=config.seed,
-        source=config.source, test_fraction=config.test_fraction, refresh=True), argv)
+    return cli_main(config_from_args, lambda config: prepare(refresh=True, **vars(config)), argv)
 
 
 if __name__ == "__main__":

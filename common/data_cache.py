@@ -1,15 +1,12 @@
 """Decode once: every image of a split is decoded and resized a single time, into a uint8 array.
 
-``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8
-tensor, building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes
-the split's manifest rows (path, class, bytes, sha256) and S, so changed files or another size get a
-new cache automatically and a stale one is never read. Both files are written atomically
-(``files.atomic_path``), the JSON meta last: it marks the cache complete. Concurrent builders of one
-cache (sweep workers) write identical bytes, so whichever rename lands last is as good as the first.
-
-Decoding (``open_rgb``) turns every mode PIL reads into correct RGB; resizing matches torchvision's
-``transforms.Resize((S, S))`` on a PIL image exactly (full JPEG decoding: drafting was faster but
-up to 4 levels off, docs/benchmarks.md).
+``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8 tensor,
+building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes the split's
+manifest rows (path, class, bytes, sha256) and S: changed files or another size get a new cache, a stale
+one is never read. The file is written atomically (``files.atomic_path``); concurrent builders (sweep
+workers) write identical bytes. Decoding (``open_rgb``) turns every mode PIL reads into correct RGB;
+resizing matches torchvision's ``transforms.Resize((S, S))`` on a PIL image exactly (full JPEG decoding:
+drafting was faster but up to 4 levels off, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -22,7 +19,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +27,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from common.data_fetch import LOG_INTERVAL_S, DataError
-from common.files import atomic_path, read_json, write_json
+from common.files import atomic_path
 
 # Larger images are reported and left out rather than decoded: 50 MP is far above any photo in the
 # dataset (about 0.5 MP) and below PIL's own decompression-bomb limit.
@@ -41,9 +38,6 @@ BACKGROUND = (255, 255, 255)
 MANIFEST = "manifest.csv"
 CACHE_FORMAT = 2  # 2: full JPEG decoding (1 drafted JPEGs), so older caches are rebuilt
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -84,17 +78,13 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 def decode_image(path: str | Path, size: int) -> np.ndarray:
     """uint8 ``[size, size, 3]``: the image as ``transforms.Resize((size, size))`` gives it, exactly."""
-    img = open_rgb(path)
-    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
+    return np.asarray(open_rgb(path).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def parallel_map(fn: Callable[[T], R], items: list[T], desc: str, chunksize: int = 16) -> Iterator[R]:
+def parallel_map(fn: Callable, items: list, desc: str, chunksize: int = 16) -> Iterator:
     """``map(fn, items)`` in order over worker processes, with a progress bar; in-process when tiny."""
-    workers = min(usable_cpus(), -(-len(items) // chunksize))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cpus, -(-len(items) // chunksize))
     # On a terminal a live bar; in a log (a batch job) a line every LOG_INTERVAL_S, like downloads.
     with tqdm(total=len(items), desc=desc, unit="img", mininterval=LOG_INTERVAL_S) as bar, \
             (ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()) as pool:
@@ -122,8 +112,7 @@ def split_digests(split_dir: str | Path) -> dict[str, torch.Tensor]:
     return {split: torch.tensor(sorted(values), dtype=torch.int64) for split, values in digests.items()}
 
 
-def split_changes(recorded: dict[str, torch.Tensor] | None, split_dir: str | Path,
-                  splits: tuple[str, ...]) -> str:
+def split_changes(recorded: dict | None, split_dir: str | Path, splits: tuple[str, ...]) -> str:
     """How ``splits`` of ``split_dir`` differ from ``recorded`` (a checkpoint's ``split``), e.g. "3 images
     added to train, 1 removed from test"; "" when they do not, or when nothing was recorded (a
     checkpoint from before splits were recorded). A file with new content counts as removed and added."""
@@ -145,48 +134,30 @@ def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
         raise ValueError(f"cache size must be a positive integer, got {size!r}")
     manifest = read_manifest(split_dir)
     classes = sorted({row["class"] for row in manifest})
-    rows = [row for row in manifest if row["split"] == split]
-    if not rows:
+    if not (rows := [row for row in manifest if row["split"] == split]):
         raise DataError(f"{split_dir / MANIFEST} lists no images for split {split!r}; splits present: "
                         f"{sorted({row['split'] for row in manifest})}")
-    content = json.dumps([CACHE_FORMAT, size, classes,
-                          [[r["path"], r["class"], r["bytes"], r["sha256"]] for r in rows]])
-    key = hashlib.sha256(content.encode()).hexdigest()[:16]
-    cache_dir = split_dir / "cache"
-    stem = cache_dir / f"{split}-{size}-{key}"
-    array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
-    if not (meta_path.is_file() and array_path.is_file()):
-        _build(split_dir, rows, classes, size, key, array_path, meta_path)
-    meta = read_json(meta_path)
-    images = np.load(array_path, mmap_mode="c")  # copy-on-write: a writable tensor, the file never changes
-    if images.shape != (len(rows), size, size, 3):
-        raise DataError(f"cache {array_path} has shape {images.shape}, expected {(len(rows), size, size, 3)}; "
-                        f"delete {cache_dir} and run again")
-    return CachedSplit(images=torch.from_numpy(images), labels=torch.tensor(meta["labels"], dtype=torch.int64),
-                       classes=meta["classes"], paths=[split_dir / p for p in meta["paths"]])
-
-
-def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size: int, key: str,
-           array_path: Path, meta_path: Path) -> None:
-    cache_dir = array_path.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    paths = [split_dir / row["path"] for row in rows]
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"{path} is listed in {MANIFEST} but missing; "
+    content = [CACHE_FORMAT, size, classes, [[r["path"], r["class"], r["bytes"], r["sha256"]] for r in rows]]
+    key = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+    path, paths = split_dir / "cache" / f"{split}-{size}-{key}.npy", [split_dir / r["path"] for r in rows]
+    if not path.is_file():
+        if missing := next((p for p in paths if not p.is_file()), None):
+            raise DataError(f"{missing} is listed in {MANIFEST} but missing; "
                             f"run python common/data.py prepare --root {split_dir.parent} again")
-    split = rows[0]["split"]
-    with atomic_path(array_path) as tmp:  # an interrupted build leaves no full-size temporary behind
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
-        decoded = parallel_map(functools.partial(decode_image, size=size), paths, f"cache {split} {size}px")
-        for index, image in enumerate(decoded):
-            array[index] = image
-        array.flush()
-        del array
-    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "split": split, "size": size, "count": len(rows),
-                           "classes": classes, "labels": [classes.index(row["class"]) for row in rows],
-                           "paths": [row["path"] for row in rows]})
-    # Older caches of this split and size can never match again: free their space.
-    for stale in cache_dir.glob(f"{split}-{size}-*"):
-        if stale.suffix in (".npy", ".json") and stale.stem != array_path.stem:
-            stale.unlink(missing_ok=True)
+        with atomic_path(path) as tmp:  # an interrupted build leaves no full-size temporary behind
+            array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(rows), size, size, 3))
+            decode = functools.partial(decode_image, size=size)
+            for index, image in enumerate(parallel_map(decode, paths, f"cache {split} {size}px")):
+                array[index] = image
+            array.flush()
+            del array
+        # Older caches of this split and size (and the .json files older versions kept beside them) are stale.
+        for stale in path.parent.glob(f"{split}-{size}-*"):
+            if stale.suffix in (".npy", ".json") and stale.name != path.name:
+                stale.unlink(missing_ok=True)
+    images = np.load(path, mmap_mode="c")  # copy-on-write: a writable tensor, the file never changes
+    if images.shape != (len(rows), size, size, 3):
+        raise DataError(f"cache {path} has shape {images.shape}, expected {(len(rows), size, size, 3)}; "
+                        f"delete {path.parent} and run again")
+    labels = torch.tensor([classes.index(row["class"]) for row in rows])
+    return CachedSplit(torch.from_numpy(images), labels, classes, paths)

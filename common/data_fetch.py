@@ -32,7 +32,7 @@ DATASET_DIR = "inaturalist_12K"
 # that a machine without network fails at once instead of hanging.
 NETWORK_TIMEOUT_S = 10
 CHUNK_BYTES = 1 << 20
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+BYTES_BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "mininterval": LOG_INTERVAL_S}
 
 
 class DataError(UserError):
@@ -65,48 +65,43 @@ def download_into(url: str, part: Path, timeout: float = NETWORK_TIMEOUT_S) -> N
     for _ in range(2):  # a second try only after the server refused to resume: then from byte 0
         have = part.stat().st_size if part.is_file() else 0
         try:
-            response = urlopen(Request(url, headers={"Range": f"bytes={have}-"} if have else {}), timeout=timeout)
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            response = urlopen(Request(url, headers=headers), timeout=timeout)
         except HTTPError as error:
-            if error.code == 416 and have:
-                # Nothing left after byte `have`: the file was complete when the last run stopped
-                # before renaming it (the server says "bytes */N" with N == have), else it is no
-                # prefix the server can continue and the download starts over.
-                if (error.headers.get("Content-Range") or "").strip() == f"bytes */{have}":
-                    return
-                part.unlink()
-                continue
-            raise DataError(f"downloading {url} failed: HTTP {error.code} {error.reason}") from error
+            if error.code != 416 or not have:
+                raise DataError(f"downloading {url} failed: HTTP {error.code} {error.reason}") from error
+            # Nothing left after byte `have`: the file was complete when the last run stopped before
+            # renaming it (the server says "bytes */N" with N == have), else it is no prefix the server
+            # can continue and the download starts over.
+            if (error.headers.get("Content-Range") or "").strip() == f"bytes */{have}":
+                return
+            part.unlink()
+            continue
         except OSError as error:  # URLError, refused connections, timeouts, DNS failures
             raise DataError(f"cannot download {url}: {getattr(error, 'reason', error)}") from error
         with response:
+            start = have if response.status == 206 else 0  # 200: the whole file, from the start
+            if start and not (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
+                part.unlink()  # some other range than we asked for: start over
+                continue
             length = response.headers.get("Content-Length")
-            start, total = 0, int(length) if length is not None else None  # 200: from the start
-            if response.status == 206:
-                match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
-                if not match or int(match.group(1)) != have:  # some other range than we asked: start over
-                    part.unlink()
-                    continue
-                start, total = have, int(match.group(2)) if match.group(2) != "*" else None
-            _copy_body(response, part, start, total, url)
+            total = start + int(length) if length is not None else None
+            name = Path(urlsplit(url).path).name
+            with open(part, "r+b" if start else "wb") as out, \
+                    tqdm(total=total, initial=start, desc=f"download {name}", **BYTES_BAR) as bar:
+                out.truncate(start)
+                out.seek(start)
+                try:
+                    while chunk := response.read(CHUNK_BYTES):
+                        bar.update(out.write(chunk))
+                except (OSError, HTTPException) as error:  # timeouts, resets, a cut-off transfer
+                    raise DataError(f"download of {url} interrupted after {out.tell():,} bytes "
+                                    f"({error})") from error
+                received = out.tell()
+            if total is not None and received != total:
+                raise DataError(f"download of {url} stopped at {received:,} of {total:,} bytes")
         return
     raise DataError(f"the server at {url} answers Range requests inconsistently; delete {part} and retry")
-
-
-def _copy_body(response, part: Path, start: int, total: int | None, url: str) -> None:
-    with open(part, "r+b" if start else "wb") as out, \
-            tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                 desc=f"download {Path(urlsplit(url).path).name}", mininterval=LOG_INTERVAL_S) as bar:
-        out.seek(start)
-        out.truncate()
-        try:
-            while chunk := response.read(CHUNK_BYTES):
-                out.write(chunk)
-                bar.update(len(chunk))
-        except (OSError, HTTPException) as error:  # timeouts, resets, a cut-off transfer
-            raise DataError(f"download of {url} interrupted after {out.tell():,} bytes ({error})") from error
-        received = out.tell()
-    if total is not None and received != total:
-        raise DataError(f"download of {url} stopped at {received:,} of {total:,} bytes")
 
 
 def is_hidden(name: str) -> bool:
@@ -114,33 +109,9 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _check_safe(zip_path: Path, name: str) -> None:
-    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        raise DataError(f"refusing to extract {zip_path}: entry {name!r} has an absolute path; the archive "
-                        "is not the dataset or has been tampered with")
-    if ".." in name.split("/"):
-        raise DataError(f"refusing to extract {zip_path}: entry {name!r} points outside the target folder "
-                        "('..'); the archive is not the dataset or has been tampered with")
-
-
-def _dataset_prefix(zip_path: Path, names: list[str]) -> str:
-    """The folder inside the archive that holds ``train/<Class>/file`` and ``val/<Class>/file``."""
-    found: dict[str, set[str]] = {"train": set(), "val": set()}
-    for name in names:
-        parts = name.split("/")
-        for i, part in enumerate(parts[:-2]):  # need <split>/<Class>/<file> below the prefix
-            if part in found:
-                found[part].add("".join(p + "/" for p in parts[:i]))
-    common = found["train"] & found["val"]
-    if not common:
-        raise DataError(f"{zip_path} holds no train/ and val/ class folders (expected "
-                        f"{DATASET_DIR}/train/<Class>/*.jpg and {DATASET_DIR}/val/<Class>/*.jpg); is it the "
-                        f"iNaturalist-12K archive from {DATASET_URL}?")
-    return min(common, key=lambda prefix: (prefix.count("/"), prefix))
-
-
 def extract(zip_path: Path, root: Path) -> Path:
-    """Unpack the dataset folder of ``zip_path`` to ``root/inaturalist_12K`` and return that folder."""
+    """Unpack the dataset folder of ``zip_path`` (the one holding ``train/<Class>/file`` and
+    ``val/<Class>/file``) to ``root/inaturalist_12K`` and return that folder."""
     zip_path, root = Path(zip_path), Path(root)
     target, partial = root / DATASET_DIR, root / f"{DATASET_DIR}.partial"
     try:
@@ -148,26 +119,36 @@ def extract(zip_path: Path, root: Path) -> Path:
     except (OSError, zipfile.BadZipFile) as error:
         raise DataError(f"cannot open {zip_path} as a zip archive ({error}); download it again") from error
     with archive:
-        names = {entry: entry.filename.replace("\\", "/") for entry in archive.infolist()}
-        for name in names.values():  # every entry is checked before anything is written
-            _check_safe(zip_path, name)
-        names = {e: name for e, name in names.items()
-                 if not e.is_dir() and not any(map(is_hidden, name.split("/")))}
-        prefix = _dataset_prefix(zip_path, list(names.values()))
-        names = {e: name[len(prefix):] for e, name in names.items() if name.startswith(prefix)}
+        entries, prefixes = [], {"train": set(), "val": set()}
+        for entry in archive.infolist():  # every entry is checked before anything is written
+            entry.filename = name = entry.filename.replace("\\", "/")
+            absolute = name.startswith("/") or re.match(r"[A-Za-z]:", name)
+            if absolute or ".." in name.split("/"):
+                why = "has an absolute path" if absolute else "points outside the target folder ('..')"
+                raise DataError(f"refusing to extract {zip_path}: entry {name!r} {why}; the archive is not "
+                                "the dataset or has been tampered with")
+            if not entry.is_dir() and not any(map(is_hidden, name.split("/"))):
+                entries.append(entry)
+                parts = name.split("/")
+                for i, part in enumerate(parts[:-2]):  # <split>/<Class>/<file> below the prefix
+                    prefixes.get(part, set()).add("".join(p + "/" for p in parts[:i]))
+        if not (common := prefixes["train"] & prefixes["val"]):
+            raise DataError(f"{zip_path} holds no train/ and val/ class folders (expected {DATASET_DIR}/"
+                            f"train/<Class>/*.jpg and {DATASET_DIR}/val/<Class>/*.jpg); is it the "
+                            f"iNaturalist-12K archive from {DATASET_URL}?")
+        prefix = min(common, key=lambda prefix: (prefix.count("/"), prefix))
+        entries = [entry for entry in entries if entry.filename.startswith(prefix)]
         shutil.rmtree(partial, ignore_errors=True)
-        with tqdm(total=sum(e.file_size for e in names), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"extract {zip_path.name}", mininterval=LOG_INTERVAL_S) as bar:
-            for entry, name in names.items():
-                out = partial / name
-                out.parent.mkdir(parents=True, exist_ok=True)
+        size = sum(entry.file_size for entry in entries)
+        with tqdm(total=size, desc=f"extract {zip_path.name}", **BYTES_BAR) as bar:
+            for entry in entries:
+                entry.filename = entry.filename[len(prefix):]
                 try:
-                    with archive.open(entry) as source, open(out, "wb") as sink:
-                        shutil.copyfileobj(source, sink, CHUNK_BYTES)
+                    archive.extract(entry, partial)
                 except (zipfile.BadZipFile, zlib.error, EOFError) as error:
                     shutil.rmtree(partial, ignore_errors=True)
-                    raise DataError(f"{zip_path} is damaged ({entry.filename}: {error}); delete it and "
-                                    "download it again (or pass --zip with a good copy)") from error
+                    raise DataError(f"{zip_path} is damaged ({prefix}{entry.filename}: {error}); delete it "
+                                    "and download it again (or pass --zip with a good copy)") from error
                 bar.update(entry.file_size)
     os.replace(partial, target)
     return target

@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from common import data, files, sweep
+from common.bench_data import cpu_model
 from common.config import UserError, add_dataclass_args, cli_main, from_namespace, to_cli
 from common.data_cache import MANIFEST, read_manifest
+from common.sweep import was_interrupted
 from common.sweep_space import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,68 +47,63 @@ QUICK_COUNT = 5  # the fewest completed trials parameter importance needs
 # backbone; the batch sizes are the most, halved to fit small data (make_plan).
 QUICK_PART_A = {"epochs": 2, "input_size": 32, "batch_size": 32, "padding": "same", "n_filters": 16}
 QUICK_PART_B = {"model": "resnet18", "input_size": 32, "epochs": 2, "batch_size": 64}
+QUICK = {PART_A_SWEEP: QUICK_PART_A, PART_B_SWEEP: QUICK_PART_B}
+
+
+def option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class StudyConfig:
-    data_dir: str = field(default="data", metadata={"help": "dataset root (prepared first when missing)"})
-    out_dir: str = field(default="runs", metadata={
-        "help": "runs folder: the sweeps' trials and databases, the best run, and study/ with the report"})
-    count: int | None = field(default=None, metadata={
-        "help": f"Part A sweep trials to have finished in all; none = {DEFAULT_COUNT}, or {QUICK_COUNT} with --quick"})
-    workers: int = field(default=1, metadata={"help": "parallel sweep workers on this machine (one trial each)"})
-    quick: bool = field(default=False, metadata={
-        "help": f"check an installation in minutes on a CPU: a {QUICK_COUNT}-trial sweep of "
-                f"{QUICK_PART_A['epochs']}-epoch runs at {QUICK_PART_A['input_size']} px, Part B with "
-                f"{QUICK_PART_B['model']} at {QUICK_PART_B['input_size']} px"})
-    part_b_weights: str | None = field(default=None, metadata={
-        "help": "Part B pretrained weights, passed to part_b/train.py --weights (a weights name or a "
-                "state-dict FILE); none = part_b/sweep.yaml's, read from the torch hub cache"})
-    seed: int = field(default=0, metadata={"help": "seed of the sweeps' proposals (each run keeps its own --seed)"})
+    data_dir: str = option("data", "dataset root (prepared first when missing)")
+    out_dir: str = option("runs", "runs folder: the sweeps' trials and databases, the best run, and study/ "
+                                  "with the report")
+    count: int | None = option(None, f"Part A sweep trials to have finished in all; none = {DEFAULT_COUNT}, "
+                                     f"or {QUICK_COUNT} with --quick")
+    workers: int = option(1, "parallel sweep workers on this machine (one trial each)")
+    quick: bool = option(False, f"check an installation in minutes on a CPU: a {QUICK_COUNT}-trial sweep "
+                                f"of {QUICK_PART_A['epochs']}-epoch runs at {QUICK_PART_A['input_size']} px, "
+                                f"Part B with {QUICK_PART_B['model']} at {QUICK_PART_B['input_size']} px")
+    part_b_weights: str | None = option(
+        None, "Part B pretrained weights, passed to part_b/train.py --weights (a weights name or a "
+        "state-dict FILE); none = part_b/sweep.yaml's, read from the torch hub cache")
+    seed: int = option(0, "seed of the sweeps' proposals (each run keeps its own --seed)")
 
 
 class StepSkipped(Exception):
     """A step that cannot run here (Part B without its weights); the study goes on and reports why."""
 
 
-def environment() -> dict[str, str]:
-    """The machine and the software a step ran on, for the report."""
-    import torch
-
-    from common.bench_data import cpu_model
-    cpu = cpu_model()
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    software = [f"python {platform.python_version()}"] + [
-        f"{name} {importlib.metadata.version(name)}" for name in ("torch", "torchvision", "numpy", "optuna", "wandb")]
-    return {"machine": f"{cpu}, {os.cpu_count()} CPU threads, " + (", ".join(gpus) or "no GPU"),
-            "software": ", ".join(software)}
-
-
 class Steps:
-    """The steps' records in ``path`` (JSON, written atomically). A step that finished with the same inputs
-    (``key``) and whose ``outputs`` (files its result lists) all exist is reused; any other runs, and its
-    time adds to earlier tries with those inputs."""
+    """The steps' records in ``path`` (JSON, written atomically), with the machine and software they ran
+    on. A step that finished with the same inputs (``key``) and whose ``outputs`` (files its result lists)
+    all exist is reused; any other runs, and its time adds to earlier tries with those inputs."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.records: dict[str, dict] = files.read_json(path)
-        self.environment = environment()
-
-    def _save(self, name: str, record: dict) -> None:
-        self.records[name] = record
-        files.write_json(self.path, self.records)
+        self.path, self.records = path, files.read_json(path)
+        gpus = ", ".join(map(torch.cuda.get_device_name, range(torch.cuda.device_count()))) or "no GPU"
+        software = [f"python {platform.python_version()}"]
+        software += [f"{n} {importlib.metadata.version(n)}" for n in ("torch", "torchvision", "numpy")]
+        software += [f"{n} {importlib.metadata.version(n)}" for n in ("optuna", "wandb")]
+        machine = f"{cpu_model()}, {os.cpu_count()} CPU threads, {gpus}"
+        self.environment = {"machine": machine, "software": ", ".join(software)}
 
     def run(self, name: str, key: dict, work: Callable[[], dict]) -> dict:
         key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
-        record = self.records.get(name, {})
-        outputs = [Path(path) for path in record.get("result", {}).get("outputs", [""])]
-        if record.get("status") == "done" and record.get("key") == key and all(map(Path.is_file, outputs)):
-            print(f"study: {name}: reused (done {record['finished']})", flush=True)
-            return record["result"]
+        old, started = self.records.get(name, {}), time.perf_counter()
+        same = old.get("key") == key
+        if same and old["status"] == "done" and all(map(os.path.isfile, old["result"].get("outputs", [""]))):
+            print(f"study: {name}: reused (done {old['finished']})", flush=True)
+            return old["result"]
         print(f"study: {name} ...", flush=True)
-        spent = record.get("seconds", 0.0) if record.get("key") == key else 0.0
-        self._save(name, {"status": "running", "key": key, "seconds": spent})
-        started = time.perf_counter()
+
+        def save(status: str, **record) -> None:
+            seconds = (old["seconds"] if same else 0.0) + time.perf_counter() - started
+            self.records[name] = {"status": status, "key": key, "seconds": seconds, **record}
+            files.write_json(self.path, self.records)
+
+        save("running")
         try:
             result, status = work(), "done"
         except StepSkipped as skipped:
@@ -113,13 +111,9 @@ class Steps:
             print(f"study: {name} skipped: {skipped}", file=sys.stderr, flush=True)
         except BaseException as error:  # Ctrl-C reaches here as itself or as the sweep runner's error
             stopped = isinstance(error, KeyboardInterrupt) or str(error).startswith(sweep.INTERRUPTED)
-            self._save(name, {"status": "interrupted" if stopped else "failed", "key": key,
-                              "error": f"{type(error).__name__}: {error}",
-                              "seconds": spent + time.perf_counter() - started})
+            save("interrupted" if stopped else "failed", error=f"{type(error).__name__}: {error}")
             raise
-        self._save(name, {"status": status, "key": key, "result": result,
-                          "seconds": spent + time.perf_counter() - started,
-                          "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **self.environment})
+        save(status, result=result, finished=time.strftime("%Y-%m-%d %H:%M:%S"), **self.environment)
         return result
 
 
@@ -129,11 +123,6 @@ class Dataset:
     class, split, size and SHA-256) and the number of training images."""
     fingerprint: str
     train_images: int
-
-
-def read_dataset(split_dir: Path) -> Dataset:
-    return Dataset(hashlib.sha256((split_dir / MANIFEST).read_bytes()).hexdigest(),
-                   sum(row["split"] == "train" for row in read_manifest(split_dir)))
 
 
 @dataclass(frozen=True)
@@ -147,77 +136,81 @@ class Plan:
     trials: int
 
 
-def make_plan(file: Path, config: StudyConfig, dataset: Dataset, quick: dict[str, Any],
-              count: int | None = None, fixed: dict[str, Any] | None = None) -> Plan:
-    """The sweep of ``file`` with ``fixed`` values (and ``quick`` ones with --quick); ``count`` None means
+def make_plan(file: Path, config: StudyConfig, dataset: Dataset, count: int | None = None, **fixed) -> Plan:
+    """The sweep of ``file`` with ``fixed`` values (and its QUICK ones with --quick); ``count`` None means
     every point of its grid. Refuses a batch size larger than the training split."""
     from common.training import RunConfig
-    overrides = {**(quick if config.quick else {}), **(fixed or {})}
+    overrides = {**(QUICK[file] if config.quick else {}), **fixed}
     if config.quick:  # a small dataset: at least two steps per epoch
         overrides["batch_size"] = min(overrides["batch_size"], max(1, dataset.train_images // 2))
     spec = load_sweep(file, overrides)  # a bad file fails here, before any step
     batch = spec.search_space.get("batch_size")
-    if (largest := max(batch.choices) if batch else spec.fixed.get("batch_size", RunConfig.batch_size)) > \
-            dataset.train_images:
+    largest = max(batch.choices) if batch else spec.fixed.get("batch_size", RunConfig.batch_size)
+    if largest > dataset.train_images:
         raise UserError(f"{file.relative_to(ROOT)}: batch_size {largest} is larger than the "
                         f"{dataset.train_images} training images of the data; run with --quick (it fits "
                         "its batch sizes to the data) or give the file smaller batch sizes")
-    trials = count or math.prod(len(dist.choices) for dist in spec.search_space.values())
-    named_files = {v: hashlib.sha256(Path(v).read_bytes()).hexdigest() for v in overrides.values()
-                   if isinstance(v, str) and Path(v).is_file()}  # a weights file counts by its content
-    inputs = [file.read_text(), overrides, named_files, config.seed, dataset.fingerprint]
+    named_files = [v for v in overrides.values() if isinstance(v, str) and Path(v).is_file()]
+    contents = {v: hashlib.sha256(Path(v).read_bytes()).hexdigest() for v in named_files}  # e.g. weights
+    inputs = [file.read_text(), overrides, contents, config.seed, dataset.fingerprint]
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    trials = count or math.prod(len(dist.choices) for dist in spec.search_space.values())
     name = f"{spec.name or file.stem}{'_quick' if config.quick else ''}_{digest}"
     return Plan(str(file.relative_to(ROOT)), name, overrides, trials)
 
 
 def study_trials(out_dir: str, study: str) -> list[FrozenTrial]:
     storage = sweep.default_storage(out_dir, study)
-    if not sweep.database_path(out_dir, study).is_file() or study not in optuna.get_all_study_names(storage):
-        return []
-    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    if sweep.database_path(out_dir, study).is_file() and study in optuna.get_all_study_names(storage):
+        return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    return []
 
 
-def has_run(trial: FrozenTrial) -> bool:
-    return (Path(trial.user_attrs.get("run_dir", "")) / "summary.json").is_file()
+def failed(trial: FrozenTrial) -> bool:
+    """Failed by an error of its own, not by Ctrl-C."""
+    return trial.state == TrialState.FAIL and not was_interrupted(trial)
+
+
+def lost(trial: FrozenTrial) -> bool:
+    """Completed, but its run folder is gone."""
+    run_dir = Path(trial.user_attrs.get("run_dir", ""))
+    return trial.state == TrialState.COMPLETE and not (run_dir / "summary.json").is_file()
 
 
 def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
     """Top the study up to ``plan.trials`` ended trials. Run again, first: a trial stopped by Ctrl-C (the
     runner queues it), a failed one while no trial has completed, and with ``rerun_lost`` a completed one
     whose run folder is gone. Raises, with the first error, when no trial has completed."""
+    storage = sweep.default_storage(config.out_dir, plan.study)
     trials = study_trials(config.out_dir, plan.study)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     completed = any(t.state == TrialState.COMPLETE for t in trials)
-    ended = [t for t in trials
-             if t.state.is_finished() and not sweep.was_interrupted(t) and t.number not in retried]
-    redo = [t for t in ended if (t.state == TrialState.FAIL and not completed)
-            or (rerun_lost and t.state == TrialState.COMPLETE and not has_run(t))]
-    storage = sweep.default_storage(config.out_dir, plan.study)
+    # Ended: counts towards plan.trials (a trial stopped by Ctrl-C runs again, a retried one is replaced).
+    ended = [t for t in trials if t.state.is_finished() and not (was_interrupted(t) or t.number in retried)]
+    redo = [t for t in ended if (failed(t) and not completed) or (rerun_lost and lost(t))]
     for trial in redo:  # queued: the runner takes them before proposing new trials
-        optuna.load_study(study_name=plan.study, storage=storage).enqueue_trial(
-            trial.params, user_attrs={"retry_of": trial.number})
+        study = optuna.load_study(study_name=plan.study, storage=storage)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     if (missing := plan.trials - len(ended) + len(redo)) > 0:
-        sweep.sweep_main(sweep.SweepOptions(config=str(ROOT / plan.file), count=missing, study=plan.study,
-                                            workers=config.workers, out_dir=config.out_dir,
-                                            data_dir=config.data_dir, overrides=plan.overrides, seed=config.seed))
+        where = {name: getattr(config, name) for name in ("workers", "out_dir", "data_dir", "seed")}
+        sweep.sweep_main(sweep.SweepOptions(str(ROOT / plan.file), missing, plan.study, **where,
+                                            overrides=plan.overrides))
     trials = study_trials(config.out_dir, plan.study)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and (has_run(t) or not rerun_lost)]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and not (rerun_lost and lost(t))]
     if not complete:
-        error = next((t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL
-                      and not sweep.was_interrupted(t)), "none recorded")
+        error = next((t.user_attrs["error"] for t in trials if failed(t)), "none recorded")
         table = Path(config.out_dir) / "sweeps" / f"{plan.study}_trials.csv"
         raise UserError(f"no trial of study {plan.study} completed; the first error: {error}; every trial "
                         f"is in {table}; fix the cause and run the same command again")
-    outputs = [sweep.database_path(config.out_dir, plan.study)] + [
-        Path(t.user_attrs["run_dir"]) / "summary.json" for t in complete if rerun_lost]
-    return {"study": plan.study, "storage": storage, "file": plan.file, "overrides": plan.overrides,
-            "outputs": [str(path) for path in outputs]}
+    outputs = [sweep.database_path(config.out_dir, plan.study)]
+    outputs += [Path(t.user_attrs["run_dir"]) / "summary.json" for t in complete if rerun_lost]
+    result = {"study": plan.study, "storage": storage, "file": plan.file, "overrides": plan.overrides}
+    return {**result, "outputs": [str(path) for path in outputs]}
 
 
 def finished_run(run_dir: Path) -> bool:
-    return (run_dir / "best.pt").is_file() and files.read_json(run_dir / "summary.json").get(
-        "status") == "finished"
+    summary = files.read_json(run_dir / "summary.json")
+    return (run_dir / "best.pt").is_file() and summary.get("status") == "finished"
 
 
 def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Path) -> dict:
@@ -229,17 +222,16 @@ def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Pat
     from part_a import train as part_a_train
     run_dir = Path(trial.user_attrs["run_dir"])
     if retrained := not finished_run(run_dir):
-        values = {**trial.user_attrs["fixed"], **trial.params, "data_dir": config.data_dir,
-                  "out_dir": config.out_dir, "name": f"{plan.study}_best_{trial.number}"}
+        values = {**trial.user_attrs["fixed"], **trial.params, "name": f"{plan.study}_best_{trial.number}"}
+        values.update(data_dir=config.data_dir, out_dir=config.out_dir)
         run_dir = Path(config.out_dir) / values["name"]
         if not finished_run(run_dir):
             values["resume"] = (run_dir / "last.pt").is_file()
             part_a_train.run(part_a_train.config_from_args(to_cli(values)))
-    figures = [str(path) for path in evaluate_checkpoint(run_dir / "best.pt", config.data_dir,
-                                                         out_dir=study_dir)["figures"].values()]
-    return {"run_dir": str(run_dir), "trial": trial.number, "retrained": retrained,
-            "figures": sorted(Path(path).name for path in figures),
-            "outputs": [str(run_dir / "best.pt"), str(run_dir / "summary.json"), *figures]}
+    figures = evaluate_checkpoint(run_dir / "best.pt", config.data_dir, out_dir=study_dir)["figures"].values()
+    outputs = [str(run_dir / "best.pt"), str(run_dir / "summary.json"), *map(str, figures)]
+    result = {"run_dir": str(run_dir), "trial": trial.number, "retrained": retrained, "outputs": outputs}
+    return {**result, "figures": sorted(Path(path).name for path in figures)}
 
 
 def run_part_b(plan: Plan, config: StudyConfig) -> dict:
@@ -254,27 +246,29 @@ def run_part_b(plan: Plan, config: StudyConfig) -> dict:
     return run_plan(plan, config, rerun_lost=True)
 
 
-def run_study(config: StudyConfig) -> Path:
+def run_study(config: StudyConfig) -> None:
     from common.study_report import write_report
     study_dir = Path(config.out_dir) / "study"
-    split_dir = data.prepare(config.data_dir)  # does no work when the split is up to date
-    dataset = read_dataset(split_dir)
-    part_a = make_plan(PART_A_SWEEP, config, dataset, QUICK_PART_A,
-                       config.count or (QUICK_COUNT if config.quick else DEFAULT_COUNT))
-    part_b = make_plan(PART_B_SWEEP, config, dataset, QUICK_PART_B,
-                       fixed={"weights": config.part_b_weights} if config.part_b_weights else None)
-    steps = Steps(study_dir / "state.json")
-    steps.run("part_a_sweep", dataclasses.asdict(part_a), lambda: run_plan(part_a, config))
-    trial = optuna.load_study(study_name=part_a.study, storage=sweep.default_storage(config.out_dir,
-                                                                                     part_a.study)).best_trial
-    steps.run("part_a_best", {"study": part_a.study, "trial": trial.number},
-              lambda: best_run(trial, part_a, config, study_dir))
     try:
-        steps.run("part_b", dataclasses.asdict(part_b), lambda: run_part_b(part_b, config))
-    finally:  # also when Part B failed: the report says why
-        report = write_report(study_dir, steps.records, split_dir)
-        print(f"study: report {report}", flush=True)
-    return report
+        split_dir = data.prepare(config.data_dir)  # does no work when the split is up to date
+        train_images = sum(row["split"] == "train" for row in read_manifest(split_dir))
+        dataset = Dataset(hashlib.sha256((split_dir / MANIFEST).read_bytes()).hexdigest(), train_images)
+        weights = {"weights": config.part_b_weights} if config.part_b_weights else {}
+        count = config.count or (QUICK_COUNT if config.quick else DEFAULT_COUNT)
+        part_a = make_plan(PART_A_SWEEP, config, dataset, count)
+        part_b = make_plan(PART_B_SWEEP, config, dataset, **weights)
+        steps = Steps(study_dir / "state.json")
+        steps.run("part_a_sweep", dataclasses.asdict(part_a), lambda: run_plan(part_a, config))
+        storage = sweep.default_storage(config.out_dir, part_a.study)
+        trial = optuna.load_study(study_name=part_a.study, storage=storage).best_trial
+        best = {"study": part_a.study, "trial": trial.number}
+        steps.run("part_a_best", best, lambda: best_run(trial, part_a, config, study_dir))
+        try:
+            steps.run("part_b", dataclasses.asdict(part_b), lambda: run_part_b(part_b, config))
+        finally:  # also when Part B failed: the report says why
+            print(f"study: report {write_report(study_dir, steps.records, split_dir)}", flush=True)
+    except KeyboardInterrupt:
+        raise UserError("interrupted (Ctrl-C); run the same command again to continue") from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -291,15 +285,8 @@ def config_from_args(argv: list[str] | None = None) -> StudyConfig:
     return config
 
 
-def work(config: StudyConfig) -> None:
-    try:
-        run_study(config)
-    except KeyboardInterrupt:
-        raise UserError("interrupted (Ctrl-C); run the same command again to continue") from None
-
-
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(config_from_args, work, argv)
+    return cli_main(config_from_args, run_study, argv)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_every_mode_decodes_to_correct_rgb(tmp_path, name):
     img, fmt, expected = mode_samples()[name]
     path = tmp_path / f"image.{fmt.lower()}"
     img.save(path, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
-    rgb = np.asarray(data.open_rgb(path)).astype(int)
+    rgb = np.asarray(data_cache.open_rgb(path)).astype(int)
     assert rgb.shape == (img.height, img.width, 3)
     tolerance = 3 if fmt == "JPEG" else 1
     assert np.abs(rgb - np.array(expected)).max() <= tolerance, f"{name}: got {rgb[0, 0]}, expected {expected}"
@@ -85,7 +85,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     exif_rotated_image().save(tmp_path / "rotated.jpg", quality=100, exif=exif)
-    rgb = np.asarray(data.open_rgb(tmp_path / "rotated.jpg")).astype(int)
+    rgb = np.asarray(data_cache.open_rgb(tmp_path / "rotated.jpg")).astype(int)
     assert rgb.shape == (40, 20, 3)  # portrait now
     assert np.abs(rgb[5, 10] - [255, 0, 0]).max() < 10  # the stored left (red) half is on top
     assert np.abs(rgb[35, 10] - [0, 0, 255]).max() < 10
@@ -290,11 +290,11 @@ def test_cache_matches_torchvision_resize_and_rebuilds_when_files_or_size_change
     resize = transforms.Resize((size, size))
     for image, label, path in zip(cached.images, cached.labels, cached.paths):
         assert cached.classes[label] == path.parent.name
-        reference = np.asarray(resize(data.open_rgb(path))).astype(int)
+        reference = np.asarray(resize(data_cache.open_rgb(path))).astype(int)
         assert np.array_equal(image.numpy().astype(int), reference), path  # JPEGs too: no draft decoding
 
     # A second load reads the cache file instead of decoding.
-    monkeypatch.setattr(data_cache, "_build", lambda *a, **k: pytest.fail("rebuilt an up-to-date cache"))
+    monkeypatch.setattr(data_cache, "parallel_map", lambda *a, **k: pytest.fail("decoded a cache again"))
     again = load_cache(split_dir, "train", size)
     assert torch.equal(again.images, cached.images)
     monkeypatch.undo()
@@ -326,7 +326,7 @@ def test_concurrent_builds_of_one_cache_are_safe(prepared_data, tmp_path, monkey
     with ThreadPoolExecutor(2) as pool:  # threads share a process id: temp names must still differ
         first, second = pool.map(lambda _: load_cache(split_dir, "train", 16), range(2))
     assert torch.equal(first.images, second.images) and first.paths == second.paths
-    assert sorted(p.suffix for p in (split_dir / "cache").iterdir()) == [".json", ".npy"]  # no temp files left
+    assert [p.suffix for p in (split_dir / "cache").iterdir()] == [".npy"]  # no temp files left
 
 
 # ---------------------------------------------------------------- device loader
@@ -639,7 +639,7 @@ def test_unsafe_zip_entries_are_refused_before_anything_is_written(tmp_path, ent
     with zipfile.ZipFile(archive_path, "a") as archive:
         archive.writestr(zipfile.ZipInfo(entry), b"gotcha")
     with pytest.raises(DataError, match=message):
-        prepare(tmp_path / "data", zip_path=archive_path)
+        prepare(tmp_path / "data", zip=archive_path)
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "data" / "inaturalist_12K").exists()
 
 
@@ -648,7 +648,7 @@ def test_archive_without_train_and_val_is_a_clear_error(tmp_path):
     with zipfile.ZipFile(archive_path, "w") as archive:
         archive.writestr("photos/Aves/1.jpg", b"x")
     with pytest.raises(DataError, match="no train/ and val/ class folders"):
-        prepare(tmp_path / "data", zip_path=archive_path)
+        prepare(tmp_path / "data", zip=archive_path)
 
 
 def test_a_damaged_archive_is_a_clear_error_and_leaves_no_partial_folder(tmp_path):
@@ -660,7 +660,7 @@ def test_a_damaged_archive_is_a_clear_error_and_leaves_no_partial_folder(tmp_pat
     archive_path = tmp_path / "damaged.zip"
     archive_path.write_bytes(bytes(payload))
     with pytest.raises(DataError, match=r"damaged.*delete it and download it again"):
-        prepare(tmp_path / "data", zip_path=archive_path)
+        prepare(tmp_path / "data", zip=archive_path)
     assert not list((tmp_path / "data").glob("*.partial"))
 
 

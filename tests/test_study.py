@@ -291,10 +291,8 @@ def test_every_input_that_changes_a_result_redoes_its_step_and_no_other(tmp_path
 
     def run(config: study.StudyConfig = base, data: study.Dataset = dataset) -> set[str]:
         """The steps that ran, of the two sweeps planned for ``config`` and ``data``."""
-        plans = {"sweep": study.make_plan(study.PART_A_SWEEP, config, data, study.QUICK_PART_A,
-                                          config.count or 5),
-                 "part_b": study.make_plan(study.PART_B_SWEEP, config, data, study.QUICK_PART_B,
-                                           fixed={"weights": str(weights)})}
+        plans = {"sweep": study.make_plan(study.PART_A_SWEEP, config, data, config.count or 5),
+                 "part_b": study.make_plan(study.PART_B_SWEEP, config, data, weights=str(weights))}
         ran.clear()
         for name, plan in plans.items():
             steps.run(name, dataclasses.asdict(plan), lambda: ran.append(name) or {"outputs": [str(weights)]})
@@ -318,10 +316,10 @@ def test_every_input_that_changes_a_result_redoes_its_step_and_no_other(tmp_path
 
 def test_batch_sizes_fit_the_training_images_or_the_study_refuses():
     tiny = study.Dataset("a" * 64, train_images=10)
-    quick = study.make_plan(study.PART_B_SWEEP, study.StudyConfig(quick=True), tiny, study.QUICK_PART_B)
+    quick = study.make_plan(study.PART_B_SWEEP, study.StudyConfig(quick=True), tiny)
     assert quick.overrides["batch_size"] == 5  # at least two steps per epoch
     with pytest.raises(UserError, match="batch_size 128 is larger than the 10 training images"):
-        study.make_plan(study.PART_A_SWEEP, study.StudyConfig(), tiny, study.QUICK_PART_A, 30)
+        study.make_plan(study.PART_A_SWEEP, study.StudyConfig(), tiny, 30)
 
 
 def test_the_report_says_what_the_test_set_is(prepared_data, tmp_path):
@@ -347,7 +345,17 @@ def test_the_test_row_shows_the_test_accuracy(tmp_path):
                                                     for e in (1, 2, 3)))
     best = study_report.best_model_results({"run_dir": str(tmp_path), "trial": 0, "retrained": False,
                                             "figures": []})
-    lines = study_report._best_model_markdown(best, "val_acc", "a test folder")
+    data = {"split_dir": "split", "classes": ["ant", "bee"], "images": {"train": 4, "val": 2, "test": 2},
+            "test": "a test folder", "val": "a stratified 20% of each class of `photos`"}
+    question1 = {"input_size": 8, "macs": 1, "flops": 2, "element_ops": 3, "params": 4, "model_params": 4,
+                 "text": ""}
+    sweep = {"study": "s", "file": "sweep.yaml", "method": "bayes", "metric": "val_acc", "maximize": True,
+             "trials": {"complete": 1}, "complete": 1, "space": {}, "fixed": {}, "figures": [], "order": [],
+             "best": {"trial": 0, "value": 0.5, "params": {}, "command": "", "run_dir": str(tmp_path)},
+             "importance": {}, "importance_method": "too few trials", "correlations": {}, "observations": []}
+    lines = study_report.render({"written": "now", "data": data, "question1": question1, "sweep": sweep,
+                                 "best_model": best, "part_b": {"status": "not run", "reason": ""},
+                                 "steps": {}}).splitlines()
     assert "| test (loss 0.6250) | 0.7500 |" in lines
     assert "| validation (best val_acc: epoch 2 of 3) | 0.5000 |" in lines
     assert "| train (epoch 2, on the batches as they trained) | 0.2000 |" in lines  # config.json: no augment
