@@ -551,21 +551,21 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         if requested and not self.ignore_range:
             start = int(requested.removeprefix("bytes=").split("-")[0])
         if start >= len(self.payload) > 0:  # nothing after that byte, as real servers answer
+            self.requests.append((requested, 416, 0))  # before answering: the client may be done at once
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{len(self.payload)}")
             self.send_header("Content-Length", "0")
             self.end_headers()
-            self.requests.append((requested, 416, 0))
             return
         body = self.payload[start:]
         status = 206 if start else 200
+        self.requests.append((requested, status, len(body)))
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
         self.end_headers()
         self.wfile.write(body)
-        self.requests.append((requested, status, len(body)))
 
     def log_message(self, *args):  # keep test output quiet
         pass
