@@ -6,8 +6,8 @@ arguments; its command line is ``get_args_parser`` and ``parse_configs``.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import functools
 import hashlib
 import os
 import random
@@ -20,7 +20,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
 from common import checkpoint as ckpt_io
@@ -66,8 +65,9 @@ class RunConfig:
                                                       "one, weight ~ Beta(a, a), labels alike (0: off)"})
     cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix: paste a box of the shifted batch, area ~ "
                                                        "Beta(a, a) (0: off); with mixup_alpha, one of the two per batch"})
-    ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights, "
-                                                    "updated every step, for validation, best.pt and the test (0: off)"})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "keep an exponential moving average of the weights for validation, best.pt and the test; "
+                "step t updates it with the decay min(ema_decay, (1 + t) / (10 + t)) (0: off)"})
     tta: bool = field(default=False, metadata={"help": "--test: average the softmax of each image and its mirror image"})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
@@ -433,21 +433,41 @@ def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: tor
 
 
 def _step_context(config: RunConfig, raw_model: nn.Module, amp_dtype, labels: torch.Tensor, num_classes: int,
-                  device: torch.device) -> tuple[engine.StepContext, nn.Module, AveragedModel | None]:
+                  device: torch.device) -> tuple[engine.StepContext, nn.Module, WeightAverage | None]:
     """What each training step uses: loss scaling (fp16 only), MixUp/CutMix, the weight average to
     update (also returned), and the loss."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = weight_average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
+    ema = WeightAverage(raw_model, config.ema_decay) if config.ema_decay > 0 else None
     ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip, _mixing(config, num_classes),
-                             functools.partial(ema.update_parameters, raw_model) if ema else None)
+                             ema.update if ema else None)
     return ctx, _loss(config, labels, num_classes, device), ema
 
 
-def weight_average(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics), each
-    update ``average = decay * average + (1 - decay) * weights``; the first update copies. It follows
-    the raw module, whose weights the DDP and compile wrappers share."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class WeightAverage:
+    """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics) in
+    ``module``, which starts as a copy. Update t = 0, 1, ... does ``average = d * average + (1 - d) *
+    weights`` with TensorFlow's warm-up of the decay, ``d = min(decay, (1 + t) / (10 + t))``: until d
+    reaches ``decay``, after k updates the weights of step j count C(j + 8, 8) / C(k + 9, 9), the initial
+    ones 1 / C(k + 9, 9). It follows the raw module, whose tensors the DDP and compile wrappers share."""
+
+    # Not torch's AveragedModel: it reads its update count on the host, a GPU sync at every step.
+    def __init__(self, model: nn.Module, decay: float):
+        self.module, self.decay = copy.deepcopy(model).requires_grad_(False), decay
+        self.updates = torch.zeros((), dtype=torch.int64, device=next(model.parameters()).device)
+
+        def tensors(module: nn.Module, floating: bool) -> list[torch.Tensor]:
+            return [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() == floating]
+        self.floats, self.counts = ((tensors(self.module, f), tensors(model, f)) for f in (True, False))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = ((self.updates + 1) / (self.updates + 10)).clamp(max=self.decay)  # a device tensor: no sync
+        self.updates += 1
+        averaged, current = self.floats
+        torch._foreach_mul_(averaged, decay)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - decay))
+        if self.counts[0]:  # batch norm's num_batches_tracked: the model's own count
+            torch._foreach_copy_(*self.counts)
 
 
 def _mixing(config: RunConfig, num_classes: int) -> v2.Transform | None:
@@ -460,8 +480,9 @@ def _mixing(config: RunConfig, num_classes: int) -> v2.Transform | None:
     return chosen[0] if chosen else None
 
 
-def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, ema: AveragedModel | None, optimizer,
-            scheduler, scaler, info: DistInfo, device: torch.device) -> tuple[int, float, int, str | None]:
+def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, ema: WeightAverage | None,
+            optimizer, scheduler, scaler, info: DistInfo,
+            device: torch.device) -> tuple[int, float, int, str | None]:
     """Weights (and their average), optimizer, schedule, scaler and this rank's RNG back from last.pt;
     return the first epoch to run, the best val_acc and its epoch, and the wandb run id."""
     path = run_dir / "last.pt"
@@ -476,9 +497,9 @@ def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, em
             raise ValueError(f"--resume: {what} options differ from those in {path} (saved, given): {diff}; "
                              "a resumed run must use its original values")
     model.load_state_dict(state["model"])
-    if ema is not None:  # n_averaged > 0: the next step averages rather than copies
+    if ema is not None:  # an older last.pt lacks the count: one update per step, like the schedule's
         ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(1)
+        ema.updates.fill_(state.get("ema_updates", state["scheduler"]["last_epoch"]))
     load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty scaler state
@@ -506,7 +527,7 @@ def _trainable(model: nn.Module) -> tuple[bool, ...]:
     return tuple(p.requires_grad for p in model.parameters())
 
 
-def _wrap(raw_model: nn.Module, ema: AveragedModel | None, info: DistInfo, device: torch.device,
+def _wrap(raw_model: nn.Module, ema: WeightAverage | None, info: DistInfo, device: torch.device,
           use_compile: bool) -> tuple[nn.Module, nn.Module]:
     """The model to train and the one to validate: DDP, then compile, around the raw module (which is
     what is saved and tested); with ``ema``, its average, compiled alike (no DDP: it takes no
@@ -529,10 +550,11 @@ def _wrapped(raw_model: nn.Module, info: DistInfo, device: torch.device, use_com
 
 
 def _save_checkpoints(run_dir: Path, state: dict, improved: bool, optimizer, scheduler, scaler, rng: list,
-                      ema: AveragedModel | None) -> None:
+                      ema: WeightAverage | None) -> None:
     """best.pt (the weights validated: the average's with ``ema``) when val_acc improved; last.pt (all a
-    resume needs: the trained weights as ``model``, their average as ``ema``) every epoch."""
-    averaged = {} if ema is None else {"ema": ema.module.state_dict()}
+    resume needs: the trained weights as ``model``, their average as ``ema``, its ``ema_updates``) each
+    epoch."""
+    averaged = {} if ema is None else {"ema": ema.module.state_dict(), "ema_updates": int(ema.updates)}
     if improved:
         ckpt_io.save_checkpoint(run_dir / "best.pt", {**state, "model": averaged.get("ema", state["model"])})
     ckpt_io.save_checkpoint(run_dir / "last.pt", {**state, **averaged, "optimizer": optimizer.state_dict(),

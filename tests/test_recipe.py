@@ -3,7 +3,7 @@ against an independent computation. Whole runs with them are in test_train.py.""
 from __future__ import annotations
 
 import copy
-import functools
+import math
 
 import pytest
 import torch
@@ -26,25 +26,67 @@ def _train(model, images, labels, steps, **options) -> dict:
                                   _ctx(**options), epoch=1)
 
 
-def test_the_weight_average_after_k_steps_is_the_closed_form_ema_of_weights_and_bn_statistics():
+def _ema_shares(steps: int, decay: float) -> list[float]:
+    """The share of the weights after step j = 0..steps (0: the initial ones) in the average, by the
+    closed form of the warm-up rule: C(j + 8, 8) / C(t + 9, 9) until step t, where the warmed-up decay
+    (1 + t) / (10 + t) reaches ``decay``; each step after that scales them by ``decay`` and adds its
+    weights with 1 - decay."""
+    t = min(steps, math.ceil((10 * decay - 1) / (1 - decay)))
+    warm = [math.comb(j + 8, 8) / math.comb(t + 9, 9) * decay ** (steps - t) for j in range(t + 1)]
+    return warm + [(1 - decay) * decay ** (steps - j) for j in range(t + 1, steps + 1)]
+
+
+@pytest.mark.parametrize("steps, decay", [(192, 0.99), (100, 0.9)])
+def test_the_average_follows_the_closed_form_of_the_warm_up_and_forgets_the_initial_weights(steps, decay):
+    """Step j sets the weights to the unit vector e_j, so the average is the vector of shares."""
+    model = nn.Linear(1, steps + 1, bias=False).double()
+    model.register_buffer("num_batches_tracked", torch.tensor(0))
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(steps + 1)[:, :1])
+        average = training.WeightAverage(model, decay)
+        for j in range(1, steps + 1):
+            model.weight.copy_(torch.eye(steps + 1)[:, j:j + 1])
+            model.num_batches_tracked += 1
+            average.update()
+    shares = average.module.weight[:, 0]
+    torch.testing.assert_close(shares, torch.tensor(_ema_shares(steps, decay), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-9)
+    assert shares[0] < 1e-6 < 0.99 ** steps  # the initial weights are gone (a constant decay keeps 0.99^k)
+    assert shares[: steps // 2].sum() < 0.005  # the first half of training counts little, too
+    assert int(average.updates) == int(average.module.num_batches_tracked) == steps
+
+
+@pytest.mark.cuda
+def test_the_weight_average_updates_without_a_host_sync():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).cuda()
+    average = training.WeightAverage(model, 0.99)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host read of a device tensor raises
+    try:
+        for _ in range(20):
+            average.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(average.updates) == 20
+
+
+def test_the_weight_average_of_a_trained_model_is_the_closed_form_ema_of_weights_and_bn_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
     reference = copy.deepcopy(model)
     images, labels = torch.randn(8, 3, 6, 6), torch.arange(8) % 3
-    decay, steps = 0.7, 5
-    average = training.weight_average(model, decay)
-    _train(model, images, labels, steps, update_ema=functools.partial(average.update_parameters, model))
+    decay, steps = 0.3, 5  # the warm-up decay reaches 0.3 at the fourth step
+    average = training.WeightAverage(model, decay)
+    _train(model, images, labels, steps, update_ema=average.update)
 
-    history = []  # the weights after each step, from a second run of the same steps
+    history = [{k: v.clone() for k, v in reference.state_dict().items()}]  # initial weights, then each step's
     for _ in range(steps):
         _train(reference, images, labels, 1)
         history.append({k: v.clone() for k, v in reference.state_dict().items()})
-    # The first update copies w_1; then e_t = decay * e_(t-1) + (1 - decay) * w_t.
-    weights = [decay ** (steps - 1)] + [(1 - decay) * decay ** (steps - 1 - t) for t in range(1, steps)]
     averaged = average.module.state_dict()
     for key, value in averaged.items():
         if value.is_floating_point():  # weights, biases, BN running mean and variance
-            expected = sum(w * state[key] for w, state in zip(weights, history))
+            expected = sum(share * state[key] for share, state in zip(_ema_shares(steps, decay), history))
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
             assert torch.equal(model.state_dict()[key], history[-1][key]), key  # the same trajectory
     assert not torch.allclose(averaged["4.weight"], history[-1]["4.weight"])  # an average, not the last step
