@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,20 +145,74 @@ def test_lr_schedules_warm_up_then_follow_their_shape(schedule):
 
 # ---------------------------------------------------------------- checkpoints
 
-def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+def _full_disk(monkeypatch, prefix: str, after: int = 0) -> None:
+    """Writes of files whose temporary starts with ``prefix`` fail half-way, as on a full disk, after
+    ``after`` successful ones."""
+    write_bytes, calls = Path.write_bytes, []
+
+    def writing(self, data):
+        if self.name.startswith(prefix):
+            calls.append(self)
+            if len(calls) > after:
+                write_bytes(self, bytes(data)[:10])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a failed write names no file
+        return write_bytes(self, data)
+    monkeypatch.setattr(Path, "write_bytes", writing)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one_and_names_it(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ckpt_io.save_checkpoint(path, {"kind": "part_a", "epoch": 1, "weights": torch.ones(3)})
-
-    def broken_save(obj, file, *args, **kwargs):
-        Path(file).write_bytes(b"partial bytes")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    _full_disk(monkeypatch, ".last.pt.")
+    with pytest.raises(OSError, match="No space left") as info:
         ckpt_io.save_checkpoint(path, {"kind": "part_a", "epoch": 2, "weights": torch.zeros(3)})
+    assert info.value.filename == str(path)
     monkeypatch.undo()
     state = ckpt_io.load_checkpoint(path)
     assert state["epoch"] == 1 and torch.equal(state["weights"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_written_atomically_get_the_mode_the_umask_gives_any_file(tmp_path, umask):
+    from common import files
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        files.write_json(tmp_path / "summary.json", {"a": 1})
+        ckpt_io.save_checkpoint(tmp_path / "last.pt", {"kind": "part_a"})
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(("plain.txt", "summary.json", "last.pt"), 0o666 & ~umask)
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(errno.EACCES, "Permission denied", "/shared/runs/r"),
+     "error: /shared/runs/r: Permission denied; check the path and its permissions, then run the command again"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/home/me/runs/r"),
+     "error: /home/me/runs/r: Not a directory; check the path and its permissions, then run the command again"),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     "error: No space left on device; free some space, then run the command again"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/runs"),
+     "error: /mnt/ro/runs: Read-only file system; check the path and its permissions, then run the command again"),
+])
+def test_a_file_system_error_is_one_line_naming_the_path_and_the_reason(capsys, error, line):
+    from common.config import cli_main
+
+    def work(config):
+        raise error
+    assert cli_main(lambda argv: None, work, []) == 1
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_an_error_that_is_not_about_a_file_keeps_its_traceback():
+    from common.config import cli_main
+
+    def work(config):
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    with pytest.raises(ConnectionRefusedError):
+        cli_main(lambda argv: None, work, [])
 
 
 def test_corrupt_or_foreign_checkpoints_get_errors_naming_the_file(tmp_path):
@@ -339,6 +395,38 @@ def test_cli_end_to_end_writes_every_file_and_an_offline_wandb_run(prepared_data
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "versions", "git_commit", "model_config",
             "run_config", "classes"} <= state.keys()
+
+
+def test_a_run_whose_last_pt_cannot_be_written_stops_with_one_line_and_keeps_what_it_wrote(prepared_data, tmp_path,
+                                                                                            monkeypatch, capsys):
+    options = [f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=full", "--device=cpu", "--input_size=32",
+               "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--epochs=3", "--batch_size=8",
+               "--wandb_mode=disabled"]
+    _full_disk(monkeypatch, ".last.pt.", after=1)  # epoch 1's last.pt is written, epoch 2's is not
+    assert part_a_train.main(options) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "error" in line.lower() or "Traceback" in line] == [
+        f"error: {tmp_path / 'full' / 'last.pt'}: No space left on device; free some space, then run the command again"]
+    assert ckpt_io.load_checkpoint(tmp_path / "full" / "last.pt")["epoch"] == 1
+    assert ckpt_io.load_checkpoint(tmp_path / "full" / "best.pt")["epoch"] in (1, 2)
+    assert not [p for p in (tmp_path / "full").iterdir() if p.suffix == ".tmp"]
+    monkeypatch.undo()
+    assert part_a_train.main([*options, "--resume"]) == 0  # space again: the run continues from epoch 1
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_naming_it(prepared_data, tmp_path, capsys):
+    from common import data as data_lib
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where a folder should be")
+    assert part_a_train.main([f"--data_dir={prepared_data}", f"--out_dir={blocker}", "--name=r", "--device=cpu",
+                              "--input_size=32", "--n_blocks=3", "--wandb_mode=disabled"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {blocker / 'r'}: Not a directory;")
+    assert data_lib.main(["prepare", "--root", str(blocker / "data"),
+                          "--source", str(prepared_data / "inaturalist_12K")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: {blocker / 'data'}") and "Not a directory" in err[-1]
+    assert not [line for line in err if "Traceback" in line]
+    assert blocker.read_text() == "a file where a folder should be"
 
 
 def test_missing_data_without_network_is_one_clear_line(tmp_path, monkeypatch, capsys):
