@@ -68,7 +68,8 @@ class RunConfig:
     ema_decay: float = field(default=0.0, metadata={
         "help": "keep an exponential moving average of the weights for validation, best.pt and the test; "
                 "step t updates it with the decay min(ema_decay, (1 + t) / (10 + t)) (0: off)"})
-    tta: bool = field(default=False, metadata={"help": "--test: average the softmax of each image and its mirror image"})
+    tta: bool = field(default=False, metadata={"help": "with --test (required): average the softmax of each test "
+                                               "image and its mirror image"})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
@@ -121,6 +122,8 @@ def validate_run_config(config: RunConfig) -> None:
         (config.mixup_alpha >= 0 and config.cutmix_alpha >= 0,
          f"mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {config.mixup_alpha} and {config.cutmix_alpha}"),
         (0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1) (0: off; e.g. 0.999), got {config.ema_decay}"),
+        (config.test or not config.tta, "--tta changes only the test: add --test, or run part_a/evaluate.py "
+                                        "--tta on the run's best.pt"),
         (0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}"),
         (config.name is None or (config.name and "/" not in config.name and config.name not in (".", "..")),
          f"name must be a plain folder name, got {config.name!r}"),

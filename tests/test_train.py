@@ -87,6 +87,7 @@ def test_defaults_are_the_best_sweep_configuration():
     (["--learning_rate=-1"], "learning_rate"),
     (["--ema_decay=1"], "ema_decay must be in [0, 1)"),
     (["--cutmix_alpha=-0.5"], "cutmix_alpha must be >= 0"),
+    (["--tta"], "--tta changes only the test: add --test"),
     (["--input_size=16", "--padding=valid"], "shrinks the feature map"),
     (["--device=cuda:7"] if not torch.cuda.is_available() else ["--epochs=0"], "cuda" if not torch.cuda.is_available() else "epochs"),
 ])
