@@ -143,6 +143,48 @@ def test_soft_targets_keep_label_smoothing_and_train_acc_counts_the_dominant_lab
     assert _train(model, one_hot, labels, 1, mix=mix)["train_acc"] == 0.0
 
 
+@pytest.mark.parametrize("mixup_alpha, cutmix_alpha", [(0.4, 0.0), (0.0, 1.0)])
+def test_the_loss_and_its_gradient_are_those_of_the_mixed_soft_targets(mixup_alpha, cutmix_alpha):
+    """One training step against an independent replay of the same mix: the loss it reports and the
+    weights it reaches are those of cross-entropy against the soft targets, not the original labels."""
+    num_classes = 5
+    config = RunConfig(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))
+    reference = copy.deepcopy(model)
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 3, 1, 4, 2, 1])
+    torch.manual_seed(1)  # the mix draws from torch's global generator
+    result = _train(model, images, labels, 1, mix=training._mixing(config, num_classes))
+
+    torch.manual_seed(1)
+    mixed, soft = training._mixing(config, num_classes)(images, labels)
+    assert not torch.equal(mixed, images) and soft.shape == (6, num_classes)
+    loss = -(soft * reference(mixed).log_softmax(dim=1)).sum(dim=1).mean()
+    hard = nn.functional.cross_entropy(reference(mixed), labels)
+    assert result["train_loss"] == pytest.approx(loss.item(), rel=1e-5) != pytest.approx(hard.item(), rel=1e-3)
+    loss.backward()
+    with torch.no_grad():
+        for trained, start in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(trained, start - 0.1 * start.grad)  # _train's SGD, lr 0.1
+
+
+def test_class_weights_weigh_each_class_by_its_inverse_frequency():
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2])  # class 2 is the rarest
+    _, loss_fn, _ = training._step_context(RunConfig(class_weights=True), nn.Linear(2, 3), None, labels, 3, CPU)
+    _, plain, _ = training._step_context(RunConfig(), nn.Linear(2, 3), None, labels, 3, CPU)
+    torch.testing.assert_close(loss_fn.weight, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    assert plain.weight is None
+    targets = torch.tensor([0, 2])
+    wrong_on_common = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 2.0]])  # says 2 for both: wrong on the first
+    wrong_on_rare = torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # says 0 for both: wrong on the second
+    for logits in (wrong_on_common, wrong_on_rare):
+        nll = -logits.log_softmax(dim=1)[torch.arange(2), targets]
+        weight = loss_fn.weight[targets]
+        torch.testing.assert_close(loss_fn(logits, targets), (nll * weight).sum() / weight.sum())
+    torch.testing.assert_close(plain(wrong_on_common, targets), plain(wrong_on_rare, targets))  # equally wrong
+    assert loss_fn(wrong_on_rare, targets) > 2 * loss_fn(wrong_on_common, targets)  # the rare class's counts more
+
+
 def test_tta_is_the_mean_softmax_of_two_explicit_passes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Flatten(), nn.Linear(5 * 4 * 6, 4)).eval()  # not mirror-symmetric

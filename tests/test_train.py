@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from common import checkpoint as ckpt_io
 from common import engine
 from common.config import to_cli
 from conftest import RepeatLoader
-from common.training import RunConfig
+from common.training import RESUME_MUST_MATCH, RunConfig
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 
@@ -144,6 +145,29 @@ def test_lr_schedules_warm_up_then_follow_their_shape(schedule):
         assert factor(99) < 0.01 and factor(50) < factor(20)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_the_learning_rate_of_every_step_is_the_closed_form_across_epochs(schedule):
+    """4 steps per epoch, 3 epochs, warm-up over 1.5 epochs: the rate each optimizer step used."""
+    from common import training
+    config = RunConfig(learning_rate=0.1, lr_schedule=schedule, warmup_epochs=1.5, epochs=3, optimizer="sgd")
+    model = torch.nn.Linear(4, 3)
+    optimizer, scheduler = training._optimizer_and_schedule(config, model, None, torch.device("cpu"), 4)
+    used = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    ctx = engine.StepContext(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+    images, labels = torch.randn(2, 4), torch.tensor([0, 2])
+    for epoch in (1, 2, 3):
+        engine.train_one_epoch(model, RepeatLoader(images, labels, 4), optimizer, scheduler,
+                               torch.nn.CrossEntropyLoss(), ctx, epoch)
+
+    def closed_form(step: int) -> float:  # 6 warm-up steps of 12
+        if step < 6:
+            return 0.1 * (step + 1) / 6
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - 6) / 6))
+        return 0.1 * {"constant": 1.0, "cosine": cosine, "onecycle": 1e-3 + (1 - 1e-3) * cosine}[schedule]
+    assert used == pytest.approx([closed_form(step) for step in range(12)], rel=1e-12)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def _full_disk(monkeypatch, prefix: str, after: int = 0) -> None:
@@ -255,6 +279,43 @@ def test_resumed_run_reaches_the_same_weights_bit_for_bit(prepared_data, tmp_pat
             assert torch.equal(straight[weights][key], resumed[weights][key]), (weights, key)
     metrics = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+
+
+# The options a resumed run may change: where it runs, how fast, what it records and for how long
+# (--epochs extends a run; with a cosine or one-cycle schedule the rate then follows the new length).
+RESUME_MAY_CHANGE = {"data_dir", "out_dir", "name", "epochs", "eval_batch_size", "tta", "precision", "compile",
+                     "channels_last", "device", "deterministic", "test", "resume", "wandb_mode", "wandb_project",
+                     "wandb_entity", "wandb_group"}
+
+
+def test_every_run_option_either_must_match_on_resume_or_may_change():
+    must_match = set(RESUME_MUST_MATCH)
+    assert not must_match & RESUME_MAY_CHANGE
+    assert must_match | RESUME_MAY_CHANGE == {f.name for f in dataclasses.fields(RunConfig)}, \
+        "a new option: add it to RESUME_MUST_MATCH if it changes the weights' trajectory, else to RESUME_MAY_CHANGE"
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory, prepared_data) -> Path:
+    """A data root of its own (a changed split seed re-splits it) holding a 1-epoch run in runs/run."""
+    import shutil
+    root = tmp_path_factory.mktemp("resumable")
+    shutil.copytree(prepared_data, root / "data")
+    part_a_train.run(tiny_config(root / "data", root / "runs", "run", epochs=1))
+    return root
+
+
+@pytest.mark.parametrize("option", RESUME_MUST_MATCH)
+def test_resume_refuses_each_option_that_must_match_when_it_changed(one_epoch_run, tmp_path, option):
+    import shutil
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
+    last = tmp_path / "runs" / "run" / "last.pt"
+    saved = last.read_bytes()
+    original = dataclasses.asdict(tiny_config(tmp_path / "data", tmp_path / "runs", "run")[1])[option]
+    changed = {option: _non_default(original, option)}
+    with pytest.raises(ValueError, match=rf"--resume: training options differ .*'{option}'"):
+        part_a_train.run(tiny_config(tmp_path / "data", tmp_path / "runs", "run", epochs=2, resume=True, **changed))
+    assert last.read_bytes() == saved
 
 
 def test_a_last_pt_without_the_average_s_update_count_resumes_to_the_same_average(prepared_data, tmp_path):
