@@ -152,6 +152,9 @@ def _build(split_dir: Path, rows: list[dict[str, str]], classes: list[str], size
     split = rows[0]["split"]
     with atomic_path(array_path) as tmp:  # an interrupted build leaves no full-size temporary behind
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
+        if hasattr(os, "posix_fallocate"):  # claim the space: a full disk is then an OSError, not a SIGBUS later
+            with open(tmp, "rb+") as handle:
+                os.posix_fallocate(handle.fileno(), 0, tmp.stat().st_size)
         decoded = parallel_map(functools.partial(decode_image, size=size), paths, f"cache {split} {size}px")
         for index, image in enumerate(decoded):
             array[index] = image

@@ -477,6 +477,25 @@ def test_a_run_whose_last_pt_cannot_be_written_stops_with_one_line_and_keeps_wha
     assert part_a_train.main([*options, "--resume"]) == 0  # space again: the run continues from epoch 1
 
 
+def test_a_full_disk_while_building_the_cache_is_an_error_naming_it(prepared_data, tmp_path, monkeypatch):
+    """The cache claims its space before the decoded images are written into its memory map: without
+    that, a full disk killed the process with SIGBUS in the middle of the copy."""
+    import shutil
+    from common.data import load_cache
+    split_dir = tmp_path / "split"
+    shutil.copytree(prepared_data / "split", split_dir)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left") as info:
+        load_cache(split_dir, "val", 24)
+    assert Path(info.value.filename).parent == split_dir / "cache" and info.value.filename.endswith(".npy")
+    assert not [p.name for p in (split_dir / "cache").iterdir() if "-24-" in p.name]  # no temporary left
+    monkeypatch.undo()
+    assert load_cache(split_dir, "val", 24).images.shape == (20, 24, 24, 3)
+
+
 def test_an_output_folder_that_is_a_file_is_one_line_naming_it(prepared_data, tmp_path, capsys):
     from common import data as data_lib
     blocker = tmp_path / "runs"
