@@ -56,6 +56,18 @@ def test_the_average_follows_the_closed_form_of_the_warm_up_and_forgets_the_init
     assert int(average.updates) == int(average.module.num_batches_tracked) == steps
 
 
+def test_the_weight_average_update_reads_no_tensor_back_to_the_host(monkeypatch):
+    """On the CPU, a stand-in for CUDA's sync debug mode (below): the host reads Python code can make
+    raise during the updates (torch's AveragedModel made one at every step, ``bool`` of its count)."""
+    average = training.WeightAverage(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0.99)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *args, _name=name: pytest.fail(f"Tensor.{_name}"))
+    for _ in range(20):
+        average.update()
+    monkeypatch.undo()
+    assert int(average.updates) == 20
+
+
 @pytest.mark.cuda
 def test_the_weight_average_updates_without_a_host_sync():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).cuda()
