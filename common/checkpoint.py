@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import pkgutil
 import random
 import re
@@ -27,8 +28,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    buffer = io.BytesIO()  # torch.save into a file on a full disk raises a RuntimeError without the reason
+    torch.save({"format": FORMAT, **state}, buffer)
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return Path(path)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import types
 import typing
@@ -21,8 +22,8 @@ class UserError(Exception):
 
 def cli_main(parse: Callable[[list[str] | None], Any], work: Callable[[Any], Any], argv: list[str] | None = None) -> int:
     """Every command's ``main``. Exit 2 when the options are wrong (nothing was read or run), 1 when
-    the work fails for a reason the user can fix, each with one ``error:`` line on stderr; anything
-    else is a bug and keeps its traceback."""
+    the work fails for a reason the user can fix (also a file or folder that cannot be written, a full
+    disk), each with one ``error:`` line on stderr; anything else is a bug and keeps its traceback."""
     try:
         config = parse(argv)
     except ValueError as error:
@@ -32,6 +33,14 @@ def cli_main(parse: Callable[[list[str] | None], Any], work: Callable[[Any], Any
         work(config)
     except (ValueError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if error.filename is None and not full and error.errno not in (errno.EROFS, errno.EIO):
+            raise  # not about a file (e.g. a network error): the code should have said what to do
+        where = "" if error.filename is None else f"{error.filename}: "
+        hint = "free some space" if full else "check the path and its permissions"
+        print(f"error: {where}{error.strerror or error}; {hint}, then run the command again", file=sys.stderr)
         return 1
     return 0
 

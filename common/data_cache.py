@@ -146,6 +146,9 @@ def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
                             f"run python common/data.py prepare --root {split_dir.parent} again")
         with atomic_path(path) as tmp:  # an interrupted build leaves no full-size temporary behind
             array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(rows), size, size, 3))
+            if hasattr(os, "posix_fallocate"):  # claim the space: a full disk is then an OSError, not a SIGBUS
+                with open(tmp, "rb+") as handle:
+                    os.posix_fallocate(handle.fileno(), 0, tmp.stat().st_size)
             decode = functools.partial(decode_image, size=size)
             for index, image in enumerate(parallel_map(decode, paths, f"cache {split} {size}px")):
                 array[index] = image

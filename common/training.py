@@ -6,8 +6,8 @@ arguments; its command line is ``get_args_parser`` and ``parse_configs``.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import functools
 import hashlib
 import os
 import random
@@ -20,7 +20,6 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
 from common import checkpoint as ckpt_io
@@ -67,9 +66,11 @@ class RunConfig:
                                                       "one, weight ~ Beta(a, a), labels alike (0: off)"})
     cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix: paste a box of the shifted batch, area ~ "
                                                        "Beta(a, a) (0: off); with mixup_alpha, one of the two per batch"})
-    ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights, "
-                                                    "updated every step, for validation, best.pt and the test (0: off)"})
-    tta: bool = field(default=False, metadata={"help": "--test: average the softmax of each image and its mirror image"})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "keep an exponential moving average of the weights for validation, best.pt and the test; "
+                "step t updates it with the decay min(ema_decay, (1 + t) / (10 + t)) (0: off)"})
+    tta: bool = field(default=False, metadata={"help": "with --test (required): average the softmax of each test "
+                                               "image and its mirror image"})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, shuffling and augmentation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the train/val split (data preparation)"})
     val_fraction: float = field(default=0.2, metadata={"help": "stratified fraction of train/ held out for validation"})
@@ -131,6 +132,8 @@ def validate_run_config(config: RunConfig) -> None:
         (config.mixup_alpha >= 0 and config.cutmix_alpha >= 0,
          f"mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {config.mixup_alpha} and {config.cutmix_alpha}"),
         (0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1) (0: off; e.g. 0.999), got {config.ema_decay}"),
+        (config.test or not config.tta, "--tta changes only the test: add --test, or run part_a/evaluate.py "
+                                        "--tta on the run's best.pt"),
         (0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}"),
         (config.name is None or (config.name and "/" not in config.name and config.name not in (".", "..")),
          f"name must be a plain folder name, got {config.name!r}"),
@@ -201,7 +204,7 @@ class Training(NamedTuple):
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ctx: engine.StepContext
     loss_fn: nn.Module
-    ema: AveragedModel | None
+    ema: WeightAverage | None
 
 
 def build_training(config: RunConfig, policy: device_lib.Policy, model: nn.Module, steps_per_epoch: int,
@@ -400,21 +403,41 @@ def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: tor
 
 
 def _step_context(config: RunConfig, raw_model: nn.Module, amp_dtype, labels: torch.Tensor, num_classes: int,
-                  device: torch.device) -> tuple[engine.StepContext, nn.Module, AveragedModel | None]:
+                  device: torch.device) -> tuple[engine.StepContext, nn.Module, WeightAverage | None]:
     """What each training step uses: loss scaling (fp16 only), MixUp/CutMix, the weight average to
     update (also returned), and the loss."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = weight_average(raw_model, config.ema_decay) if config.ema_decay > 0 else None
+    ema = WeightAverage(raw_model, config.ema_decay) if config.ema_decay > 0 else None
     ctx = engine.StepContext(device, amp_dtype, scaler, config.grad_clip, _mixing(config, num_classes),
-                             functools.partial(ema.update_parameters, raw_model) if ema else None)
+                             ema.update if ema else None)
     return ctx, _loss(config, labels, num_classes, device), ema
 
 
-def weight_average(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics), each
-    update ``average = decay * average + (1 - decay) * weights``; the first update copies. It follows
-    the raw module, whose weights the DDP and compile wrappers share."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class WeightAverage:
+    """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics) in
+    ``module``, which starts as a copy. Update t = 0, 1, ... does ``average = d * average + (1 - d) *
+    weights`` with TensorFlow's warm-up of the decay, ``d = min(decay, (1 + t) / (10 + t))``: until d
+    reaches ``decay``, after k updates the weights of step j count C(j + 8, 8) / C(k + 9, 9), the initial
+    ones 1 / C(k + 9, 9). It follows the raw module, whose tensors the DDP and compile wrappers share."""
+
+    # Not torch's AveragedModel: it reads its update count on the host, a GPU sync at every step.
+    def __init__(self, model: nn.Module, decay: float):
+        self.module, self.decay = copy.deepcopy(model).requires_grad_(False), decay
+        self.updates = torch.zeros((), dtype=torch.int64, device=next(model.parameters()).device)
+
+        def tensors(module: nn.Module, floating: bool) -> list[torch.Tensor]:
+            return [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() == floating]
+        self.floats, self.counts = ((tensors(self.module, f), tensors(model, f)) for f in (True, False))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = ((self.updates + 1) / (self.updates + 10)).clamp(max=self.decay)  # a device tensor: no sync
+        self.updates += 1
+        averaged, current = self.floats
+        torch._foreach_mul_(averaged, decay)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - decay))
+        if self.counts[0]:  # batch norm's num_batches_tracked: the model's own count
+            torch._foreach_copy_(*self.counts)
 
 
 def _mixing(config: RunConfig, num_classes: int) -> v2.Transform | None:
@@ -427,8 +450,9 @@ def _mixing(config: RunConfig, num_classes: int) -> v2.Transform | None:
     return chosen[0] if chosen else None
 
 
-def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, ema: AveragedModel | None, optimizer,
-            scheduler, scaler, info: DistInfo, device: torch.device) -> tuple[int, float, int, str | None]:
+def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, ema: WeightAverage | None,
+            optimizer, scheduler, scaler, info: DistInfo,
+            device: torch.device) -> tuple[int, float, int, str | None]:
     """Weights (and their average), optimizer, schedule, scaler and this rank's RNG back from last.pt;
     return the first epoch to run, the best val_acc and its epoch, and the wandb run id."""
     path = run_dir / "last.pt"
@@ -449,9 +473,9 @@ def _resume(run_dir: Path, config: RunConfig, model_config, model: nn.Module, em
                          f"({changes}); a run trains on one split: start a new run on this one (another "
                          "--name, without --resume)")
     model.load_state_dict(state["model"])
-    if ema is not None:  # n_averaged > 0: the next step averages rather than copies
+    if ema is not None:  # an older last.pt lacks the count: one update per step, like the schedule's
         ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(1)
+        ema.updates.fill_(state.get("ema_updates", state["scheduler"]["last_epoch"]))
     load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty scaler state
@@ -479,7 +503,7 @@ def _trainable(model: nn.Module) -> tuple[bool, ...]:
     return tuple(p.requires_grad for p in model.parameters())
 
 
-def _wrap(raw_model: nn.Module, ema: AveragedModel | None, info: DistInfo,
+def _wrap(raw_model: nn.Module, ema: WeightAverage | None, info: DistInfo,
           policy: device_lib.Policy) -> tuple[nn.Module, nn.Module]:
     """The model to train and the one to validate: DDP, then compile, around the raw module (which is
     what is saved and tested); with ``ema``, its average, compiled alike (no DDP: it takes no
@@ -489,10 +513,11 @@ def _wrap(raw_model: nn.Module, ema: AveragedModel | None, info: DistInfo,
 
 
 def _save_checkpoints(run_dir: Path, state: dict, improved: bool, optimizer, scheduler, scaler, rng: list,
-                      ema: AveragedModel | None) -> None:
+                      ema: WeightAverage | None) -> None:
     """best.pt (the weights validated: the average's with ``ema``) when val_acc improved; last.pt (all a
-    resume needs: the trained weights as ``model``, their average as ``ema``) every epoch."""
-    averaged = {} if ema is None else {"ema": ema.module.state_dict()}
+    resume needs: the trained weights as ``model``, their average as ``ema``, its ``ema_updates``) each
+    epoch."""
+    averaged = {} if ema is None else {"ema": ema.module.state_dict(), "ema_updates": int(ema.updates)}
     if improved:
         ckpt_io.save_checkpoint(run_dir / "best.pt", {**state, "model": averaged.get("ema", state["model"])})
     ckpt_io.save_checkpoint(run_dir / "last.pt", {**state, **averaged, "optimizer": optimizer.state_dict(),

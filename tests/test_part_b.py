@@ -370,6 +370,24 @@ def test_model_config_is_enough_to_rebuild_the_model_without_weights(tmp_path):
 
 # ---- the command line -----------------------------------------------------------------------------------
 
+def test_the_optimizer_trains_the_backbone_at_backbone_lr_scale_times_the_head_s_rate(prepared_data, tmp_path):
+    """A run's own optimizer, after one epoch of 10 steps into a 20-step warm-up: the backbone's group
+    holds every pretrained parameter at 0.25 x the head's rate, both at 11/20 of --learning_rate."""
+    from part_b import train as part_b_train
+    model_config, run_config = part_b_train.config_from_args([
+        "--model=resnet18", "--weights=none", "--input_size=32", "--backbone_lr_scale=0.25", "--epochs=1",
+        "--warmup_epochs=2", "--learning_rate=0.01", "--batch_size=8", "--device=cpu", "--compile=false",
+        "--wandb_mode=disabled", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=lr"])
+    part_b_train.run((model_config, run_config))
+    state = torch.load(tmp_path / "lr" / "last.pt", weights_only=True)
+    groups = {group["name"]: group for group in state["optimizer"]["param_groups"]}
+    model = build_from_config(state["model_config"])
+    assert state["scheduler"]["last_epoch"] == 10 and len(groups["head"]["params"]) == 2  # fc weight and bias
+    assert len(groups["backbone"]["params"]) == len(list(model.parameters())) - 2
+    assert groups["head"]["lr"] == pytest.approx(0.01 * 11 / 20)
+    assert groups["backbone"]["lr"] == pytest.approx(0.25 * 0.01 * 11 / 20)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -3,7 +3,7 @@ against an independent computation. Whole runs with them are in test_train.py.""
 from __future__ import annotations
 
 import copy
-import functools
+import math
 
 import pytest
 import torch
@@ -26,25 +26,79 @@ def _train(model, images, labels, steps, **options) -> dict:
                                   _ctx(**options), epoch=1)
 
 
-def test_the_weight_average_after_k_steps_is_the_closed_form_ema_of_weights_and_bn_statistics():
+def _ema_shares(steps: int, decay: float) -> list[float]:
+    """The share of the weights after step j = 0..steps (0: the initial ones) in the average, by the
+    closed form of the warm-up rule: C(j + 8, 8) / C(t + 9, 9) until step t, where the warmed-up decay
+    (1 + t) / (10 + t) reaches ``decay``; each step after that scales them by ``decay`` and adds its
+    weights with 1 - decay."""
+    t = min(steps, math.ceil((10 * decay - 1) / (1 - decay)))
+    warm = [math.comb(j + 8, 8) / math.comb(t + 9, 9) * decay ** (steps - t) for j in range(t + 1)]
+    return warm + [(1 - decay) * decay ** (steps - j) for j in range(t + 1, steps + 1)]
+
+
+@pytest.mark.parametrize("steps, decay", [(192, 0.99), (100, 0.9)])
+def test_the_average_follows_the_closed_form_of_the_warm_up_and_forgets_the_initial_weights(steps, decay):
+    """Step j sets the weights to the unit vector e_j, so the average is the vector of shares."""
+    model = nn.Linear(1, steps + 1, bias=False).double()
+    model.register_buffer("num_batches_tracked", torch.tensor(0))
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(steps + 1)[:, :1])
+        average = training.WeightAverage(model, decay)
+        for j in range(1, steps + 1):
+            model.weight.copy_(torch.eye(steps + 1)[:, j:j + 1])
+            model.num_batches_tracked += 1
+            average.update()
+    shares = average.module.weight[:, 0]
+    torch.testing.assert_close(shares, torch.tensor(_ema_shares(steps, decay), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-9)
+    assert shares[0] < 1e-6 < 0.99 ** steps  # the initial weights are gone (a constant decay keeps 0.99^k)
+    assert shares[: steps // 2].sum() < 0.005  # the first half of training counts little, too
+    assert int(average.updates) == int(average.module.num_batches_tracked) == steps
+
+
+def test_the_weight_average_update_reads_no_tensor_back_to_the_host(monkeypatch):
+    """On the CPU, a stand-in for CUDA's sync debug mode (below): the host reads Python code can make
+    raise during the updates (torch's AveragedModel made one at every step, ``bool`` of its count)."""
+    average = training.WeightAverage(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0.99)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *args, _name=name: pytest.fail(f"Tensor.{_name}"))
+    for _ in range(20):
+        average.update()
+    monkeypatch.undo()
+    assert int(average.updates) == 20
+
+
+@pytest.mark.cuda
+def test_the_weight_average_updates_without_a_host_sync():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).cuda()
+    average = training.WeightAverage(model, 0.99)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host read of a device tensor raises
+    try:
+        for _ in range(20):
+            average.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(average.updates) == 20
+
+
+def test_the_weight_average_of_a_trained_model_is_the_closed_form_ema_of_weights_and_bn_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
     reference = copy.deepcopy(model)
     images, labels = torch.randn(8, 3, 6, 6), torch.arange(8) % 3
-    decay, steps = 0.7, 5
-    average = training.weight_average(model, decay)
-    _train(model, images, labels, steps, update_ema=functools.partial(average.update_parameters, model))
+    decay, steps = 0.3, 5  # the warm-up decay reaches 0.3 at the fourth step
+    average = training.WeightAverage(model, decay)
+    _train(model, images, labels, steps, update_ema=average.update)
 
-    history = []  # the weights after each step, from a second run of the same steps
+    history = [{k: v.clone() for k, v in reference.state_dict().items()}]  # initial weights, then each step's
     for _ in range(steps):
         _train(reference, images, labels, 1)
         history.append({k: v.clone() for k, v in reference.state_dict().items()})
-    # The first update copies w_1; then e_t = decay * e_(t-1) + (1 - decay) * w_t.
-    weights = [decay ** (steps - 1)] + [(1 - decay) * decay ** (steps - 1 - t) for t in range(1, steps)]
     averaged = average.module.state_dict()
     for key, value in averaged.items():
         if value.is_floating_point():  # weights, biases, BN running mean and variance
-            expected = sum(w * state[key] for w, state in zip(weights, history))
+            expected = sum(share * state[key] for share, state in zip(_ema_shares(steps, decay), history))
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
             assert torch.equal(model.state_dict()[key], history[-1][key]), key  # the same trajectory
     assert not torch.allclose(averaged["4.weight"], history[-1]["4.weight"])  # an average, not the last step
@@ -99,6 +153,48 @@ def test_soft_targets_keep_label_smoothing_and_train_acc_counts_the_dominant_lab
     one_hot = nn.functional.one_hot(labels, 3).float() * 10
     assert _train(model, one_hot, labels, 1)["train_acc"] == 1.0
     assert _train(model, one_hot, labels, 1, mix=mix)["train_acc"] == 0.0
+
+
+@pytest.mark.parametrize("mixup_alpha, cutmix_alpha", [(0.4, 0.0), (0.0, 1.0)])
+def test_the_loss_and_its_gradient_are_those_of_the_mixed_soft_targets(mixup_alpha, cutmix_alpha):
+    """One training step against an independent replay of the same mix: the loss it reports and the
+    weights it reaches are those of cross-entropy against the soft targets, not the original labels."""
+    num_classes = 5
+    config = RunConfig(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))
+    reference = copy.deepcopy(model)
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 3, 1, 4, 2, 1])
+    torch.manual_seed(1)  # the mix draws from torch's global generator
+    result = _train(model, images, labels, 1, mix=training._mixing(config, num_classes))
+
+    torch.manual_seed(1)
+    mixed, soft = training._mixing(config, num_classes)(images, labels)
+    assert not torch.equal(mixed, images) and soft.shape == (6, num_classes)
+    loss = -(soft * reference(mixed).log_softmax(dim=1)).sum(dim=1).mean()
+    hard = nn.functional.cross_entropy(reference(mixed), labels)
+    assert result["train_loss"] == pytest.approx(loss.item(), rel=1e-5) != pytest.approx(hard.item(), rel=1e-3)
+    loss.backward()
+    with torch.no_grad():
+        for trained, start in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(trained, start - 0.1 * start.grad)  # _train's SGD, lr 0.1
+
+
+def test_class_weights_weigh_each_class_by_its_inverse_frequency():
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2])  # class 2 is the rarest
+    _, loss_fn, _ = training._step_context(RunConfig(class_weights=True), nn.Linear(2, 3), None, labels, 3, CPU)
+    _, plain, _ = training._step_context(RunConfig(), nn.Linear(2, 3), None, labels, 3, CPU)
+    torch.testing.assert_close(loss_fn.weight, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    assert plain.weight is None
+    targets = torch.tensor([0, 2])
+    wrong_on_common = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 2.0]])  # says 2 for both: wrong on the first
+    wrong_on_rare = torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # says 0 for both: wrong on the second
+    for logits in (wrong_on_common, wrong_on_rare):
+        nll = -logits.log_softmax(dim=1)[torch.arange(2), targets]
+        weight = loss_fn.weight[targets]
+        torch.testing.assert_close(loss_fn(logits, targets), (nll * weight).sum() / weight.sum())
+    torch.testing.assert_close(plain(wrong_on_common, targets), plain(wrong_on_rare, targets))  # equally wrong
+    assert loss_fn(wrong_on_rare, targets) > 2 * loss_fn(wrong_on_common, targets)  # the rare class's counts more
 
 
 def test_tta_is_the_mean_softmax_of_two_explicit_passes():

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +20,10 @@ import torch
 from common import checkpoint as ckpt_io
 from common import device as device_lib
 from common import engine, training
-from common.config import to_cli
+from common.config import UserError, to_cli
 from common.data import DeviceLoader
 from conftest import RepeatLoader
-from common.training import RunConfig
+from common.training import RESUME_MUST_MATCH, RunConfig
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 
@@ -91,6 +94,7 @@ def test_defaults_are_the_best_sweep_configuration():
     (["--learning_rate=-1"], "learning_rate"),
     (["--ema_decay=1"], "ema_decay must be in [0, 1)"),
     (["--cutmix_alpha=-0.5"], "cutmix_alpha must be >= 0"),
+    (["--tta"], "--tta changes only the test: add --test"),
     (["--input_size=16", "--padding=valid"], "shrinks the feature map"),
     (["--device=cuda:7"] if not torch.cuda.is_available() else ["--epochs=0"], "cuda" if not torch.cuda.is_available() else "epochs"),
 ])
@@ -147,6 +151,26 @@ def test_lr_schedules_warm_up_then_follow_their_shape(schedule):
         assert factor(99) < 0.01 and factor(50) < factor(20)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_the_learning_rate_of_every_step_is_the_closed_form_across_epochs(schedule):
+    """4 steps per epoch, 3 epochs, warm-up over 1.5 epochs: the rate each optimizer step used."""
+    config = RunConfig(learning_rate=0.1, lr_schedule=schedule, warmup_epochs=1.5, epochs=3, optimizer="sgd",
+                       device="cpu")
+    parts = training.build_training(config, device_lib.resolve(config), torch.nn.Linear(4, 3), 4,
+                                    torch.tensor([0, 2]), 3)
+    used = []
+    parts.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(float(opt.param_groups[0]["lr"])))
+    images, labels = torch.randn(2, 4), torch.tensor([0, 2])
+    for epoch in (1, 2, 3):
+        engine.train_one_epoch(parts.model, RepeatLoader(images, labels, 4), parts.optimizer, parts.scheduler,
+                               parts.loss_fn, parts.ctx, epoch)
+
+    def closed_form(step: int) -> float:  # 6 warm-up steps of 12
+        if step < 6:
+            return 0.1 * (step + 1) / 6
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - 6) / 6))
+        return 0.1 * {"constant": 1.0, "cosine": cosine, "onecycle": 1e-3 + (1 - 1e-3) * cosine}[schedule]
+    assert used == pytest.approx([closed_form(step) for step in range(12)], rel=1e-12)
 # ---------------------------------------------------------------- the step: graph-ready, no host reads
 
 CPU = torch.device("cpu")
@@ -283,8 +307,9 @@ def test_the_training_step_reads_nothing_back_to_the_host(no_host_reads, monkeyp
             assert run()["train_loss"] > 0
 
 
-@pytest.mark.xfail(strict=True, raises=HostRead, reason="AveragedModel reads; issue 19 rewrites the EMA")
-def test_the_weight_average_update_reads_nothing_back_to_the_host(no_host_reads):
+
+def test_the_weight_average_update_reads_nothing_back_to_the_host(no_host_reads, monkeypatch):
+    monkeypatch.setattr(device_lib.Policy, "fused", property(lambda policy: True))  # Adam as on CUDA
     torch.manual_seed(0)
     model = build_model(SMALL)
     policy = device_lib.Policy(CPU, None, compile=False, cuda_graphs=False)
@@ -322,20 +347,74 @@ def test_with_cuda_graphs_the_schedule_writes_the_learning_rate_into_one_tensor_
 
 # ---------------------------------------------------------------- checkpoints
 
-def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+def _full_disk(monkeypatch, prefix: str, after: int = 0) -> None:
+    """Writes of files whose temporary starts with ``prefix`` fail half-way, as on a full disk, after
+    ``after`` successful ones."""
+    write_bytes, calls = Path.write_bytes, []
+
+    def writing(self, data):
+        if self.name.startswith(prefix):
+            calls.append(self)
+            if len(calls) > after:
+                write_bytes(self, bytes(data)[:10])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a failed write names no file
+        return write_bytes(self, data)
+    monkeypatch.setattr(Path, "write_bytes", writing)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one_and_names_it(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ckpt_io.save_checkpoint(path, {"kind": "part_a", "epoch": 1, "weights": torch.ones(3)})
-
-    def broken_save(obj, file, *args, **kwargs):
-        Path(file).write_bytes(b"partial bytes")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    _full_disk(monkeypatch, ".last.pt.")
+    with pytest.raises(OSError, match="No space left") as info:
         ckpt_io.save_checkpoint(path, {"kind": "part_a", "epoch": 2, "weights": torch.zeros(3)})
+    assert info.value.filename == str(path)
     monkeypatch.undo()
     state = ckpt_io.load_checkpoint(path)
     assert state["epoch"] == 1 and torch.equal(state["weights"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_written_atomically_get_the_mode_the_umask_gives_any_file(tmp_path, umask):
+    from common import files
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        files.write_json(tmp_path / "summary.json", {"a": 1})
+        ckpt_io.save_checkpoint(tmp_path / "last.pt", {"kind": "part_a"})
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(("plain.txt", "summary.json", "last.pt"), 0o666 & ~umask)
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(errno.EACCES, "Permission denied", "/shared/runs/r"),
+     "error: /shared/runs/r: Permission denied; check the path and its permissions, then run the command again"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/home/me/runs/r"),
+     "error: /home/me/runs/r: Not a directory; check the path and its permissions, then run the command again"),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     "error: No space left on device; free some space, then run the command again"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/runs"),
+     "error: /mnt/ro/runs: Read-only file system; check the path and its permissions, then run the command again"),
+])
+def test_a_file_system_error_is_one_line_naming_the_path_and_the_reason(capsys, error, line):
+    from common.config import cli_main
+
+    def work(config):
+        raise error
+    assert cli_main(lambda argv: None, work, []) == 1
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_an_error_that_is_not_about_a_file_keeps_its_traceback():
+    from common.config import cli_main
+
+    def work(config):
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    with pytest.raises(ConnectionRefusedError):
+        cli_main(lambda argv: None, work, [])
 
 
 def test_corrupt_or_foreign_checkpoints_get_errors_naming_the_file(tmp_path):
@@ -377,6 +456,64 @@ def test_resumed_run_reaches_the_same_weights_bit_for_bit(prepared_data, tmp_pat
             assert torch.equal(straight[weights][key], resumed[weights][key]), (weights, key)
     metrics = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+
+
+# The options a resumed run may change: where it runs, how fast, what it records and for how long
+# (--epochs extends a run; with a cosine or one-cycle schedule the rate then follows the new length).
+RESUME_MAY_CHANGE = {"data_dir", "out_dir", "name", "epochs", "eval_batch_size", "tta", "precision", "compile",
+                     "channels_last", "device", "deterministic", "test", "resume", "wandb_mode", "wandb_project",
+                     "wandb_entity", "wandb_group", "cuda_graphs"}
+
+
+def test_every_run_option_either_must_match_on_resume_or_may_change():
+    must_match = set(RESUME_MUST_MATCH)
+    assert not must_match & RESUME_MAY_CHANGE
+    assert must_match | RESUME_MAY_CHANGE == {f.name for f in dataclasses.fields(RunConfig)}, \
+        "a new option: add it to RESUME_MUST_MATCH if it changes the weights' trajectory, else to RESUME_MAY_CHANGE"
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory, prepared_data) -> Path:
+    """A data root of its own (a changed split seed re-splits it) holding a 1-epoch run in runs/run."""
+    import shutil
+    root = tmp_path_factory.mktemp("resumable")
+    shutil.copytree(prepared_data, root / "data")
+    part_a_train.run(tiny_config(root / "data", root / "runs", "run", epochs=1))
+    return root
+
+
+@pytest.mark.parametrize("option", RESUME_MUST_MATCH)
+def test_resume_refuses_each_option_that_must_match_when_it_changed(one_epoch_run, tmp_path, option):
+    import shutil
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
+    last = tmp_path / "runs" / "run" / "last.pt"
+    saved = last.read_bytes()
+    original = dataclasses.asdict(tiny_config(tmp_path / "data", tmp_path / "runs", "run")[1])[option]
+    changed = {option: _non_default(original, option)}
+    # Refused by the resume check, or for the split's options already by the data preparation.
+    with pytest.raises((ValueError, UserError), match=option):
+        part_a_train.run(tiny_config(tmp_path / "data", tmp_path / "runs", "run", epochs=2, resume=True, **changed))
+    assert last.read_bytes() == saved
+
+
+def test_a_last_pt_without_the_average_s_update_count_resumes_to_the_same_average(prepared_data, tmp_path):
+    """Runs saved before the count was kept took one update per step: the schedule's step count."""
+    options = dict(epochs=2, ema_decay=0.99)
+    part_a_train.run(tiny_config(prepared_data, tmp_path, "straight", **options))
+
+    def stop(epoch, metrics):
+        raise Interrupt
+    with pytest.raises(Interrupt):
+        part_a_train.run(tiny_config(prepared_data, tmp_path, "old", **options), epoch_callback=stop)
+    last = tmp_path / "old" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["ema_updates"] == state["scheduler"]["last_epoch"] > 0
+    del state["ema_updates"]
+    torch.save(state, last)
+    part_a_train.run(tiny_config(prepared_data, tmp_path, "old", resume=True, **options))
+    straight, resumed = (ckpt_io.load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "old"))
+    assert straight["ema_updates"] == resumed["ema_updates"]
+    assert all(torch.equal(straight["ema"][key], resumed["ema"][key]) for key in straight["ema"])
 
 
 def test_resume_refuses_changed_training_options(prepared_data, tmp_path):
@@ -498,6 +635,57 @@ def test_cli_end_to_end_writes_every_file_and_an_offline_wandb_run(prepared_data
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "versions", "git_commit", "model_config",
             "run_config", "classes"} <= state.keys()
+
+
+def test_a_run_whose_last_pt_cannot_be_written_stops_with_one_line_and_keeps_what_it_wrote(prepared_data, tmp_path,
+                                                                                            monkeypatch, capsys):
+    options = [f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=full", "--device=cpu", "--input_size=32",
+               "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--epochs=3", "--batch_size=8",
+               "--wandb_mode=disabled"]
+    _full_disk(monkeypatch, ".last.pt.", after=1)  # epoch 1's last.pt is written, epoch 2's is not
+    assert part_a_train.main(options) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "error" in line.lower() or "Traceback" in line] == [
+        f"error: {tmp_path / 'full' / 'last.pt'}: No space left on device; free some space, then run the command again"]
+    assert ckpt_io.load_checkpoint(tmp_path / "full" / "last.pt")["epoch"] == 1
+    assert ckpt_io.load_checkpoint(tmp_path / "full" / "best.pt")["epoch"] in (1, 2)
+    assert not [p for p in (tmp_path / "full").iterdir() if p.suffix == ".tmp"]
+    monkeypatch.undo()
+    assert part_a_train.main([*options, "--resume"]) == 0  # space again: the run continues from epoch 1
+
+
+def test_a_full_disk_while_building_the_cache_is_an_error_naming_it(prepared_data, tmp_path, monkeypatch):
+    """The cache claims its space before the decoded images are written into its memory map: without
+    that, a full disk killed the process with SIGBUS in the middle of the copy."""
+    import shutil
+    from common.data import load_cache
+    split_dir = tmp_path / "split"
+    shutil.copytree(prepared_data / "split", split_dir)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left") as info:
+        load_cache(split_dir, "val", 24)
+    assert Path(info.value.filename).parent == split_dir / "cache" and info.value.filename.endswith(".npy")
+    assert not [p.name for p in (split_dir / "cache").iterdir() if "-24-" in p.name]  # no temporary left
+    monkeypatch.undo()
+    assert load_cache(split_dir, "val", 24).images.shape == (20, 24, 24, 3)
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_naming_it(prepared_data, tmp_path, capsys):
+    from common import data as data_lib
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where a folder should be")
+    assert part_a_train.main([f"--data_dir={prepared_data}", f"--out_dir={blocker}", "--name=r", "--device=cpu",
+                              "--input_size=32", "--n_blocks=3", "--wandb_mode=disabled"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {blocker / 'r'}: Not a directory;")
+    assert data_lib.main(["prepare", "--root", str(blocker / "data"),
+                          "--source", str(prepared_data / "inaturalist_12K")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: {blocker / 'data'}") and "Not a directory" in err[-1]
+    assert not [line for line in err if "Traceback" in line]
+    assert blocker.read_text() == "a file where a folder should be"
 
 
 def test_missing_data_without_network_is_one_clear_line(tmp_path, monkeypatch, capsys):
