@@ -114,8 +114,7 @@ class SyncChecked:
             torch.cuda.set_sync_debug_mode("default")
 
 
-EMA_SYNCS = pytest.mark.xfail(strict=True, reason="AveragedModel syncs; issue 19's EMA rewrite removes it")
-SYNC_CASES = [pytest.param(optimizer, precision, extras, graphs, ema, marks=[EMA_SYNCS] if ema else [],
+SYNC_CASES = [pytest.param(optimizer, precision, extras, graphs, ema,
                            id=f"{optimizer}-{precision}-{'clip_mix' if extras else 'plain'}-"
                               f"{'graphs' if graphs else 'eager'}-{'ema' if ema else 'no_ema'}")
               for optimizer in training.OPTIMIZERS for precision in ("bf16", "fp16", "fp32")
