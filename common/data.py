@@ -42,9 +42,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
     """Whether ``nbytes`` fit on the GPU with the margin to spare. Memory PyTorch has cached but not
-    allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used."""
+    allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used.
+    A process limited to a fraction of the GPU (a sweep worker sharing it) counts that fraction as the GPU."""
     free, total = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    allocated = torch.cuda.memory_allocated(device)
+    total = int(total * torch.cuda.get_per_process_memory_fraction(device))
+    free = min(free + torch.cuda.memory_reserved(device) - allocated, total - allocated)
     return nbytes + max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)) <= free
 
 
