@@ -286,7 +286,7 @@ def run_sweep(sweep: Sweep, count: int, workers: int = 1) -> tuple[optuna.Study,
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not orphan them
         print("\nInterrupted: waiting for the workers to record their running trials", file=sys.stderr)
         for process in processes:
-            process.join(timeout=10)
+            process.join(timeout=30)
             if process.is_alive():  # the runner alone was signalled
                 os.kill(process.pid, signal.SIGINT)
             process.join()
@@ -324,8 +324,8 @@ def sweep_main(options: SweepOptions) -> None:
     check_program_accepts(program, spec, fixed)
     database_path(out_dir, study).parent.mkdir(parents=True, exist_ok=True)
     url = options.storage or default_storage(out_dir, study)
-    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)  # to print
     known = optuna.study.get_all_study_names(storage=open_storage(url))  # a bad URL fails before the data
+    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)  # to print
     _prepare_data(program, spec, fixed, options.workers)
 
     from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only

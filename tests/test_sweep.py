@@ -316,6 +316,15 @@ def test_a_dead_workers_trial_is_run_again_by_a_sweep_already_running(tmp_path, 
     assert retry.system_attrs["failed_trial"] == 0 and retry.user_attrs["error"] == ""
 
 
+def test_a_storage_url_that_does_not_parse_is_one_error_line(tmp_path, prepared_data, capsys):
+    fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
+    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "1", "--storage", "not-a-url", "--data_dir",
+            str(prepared_data), "--out_dir", str(tmp_path)]
+    assert sweep.main(argv) == 1
+    assert capsys.readouterr().err == ("error: cannot open the study database: Could not parse SQLAlchemy URL "
+                                       "from given URL string\n")
+
+
 def test_the_heartbeat_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("SWEEP_HEARTBEAT", "2")
     storage = sweep.open_storage("sqlite://")
