@@ -42,12 +42,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
     """Whether ``nbytes`` fit on the device with the margin to spare. Memory PyTorch has cached but not
     allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used.
+    A process limited to a fraction of the GPU (a sweep worker sharing it) counts that fraction as the GPU.
     The CPU and Apple's MPS (memory shared with the host) hold the array where it is anyway."""
     if device.type not in ("cuda", "xpu"):
         return True
     memory = getattr(torch, device.type)  # torch.cuda and torch.xpu answer alike
     free, total = memory.mem_get_info(device)
-    free += memory.memory_reserved(device) - memory.memory_allocated(device)
+    allocated = memory.memory_allocated(device)
+    if device.type == "cuda":
+        total = int(total * torch.cuda.get_per_process_memory_fraction(device))
+    free = min(free + memory.memory_reserved(device) - allocated, total - allocated)
     return nbytes + max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)) <= free
 
 

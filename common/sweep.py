@@ -4,10 +4,11 @@
                            [--out_dir runs] [--data_dir data] [--set epochs=10 input_size=128 ...]
     python common/sweep.py report --study NAME [--storage URL] [--out DIR]
 
-Each trial is one in-process run of the sweep's ``program`` (its ``config_from_args`` and ``run``) in
-``out_dir/<study>/trial_<number>``. The study lives in a database (SQLite under ``out_dir/sweeps/``
-unless ``--storage`` names another), shared by workers and machines; docs/sweeps.md has the workflow.
+Each trial is one run of the sweep's ``program`` (its ``config_from_args`` and ``run``) in
+``out_dir/<study>/trial_<number>``. Workers and machines share the study's database as Optuna shows
+(each process calls ``study.optimize`` on it); docs/sweeps.md has the workflow.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import argparse
 import contextlib
-import importlib
 import importlib.util
 import io
 import multiprocessing
@@ -26,7 +26,6 @@ import re
 import shlex
 import signal
 import socket
-import threading
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,45 +35,38 @@ import numpy as np
 import optuna
 import sqlalchemy
 import yaml
-from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from common.config import UserError, cli_main, from_namespace, to_cli
-from common.sweep_space import (SweepConfigError, SweepSpec, load_sweep, make_pruner, make_sampler,
-                                sample_values, suggest)
+from common.sweep_space import SweepConfigError, SweepSpec, load_sweep, make_pruner, make_sampler, suggest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM_API = ("get_args_parser", "config_from_args", "run")
-RUNNER_OPTIONS = ("out_dir", "name", "wandb_group")  # set per trial, on top of the sweep's parameters
 INTERRUPTED = "interrupted (Ctrl-C)"
-RETRY_OF = "retry_of"  # a queued retry's system attribute: the number of the interrupted trial
-DRIVER_PACKAGES = {"psycopg": '"psycopg[binary]"', "psycopg2": "psycopg2-binary",  # module: pip package
-                   "MySQLdb": "mysqlclient"}
+DRIVERS = {"psycopg": '"psycopg[binary]"', "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+# A CUDA context and the kernels it loads live outside PyTorch's allocator, so outside a worker's share.
+CUDA_CONTEXT_BYTES = 1 << 30
 
 
 @dataclass
-class SweepOptions:
-    """The runner's command line."""
+class SweepOptions:  # the runner's command line
     config: str
     count: int
     study: str | None = None
     storage: str | None = None
     workers: int = 1
-    out_dir: str | None = None   # default: the sweep file's out_dir value, else runs
+    out_dir: str | None = None  # default: the sweep file's out_dir value, else runs
     data_dir: str | None = None  # default: the sweep file's data_dir value, else data
     overrides: dict[str, Any] | None = None
-    seed: int | None = None      # the samplers' seed: the same history proposes the same trials
+    seed: int | None = None  # the samplers' seed: the same history proposes the same trials
 
 
 def load_program(path: str) -> ModuleType:
     """Import the sweep's training script; it must offer get_args_parser, config_from_args and run."""
-    file = Path(path)
-    if not file.is_absolute():
-        file = next((base / file for base in (Path.cwd(), ROOT) if (base / file).is_file()), file)
-    if not file.is_file():
+    file = next((base / path for base in (Path.cwd(), ROOT) if (base / path).is_file()), None)
+    if file is None:
         raise SweepConfigError(f"program {path} not found (looked in {Path.cwd()} and {ROOT})")
-    file = file.resolve()
-    if file.is_relative_to(ROOT):  # import under its real name (part_a.train), once
+    if (file := file.resolve()).is_relative_to(ROOT):  # import under its real name (part_a.train), once
         module = importlib.import_module(".".join(file.relative_to(ROOT).with_suffix("").parts))
     else:  # elsewhere (a test's fake program): load the file itself, once per path
         name = f"sweep_program_{abs(hash(str(file)))}"
@@ -83,10 +75,8 @@ def load_program(path: str) -> ModuleType:
             sys.modules[name] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(sys.modules[name])
         module = sys.modules[name]
-    missing = [name for name in PROGRAM_API if not hasattr(module, name)]
-    if missing:
-        raise SweepConfigError(f"program {path} lacks {', '.join(missing)}; the local runner calls "
-                               f"{', '.join(PROGRAM_API)} (see docs/architecture.md)")
+    if missing := [name for name in PROGRAM_API if not hasattr(module, name)]:
+        raise SweepConfigError(f"program {path} lacks {', '.join(missing)}; see docs/architecture.md")
     return module
 
 
@@ -97,69 +87,71 @@ def parse_quietly(parse, argv: list[str]):
         with contextlib.redirect_stderr(stderr):
             return parse(argv)
     except SystemExit as exit_:
-        lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+        lines = [line for line in stderr.getvalue().splitlines() if line.strip()] or [f"exit {exit_.code}"]
         # argparse's last line is "PROG: error: MESSAGE"; PROG would name this runner, not the program.
-        message = lines[-1].split("error: ", 1)[-1] if lines else f"option parsing exited with code {exit_.code}"
-        raise ValueError(message) from None
+        raise ValueError(lines[-1].split("error: ", 1)[-1]) from None
 
 
 def check_program_accepts(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) -> None:
     """Fail before any trial when a parameter is not an option of the program or a value does not parse."""
     parser = program.get_args_parser()
-    candidates: dict[str, BaseDistribution | Any] = {**fixed, **spec.search_space, **dict.fromkeys(RUNNER_OPTIONS, "x")}
-    for name, dist in candidates.items():
-        for value in sample_values(dist):
+    runner = dict.fromkeys(("out_dir", "name", "wandb_group"), "x")  # set per trial by the runner
+    for name, dist in {**fixed, **spec.search_space, **runner}.items():
+        ends = (dist.low, dist.high) if hasattr(dist, "low") else (dist,)
+        for value in getattr(dist, "choices", ends):  # every choice, a range's two ends, or the fixed value
             try:
                 parse_quietly(parser.parse_args, to_cli({name: value}))
             except ValueError as error:
-                raise SweepConfigError(f"sweep parameter {name}={value!r} is not accepted by "
-                                       f"{spec.program}: {error}") from None
+                message = f"sweep parameter {name}={value!r} is not accepted by {spec.program}: {error}"
+                raise SweepConfigError(message) from None
 
 
 @dataclass
-class TrialRunner:
-    """The Optuna objective: one training run of ``program`` per trial (picklable for workers)."""
-    program: str
+class Sweep:
+    """The sweep being run, and Optuna's objective: one run of the program per trial (picklable)."""
+
+    spec: SweepSpec
     study: str
-    search_space: dict[str, BaseDistribution]
+    storage: str  # the study database's URL
     fixed: dict[str, Any]  # the same for every trial; includes data_dir and out_dir
-    metric: str
-    goal: str
-    trials_dir: str
+    out_dir: str  # runs in OUT_DIR/<study>/trial_<number>, torch's compile caches in OUT_DIR/sweeps/
+    seed: int | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
-        name = f"trial_{trial.number}"
-        values = {"wandb_group": self.study, **self.fixed, **suggest(trial, self.search_space),
-                  "out_dir": self.trials_dir, "name": name}
-        for key, value in (("program", self.program), ("fixed", self.fixed),
-                           ("run_dir", str(Path(self.trials_dir) / name)),
-                           ("host", f"{socket.gethostname()}:{os.getpid()}")):
-            trial.set_user_attr(key, value)
+        name, metric, trials_dir = f"trial_{trial.number}", self.spec.metric, Path(self.out_dir, self.study)
+        # Trials with the same model shapes reuse each other's compiled graphs (Inductor's and AOTAutograd's
+        # on-disk caches), kept in a folder the sweep owns rather than the user's temporary folder.
+        cache = Path(self.out_dir, "sweeps", f"{self.study}_compile_cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        trial.set_user_attr("program", self.spec.program)
+        trial.set_user_attr("fixed", self.fixed)
+        trial.set_user_attr("run_dir", str(trials_dir / name))
+        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("error", "")  # a retry starts with a copy of the retried trial's attributes
         reported: list[float] = []
 
         def report_epoch(epoch: int, metrics: dict) -> None:
-            if self.metric not in metrics:
-                raise KeyError(f"the program logged no {self.metric!r} (the sweep's metric); it logged "
-                               f"{', '.join(sorted(metrics))}")
-            reported.append(float(metrics[self.metric]))
+            if metric not in metrics:
+                raise KeyError(f"the program logged no {metric!r} (the sweep's metric): {sorted(metrics)}")
+            reported.append(float(metrics[metric]))
             trial.report(reported[-1], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned by hyperband after epoch {epoch} ({self.metric} {reported[-1]:.4f})")
+                raise optuna.TrialPruned(f"pruned by hyperband after epoch {epoch} ({reported[-1]:.4f})")
 
+        values = {"wandb_group": self.study, **self.fixed, **suggest(trial, self.spec.search_space)}
         try:
-            program = load_program(self.program)
-            program.run(parse_quietly(program.config_from_args, to_cli(values)), epoch_callback=report_epoch)
+            program = load_program(self.spec.program)
+            argv = to_cli({**values, "out_dir": trials_dir, "name": name})
+            program.run(parse_quietly(program.config_from_args, argv), epoch_callback=report_epoch)
             if not reported:
-                raise RuntimeError(f"the run finished without reporting {self.metric}")
+                raise RuntimeError(f"the run finished without reporting {metric}")
         except optuna.TrialPruned:
             raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("error", INTERRUPTED)
+        except (Exception, KeyboardInterrupt) as error:  # Optuna records the trial as failed
+            stopped = isinstance(error, KeyboardInterrupt)
+            trial.set_user_attr("error", INTERRUPTED if stopped else f"{type(error).__name__}: {error}")
             raise
-        except Exception as error:  # recorded with the trial; the sweep goes on (optimize's catch)
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}")
-            raise
-        return max(reported) if self.goal == "maximize" else min(reported)
+        return max(reported) if self.spec.goal == "maximize" else min(reported)
 
 
 def database_path(out_dir: str | Path, study: str) -> Path:
@@ -173,22 +165,23 @@ def default_storage(out_dir: str | Path, study: str) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The study database. Heartbeats let any worker mark a killed worker's trial as failed: a running
-    trial is stamped every SWEEP_HEARTBEAT seconds (default 60) and is stale after three times that."""
-    heartbeat = os.environ.get("SWEEP_HEARTBEAT", "60")
-    if not heartbeat.isdigit() or int(heartbeat) < 1:
-        raise ValueError(f"SWEEP_HEARTBEAT must be a whole number of seconds >= 1, got {heartbeat!r}")
-    heartbeat = int(heartbeat)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait on locks
+    """The study database. A running trial is stamped every SWEEP_HEARTBEAT seconds (default 60); before a
+    trial starts, Optuna fails trials unstamped for three times that (their process died) and queues each
+    again (RetryHeartbeatStaleTrialCallback), so a worker or machine still running takes them over."""
+    beat = os.environ.get("SWEEP_HEARTBEAT", "60")
+    if not beat.isdigit() or int(beat) < 1:
+        raise ValueError(f"SWEEP_HEARTBEAT must be a whole number of seconds >= 1, got {beat!r}")
+    heartbeat = {"heartbeat_interval": int(beat), "grace_period": 3 * int(beat)}
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait on locks
     try:
         with _table_creation_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, for years
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                              grace_period=3 * heartbeat)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+            return optuna.storages.RDBStorage(url, kwargs, **heartbeat, heartbeat_stale_trial_callback=retry)
     except ImportError as error:  # SQLAlchemy imports the URL's driver (Optuna re-raises that as its cause)
         module = getattr(error.__cause__, "name", None) or error.name
-        raise UserError(f"the {url.partition(':')[0]} storage needs the database driver {module}, which is "
-                        f"not installed: pip install {DRIVER_PACKAGES.get(module, module)}") from None
+        missing = f"{module}, which is not installed: pip install {DRIVERS.get(module, module)}"
+        raise UserError(f"the {url.partition(':')[0]} storage needs the database driver {missing}") from None
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError) as error:  # no password in these
         message = " ".join(str(getattr(error, "orig", None) or error).split())  # psycopg's has several lines
         raise UserError(f"cannot open the study database: {message}") from None
@@ -209,235 +202,178 @@ def _table_creation_lock(url: str):
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
-    """A trial stopped by Ctrl-C, or failed by a heartbeat after its worker was killed (no error of its own)."""
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("error", INTERRUPTED) == INTERRUPTED
+    """A trial stopped by Ctrl-C, or failed by the heartbeat after its process died (no error of its own)."""
+    return trial.state == TrialState.FAIL and (trial.user_attrs.get("error") or INTERRUPTED) == INTERRUPTED
 
 
-def requeue_interrupted(study: optuna.Study) -> int:
-    """Queue a retry of each interrupted trial not retried yet, with its parameters (and grid point), so
-    a continued sweep runs it (a grid would otherwise count it as visited); return how many."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.system_attrs.get(RETRY_OF) for t in trials}
-    todo = [t for t in trials if was_interrupted(t) and t.number not in retried]
-    for trial in todo:
-        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
-                                                  distributions=trial.distributions,
-                                                  system_attrs={**trial.system_attrs, RETRY_OF: trial.number}))
-    return len(todo)
+def gpu_shares(workers: int) -> list[tuple[str | None, float | None]]:
+    """Each worker's GPU (worker i: GPU i % count of the visible ones) and, where several share one, the
+    fraction of its memory each may allocate: the memory free now, split evenly, less a CUDA context each."""
+    import torch  # only here: the tests' fake programs never need it
+
+    from common.data import GPU_MARGIN_BYTES
+
+    listed = [gpu.strip() for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()]
+    gpus = (listed or [str(i) for i in range(torch.cuda.device_count())])[: torch.cuda.device_count()]
+    if not gpus:
+        return [(None, None)] * workers
+    shares = {}
+    for index, gpu in enumerate(gpus):
+        if (sharing := len(range(index, workers, len(gpus)))) == 1:
+            continue
+        free, total = torch.cuda.mem_get_info(index)
+        if (share := free / sharing - CUDA_CONTEXT_BYTES) < GPU_MARGIN_BYTES:  # a run's room for its model
+            need = f"{sharing} workers need {sharing * (GPU_MARGIN_BYTES + CUDA_CONTEXT_BYTES) >> 30} GiB"
+            raise UserError(f"GPU {gpu} has {free / 2**30:.1f} GiB free and {need}; use fewer --workers")
+        shares[gpu] = share / total
+    return [(gpus[i % len(gpus)], shares.get(gpus[i % len(gpus)])) for i in range(workers)]
 
 
-def _sampler(spec: SweepSpec, seed: int | None, trials: int, worker: int) -> optuna.samplers.BaseSampler:
-    """The same seed, history and worker propose the same trials; a continued study and each worker draw
-    their own stream (one stream would repeat the first trials' proposals). A grid keeps the one seed: it
-    orders the grid's points, an order every worker and continuation must share."""
-    if seed is not None and spec.method != "grid":
-        seed = int(np.random.SeedSequence([seed, trials, worker]).generate_state(1)[0])
-    return make_sampler(spec, seed)
+def _work(sweep: Sweep, trials: int, worker: int = 0, gpu: str | None = None, share: float | None = None):
+    """One worker: ``trials`` trials through ``study.optimize`` (fewer when a grid runs out), on ``gpu``
+    with ``share`` of its memory when given. Returns whether Ctrl-C stopped it."""
+    if gpu is not None:  # before the program touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if share is not None:
+        import torch
 
-
-def _take_ticket(tickets) -> bool:
-    """Claim one of the trials this invocation may start; shared by all workers, so none overshoots."""
-    with tickets.get_lock():
-        tickets.value -= 1
-        return tickets.value >= 0
-
-
-@contextlib.contextmanager
-def _interrupt_once():
-    """The first Ctrl-C stops the sweep; later ones are ignored so Optuna can still record the trial."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, stop)
+        torch.cuda.set_per_process_memory_fraction(share)  # this worker's part of the GPU it shares
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _work(study_name: str, storage_url: str, spec: SweepSpec, runner: TrialRunner, tickets,
-          seed: int | None = None, worker: int = 0) -> bool:
-    """One worker: run trials against the shared study until the tickets (or the grid and the queue)
-    run out. Returns whether Ctrl-C stopped it."""
-    try:
-        with _interrupt_once():
-            study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
-                                      pruner=make_pruner(spec))
-            study.sampler = _sampler(spec, seed, len(study.trials), worker)
-            grid = isinstance(study.sampler, optuna.samplers.GridSampler)
-
-            def more() -> bool:  # a grid ends when every point was tried, unless a trial is queued
-                return (not grid or not study.sampler.is_exhausted(study)
-                        or bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
-            while more() and _take_ticket(tickets):
-                # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on;
-                # Ctrl-C is recorded as FAIL too and then propagates.
-                study.optimize(runner, n_trials=1, catch=(Exception,), gc_after_trial=True)
-                torch = sys.modules.get("torch")
-                if torch is not None and torch.cuda.is_initialized():  # an out-of-memory trial's cached blocks
-                    torch.cuda.empty_cache()
+        storage = open_storage(sweep.storage)
+        study = optuna.load_study(study_name=sweep.study, storage=storage, pruner=make_pruner(sweep.spec))
+        seed = sweep.seed
+        # The same seed, history and worker propose the same trials; a continued study and each worker draw
+        # their own stream. A grid keeps the one seed: it orders the points, as every worker must.
+        if seed is not None and sweep.spec.method != "grid":
+            seed = int(np.random.SeedSequence([seed, len(study.trials), worker]).generate_state(1)[0])
+        study.sampler = make_sampler(sweep.spec, seed)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if sweep.spec.method == "grid" and study.sampler.is_exhausted(study) and not waiting:
+            return False  # every point ran: the grid would repeat one
+        # A failed trial (crash, out of memory) is recorded as FAIL and the loop goes on; Ctrl-C is recorded
+        # as FAIL too and then propagates.
+        study.optimize(sweep, n_trials=trials, catch=(Exception,), gc_after_trial=True)
     except KeyboardInterrupt:
         return True
     return False
 
 
-def _worker_process(index: int, gpus: list[str], *args) -> None:
-    if gpus:  # before the program touches CUDA: worker i trains on GPU i % count
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    if _work(*args, worker=index):
-        sys.exit(130)
-
-
-def _visible_gpus() -> list[str]:
-    import torch  # only here: the fake programs of the tests never need it
-    listed = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
-    return (listed or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
-
-
-def _run_workers(context, workers: int, args: tuple) -> bool:
-    """``workers`` processes running ``_work``; returns whether Ctrl-C stopped them."""
-    gpus = _visible_gpus()
-    processes = [context.Process(target=_worker_process, args=(i, gpus, *args), name=f"sweep-worker-{i}")
-                 for i in range(workers)]
-    for process in processes:
-        process.start()
-    try:
-        with _interrupt_once():
-            for process in processes:
-                process.join()
-    except KeyboardInterrupt:
-        print("\nInterrupted: waiting (up to 2 minutes) for the workers to record their running trials",
-              file=sys.stderr)
-        for process in processes:  # a worker that already got the terminal's Ctrl-C ignores this one
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
-        for process in processes:
-            process.join(timeout=120)
-            if process.is_alive():  # its trial stays RUNNING until the heartbeat marks it failed
-                process.terminate()
-                process.join()
-        return True
-    failed = [p.name for p in processes if p.exitcode not in (0, 130)]
-    if failed:
-        raise RuntimeError(f"{', '.join(failed)} exited abnormally (exit codes "
-                           f"{[p.exitcode for p in processes]}); see the messages above")
-    return False
-
-
-def run_sweep(spec: SweepSpec, runner: TrialRunner, *, study_name: str, storage_url: str, count: int,
-              workers: int = 1, seed: int | None = None) -> tuple[optuna.Study, bool]:
+def run_sweep(sweep: Sweep, count: int, workers: int = 1) -> tuple[optuna.Study, bool]:
     """Run ``count`` more trials of the study (created or continued, interrupted trials first); return it
     and whether Ctrl-C stopped it."""
-    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url),
-                                direction=spec.goal, load_if_exists=True)
-    if study.direction.name.lower() != spec.goal:
-        raise SweepConfigError(f"study {study_name} exists and {study.direction.name.lower()}s; the sweep "
-                               f"file says {spec.goal}; use another --study name")
-    study.set_user_attr("metric", spec.metric)  # for the report
-    if queued := requeue_interrupted(study):
-        print(f"running the {queued} interrupted trial(s) of study {study_name} again first")
-    context = multiprocessing.get_context("spawn")  # fresh processes: CUDA cannot be forked
-    args = (study_name, storage_url, spec, runner, context.Value("i", count), seed)
-    return study, _run_workers(context, workers, args) if workers > 1 else _work(*args)
-
-
-def _input_sizes(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any]) -> list[int]:
-    """Every input_size a trial can train at: fixed, listed, or the program's default."""
-    dist = spec.search_space.get("input_size")
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return [int(size) for size in dist.choices]
-    if dist is not None:  # a range: too many sizes to decode ahead; trials build what they need
-        return []
-    size = fixed.get("input_size", program.get_args_parser().get_default("input_size"))
-    return [int(size)] if size is not None else []
+    storage, goal = open_storage(sweep.storage), sweep.spec.goal
+    study = optuna.create_study(storage=storage, study_name=sweep.study, direction=goal, load_if_exists=True)
+    if (direction := study.direction.name.lower()) != goal:
+        raise SweepConfigError(f"study {sweep.study} {direction}s, the file {goal}s; use another --study")
+    study.set_user_attr("metric", sweep.spec.metric)  # for the report
+    trials = study.get_trials(deepcopy=False)
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    if lost := [t for t in trials if was_interrupted(t) and t.number not in retried]:
+        print(f"running the {len(lost)} interrupted trial(s) of study {sweep.study} again first")
+    for trial in lost:  # queued as Optuna queues a dead process's trial: parameters and grid point
+        storage.get_heartbeat_stale_trial_callback()(study, trial)
+    if (workers := min(workers, count)) == 1:
+        return study, _work(sweep, count)
+    context, processes = multiprocessing.get_context("spawn"), []  # spawn: CUDA cannot be forked
+    for i, (gpu, share) in enumerate(gpu_shares(workers)):
+        n = count // workers + (i < count % workers)  # as Optuna shows: each process its own n_trials
+        processes.append(context.Process(target=_work, args=(sweep, n, i, gpu, share), name=f"worker {i}"))
+        processes[-1].start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the workers too; they record their trials
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not orphan them
+        print("\nInterrupted: waiting for the workers to record their running trials", file=sys.stderr)
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():  # the runner alone was signalled
+                os.kill(process.pid, signal.SIGINT)
+            process.join()
+        signal.signal(signal.SIGINT, previous)
+        return study, True
+    if failed := [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode]:
+        raise UserError(f"{', '.join(failed)} ended abnormally; the next trial to start runs its trial again")
+    return study, False
 
 
 def _prepare_data(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any], workers: int) -> None:
-    """Prepare the data once here, so parallel workers never race to download, split or decode it
-    (the split options are the program's val_fraction and split_seed when the sweep fixes them)."""
+    """Prepare the data once here, so parallel workers never race to download, split or decode it (the
+    split options are the program's val_fraction and split_seed when the sweep fixes them)."""
     from common import data
-    split_options = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}
-    split_dir = data.prepare(fixed["data_dir"], **{k: v for k, v in split_options.items() if v is not None})
-    if workers > 1:  # else each worker's first trial would decode the same images at once
-        for size in _input_sizes(program, spec, fixed):
-            for split in ("train", "val"):
-                data.load_cache(split_dir, split, size)
+
+    split = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}
+    split_dir = data.prepare(fixed["data_dir"], **{k: v for k, v in split.items() if v is not None})
+    default = program.get_args_parser().get_default("input_size")
+    size = spec.search_space.get("input_size", fixed.get("input_size", default))
+    # Every size a trial can train at: fixed, listed, or the default (a range has too many to decode ahead).
+    for each in getattr(size, "choices", [size]) if workers > 1 else []:  # 1: its first trial decodes them
+        for split_name in ("train", "val") if isinstance(each, int) else ():
+            data.load_cache(split_dir, split_name, each)
 
 
 def sweep_main(options: SweepOptions) -> None:
     spec = load_sweep(options.config, options.overrides)
     study = options.study or spec.name or Path(options.config).stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
-        raise SweepConfigError(f"study name {study!r} must be letters, digits, '_', '.', '-' (it names files)")
+        raise SweepConfigError(f"study name {study!r} must be letters, digits, '_', '.', '-' (names files)")
     out_dir = options.out_dir or str(spec.fixed.get("out_dir", "runs"))
-    fixed = {**spec.fixed, "data_dir": options.data_dir or str(spec.fixed.get("data_dir", "data")), "out_dir": out_dir}
+    data_dir = options.data_dir or str(spec.fixed.get("data_dir", "data"))
+    fixed = {**spec.fixed, "data_dir": data_dir, "out_dir": out_dir}
     program = load_program(spec.program)
     check_program_accepts(program, spec, fixed)
-    database = database_path(out_dir, study)
-    database.parent.mkdir(parents=True, exist_ok=True)
-    storage_url = options.storage or default_storage(out_dir, study)
-    known = optuna.study.get_all_study_names(storage=open_storage(storage_url))  # a bad URL fails before the data
+    database_path(out_dir, study).parent.mkdir(parents=True, exist_ok=True)
+    url = options.storage or default_storage(out_dir, study)
+    known = optuna.study.get_all_study_names(storage=open_storage(url))  # a bad URL fails before the data
+    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)  # to print
     _prepare_data(program, spec, fixed, options.workers)
 
     from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
+
     trials_dir = Path(out_dir) / study
     if study not in known and trials_dir.is_dir() and any(trials_dir.iterdir()):
         # A new study numbers its trials from 0 again, and trial_0 ... would collide with these runs.
-        raise SweepConfigError(f"{trials_dir} holds runs of an earlier study {study}, which {storage_url} does not "
-                               "have; pass that study's --storage to continue it, or choose another --study")
-    runner = TrialRunner(program=spec.program, study=study, search_space=spec.search_space, fixed=fixed,
-                         metric=spec.metric, goal=spec.goal, trials_dir=str(trials_dir))
-    result, interrupted = run_sweep(spec, runner, study_name=study, storage_url=storage_url,
-                                    count=options.count, workers=options.workers, seed=options.seed)
+        other = "pass that study's --storage to continue it, or choose another --study"
+        raise SweepConfigError(f"{trials_dir} holds runs of a study {study} that {shown} lacks; {other}")
+    sweep = Sweep(spec, study, url, fixed, out_dir, options.seed)
+    result, interrupted = run_sweep(sweep, options.count, options.workers)
     csv_path = write_trials_csv(result, Path(out_dir) / "sweeps" / f"{study}_trials.csv")
-    print(f"\n{len(result.trials)} trials in study {study} ({storage_url}); table: {csv_path}")
+    print(f"\n{len(result.trials)} trials in study {study} ({shown}); table: {csv_path}")
     command = best_command(result)
     print(f"best configuration:\n  {command}" if command else "no trial has completed yet")
-    print(f"report: python common/sweep.py report --study {study}"
-          + (f" --storage {shlex.quote(storage_url)}" if options.storage else "")
-          + (f" --out_dir {shlex.quote(out_dir)}" if out_dir != "runs" else ""))
+    storage = f" --storage {shlex.quote(shown)}" if options.storage else ""
+    storage += f" --out_dir {shlex.quote(out_dir)}" if out_dir != "runs" else ""
+    print(f"report: python common/sweep.py report --study {study}{storage}")
     if interrupted:
         raise UserError("interrupted (Ctrl-C); run the same command again to continue the study")
 
 
 def report_main(args: argparse.Namespace) -> None:
     from common.sweep_report import write_report
+
     database = database_path(args.out_dir, args.study)
     if args.storage is None and not database.is_file():
-        raise SweepConfigError(f"no study database at {database}; pass the runner's --out_dir, or --storage URL")
-    storage_url = args.storage or default_storage(args.out_dir, args.study)
-    storage = open_storage(storage_url)
-    try:
-        study = optuna.load_study(study_name=args.study, storage=storage)
-    except KeyError:
-        names = optuna.get_all_study_names(storage)
-        raise SweepConfigError(f"no study {args.study!r} in {storage_url}; it holds: "
-                               f"{', '.join(names) or 'none'}") from None
+        raise SweepConfigError(f"no study database at {database}; pass the runner's --out_dir or --storage")
+    storage = open_storage(args.storage or default_storage(args.out_dir, args.study))
+    if args.study not in (names := optuna.get_all_study_names(storage)):
+        raise SweepConfigError(f"no study {args.study!r} in that database; it holds {names}")
+    study = optuna.load_study(study_name=args.study, storage=storage)
     written = write_report(study, args.out or Path(args.out_dir) / "sweeps" / f"{args.study}_report")
     print("wrote " + ", ".join(str(path) for path in written))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Run sweep.yaml locally with Optuna "
-                                     "(report: python common/sweep.py report --study NAME).")
-    parser.add_argument("config", help="the sweep file, e.g. sweep.yaml")
-    parser.add_argument("--count", type=int, required=True, help="trials to run in this invocation, across workers")
-    parser.add_argument("--study", help="study name (default: the file's name key, else its stem)")
-    parser.add_argument("--storage", help="Optuna database URL, e.g. postgresql+psycopg://user:pw@host/db "
-                        "(default: sqlite under OUT_DIR/sweeps/)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="parallel worker processes on this machine, one trial each (default: 1)")
-    parser.add_argument("--out_dir", help="runs folder (default: the file's out_dir value, else runs)")
-    parser.add_argument("--data_dir", help="dataset root (default: the file's data_dir value, else data)")
-    parser.add_argument("--seed", type=int, help="seed of the trial proposals: the same history proposes the "
-                        "same trials (default: unseeded)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="fix a parameter for every trial (searched or not), e.g. --set epochs=5")
+    parser = argparse.ArgumentParser(description="Run sweep.yaml locally with Optuna; see also: report")
+    add = parser.add_argument
+    add("config", help="the sweep file, e.g. sweep.yaml")
+    add("--count", type=int, required=True, help="trials to run in this invocation, across workers")
+    add("--study", help="study name (default: the file's name key, else its stem)")
+    add("--storage", help="Optuna database URL (default: sqlite under OUT_DIR/sweeps/)")
+    add("--workers", type=int, default=1, help="worker processes on this machine (more than GPUs share them)")
+    add("--out_dir", help="runs folder (default: the file's out_dir value, else runs)")
+    add("--data_dir", help="dataset root (default: the file's data_dir value, else data)")
+    add("--seed", type=int, help="seed of the trial proposals (default: unseeded)")
+    add("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="fix it in every trial")
     return parser
 
 
@@ -445,7 +381,7 @@ def get_report_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweep.py report", description="Analyse a sweep study.")
     parser.add_argument("--study", required=True, help="study name")
     parser.add_argument("--storage", help="Optuna database URL (default: sqlite under OUT_DIR/sweeps/)")
-    parser.add_argument("--out_dir", default="runs", help="the runner's --out_dir (finds the default database)")
+    parser.add_argument("--out_dir", default="runs", help="the runner's --out_dir (where the database is)")
     parser.add_argument("--out", help="report folder (default: OUT_DIR/sweeps/<study>_report)")
     return parser
 
@@ -455,7 +391,7 @@ def options_from_args(argv: list[str] | None) -> SweepOptions:
     if args.count < 1 or args.workers < 1:
         raise ValueError(f"--count and --workers must be >= 1, got {args.count} and {args.workers}")
     overrides = {}
-    for item in args.overrides:
+    for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes key=value, got {item!r}")
@@ -473,4 +409,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Run the importable copy, so worker processes unpickle common.sweep names rather than __main__ ones.
     from common import sweep
+
     sys.exit(sweep.main())

@@ -12,6 +12,7 @@ reproduce faithfully:
     log_uniform_values                  -> log-scaled float
     only min and max                    -> int_uniform when both are ints, else uniform (as wandb)
 """
+
 from __future__ import annotations
 
 import math
@@ -21,28 +22,11 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
-                                  IntDistribution)
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 METHODS = ("bayes", "random", "grid")
 GOALS = ("maximize", "minimize")
 RANGES = ("uniform", "int_uniform", "q_uniform", "log_uniform_values")
-
-# What to write instead of each wandb distribution that has no faithful Optuna counterpart.
-_LIST = ", or list the candidates under values"
-_UNSUPPORTED = {
-    "log_uniform": "its min/max are natural-log exponents; write distribution: log_uniform_values "
-                   "with min: {exp_min:.6g} and max: {exp_max:.6g} (the values themselves)",
-    "q_log_uniform": "write distribution: log_uniform_values with the values themselves as min/max "
-                     "(Optuna cannot step a log scale)" + _LIST,
-    "q_log_uniform_values": "use log_uniform_values (Optuna cannot step a log scale)" + _LIST,
-    "inv_log_uniform": "use log_uniform_values on the inverse quantity" + _LIST,
-    "inv_log_uniform_values": "use log_uniform_values on the inverse quantity" + _LIST,
-    **{name: f"use {replacement} over the range you care about" + _LIST
-       for replacement, names in (("uniform", ("normal", "beta")), ("q_uniform", ("q_normal", "q_beta")),
-                                  ("log_uniform_values", ("log_normal", "q_log_normal")))
-       for name in names},
-}
 
 
 class SweepConfigError(ValueError):
@@ -63,8 +47,8 @@ class SweepSpec:
 
 def _number(name: str, key: str, value: Any) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = (" (YAML reads a number like 1e-4 as text; write 1.0e-4 or 0.0001)"
-                if isinstance(value, str) and "e" in value.lower() else "")
+        text = isinstance(value, str) and "e" in value.lower()
+        hint = " (YAML reads a number like 1e-4 as text; write 1.0e-4 or 0.0001)" if text else ""
         raise SweepConfigError(f"parameter {name!r}: {key} must be a number, got {value!r}{hint}")
     return value
 
@@ -78,33 +62,21 @@ def _choice(value: Any) -> Any:
     raise SweepConfigError(f"cannot use {value!r} as a sweep value; use a number, string, boolean or list")
 
 
-def _distribution_name(name: str, spec: Any) -> str:
-    """The spec's distribution, inferred as wandb does when the file names none."""
-    if not isinstance(spec, dict):
-        raise SweepConfigError(f"parameter {name!r} must be a mapping such as {{values: [...]}} or "
-                               f"{{value: ...}}, got {spec!r}")
-    if "parameters" in spec:
-        raise SweepConfigError(f"parameter {name!r} nests parameters; the local runner needs flat "
-                               "parameters named like the program's options")
-    if "probabilities" in spec:
-        raise SweepConfigError(f"parameter {name!r}: values with probabilities cannot be mapped to "
-                               "Optuna; drop probabilities (every value equally likely)")
-    if "distribution" in spec:
-        return spec["distribution"]
-    if "value" in spec:
-        return "constant"
-    if "values" in spec:
-        return "categorical"
-    if "min" in spec and "max" in spec:
-        both_int = all(isinstance(spec[k], int) and not isinstance(spec[k], bool) for k in ("min", "max"))
-        return "int_uniform" if both_int else "uniform"
-    raise SweepConfigError(f"parameter {name!r} needs value, values, or min and max; got {spec!r}")
-
-
 def parse_parameter(name: str, spec: Any) -> BaseDistribution | Any:
     """One wandb parameter spec -> an Optuna distribution, or the plain value when it is fixed."""
-    distribution = _distribution_name(name, spec)
     problem = f"parameter {name!r}: "
+    if not isinstance(spec, dict) or "parameters" in spec:
+        raise SweepConfigError(problem + f"must be a flat mapping like {{values: [...]}}, got {spec!r}")
+    if "probabilities" in spec:
+        raise SweepConfigError(problem + "Optuna cannot weigh values; drop probabilities")
+    if "distribution" in spec:
+        distribution = spec["distribution"]
+    elif "value" in spec or "values" in spec:
+        distribution = "constant" if "value" in spec else "categorical"
+    elif "min" in spec and "max" in spec:  # inferred as wandb does
+        distribution = "int_uniform" if all(type(spec[k]) is int for k in ("min", "max")) else "uniform"
+    else:
+        raise SweepConfigError(problem + f"needs value, values, or min and max; got {spec!r}")
     if distribution == "constant":
         if "value" not in spec:
             raise SweepConfigError(problem + "distribution constant needs a value")
@@ -114,42 +86,29 @@ def parse_parameter(name: str, spec: Any) -> BaseDistribution | Any:
         if not isinstance(values, list) or not values:
             raise SweepConfigError(problem + f"values must be a non-empty list, got {values!r}")
         return CategoricalDistribution([_choice(v) for v in values])
-    if distribution in _UNSUPPORTED:
-        hint = _UNSUPPORTED[distribution]
-        if distribution == "log_uniform" and "min" in spec and "max" in spec:
-            hint = hint.format(exp_min=math.exp(_number(name, "min", spec["min"])),
-                               exp_max=math.exp(_number(name, "max", spec["max"])))
-        raise SweepConfigError(problem + f"distribution {distribution} cannot be mapped to Optuna; {hint}")
-    if distribution not in RANGES:
-        raise SweepConfigError(problem + f"unknown distribution {distribution!r}")
+    if distribution == "log_uniform" and "min" in spec and "max" in spec:  # its min and max are exponents
+        low, high = (f"{math.exp(_number(name, key, spec[key])):.6g}" for key in ("min", "max"))
+        raise SweepConfigError(problem + f"write log_uniform_values with min: {low} and max: {high}")
+    if distribution not in RANGES:  # normal, q_log_uniform, ...: Optuna draws no bell, steps no log scale
+        ranges = f"use one of {', '.join(RANGES)} over the range you care about, or list values"
+        raise SweepConfigError(problem + f"distribution {distribution} cannot be mapped to Optuna; {ranges}")
     if "min" not in spec or "max" not in spec:
         raise SweepConfigError(problem + f"distribution {distribution} needs min and max")
     low, high = _number(name, "min", spec["min"]), _number(name, "max", spec["max"])
-    if low > high:
-        raise SweepConfigError(problem + f"min {low} is above max {high}")
-    if distribution == "uniform":
-        return FloatDistribution(float(low), float(high))
-    if distribution == "log_uniform_values":
-        if low <= 0:
-            raise SweepConfigError(problem + f"log_uniform_values needs min > 0, got {low}")
-        return FloatDistribution(float(low), float(high), log=True)
-    if distribution == "int_uniform":
-        if not all(isinstance(v, int) for v in (low, high)):
-            raise SweepConfigError(problem + f"int_uniform needs integer min and max, got {low} and {high}; "
-                                   "use uniform for floats")
-        return IntDistribution(low, high)
-    # q_uniform: wandb rounds to multiples of q; Optuna steps from min, so both agree only when the
-    # range is a whole number of steps (otherwise Optuna would silently move max).
-    step = _number(name, "q", spec.get("q", 1))
-    if step <= 0:
-        raise SweepConfigError(problem + f"q must be positive, got {step}")
-    steps = (high - low) / step
-    if abs(steps - round(steps)) > 1e-9:
-        raise SweepConfigError(problem + f"q_uniform needs max - min to be a multiple of q ({high} - {low} is "
-                               f"{steps:.4g} steps of {step}); adjust min, max or q")
-    if all(isinstance(v, int) for v in (low, high, step)):
-        return IntDistribution(low, high, step=step)
-    return FloatDistribution(float(low), float(high), step=float(step))
+    step = _number(name, "q", spec.get("q", 1)) if distribution == "q_uniform" else None
+    # wandb rounds to multiples of q; Optuna steps from min, and would move max if the range is not whole q.
+    if (step or 0) > 0 and abs((high - low) / step - round((high - low) / step)) > 1e-9:
+        raise SweepConfigError(problem + f"q_uniform needs max - min to be a multiple of q ({step})")
+    integers = all(type(v) is int for v in (low, high, 1 if step is None else step))
+    if distribution == "int_uniform" and not integers:
+        raise SweepConfigError(problem + f"int_uniform needs integer min and max, got {low} and {high}")
+    try:  # Optuna checks the rest: min <= max, q > 0, min > 0 on a log scale
+        if integers and distribution in ("int_uniform", "q_uniform"):
+            return IntDistribution(low, high, step=1 if step is None else step)
+        log = distribution == "log_uniform_values"
+        return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+    except ValueError as error:
+        raise SweepConfigError(problem + str(error)) from None
 
 
 def _hyperband(spec: Any) -> dict[str, Any] | None:
@@ -178,13 +137,10 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     if not path.is_file():
         raise SweepConfigError(f"sweep file {path} does not exist")
     raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise SweepConfigError(f"{path} must hold a mapping with program, method, metric and parameters")
-    for key in ("program", "method", "parameters"):
-        if key not in raw:
-            raise SweepConfigError(f"{path} has no {key!r} key (wandb requires it)")
-    if raw["method"] not in METHODS:
-        raise SweepConfigError(f"method {raw['method']!r} is not supported; use one of {', '.join(METHODS)}")
+    if not isinstance(raw, dict) or not all(key in raw for key in ("program", "method", "parameters")):
+        raise SweepConfigError(f"{path} must hold a mapping with program, method and parameters (as wandb)")
+    if (method := raw["method"]) not in METHODS:
+        raise SweepConfigError(f"method {method!r} is not supported; use one of {', '.join(METHODS)}")
     metric = raw.get("metric") or {}
     if "name" not in metric:
         raise SweepConfigError(f"{path}: metric needs a name, e.g. metric: {{name: val_acc, goal: maximize}}")
@@ -193,24 +149,21 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         raise SweepConfigError(f"metric goal {goal!r} must be one of {', '.join(GOALS)}")
     if not isinstance(raw["parameters"], dict) or not raw["parameters"]:
         raise SweepConfigError(f"{path}: parameters must be a non-empty mapping")
-
     specs = {**raw["parameters"], **{key: {"value": value} for key, value in (overrides or {}).items()}}
     mapped = {name: parse_parameter(name, spec) for name, spec in specs.items()}
-    search_space = {name: d for name, d in mapped.items() if isinstance(d, BaseDistribution)}
-    not_listed = [n for n, d in search_space.items() if not isinstance(d, CategoricalDistribution)]
-    if raw["method"] == "grid" and not_listed:
-        raise SweepConfigError(f"grid search needs values (a list) for every parameter; "
-                               f"{', '.join(not_listed)} use a range")
-    return SweepSpec(program=str(raw["program"]), method=raw["method"], metric=str(metric["name"]), goal=goal,
-                     search_space=search_space,
-                     fixed={name: v for name, v in mapped.items() if name not in search_space},
-                     hyperband=_hyperband(raw.get("early_terminate")), name=raw.get("name"))
+    space = {name: d for name, d in mapped.items() if isinstance(d, BaseDistribution)}
+    ranges = [n for n, d in space.items() if not isinstance(d, CategoricalDistribution)]
+    if method == "grid" and ranges:
+        raise SweepConfigError(f"grid search needs values (a list) for every parameter; {ranges} are ranges")
+    fixed = {name: v for name, v in mapped.items() if name not in space}
+    program, hyperband = str(raw["program"]), _hyperband(raw.get("early_terminate"))
+    return SweepSpec(program, method, str(metric["name"]), goal, space, fixed, hyperband, raw.get("name"))
 
 
 def make_sampler(spec: SweepSpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
     if spec.method == "grid":
-        return optuna.samplers.GridSampler({name: list(d.choices) for name, d in spec.search_space.items()},
-                                           seed=seed)
+        grid = {name: list(dist.choices) for name, dist in spec.search_space.items()}
+        return optuna.samplers.GridSampler(grid, seed)
     if spec.method == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar keeps parallel workers from all proposing the same point while trials run.
@@ -232,9 +185,3 @@ def suggest(trial: optuna.Trial, search_space: dict[str, BaseDistribution]) -> d
             params[name] = suggest_number(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return params
 
-
-def sample_values(dist: BaseDistribution | Any) -> list[Any]:
-    """Representative values to check the program parses: every choice, or a range's two ends."""
-    if isinstance(dist, CategoricalDistribution):
-        return list(dist.choices)
-    return [dist.low, dist.high] if isinstance(dist, BaseDistribution) else [dist]

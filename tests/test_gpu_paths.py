@@ -155,6 +155,7 @@ def test_memory_pytorch_cached_but_does_not_use_counts_as_free(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * gib)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 41 * gib)  # 40 GiB cached, unused
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
     # The margin is 25% of 80 GiB = 20 GiB: 6 + 40 GiB free leaves room for 26 GiB, not for 27.
     assert data_lib.fits_on_gpu(26 * gib, CUDA)
     assert not data_lib.fits_on_gpu(27 * gib, CUDA)

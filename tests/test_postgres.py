@@ -17,9 +17,9 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_sweep import fake_sweep
 
 from common import sweep
-from test_sweep import fake_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,19 +74,20 @@ def new_database(postgres) -> str:
 @pytest.fixture
 def start_machine(tmp_path, prepared_data, new_database):
     """Starts one machine's `python common/sweep.py` on the fake sweep of tmp_path and new_database."""
-    def start(machine: str, *options: str) -> subprocess.Popen:
+    def start(machine: str, *options: str, storage: str = new_database) -> subprocess.Popen:
         env = {**os.environ, "WANDB_MODE": "disabled", "SWEEP_HEARTBEAT": "1"}  # stale after 3 s, not 3 min
         command = [sys.executable, "common/sweep.py", str(tmp_path / "fake_sweep.yaml"), "--study", "s",
-                   "--storage", new_database, "--data_dir", str(prepared_data),
+                   "--storage", storage, "--data_dir", str(prepared_data),
                    "--out_dir", str(tmp_path / machine), *options]
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
     return start
 
 
-def finish(machine: subprocess.Popen) -> None:
+def finish(machine: subprocess.Popen) -> str:
     out, err = machine.communicate(timeout=120)
     assert machine.returncode == 0, out + err
+    return out
 
 
 @pytest.mark.parametrize("url, module, package", [("postgresql+psycopg", "psycopg", '"psycopg[binary]"'),
@@ -112,30 +113,34 @@ def test_a_missing_driver_or_server_is_one_error_line(tmp_path, prepared_data, c
 def test_two_machines_started_together_on_a_new_database_share_the_study(tmp_path, new_database,
                                                                           start_machine):
     fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
-    machines = [start_machine(name, "--count", "3") for name in "ab"]
+    with_password = new_database.replace("sweeps@", "sweeps:secret@")  # the server trusts, ignores it
+    machines = [start_machine(name, "--count", "3", storage=with_password) for name in "ab"]
     for machine in machines:
-        finish(machine)
+        out = finish(machine)
+        assert "sweeps:***@" in out and "secret" not in out  # the closing lines mask the password
     study = optuna.load_study(study_name="s", storage=new_database)
     assert sorted(t.number for t in study.trials if t.state == TrialState.COMPLETE) == list(range(6))
     ran = [{int(p.name.removeprefix("trial_")) for p in (tmp_path / name / "s").iterdir()} for name in "ab"]
     assert len(ran[0]) == len(ran[1]) == 3 and ran[0] | ran[1] == set(range(6))
 
 
-def test_a_machine_killed_mid_trial_has_its_trial_run_again(tmp_path, new_database, start_machine):
+def test_a_machine_killed_mid_trial_has_its_trial_run_again_by_a_machine_still_running(tmp_path, new_database,
+                                                                                        start_machine):
     fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
     killed = start_machine("a", "--count", "1", "--set", "sleep=600")
-    finish(start_machine("b", "--count", "2"))
-    while not (tmp_path / "a" / "s").is_dir():  # its trial has started
-        assert killed.poll() is None, killed.communicate()
+    running = start_machine("b", "--count", "8", "--set", "sleep=1")
+    while not all((tmp_path / name / "s").is_dir() for name in "ab"):  # both have started a trial
+        assert killed.poll() is None and running.poll() is None, killed.communicate() + running.communicate()
         time.sleep(0.1)
-    killed.kill()  # SIGKILL: no Python cleanup, the trial stays RUNNING
-    killed.wait()
     study = optuna.load_study(study_name="s", storage=new_database)
-    [lost] = study.get_trials(states=(TrialState.RUNNING,))
-
-    time.sleep(4)  # past the 3 s grace period: the next trial to start fails the killed one
-    finish(start_machine("b", "--count", "1"))
+    [lost] = [t for t in study.get_trials() if t.user_attrs["run_dir"].startswith(str(tmp_path / "a"))]
+    killed.kill()  # SIGKILL: no Python cleanup, its trial stays RUNNING
+    killed.wait()
+    # b starts a trial every second; 3 s after a's last heartbeat, the next one fails a's trial, and the
+    # storage queues it again: b, which was already running, runs it.
+    finish(running)
     assert study.trials[lost.number].state == TrialState.FAIL
-    finish(start_machine("a", "--count", "1"))  # the machine is back
-    [retry] = [t for t in study.get_trials() if t.system_attrs.get(sweep.RETRY_OF) == lost.number]
+    [retry] = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == lost.number]
     assert retry.state == TrialState.COMPLETE and retry.params == lost.params
+    assert retry.user_attrs["run_dir"].startswith(str(tmp_path / "b")) and retry.user_attrs["error"] == ""
+    assert not sweep.was_interrupted(retry) and sweep.was_interrupted(study.trials[lost.number])

@@ -12,7 +12,9 @@ import itertools
 import json
 import math
 import shlex
+import time
 import warnings
+from pathlib import Path
 
 import matplotlib
 import optuna
@@ -24,12 +26,21 @@ from optuna.trial import TrialState
 from common import sweep
 from common.config import to_cli
 from common.sweep_report import best_command, spearman, write_report, write_trials_csv
-from common.sweep_space import SweepConfigError, load_sweep, make_pruner, make_sampler, parse_parameter, suggest
+from common.sweep_space import (
+    SweepConfigError,
+    load_sweep,
+    make_pruner,
+    make_sampler,
+    parse_parameter,
+    suggest,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 FAKE_PROGRAM = '''
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 
@@ -51,6 +62,8 @@ def config_from_args(argv):
 
 def run(config, epoch_callback=None):
     Path(config.out_dir, config.name).mkdir(parents=True)
+    env = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES")}
+    Path(config.out_dir, config.name, "env.json").write_text(json.dumps(env))
     if config.crash == "yes":
         raise RuntimeError("CUDA out of memory (simulated)")
     time.sleep(config.sleep)
@@ -85,11 +98,8 @@ def run_fake(tmp_path, spec, study, count, workers=1, enqueue=(), seed=None):
         created = optuna.create_study(study_name=study, storage=storage, direction="maximize")
         for params in enqueue:
             created.enqueue_trial(params)
-    runner = sweep.TrialRunner(program=spec.program, study=study, search_space=spec.search_space,
-                               fixed=spec.fixed, metric=spec.metric, goal=spec.goal,
-                               trials_dir=str(tmp_path / "runs" / study))
-    return sweep.run_sweep(spec, runner, study_name=study, storage_url=storage, count=count, workers=workers,
-                           seed=seed)
+    runs = sweep.Sweep(spec, study, storage, spec.fixed, str(tmp_path / "runs"), seed)
+    return sweep.run_sweep(runs, count, workers)
 
 
 # --- sweep.yaml -> Optuna -------------------------------------------------------------------------
@@ -136,14 +146,16 @@ def test_fixed_value_is_not_searched(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ({"distribution": "log_uniform", "min": -9.21, "max": -4.61}, "log_uniform_values with min: 0.0001"),
-    ({"distribution": "normal", "mu": 0, "sigma": 1}, "cannot be mapped to Optuna; use uniform"),
-    ({"distribution": "q_log_uniform_values", "min": 1, "max": 64, "q": 1}, "use log_uniform_values"),
+    ({"distribution": "normal", "mu": 0, "sigma": 1}, "cannot be mapped to Optuna; use one of uniform, int_"),
+    ({"distribution": "q_log_uniform_values", "min": 1, "max": 64, "q": 1}, "q_uniform, log_uniform_values"),
     ({"distribution": "q_uniform", "min": 0, "max": 10, "q": 3}, "multiple of q"),
+    ({"distribution": "q_uniform", "min": 0, "max": 10, "q": 0}, "`step > 0` must hold"),  # Optuna's check
+    ({"distribution": "int_uniform", "min": 0.5, "max": 10}, "int_uniform needs integer min and max"),
     ({"distribution": "uniform", "min": "1e-4", "max": 0.1}, "write 1.0e-4"),
-    ({"distribution": "uniform", "min": 1.0, "max": 0.1}, "above max"),
-    ({"distribution": "log_uniform_values", "min": 0.0, "max": 0.1}, "min > 0"),
+    ({"distribution": "uniform", "min": 1.0, "max": 0.1}, "`low <= high` must hold"),
+    ({"distribution": "log_uniform_values", "min": 0.0, "max": 0.1}, "`low > 0` must hold"),
     ({"distribution": "uniform", "max": 0.1}, "needs min and max"),
-    ({"distribution": "cauchy", "min": 0, "max": 1}, "unknown distribution"),
+    ({"distribution": "cauchy", "min": 0, "max": 1}, "distribution cauchy cannot be mapped"),
     ({"values": [1, 2], "probabilities": [0.5, 0.5]}, "probabilities"),
     ({"values": []}, "non-empty list"),
 ])
@@ -193,14 +205,14 @@ def test_every_sweep_value_parses_as_a_train_option():
     sweep.check_program_accepts(sweep.load_program(spec.program), spec, spec.fixed)
     # Each parameter alone: an option of the script that keeps the proposed value.
     for name, dist in {**spec.fixed, **spec.search_space}.items():
-        for value in sweep.sample_values(dist):
+        for value in getattr(dist, "choices", (dist.low, dist.high) if hasattr(dist, "low") else (dist,)):
             model_config, run_config = train.config_from_args(to_cli({name: value}))
             parsed = {**dataclasses.asdict(model_config), **dataclasses.asdict(run_config)}
             assert parsed[name] == value, (name, value)
     # Every combination of the structural choices builds at the default input size.
     structure = ["n_filters", "filter_strategy", "kernel_size", "padding"]
     for combo in itertools.product(*(spec.search_space[name].choices for name in structure)):
-        train.config_from_args(to_cli(dict(zip(structure, combo))))
+        train.config_from_args(to_cli(dict(zip(structure, combo, strict=True))))
 
 
 def test_a_parameter_the_program_lacks_fails_before_any_trial(tmp_path):
@@ -253,6 +265,9 @@ def test_an_interrupted_grid_point_runs_again_when_the_study_continues(tmp_path,
     study, interrupted = run_fake(tmp_path, spec, "grid", count=3, seed=3)
     complete = [t.params["quality"] for t in study.trials if t.state == TrialState.COMPLETE]
     assert not interrupted and sorted(complete) == [0.2, 0.5, 0.8]  # the grid point was not lost
+    [retry] = [t for t in study.trials if t.system_attrs.get("failed_trial") is not None]
+    assert retry.params["quality"] == 0.5 and retry.state == TrialState.COMPLETE
+    assert not retry.user_attrs["error"]  # not the error of the trial it retried
     study, _ = run_fake(tmp_path, spec, "grid", count=3, seed=3)  # the grid is done: nothing more runs
     assert len(study.trials) == len(complete) + 1
 
@@ -277,8 +292,37 @@ def test_two_workers_finish_exactly_the_requested_trials(tmp_path):
     assert sorted(t.number for t in trials) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["host"] for t in trials}) == 2  # both workers ran trials
+    # Every trial, in either worker process, compiles into (and from) the sweep's own cache folder.
+    envs = [json.loads(Path(t.user_attrs["run_dir"], "env.json").read_text()) for t in trials]
+    cache = tmp_path / "runs" / "sweeps" / "shared_compile_cache"
+    assert {env["TORCHINDUCTOR_CACHE_DIR"] for env in envs} == {str(cache)}
     study, _ = run_fake(tmp_path, spec, "shared", count=2)  # the same command again continues
     assert sorted(t.number for t in study.get_trials()) == list(range(8))
+
+
+def test_a_dead_workers_trial_is_run_again_by_a_sweep_already_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEP_HEARTBEAT", "1")  # stale 3 s after its last heartbeat
+    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'dead.db'}")
+    study = optuna.create_study(study_name="dead", storage=storage, direction="maximize")
+    with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna's own workers start trials in optimize
+        dead = study.ask({"quality": FloatDistribution(0.0, 1.0)})  # a worker killed mid-trial: RUNNING
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(3.5)
+    study, _ = run_fake(tmp_path, spec, "dead", count=1)  # its one trial finds the dead one first
+    assert study.trials[0].state == TrialState.FAIL and sweep.was_interrupted(study.trials[0])
+    [retry] = study.trials[1:]
+    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert retry.system_attrs["failed_trial"] == 0 and retry.user_attrs["error"] == ""
+
+
+def test_a_storage_url_that_does_not_parse_is_one_error_line(tmp_path, prepared_data, capsys):
+    fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
+    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "1", "--storage", "not-a-url", "--data_dir",
+            str(prepared_data), "--out_dir", str(tmp_path)]
+    assert sweep.main(argv) == 1
+    assert capsys.readouterr().err == ("error: cannot open the study database: Could not parse SQLAlchemy URL "
+                                       "from given URL string\n")
 
 
 def test_the_heartbeat_is_read_from_the_environment(monkeypatch):
@@ -287,7 +331,8 @@ def test_the_heartbeat_is_read_from_the_environment(monkeypatch):
     assert (storage.heartbeat_interval, storage.grace_period) == (2, 6)
     for bad in ("0", "1.5", "soon"):
         monkeypatch.setenv("SWEEP_HEARTBEAT", bad)
-        with pytest.raises(ValueError, match=f"SWEEP_HEARTBEAT must be a whole number of seconds >= 1, got '{bad}'"):
+        message = f"SWEEP_HEARTBEAT must be a whole number of seconds >= 1, got '{bad}'"
+        with pytest.raises(ValueError, match=message):
             sweep.open_storage("sqlite://")
 
 
@@ -345,6 +390,77 @@ def test_report_with_too_few_trials_says_so(tmp_path):
     study.optimize(lambda t: t.suggest_float("dropout", 0.1, 0.6), n_trials=2)
     write_report(study, tmp_path)
     assert "only 2 completed trials" in (tmp_path / "summary.md").read_text()
+
+
+# --- several workers on one GPU: the logic, with CUDA patched (a GPU session measures the throughput) ----
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """``gpus(count, free)``: torch sees ``count`` GPUs of 80 GiB with ``free`` GiB free on each."""
+    import torch
+
+    def set_gpus(count, free):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free * GIB, 80 * GIB))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return set_gpus
+
+
+def test_workers_beyond_the_gpus_share_them_each_within_a_fraction(gpus, monkeypatch):
+    gpus(2, 79)
+    assert sweep.gpu_shares(2) == [("0", None), ("1", None)]  # a GPU each: no limit
+    shares = sweep.gpu_shares(5)  # GPU 0 runs workers 0, 2 and 4, GPU 1 runs 1 and 3
+    assert [gpu for gpu, _ in shares] == ["0", "1", "0", "1", "0"]
+    # The free memory split evenly, less a CUDA context (1 GiB) each, as a fraction of the GPU.
+    assert shares[0][1] == shares[2][1] == shares[4][1] == pytest.approx((79 / 3 - 1) / 80)
+    assert shares[1][1] == shares[3][1] == pytest.approx((79 / 2 - 1) / 80)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the GPUs the user lists, by their names
+    assert [gpu for gpu, _ in sweep.gpu_shares(3)] == ["3", "5", "3"]
+    gpus(0, 0)
+    assert sweep.gpu_shares(3) == [(None, None)] * 3
+
+
+def test_workers_that_do_not_fit_on_a_gpu_are_one_error_before_any_trial(gpus, tmp_path, prepared_data,
+                                                                         capsys):
+    gpus(1, 14)  # 3 workers need 3 x (4 GiB for model and activations + 1 GiB of CUDA context)
+    fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
+    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "3", "--workers", "3", "--out_dir", str(tmp_path),
+            "--data_dir", str(prepared_data)]
+    assert sweep.main(argv) == 1
+    message = "GPU 0 has 14.0 GiB free and 3 workers need 15 GiB; use fewer --workers"
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "fake_sweep").exists()  # no trial ran
+    assert sweep.gpu_shares(2)[0][1] == pytest.approx((14 / 2 - 1) / 80)  # 2 fit
+
+
+def test_a_worker_trains_on_its_gpu_within_its_share(tmp_path, monkeypatch):
+    import torch
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, _=None: fractions.append(f))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    spec = fake_sweep(tmp_path, {"quality": {"values": [0.5]}, "epochs": {"value": 1}})
+    storage = f"sqlite:///{tmp_path / 'w.db'}"
+    optuna.create_study(study_name="w", storage=storage, direction="maximize")
+    assert sweep._work(sweep.Sweep(spec, "w", storage, spec.fixed, str(tmp_path)), 1, 0, "1", 0.3) is False
+    assert json.loads((tmp_path / "w" / "trial_0" / "env.json").read_text())["CUDA_VISIBLE_DEVICES"] == "1"
+    assert fractions == [0.3]
+
+
+def test_the_data_goes_on_the_gpu_only_if_it_fits_in_the_workers_share(monkeypatch):
+    import torch
+
+    from common import data
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (79 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25)
+    # A quarter of 80 GiB is 20 GiB, the margin a quarter of that: 15 GiB of images fit, 16 do not
+    # (the whole GPU would take 59).
+    assert data.fits_on_gpu(15 * GIB, torch.device("cuda"))
+    assert not data.fits_on_gpu(16 * GIB, torch.device("cuda"))
 
 
 # --- end to end: the real CNN on the tiny generated dataset ---------------------------------------
