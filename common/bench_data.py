@@ -1,24 +1,24 @@
-"""Data-path benchmark: the decode-once cache + DeviceLoader against ImageFolder + DataLoader.
+"""The data-path benchmark (``python common/bench.py data``) and what every section shares: generated
+photo-like JPEGs, the plain ImageFolder baseline, the timing and the hardware record.
 
-Both sides serve the same generated 800x600 JPEGs at the same resolution with the same augmentation
-(random resized crop, scale (0.25, 1), and horizontal flip) and batch size, in one process, one after
-the other. The cache side's first epoch is reported separately (it also pages the cache file in, once
-per run); its epoch rate is the median of the next ``epochs``. ImageFolder's is its second epoch, with
-persistent workers (its steady state; the first pays for starting the workers). The cache side is also
-timed without augmentation (what the resampling costs on the device), and for its one-time costs:
-validating the files (``prepare``) and building the cache.
+Both loaders serve the same images at the same size, augmentation (random resized crop, scale (0.25,
+1), horizontal flip) and batch size, one after the other. The cache's first epoch is reported on its
+own (it also pages the cache file in), then the median of ``epochs``, with and without augmentation;
+ImageFolder's is its second epoch (the first starts the workers). docs/benchmarks.md has the figures.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,30 +31,59 @@ from common.data_prepare import ImageFile, assign_splits
 from common.device import resolve_device
 from part_a.model import MEAN, STD  # the data the benchmark serves is the Part A model's, by design
 
-CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
-           "Plantae", "Reptilia"]
-QUICK = dict(images=60, batch_size=8, epochs=2)
+CLASSES = "Amphibia Animalia Arachnida Aves Fungi Insecta Mammalia Mollusca Plantae Reptilia".split()
 VAL_FRACTION = 0.01  # prepare needs a val split: this moves 1 image per class there (at least 1)
+
+
+def option(default, help: str, **metadata):
+    """A field that ``common.config`` makes an option of (a list default is copied for each config)."""
+    return field(default_factory=lambda: copy.copy(default), metadata={"help": help, **metadata})
+
+
+def check_options(config) -> None:
+    """What every section refuses: an unknown device, a count below 1 (DataLoader workers: below 0)."""
+    resolve_device(config.device)
+    for name, value in ((f.name, getattr(config, f.name)) for f in fields(config)):
+        lowest = 0 if name == "workers" else 1
+        if any(type(v) is int and v < lowest for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"--{name} must be at least {lowest}, got {value}")
+
+
+def check_images(images: int, batch_size: int) -> None:
+    """Refuse counts that leave no full training batch (both loaders drop the last partial batch); a
+    class needs two images, one to validate and one to train (prepare's own rule splits them)."""
+    files = [ImageFile(Path(f"{i}.jpg"), CLASSES[i % 10], f"{i}.jpg", "train") for i in range(images)]
+    split = assign_splits(files, VAL_FRACTION, seed=0) if images >= 2 * len(CLASSES) else {}
+    if (train := list(split.values()).count("train")) < batch_size:
+        raise ValueError(f"--images {images} leaves {train} training images (validation takes at least one "
+                         f"per class), fewer than one batch of --batch_size {batch_size}: pass more --images "
+                         "or a smaller --batch_size")
 
 
 @dataclass
 class DataBenchConfig:
-    images: int = field(default=500, metadata={"help": "generated training images"})
-    size: int = field(default=224, metadata={"help": "training resolution S"})
-    batch_size: int = field(default=64, metadata={"help": "batch size of both loaders"})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers (the cache build uses all cores)"})
-    epochs: int = field(default=5, metadata={"help": "cache epochs timed after the first; the median is reported"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (the current accelerator, else cpu), cpu, cuda, mps, xpu"})
-    quick: bool = field(default=False, metadata={"help": f"a seconds-long smoke run: {QUICK}"})
-    work_dir: str | None = field(default=None, metadata={"help": "where to write the images (default: a temp folder)"})
+    """images/s of the cached device loader vs ImageFolder + DataLoader, and the cache build rate"""
+
+    QUICK: ClassVar[dict] = dict(images=60, batch_size=8, epochs=2)
+    images: int = option(500, "generated training images")
+    size: int = option(224, "training resolution S")
+    batch_size: int = option(64, "batch size of both loaders")
+    workers: int = option(2, "DataLoader workers (the cache build uses all cores)")
+    epochs: int = option(5, "cache epochs timed after the first; the median is reported")
+    device: str = option("auto", "auto (the current accelerator, else cpu), cpu, cuda, mps, xpu")
+    quick: bool = option(False, f"a seconds-long smoke run: {QUICK}")
+    work_dir: str | None = option(None, "where to write the images (default: a temp folder)")
+
+    def check(self) -> None:
+        check_images(self.images, self.batch_size)
 
 
 def _photo_like(task: tuple[int, Path]) -> None:
     """An 800x600 JPEG with smooth structure and mild noise: it compresses and decodes like a photo."""
     seed, path = task
     rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((800, 600), Image.BICUBIC)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)  # smooth structure, upsampled
+    coarse = Image.fromarray(coarse).resize((800, 600), Image.BICUBIC)
     pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 8, (600, 800, 3)).astype(np.int16)
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
 
@@ -72,156 +101,107 @@ def generate(root: Path, n_train: int, n_test: int = len(CLASSES)) -> None:
         pass
 
 
-def _train_images(images: int) -> int:
-    """The training images prepare's own split rule leaves of ``generate(root, images)`` (the count is
-    the same for any seed); 0 when a class has fewer than two (one for validation, one to train), which
-    prepare refuses."""
-    if images < 2 * len(CLASSES):
-        return 0
-    files = [ImageFile(Path(f"{i}.jpg"), CLASSES[i % len(CLASSES)], f"{i}.jpg", "train") for i in range(images)]
-    return list(assign_splits(files, VAL_FRACTION, seed=0).values()).count("train")
+def generate_split(root: Path, images: int) -> tuple[float, Path]:
+    """``generate``, then the seconds that ``prepare`` takes to validate and split them, and the split."""
+    generate(root, images)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        return timed(prepare, root, val_fraction=VAL_FRACTION)
 
 
-def check_images(images: int, batch_size: int) -> None:
-    """Refuse, before any image is written, counts that leave no full training batch: both loaders
-    drop the last partial batch, so an epoch would see no images (and the rates divide by zero)."""
-    train = _train_images(images)
-    if train < batch_size:
-        raise ValueError(f"--images {images} leaves {train} training images (validation takes at least one per "
-                         f"class), fewer than one batch of --batch_size {batch_size}: pass more --images or a "
-                         "smaller --batch_size")
+def timed(function, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - start, result
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its children, running (DataLoader workers; read from /proc on
-    Linux) or finished."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    """CPU time of this process and its children, finished or running (DataLoader workers, from /proc)."""
+    total = sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
-            if int(fields[1]) == me:
-                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime, in clock ticks
+            values = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+            if int(values[1]) == os.getpid():  # utime + stime, in clock ticks
+                total += (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
-def timed_epochs(loader, device: torch.device, epochs: range) -> list[tuple[float, float, int]]:
-    """(wall seconds, CPU seconds, images) of each epoch, every batch on ``device`` and finished. CPU
-    seconds are reported too because wall time on a shared machine depends on what else runs."""
-    timed = []
-    for epoch in epochs:
+def timed_epochs(loader, device: torch.device, epochs: int, step=None) -> list[tuple[float, float, int]]:
+    """(wall seconds, CPU seconds, images) of each epoch, every batch moved to ``device`` (by ``step``, if
+    given, which trains on it) and finished; CPU time too, as wall time on a shared machine varies."""
+    step, timings = step or (lambda images, labels: images.to(device, non_blocking=True)), []
+    for epoch in range(epochs):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         seen, wall, cpu = 0, time.perf_counter(), _cpu_seconds()
-        for x, _ in loader:
-            seen += len(x.to(device, non_blocking=True))
-        synchronize(device)
-        timed.append((time.perf_counter() - wall, _cpu_seconds() - cpu, seen))
-    return timed
+        for images, labels in loader:
+            step(images, labels)
+            seen += len(images)
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)
+        timings.append((time.perf_counter() - wall, _cpu_seconds() - cpu, seen))
+    return timings
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait until ``device`` has done the work queued on it."""
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
-def _median(timed: list[tuple[float, float, int]]) -> tuple[float, float, int]:
-    """The (wall, CPU, images) of the epoch with the median wall time."""
-    return sorted(timed)[len(timed) // 2]
-
-
-def imagefolder_loader(train_dir: Path, config: DataBenchConfig, device: torch.device):
+def imagefolder_loader(train_dir: Path, size: int, config, device: torch.device):
     """The usual torchvision pipeline: decode and resize each JPEG every epoch, in worker processes."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets
+    from torchvision import transforms as T
 
-    transform = transforms.Compose([
-        transforms.Resize((config.size, config.size)),
-        transforms.RandomResizedCrop(config.size, scale=(0.25, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
-    return torch.utils.data.DataLoader(datasets.ImageFolder(train_dir, transform), batch_size=config.batch_size,
-                                       shuffle=True, drop_last=True, num_workers=config.workers,
-                                       persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
+    resize, crop = T.Resize((size, size)), T.RandomResizedCrop(size, scale=(0.25, 1.0))
+    transform = T.Compose([resize, crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    options = dict(num_workers=config.workers, persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(datasets.ImageFolder(train_dir, transform), config.batch_size,
+                                       shuffle=True, drop_last=True, **options)
 
 
 def cpu_model() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
-    cpu = platform.processor() or platform.machine() or "unknown"
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return cpu
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def hardware(device: torch.device) -> dict:
     """What a benchmark ran on."""
-    return {"device": str(device), "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
-def check(config: DataBenchConfig) -> DataBenchConfig:
-    """The options with --quick applied, refused before any image is written if they cannot run."""
-    if config.quick:
-        config = DataBenchConfig(**{**config.__dict__, **QUICK})
-    check_images(config.images, config.batch_size)
-    resolve_device(config.device)
-    return config
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    cpu = dict(cpu=cpu_model(), cpu_cores=os.cpu_count(), threads=torch.get_num_threads())
+    return dict(device=str(device), **cpu, gpu=gpu, torch=torch.__version__, python=platform.python_version())
 
 
 def run(config: DataBenchConfig) -> dict:
     device = resolve_device(config.device)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=config.work_dir) as tmp:
-        root = Path(tmp)
-        generate(root, config.images)
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-            started = time.perf_counter()
-            split_dir = prepare(root, val_fraction=VAL_FRACTION)
-            prepare_s = time.perf_counter() - started
-        n_total = config.images + len(CLASSES)
-
-        started = time.perf_counter()
-        cached = load_cache(split_dir, "train", config.size)
-        build_s = time.perf_counter() - started
-        started = time.perf_counter()
-        cached = load_cache(split_dir, "train", config.size)
-        load_s = time.perf_counter() - started
-
-        def cache_loader(augment: bool) -> DeviceLoader:
-            return DeviceLoader(cached.images, cached.labels, config.batch_size, device, train=True,
-                                augment=augment, seed=0, mean=MEAN, std=STD)
-
-        # The first pass also maps the cache file's pages into memory, once per run: reported on its own.
-        (first_wall, _, first_seen), *cached_epochs = timed_epochs(cache_loader(True), device,
-                                                                    range(config.epochs + 1))
-        cache = _median(cached_epochs)
-        plain = _median(timed_epochs(cache_loader(False), device, range(config.epochs + 1))[1:])
-        folder_loader = imagefolder_loader(split_dir / "train", config, device)
-        folder = timed_epochs(folder_loader, device, range(2))[-1]  # the second: the workers are running already
-        del folder_loader
-        cache_wall, cache_cpu, cache_seen = cache
-        folder_wall, folder_cpu, folder_seen = folder
-
+        prepare_s, split_dir = generate_split(Path(tmp), config.images)
+        build_s, cached = timed(load_cache, split_dir, "train", config.size)
+        load_s, cached = timed(load_cache, split_dir, "train", config.size)
+        data, options = (cached.images, cached.labels, config.batch_size, device), dict(mean=MEAN, std=STD)
+        (first, *augmented), (_, *plain) = [  # each loader freed before the next is made
+            timed_epochs(DeviceLoader(*data, train=True, augment=on, **options), device, config.epochs + 1)
+            for on in (True, False)]
+        folder = imagefolder_loader(split_dir / "train", config.size, config, device)
+        folder = timed_epochs(folder, device, 2)[-1]  # the second: the workers were running already
+    # Each (wall, CPU, images): the first cache epoch, the median ones (by wall time), ImageFolder's.
+    cache, plain = sorted(augmented)[len(augmented) // 2], sorted(plain)[len(plain) // 2]
+    timings = dict(cache_first_epoch=first, cache_epoch=cache, imagefolder_epoch=folder, cache_epoch_no_augment=plain)
+    rates = {f"{name}_images_per_s": round(images / wall, 1) for name, (wall, _, images) in timings.items()}
     return {
         "section": "data",
         "hardware": hardware(device),
         "source_images": "800x600 JPEG, quality 90",
-        "size": config.size, "batch_size": config.batch_size, "workers": config.workers,
+        "size": config.size,
+        "batch_size": config.batch_size,
+        "workers": config.workers,
         "cache_epochs_timed": config.epochs,
-        "train_images": len(cached.labels), "epoch_images": {"cache": cache_seen, "imagefolder": folder_seen},
-        "prepare_images_per_s": round(n_total / prepare_s, 1),
+        "train_images": len(cached.labels),
+        "epoch_images": {"cache": cache[2], "imagefolder": folder[2]},
+        "prepare_images_per_s": round((config.images + len(CLASSES)) / prepare_s, 1),
         "cache_build_images_per_s": round(len(cached.labels) / build_s, 1),
         "cache_load_s": round(load_s, 4),
-        "cache_first_epoch_images_per_s": round(first_seen / first_wall, 1),
-        "cache_epoch_images_per_s": round(cache_seen / cache_wall, 1),
-        "imagefolder_epoch_images_per_s": round(folder_seen / folder_wall, 1),
-        "cache_epoch_no_augment_images_per_s": round(plain[2] / plain[0], 1),
-        "speedup": round(folder_wall / folder_seen * cache_seen / cache_wall, 1),
-        "cache_epoch_cpu_ms_per_image": round(1000 * cache_cpu / cache_seen, 2),
-        "imagefolder_epoch_cpu_ms_per_image": round(1000 * folder_cpu / folder_seen, 2),
+        **rates,
+        "speedup": round(cache[2] / cache[0] / (folder[2] / folder[0]), 1),
+        "cache_epoch_cpu_ms_per_image": round(1000 * cache[1] / cache[2], 2),
+        "imagefolder_epoch_cpu_ms_per_image": round(1000 * folder[1] / folder[2], 2),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }

@@ -48,13 +48,11 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ModelBConfig, train
     return training.parse_configs(get_args_parser(), ModelBConfig, argv, check_model)
 
 
-def _build(model_config: ModelBConfig) -> FineTuneNet:
-    model = build_model(model_config)
+def _build(config: ModelBConfig) -> FineTuneNet:
+    model = build_model(config)
     if is_main_process():
-        print(f"{model_config.model} | weights {model_config.weights} | strategy {model_config.strategy} | "
-              f"input {model_config.input_size}px | {model_config.num_classes} classes | "
-              f"{model.extra_repr()}",
-              flush=True)
+        what = f"{config.model} | weights {config.weights} | strategy {config.strategy}"
+        print(f"{what} | input {config.input_size}px | {config.num_classes} classes | {model.extra_repr()}", flush=True)
     return model
 
 

@@ -13,7 +13,6 @@ import os
 import socket
 from http.client import HTTPException
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -104,18 +103,18 @@ def load_state(model_name: str, spec: str) -> tuple[dict[str, torch.Tensor], Pat
     return read_state_dict(path), path
 
 
-def load_matching(module: nn.Module, state: dict, source, *, ignore: Callable, optional: Callable):
+def load_matching(module: nn.Module, state: dict, source, replaced: tuple, optional: tuple) -> None:
     """Load ``state`` into ``module``, refusing a file made for another architecture.
 
-    Keys for which ``ignore(key)`` is true (heads that are replaced anyway) are skipped on both sides;
-    keys for which ``optional(key)`` is true (auxiliary branches) may be absent on either side. Every
-    other key must be in both with the same shape, otherwise the error names the file and the
-    first offending keys.
+    Keys under the ``replaced`` prefixes (heads that are replaced anyway) are skipped on both sides;
+    keys under the ``optional`` ones (auxiliary branches) may be absent on either side. Every other
+    key must be in both with the same shape, otherwise the error names the file and the first
+    offending keys.
     """
     expected = module.state_dict()
-    keys = [k for k in {**expected, **state} if not ignore(k)]
-    missing = [k for k in keys if k not in state and not optional(k)]
-    unexpected = [k for k in keys if k not in expected and not optional(k)]
+    keys = [k for k in {**expected, **state} if not k.startswith(replaced)]
+    missing = [k for k in keys if k not in state and not k.startswith(optional)]
+    unexpected = [k for k in keys if k not in expected and not k.startswith(optional)]
     reshaped = [k for k in keys if k in state and k in expected and state[k].shape != expected[k].shape]
     shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in reshaped]
     problems = {"missing in the file": missing, "not in the model": unexpected, "different shape": shapes}
@@ -126,4 +125,4 @@ def load_matching(module: nn.Module, state: dict, source, *, ignore: Callable, o
                 more = " ..." if len(names) > 5 else ""
                 lines.append(f"{label}: {', '.join(names[:5])}{more} ({len(names)} in all)")
         raise WeightsError("\n  ".join(lines))
-    module.load_state_dict({k: v for k, v in state.items() if k in expected and not ignore(k)}, strict=False)
+    module.load_state_dict({k: state[k] for k in keys if k in state and k in expected}, strict=False)

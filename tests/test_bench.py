@@ -52,13 +52,38 @@ def test_quick_e2e_benchmark_prints_both_rates(capsys):
     assert result["ours"]["compile"] is False and result["ours"]["cuda_graphs"] is False  # the CPU's defaults
 
 
-@pytest.mark.parametrize("argv, fragment", [(["--variants", "warp_speed"], "unknown variants or models"),
-                                            (["--models", "vgg"], "unknown variants or models"),
-                                            (["--batch_sizes", "0"], "at least 1")])
-def test_bad_step_options_are_one_error_line(capsys, argv, fragment):
+@pytest.mark.parametrize("argv, fragment", [
+    (["step", "--variants", "warp_speed"], "unknown variants or models ['warp_speed']"),
+    (["step", "--models", "vgg"], "unknown variants or models ['vgg']"),
+    (["step", "--batch_sizes", "0"], "--batch_sizes must be at least 1, got [0]"),
+    (["step", "--device", "tpu"], "--device tpu"),  # not a "skipped" entry per variant
+    (["data", "--epochs", "0"], "--epochs must be at least 1"),  # the median of no epochs
+    (["data", "--workers", "-1"], "--workers must be at least 0"),  # DataLoader's traceback
+    (["e2e", "--workers", "-1"], "--workers must be at least 0"),
+    (["e2e", "--batch_size", "0"], "--batch_size must be at least 1"),  # given, so --quick keeps it
+])
+def test_bad_options_are_one_error_line_before_anything_runs(capsys, monkeypatch, argv, fragment):
+    monkeypatch.setattr(bench_data, "generate", lambda *args: pytest.fail("images generated before the check"))
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["step", "--quick", "--device", "cpu", *argv])
+        bench.main([*argv, "--quick", "--device", "cpu"] if "--device" not in argv else [*argv, "--quick"])
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_quick_replaces_only_the_options_left_at_their_defaults():
+    parser = bench.get_args_parser()
+    for argv, expected in [(["data", "--quick"], dict(images=60, batch_size=8, epochs=2, size=224)),
+                           (["data", "--quick", "--batch_size", "4"], dict(images=60, batch_size=4)),
+                           (["e2e", "--quick", "--input_size", "48"], dict(images=40, input_size=48)),
+                           (["step", "--quick", "--steps", "2"], dict(steps=2, repeats=1, batch_sizes=[8]))]:
+        seen = {}
+        config_class, _ = bench.SECTIONS[argv[0]]
+        bench.SECTIONS[argv[0]] = (config_class, lambda config: seen.update(vars(config)) or {})
+        try:
+            assert bench.main(argv) == 0
+        finally:
+            bench.SECTIONS[argv[0]] = (config_class, _)
+        assert {k: seen[k] for k in expected} == expected, argv
+    assert parser.parse_args(["data"]).batch_size == 64  # the parser's own defaults are untouched
 
 
 def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(monkeypatch, capsys):

@@ -102,8 +102,8 @@ def test_googlenet_and_inception_scale_inputs_only_for_pretrained_weights():
 
 @pytest.mark.parametrize("options, message", [
     ({"strategy": "freeze_k", "freeze_stages": 5}, "more than the 4 stages"),
-    ({"strategy": "mlp_head", "head_layers": []}, "--head_layers"),
-    ({"strategy": "unfreeze_all"}, "unknown strategy"),
+    ({"strategy": "mlp_head", "head_layers": []}, "head_layers must be hidden sizes for mlp_head"),
+    ({"strategy": "unfreeze_all"}, "strategy must be one of head, freeze_k"),
     ({"model": "alexnet"}, "unsupported model 'alexnet'"),
     ({"model": "vit_b_16", "input_size": 40}, "multiple of 16"),
     ({"model": "inception_v3", "input_size": 64}, ">= 75"),
