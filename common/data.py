@@ -1,11 +1,8 @@
-"""The data pipeline's entry point: ``prepare`` the split, ``load_cache`` it, iterate a ``DeviceLoader``.
+"""The data pipeline's entry point: ``prepare`` the split (``data_prepare``, ``data_fetch``), ``load_cache``
+it (``data_cache``), iterate a ``DeviceLoader``: batches from the uint8 cache, per-epoch work on the device.
 
     python common/data.py prepare --root data [--url URL | --zip FILE | --source DIR] [--val_fraction 0.2]
                                   [--seed 42] [--test_fraction 0.2]
-
-Preparation lives in ``data_prepare`` (download and extraction in ``data_fetch``), the decode-once
-cache in ``data_cache``, augmentation in ``augment``; this module re-exports their public names and
-holds the loader, which serves batches from the uint8 cache with all per-epoch work on the device.
 """
 from __future__ import annotations
 
@@ -40,10 +37,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
-    """Whether ``nbytes`` fit on the device with the margin to spare. Memory PyTorch has cached but not
-    allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used.
-    A process limited to a fraction of the GPU (a sweep worker sharing it) counts that fraction as the GPU.
-    The CPU and Apple's MPS (memory shared with the host) hold the array where it is anyway."""
+    """Whether ``nbytes`` fit on the device with the margin to spare: PyTorch's cached but unallocated
+    memory counts as free, a per-process memory fraction (a sweep worker) as the GPU. CPU and MPS: always."""
     if device.type not in ("cuda", "xpu"):
         return True
     memory = getattr(torch, device.type)  # torch.cuda and torch.xpu answer alike
@@ -55,8 +50,7 @@ def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
     return nbytes + max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)) <= free
 
 
-def normalise(images: torch.Tensor, mean: torch.Tensor | Sequence[float],
-              std: torch.Tensor | Sequence[float]) -> torch.Tensor:
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``[N, H, W, 3]`` pixels in [0, 255] (uint8 or float) -> float ``[N, 3, H, W]``, ``(x/255 - mean)/std``:
     the input every model sees, from the loaders and from evaluation."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device) for v in (mean, std))
@@ -74,12 +68,25 @@ class DeviceLoader:
     gathered into pinned host memory and copied over one batch ahead, then treated the same way.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: str | torch.device,
-                 *, train: bool, augment: bool = False, seed: int = 0, mean: Sequence[float], std: Sequence[float],
-                 channels_last: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: str | torch.device,
+        *,
+        train: bool,
+        augment: bool = False,
+        seed: int = 0,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be a uint8 [N, S, S, 3] array, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"images must be uint8 [N, S, S, 3], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
         if batch_size < 1:
@@ -87,14 +94,12 @@ class DeviceLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if augment and not train:
-            raise ValueError("augment=True applies to training loaders only; evaluation must see the images as they are")
+            raise ValueError("augment=True is for training loaders: evaluation sees the images as they are")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values with std > 0, got mean={mean} std={std}")
-        self.device = torch.device(device)
+        self.device, self.size, self.epoch = torch.device(device), images.shape[1], 0
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
-        self.epoch = 0
-        self.size = images.shape[1]
         self.prefetch = not fits_on_gpu(images.nbytes, self.device)
         self.images = images if self.prefetch else images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -111,7 +116,7 @@ class DeviceLoader:
         return -(-per_rank // self.batch_size)
 
     def _plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """This rank's sample indices ``[batches, B]`` (-1 = padding) and, when augmenting, crops and flips."""
+        """This rank's sample indices ``[batches, B]`` (-1: padding) and, when augmenting, crops and flips."""
         n, batches, b = len(self.labels), len(self), self.batch_size
         if not self.train:
             per_rank = -(-n // self.world_size)
@@ -135,8 +140,10 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices, crops, flips = self._plan()
         on_device = indices.to(self.device)
-        batches = self._prefetched(indices) if self.prefetch else \
-            (self.images.index_select(0, i.clamp(min=0)) for i in on_device)  # 9x faster than [] on the CPU
+        if self.prefetch:
+            batches = self._prefetched(indices)
+        else:  # index_select: 9x faster than [] on the CPU
+            batches = (self.images.index_select(0, i.clamp(min=0)) for i in on_device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for step, pixels in enumerate(batches):
             if crops is not None:
@@ -149,26 +156,23 @@ class DeviceLoader:
         """uint8 batches gathered into pinned host memory and copied to the device one batch ahead: the
         host gathers the next batch while the device works on this one (the copies run in stream order,
         after the work queued before them). The pinned allocator reuses a block once its copy is done."""
-        def copy(index: torch.Tensor) -> torch.Tensor:
-            host = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8,
-                               pin_memory=self.device.type != "cpu")
-            return torch.index_select(self.images, 0, index.clamp(min=0), out=host).to(self.device, non_blocking=True)
-
-        batches = map(copy, indices)
-        current = next(batches, None)
-        for following in batches:
-            yield current
-            current = following
-        if current is not None:
-            yield current
+        shape, pin, pending = (indices.shape[1], *self.images.shape[1:]), self.device.type != "cpu", None
+        for index in indices:
+            host = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+            torch.index_select(self.images, 0, index.clamp(min=0), out=host)
+            batch = host.to(self.device, non_blocking=True)
+            if pending is not None:
+                yield pending
+            pending = batch
+        if pending is not None:
+            yield pending
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="iNaturalist-12K data preparation")
-    command = parser.add_subparsers(dest="command", required=True).add_parser(
-        "prepare", help="download, extract, validate and split the dataset; again: refresh the split from "
-                        "its source, moving no image")
-    add_dataclass_args(command, PrepareConfig, "prepare")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    help = "download, extract, validate and split the data; again: refresh from its source, moving no image"
+    add_dataclass_args(subparsers.add_parser("prepare", help=help), PrepareConfig, "prepare")
     return parser
 
 
@@ -177,8 +181,7 @@ def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
     if config.zip is not None and config.url != DATASET_URL:
         raise ValueError("give either --url or --zip, not both")
     if config.source is not None and (config.zip is not None or config.url != DATASET_URL):
-        raise ValueError("--source splits your own folders; --zip and --url fetch the iNaturalist archive: "
-                         "give one")
+        raise ValueError("--source splits your own folders, --zip and --url fetch the archive: give one")
     return config
 
 
