@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -30,20 +31,13 @@ GPU_MARGIN_BYTES = 4 << 30
 GPU_MARGIN_FRACTION = 0.25
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 63-bit generator seed that depends only on (seed, epoch)."""
-    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
     """Whether ``nbytes`` fit on the device with the margin to spare: PyTorch's cached but unallocated
     memory counts as free, a per-process memory fraction (a sweep worker) as the GPU. CPU and MPS: always."""
     if device.type not in ("cuda", "xpu"):
         return True
     memory = getattr(torch, device.type)  # torch.cuda and torch.xpu answer alike
-    free, total = memory.mem_get_info(device)
-    allocated = memory.memory_allocated(device)
+    (free, total), allocated = memory.mem_get_info(device), memory.memory_allocated(device)
     if device.type == "cuda":
         total = int(total * torch.cuda.get_per_process_memory_fraction(device))
     free = min(free + memory.memory_reserved(device) - allocated, total - allocated)
@@ -60,13 +54,9 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 class DeviceLoader:
     """Batches ``(x, y)`` from a uint8 ``[N, S, S, 3]`` array: ``x`` float32 ``[B, 3, S, S]`` normalised on
     ``device``, ``y`` int64. Training shuffles and drops the last partial batch; evaluation yields every
-    sample once, the last batch padded to full size with label -1. Shuffling and augmentation depend only
-    on (seed, epoch); with ``world_size`` > 1 each rank gets a disjoint share with equal batch counts.
-
-    The whole array moves to the device when it fits there with a margin (always on the CPU), and
-    batches are gathered, augmented and normalised there. Otherwise (``prefetch``) each batch is
-    gathered into pinned host memory and copied over one batch ahead, then treated the same way.
-    """
+    sample once, the last batch padded with label -1. Shuffles and crops are a pure function of (seed,
+    epoch); each of ``world_size`` ranks gets a disjoint share with as many batches. The array lives on the
+    device when it fits (``fits_on_gpu``), else each batch goes through pinned memory (``prefetch``)."""
 
     def __init__(
         self,
@@ -87,12 +77,10 @@ class DeviceLoader:
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [N, S, S, 3], got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != images.shape[:1]:
-            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        if labels.shape != images.shape[:1] or not 0 <= rank < world_size:
+            raise ValueError(f"{len(labels)} labels for {len(images)} images, rank {rank} of {world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if augment and not train:
             raise ValueError("augment=True is for training loaders: evaluation sees the images as they are")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -108,12 +96,9 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
-        n = len(self.labels)
-        if self.train:
-            return n // (self.batch_size * self.world_size)
-        per_rank = -(-n // self.world_size)
-        return -(-per_rank // self.batch_size)
+    def __len__(self) -> int:  # training drops the last partial batch, evaluation pads it
+        n, b, ranks = len(self.labels), self.batch_size, self.world_size
+        return n // (b * ranks) if self.train else math.ceil(math.ceil(n / ranks) / b)
 
     def _plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This rank's sample indices ``[batches, B]`` (-1: padding) and, when augmenting, crops and flips."""
@@ -124,7 +109,9 @@ class DeviceLoader:
             indices = torch.full((batches * b,), -1, dtype=torch.int64)
             indices[:stop - start] = torch.arange(start, stop)
             return indices.view(batches, b), None, None
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        # A well-mixed 63-bit seed that depends only on (seed, epoch).
+        digest = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         order = torch.randperm(n, generator=generator)
         # Rank r takes positions r, r + W, r + 2W, ... of the epoch's permutation: disjoint shards.
         positions = torch.arange(self.rank, batches * b * self.world_size, self.world_size)

@@ -30,7 +30,6 @@ MAX_PIXELS = 50_000_000
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto it: one RGB for every alpha mode
 MANIFEST = "manifest.csv"
 CACHE_FORMAT = 2  # 2: full JPEG decoding (1 drafted JPEGs), so older caches are rebuilt
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 @dataclass
@@ -41,32 +40,24 @@ class CachedSplit:
     paths: list[Path]
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Correct 8-bit RGB for every mode: 16-bit scaled (not clipped), transparency composited."""
-    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
-        values = np.asarray(img).astype(np.float64)
-        if img.mode in _SIXTEEN_BIT or (img.mode == "I" and values.max(initial=0) > 255):
-            values = values / 257.0  # 65535 -> 255; PIL's own convert would clip instead
-        elif img.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0  # float images in [0, 1]
-        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" or "transparency" in img.info:
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("LA", "La", "PA", "RGBa"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
-        img = Image.alpha_composite(background, img)
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully to RGB with EXIF orientation applied; raises for unreadable or huge images."""
+    """Decode ``path`` fully to correct 8-bit RGB with EXIF orientation applied, whatever its mode (16-bit
+    scaled, not clipped; transparency composited); raises for unreadable or huge images."""
     with Image.open(path) as img:
         if img.width * img.height > MAX_PIXELS:
             raise ValueError(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,} pixel limit")
         img.load()
-        return to_rgb(ImageOps.exif_transpose(img))
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0  # 65535 -> 255; PIL's own convert would clip instead
+        elif img.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if "transparency" in img.info or img.mode in ("LA", "La", "PA", "RGBa", "RGBA"):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND + (255,)), img.convert("RGBA"))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_image(path: str | Path, size: int) -> np.ndarray:

@@ -40,12 +40,9 @@ def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
         try:
             download_into(url, part, timeout)
         except DataError as error:
-            resume = f"Run the same command again to resume from {part}, or: " if part.is_file() else ""
-            raise DataError(
-                f"{error}. {resume}Download {url} on a machine with internet access (`wget {url}`), copy it "
-                f"here and run `python common/data.py prepare --root {root} --zip /path/to/nature_12K.zip`, "
-                f"or unpack it so that {root / DATASET_DIR}/train and {root / DATASET_DIR}/val exist."
-            ) from error
+            hint = f"run it again to resume from {part}, or " if part.is_file() else ""
+            hint += f"download {url} elsewhere, copy it here and pass --zip FILE, or unpack it to {root}"
+            raise DataError(f"{error}: {hint}") from error
         os.replace(part, dest)
     return dest
 

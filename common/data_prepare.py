@@ -1,18 +1,15 @@
-"""``prepare``: from the archive (or an unpacked copy) or your own folders to a validated, stratified split.
+"""``prepare``: the archive (or an unpacked copy) or your own folders -> a validated, stratified split.
 
-    root/nature_12K.zip                         the archive, when downloaded (kept; delete it to save space)
-    root/inaturalist_12K/{train,val}/<Class>/   the original, never moved or changed
-    root/split/{train,val,test}/<Class>/        hard links (copies where linking fails)
-    root/split/manifest.csv                     path, class, split, bytes, sha256
-    root/split/skipped.csv, duplicates.csv      unreadable images and why; byte-identical files in two splits
-    root/split/prepare.json                     what the split was made from; makes reruns free
+    root/nature_12K.zip, root/inaturalist_12K/    the archive when downloaded, the original (never changed)
+    root/split/{train,val,test}/<Class>/          hard links (copies where linking fails)
+    root/split/manifest.csv, prepare.json         path, class, split, bytes, sha256; what it was made from
+    root/split/skipped.csv, duplicates.csv        unreadable images and why; identical files in two splits
 
 ``val`` is a stratified ``val_fraction`` of each class of ``train/`` (by ``seed``), ``test`` the original
 ``val/``; ``source=DIR`` splits ``DIR/<Class>/*`` three ways (``test_fraction``) or ``DIR/train/<Class>/*``
 with ``DIR/test/`` or ``DIR/val/`` as the test set. A split never moves: a refresh removes the images gone
-from its source and adds new ones without moving any other (``assign_splits``); other fractions or seed
-are refused. Classes are folder names in Unicode NFC (macOS zips decompose them), in ``sorted`` order
-(code points: ``Bee`` before ``ant``), as torchvision's ``ImageFolder``.
+from its source and adds new ones without moving any other (``assign_splits``). Classes are folder names
+in Unicode NFC (macOS zips decompose them), ``sorted`` (``Bee`` before ``ant``) as in ``ImageFolder``.
 """
 from __future__ import annotations
 
@@ -102,7 +99,12 @@ def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
         _check_same_options(split_dir, saved, test_fraction=test_fraction)
     tests = scan_class_folders(test_dir, "test") if test_dir else []
     files = scan_class_folders(train_dir, "train") + tests
-    check_class_sets(train_dir, test_dir, files)
+    train, test = ({f.label for f in files if f.origin == origin} for origin in ("train", "test"))
+    if len(train) < 2:
+        raise DataError(f"{train_dir} has {len(train)} class(es) with images; a classifier needs at least 2")
+    if test_dir is not None and train != test:
+        only = f"only in training: {sorted(train - test)}; only in test: {sorted(test - train)}"
+        raise DataError(f"{train_dir} and its test set {test_dir} hold different classes: {only}")
     state = {"format": PREPARE_FORMAT, "val_fraction": config.val_fraction, "seed": config.seed}
     state["fingerprint"] = fingerprint(files)
     if source is not None:
@@ -118,8 +120,8 @@ def _check_same_options(split_dir: Path, saved: dict, **asked) -> None:
     """Refuse split options other than those ``split_dir`` was made with: its images never move."""
     if differ := [name for name, value in asked.items() if name in saved and saved[name] != value]:
         made, given = (", ".join(f"{name} {values[name]}" for name in differ) for values in (saved, asked))
-        raise DataError(f"{split_dir} was made with {made}, not {given}, and its images never move: use its "
-                        "values (train scripts: --val_fraction, --split_seed) or a new --root / --data_dir")
+        hint = "use its values (train scripts: --val_fraction, --split_seed) or a new --root / --data_dir"
+        raise DataError(f"{split_dir} was made with {made}, not {given}, and its images never move: {hint}")
 
 
 def _folders(root: Path, config: PrepareConfig, source: str | None) -> tuple[Path, Path | None]:
@@ -158,16 +160,6 @@ def scan_class_folders(folder: Path, origin: str) -> list[ImageFile]:
     if empty := sorted({nfc(d.name) for d in class_dirs} - {f.label for f in found}):
         raise DataError(f"class folders with no images in {folder}: {', '.join(empty)}; add or remove them")
     return found
-
-
-def check_class_sets(train_dir: Path, test_dir: Path | None, files: list[ImageFile]) -> None:
-    """There are at least two classes, and a test set has the training set's."""
-    train, test = ({f.label for f in files if f.origin == origin} for origin in ("train", "test"))
-    if len(train) < 2:
-        raise DataError(f"{train_dir} has {len(train)} class(es) with images; a classifier needs at least 2")
-    if test_dir is not None and train != test:
-        only = f"only in training: {sorted(train - test)}; only in test: {sorted(test - train)}"
-        raise DataError(f"{train_dir} and its test set {test_dir} hold different classes: {only}")
 
 
 def fingerprint(files: list[ImageFile]) -> str:
@@ -236,10 +228,7 @@ def assign_splits(good: list, val_fraction: float, seed: int, test_fraction=0.0,
             assigned[new[index]] = "val" if position < n_val else "test"
         counts, wanted = Counter(assigned[f] for f in members), SPLITS if test_fraction else SPLITS[:2]
         if not all(counts[split] for split in wanted):
-            raise DataError(
-                f"class {label} has {len(members)} readable image(s) to split: too few for one in each "
-                "split; add images, or lower --val_fraction / --test_fraction"
-            )
+            raise DataError(f"class {label} has {len(members)} readable image(s) to split: too few; add more")
     return assigned
 
 
@@ -252,6 +241,9 @@ def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, sta
     """Validate every file and assign the good ones (those of the manifest's ``rows``, None for a first
     split, stay where they are); write the split and print what it holds and what changed."""
     checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate"), strict=True))
+    skipped = [[str(f.source), checks[f].problem] for f in files if checks[f].problem is not None]
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
     good = [f for f in files if checks[f].problem is None]
     if lost := sorted({f"{f.origin}/{f.label}" for f in files} - {f"{f.origin}/{f.label}" for f in good}):
         raise DataError(f"no readable images left in {', '.join(lost)} (see the skipped files above)")
@@ -262,7 +254,7 @@ def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, sta
         before[(origin, nfc(label), nfc(relative))] = (split, row["sha256"])
     kept = {key: split for key, (split, _) in before.items()}
     assigned = assign_splits(good, state["val_fraction"], state["seed"], test_fraction or 0.0, kept)
-    skipped = _write_split(root, assigned, checks, files)
+    _write_split(root, assigned, checks, skipped)
     # Written last, with the fingerprint taken now: making and removing hard links changed the
     # originals' change times (link counts), and the next run compares against these.
     write_json(root / "split" / "prepare.json", {**state, "fingerprint": fingerprint(files)})
@@ -271,14 +263,14 @@ def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, sta
     print(f"{'class':<12}" + "".join(f"{split:>7}" for split in SPLITS))
     for label in [*sorted({f.label for f in good}), None]:
         print(f"{label or 'total':<12}" + "".join(f"{counts[label, split]:>7}" for split in SPLITS))
-    print(f"skipped {skipped}, split in {root / 'split'}")
+    print(f"skipped {len(skipped)}, split in {root / 'split'}")
     if rows is not None:
         print(_changes({f.key: (split, checks[f].sha256) for f, split in assigned.items()}, before))
 
 
-def _write_split(root: Path, assigned: dict, checks: dict, files: list[ImageFile]) -> int:
+def _write_split(root: Path, assigned: dict, checks: dict, skipped: list[list]) -> None:
     """Build the split (``assigned``: file -> split) with its csv files in a fresh folder, then swap it in,
-    so a crash never leaves half a split; print the skipped files and any leak. Returns how many were."""
+    so a crash never leaves half a split; warn of files in several splits."""
     split_dir, building, old = root / "split", root / "split.partial", root / "split.old"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
@@ -293,10 +285,7 @@ def _write_split(root: Path, assigned: dict, checks: dict, files: list[ImageFile
         manifest.append([relative, f.label, assigned[f], checks[f].bytes, checks[f].sha256])
         splits_of.setdefault(checks[f].sha256, set()).add(assigned[f])
     _write_csv(building / MANIFEST, "path,class,split,bytes,sha256", manifest)
-    skipped = [[str(f.source), checks[f].problem] for f in files if checks[f].problem is not None]
     _write_csv(building / "skipped.csv", "path,reason", skipped)
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}")
     duplicates = [[sha, split, path] for path, _, split, _, sha in manifest if len(splits_of[sha]) > 1]
     _write_csv(building / "duplicates.csv", "sha256,split,path", duplicates)
     if leaked := len({row[0] for row in duplicates}):
@@ -308,7 +297,6 @@ def _write_split(root: Path, assigned: dict, checks: dict, files: list[ImageFile
         os.replace(split_dir, old)
     os.replace(building, split_dir)
     shutil.rmtree(old, ignore_errors=True)
-    return len(skipped)
 
 
 def _changes(now: dict, before: dict) -> str:
