@@ -140,9 +140,8 @@ class DeviceLoader:
             yield x, torch.where(index >= 0, self.labels[index.clamp(min=0)], -1)  # label -1 marks padding
 
     def _prefetched(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
-        """uint8 batches gathered into pinned host memory and copied to the device one batch ahead: the
-        host gathers the next batch while the device works on this one (the copies run in stream order,
-        after the work queued before them). The pinned allocator reuses a block once its copy is done."""
+        """uint8 batches gathered into pinned host memory and copied one batch ahead (in stream order): the
+        host gathers the next batch while the device works. Pinned blocks are reused once copied."""
         shape, pin, pending = (indices.shape[1], *self.images.shape[1:]), self.device.type != "cpu", None
         for index in indices:
             host = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)

@@ -95,8 +95,7 @@ def split_digests(split_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def split_changes(recorded: dict | None, split_dir: str | Path, splits: tuple[str, ...]) -> str:
     """How ``splits`` of ``split_dir`` differ from ``recorded`` (a checkpoint's ``split``), e.g. "3 images
-    added to train, 1 removed from test"; "" when they do not, or when nothing was recorded (a
-    checkpoint from before splits were recorded). A file with new content counts as removed and added."""
+    added to train"; "" if not or if nothing was recorded. New content counts as removed and added."""
     if recorded is None:
         return ""
     current, changes = split_digests(split_dir), []

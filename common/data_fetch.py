@@ -34,14 +34,14 @@ class DataError(UserError):
 
 def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
     """``url`` to ``dest`` through ``dest.part``, which a rerun continues; a failure says what to do."""
-    dest, root = Path(dest), Path(dest).parent
+    dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     if not dest.is_file():
         try:
             download_into(url, part, timeout)
         except DataError as error:
             hint = f"run it again to resume from {part}, or " if part.is_file() else ""
-            hint += f"download {url} elsewhere, copy it here and pass --zip FILE, or unpack it to {root}"
+            hint += f"download {url} elsewhere and pass --zip FILE, or unpack it to {dest.parent}"
             raise DataError(f"{error}: {hint}") from error
         os.replace(part, dest)
     return dest
@@ -59,8 +59,7 @@ def download_into(url: str, part: Path, timeout: float = NETWORK_TIMEOUT_S) -> N
         except HTTPError as error:
             if error.code != 416 or not have:
                 raise DataError(f"downloading {url} failed: HTTP {error.code} {error.reason}") from error
-            # Nothing after byte `have`: "bytes */have" means the last run stopped just before renaming
-            # a complete file; any other size means `part` is no prefix of the file: start over.
+            # Nothing after byte `have`: a complete file if the server's size is `have`, else start over.
             if (error.headers.get("Content-Range") or "").strip() == f"bytes */{have}":
                 return
             part.unlink()

@@ -22,10 +22,9 @@ import random
 import shutil
 import unicodedata
 import urllib.parse
-from collections import Counter
+from collections import Counter, namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from PIL import UnidentifiedImageError
 
@@ -37,6 +36,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 SPLITS = ("train", "val", "test")
 PREPARE_FORMAT = 2  # 2: origin "test" (was "val"), own sources
 nfc = functools.partial(unicodedata.normalize, "NFC")  # names as typed: macOS writes them decomposed
+FileCheck = namedtuple("FileCheck", "bytes sha256 problem")  # problem: why the image is left out, or None
 
 
 def option(default, help: str):
@@ -64,12 +64,6 @@ class ImageFile:
     @property
     def key(self) -> tuple[str, str, str]:  # the image from one prepare to the next, wherever its source
         return self.origin, self.label, self.relative
-
-
-class FileCheck(NamedTuple):
-    bytes: int
-    sha256: str
-    problem: str | None  # why the image is left out; None when it decodes
 
 
 def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
@@ -125,8 +119,7 @@ def _check_same_options(split_dir: Path, saved: dict, **asked) -> None:
 
 
 def _folders(root: Path, config: PrepareConfig, source: str | None) -> tuple[Path, Path | None]:
-    """(the folder of class folders to split, the folder of test class folders or None): of ``source``, else
-    of ``root/inaturalist_12K``, as found or else extracted from the archive."""
+    """The folder of class folders to split and that of test class folders (or None), found or extracted."""
     if source is not None:
         if not (source := Path(source)).is_dir():
             raise DataError(f"--source {source}: no such folder")
@@ -232,11 +225,6 @@ def assign_splits(good: list, val_fraction: float, seed: int, test_fraction=0.0,
     return assigned
 
 
-def _write_csv(path: Path, header: str, rows: list[list]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([header.split(","), *rows])
-
-
 def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, state: dict) -> None:
     """Validate every file and assign the good ones (those of the manifest's ``rows``, None for a first
     split, stay where they are); write the split and print what it holds and what changed."""
@@ -284,10 +272,11 @@ def _write_split(root: Path, assigned: dict, checks: dict, skipped: list[list]) 
             shutil.copy2(f.source.resolve(), building / relative)
         manifest.append([relative, f.label, assigned[f], checks[f].bytes, checks[f].sha256])
         splits_of.setdefault(checks[f].sha256, set()).add(assigned[f])
-    _write_csv(building / MANIFEST, "path,class,split,bytes,sha256", manifest)
-    _write_csv(building / "skipped.csv", "path,reason", skipped)
     duplicates = [[sha, split, path] for path, _, split, _, sha in manifest if len(splits_of[sha]) > 1]
-    _write_csv(building / "duplicates.csv", "sha256,split,path", duplicates)
+    tables = [(MANIFEST, "path,class,split,bytes,sha256", manifest), ("skipped.csv", "path,reason", skipped)]
+    for name, header, table in [*tables, ("duplicates.csv", "sha256,split,path", duplicates)]:
+        with open(building / name, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([header.split(","), *table])
     if leaked := len({row[0] for row in duplicates}):
         print(f"warning: {leaked} images in several splits (possible leak): see {split_dir}/duplicates.csv")
     if (split_dir / "cache").is_dir():  # caches are keyed by content: those of unchanged splits stay valid
