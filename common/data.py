@@ -45,8 +45,7 @@ def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``[N, H, W, 3]`` pixels in [0, 255] (uint8 or float) -> float ``[N, 3, H, W]``, ``(x/255 - mean)/std``:
-    the input every model sees, from the loaders and from evaluation."""
+    """``[N, H, W, 3]`` pixels in [0, 255] -> the model input: float ``[N, 3, H, W]``, (x/255 - mean)/std."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device) for v in (mean, std))
     return torch.addcmul(-mean / std, images.float(), 1 / (255 * std)).permute(0, 3, 1, 2)
 

@@ -67,8 +67,7 @@ class ImageFile:
 
 
 def prepare(root: str | Path, refresh: bool = False, **options) -> Path:
-    """Make ``root/split`` with ``PrepareConfig``'s ``options`` and return it. An intact split is used as
-    it is unless ``refresh``; a refresh with unchanged files does nothing."""
+    """``root/split``, made with ``PrepareConfig``'s ``options`` unless intact (and not ``refresh``)."""
     config, root = PrepareConfig(root=str(root), **options), Path(root)
     split_dir, source, test_fraction = root / "split", config.source, config.test_fraction
     for name, fraction in (("val_fraction", config.val_fraction), ("test_fraction", test_fraction)):
@@ -140,8 +139,7 @@ def _folders(root: Path, config: PrepareConfig, source: str | None) -> tuple[Pat
 
 
 def scan_class_folders(folder: Path, origin: str) -> list[ImageFile]:
-    """Image files below ``folder/<Class>/``, hidden ones and other files left out (.DS_Store, notes,
-    *:Zone.Identifier, ...); a class folder without images is an error."""
+    """Image files below ``folder/<Class>/`` (not hidden ones, notes, *:Zone.Identifier, ...); none empty."""
     found, class_dirs = [], sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
     for class_dir in class_dirs:
         for dirpath, dirnames, filenames in os.walk(class_dir):
@@ -226,8 +224,7 @@ def assign_splits(good: list, val_fraction: float, seed: int, test_fraction=0.0,
 
 
 def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, state: dict) -> None:
-    """Validate every file and assign the good ones (those of the manifest's ``rows``, None for a first
-    split, stay where they are); write the split and print what it holds and what changed."""
+    """Validate every file, assign the good ones (those in ``rows`` stay), write the split, say so."""
     checks = dict(zip(files, parallel_map(check_file, [f.source for f in files], "validate"), strict=True))
     skipped = [[str(f.source), checks[f].problem] for f in files if checks[f].problem is not None]
     for path, reason in skipped:
