@@ -41,7 +41,7 @@ def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
             download_into(url, part, timeout)
         except DataError as error:
             hint = f"run it again to resume from {part}, or " if part.is_file() else ""
-            hint += f"download {url} elsewhere and pass --zip FILE, or unpack it to {dest.parent}"
+            hint += f"download it elsewhere and pass --zip FILE, or put its {DATASET_DIR}/ in {dest.parent}"
             raise DataError(f"{error}: {hint}") from error
         os.replace(part, dest)
     return dest

@@ -50,7 +50,7 @@ class PrepareConfig:  # the options of ``prepare`` and of ``python common/data.p
     zip: str | None = option(None, "use this already downloaded archive instead")
     val_fraction: float = option(0.2, "stratified fraction of train/ held out for validation")
     seed: int = option(42, "seed of the train/val split")
-    source: str | None = option(None, "split your own image folders instead (README: Your own dataset)")
+    source: str | None = option(None, "split your own folders instead: DIR/<Class>/* or DIR/train/<Class>/*")
     test_fraction: float = option(0.2, "with --source and no test folder: fraction of each class for testing")
 
 
@@ -275,7 +275,7 @@ def _write_split(root: Path, assigned: dict, checks: dict, skipped: list[list]) 
         with open(building / name, "w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows([header.split(","), *table])
     if leaked := len({row[0] for row in duplicates}):
-        print(f"warning: {leaked} images in several splits (possible leak): see {split_dir}/duplicates.csv")
+        print(f"warning: {leaked} image(s) in several splits (possible leak): see {split_dir}/duplicates.csv")
     if (split_dir / "cache").is_dir():  # caches are keyed by content: those of unchanged splits stay valid
         os.replace(split_dir / "cache", building / "cache")
     shutil.rmtree(old, ignore_errors=True)
