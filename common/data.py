@@ -156,8 +156,8 @@ class DeviceLoader:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="iNaturalist-12K data preparation")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    help = "download, extract, validate and split the data; again: refresh from its source, moving no image"
-    add_dataclass_args(subparsers.add_parser("prepare", help=help), PrepareConfig, "prepare")
+    about = "download, extract, validate and split the data; again: refresh from its source, moving no image"
+    add_dataclass_args(subparsers.add_parser("prepare", help=about), PrepareConfig, "prepare")
     return parser
 
 
