@@ -1,16 +1,14 @@
-"""The data pipeline's entry point: ``prepare`` the split, ``load_cache`` it, iterate a ``DeviceLoader``.
+"""The data pipeline's entry point: ``prepare`` the split (``data_prepare``, ``data_fetch``), ``load_cache``
+it (``data_cache``), iterate a ``DeviceLoader``: batches from the uint8 cache, per-epoch work on the device.
 
     python common/data.py prepare --root data [--url URL | --zip FILE | --source DIR] [--val_fraction 0.2]
                                   [--seed 42] [--test_fraction 0.2]
-
-Preparation lives in ``data_prepare`` (download and extraction in ``data_fetch``), the decode-once
-cache in ``data_cache``, augmentation in ``augment``; this module re-exports their public names and
-holds the loader, which serves batches from the uint8 cache with all per-epoch work on the device.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,32 +31,21 @@ GPU_MARGIN_BYTES = 4 << 30
 GPU_MARGIN_FRACTION = 0.25
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 63-bit generator seed that depends only on (seed, epoch)."""
-    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
-    """Whether ``nbytes`` fit on the device with the margin to spare. Memory PyTorch has cached but not
-    allocated (an earlier loader or sweep trial) is free to us, though ``mem_get_info`` counts it as used.
-    A process limited to a fraction of the GPU (a sweep worker sharing it) counts that fraction as the GPU.
-    The CPU and Apple's MPS (memory shared with the host) hold the array where it is anyway."""
+    """Whether ``nbytes`` fit on the device with the margin to spare: PyTorch's cached but unallocated
+    memory counts as free, a per-process memory fraction (a sweep worker) as the GPU. CPU and MPS: always."""
     if device.type not in ("cuda", "xpu"):
         return True
     memory = getattr(torch, device.type)  # torch.cuda and torch.xpu answer alike
-    free, total = memory.mem_get_info(device)
-    allocated = memory.memory_allocated(device)
+    (free, total), allocated = memory.mem_get_info(device), memory.memory_allocated(device)
     if device.type == "cuda":
         total = int(total * torch.cuda.get_per_process_memory_fraction(device))
     free = min(free + memory.memory_reserved(device) - allocated, total - allocated)
     return nbytes + max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)) <= free
 
 
-def normalise(images: torch.Tensor, mean: torch.Tensor | Sequence[float],
-              std: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """``[N, H, W, 3]`` pixels in [0, 255] (uint8 or float) -> float ``[N, 3, H, W]``, ``(x/255 - mean)/std``:
-    the input every model sees, from the loaders and from evaluation."""
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``[N, H, W, 3]`` pixels in [0, 255] -> the model input: float ``[N, 3, H, W]``, (x/255 - mean)/std."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device) for v in (mean, std))
     return torch.addcmul(-mean / std, images.float(), 1 / (255 * std)).permute(0, 3, 1, 2)
 
@@ -66,35 +53,40 @@ def normalise(images: torch.Tensor, mean: torch.Tensor | Sequence[float],
 class DeviceLoader:
     """Batches ``(x, y)`` from a uint8 ``[N, S, S, 3]`` array: ``x`` float32 ``[B, 3, S, S]`` normalised on
     ``device``, ``y`` int64. Training shuffles and drops the last partial batch; evaluation yields every
-    sample once, the last batch padded to full size with label -1. Shuffling and augmentation depend only
-    on (seed, epoch); with ``world_size`` > 1 each rank gets a disjoint share with equal batch counts.
+    sample once, the last batch padded with label -1. Shuffles and crops are a pure function of (seed,
+    epoch); each of ``world_size`` ranks gets a disjoint share with as many batches. The array lives on the
+    device when it fits (``fits_on_gpu``), else each batch goes through pinned memory (``prefetch``)."""
 
-    The whole array moves to the device when it fits there with a margin (always on the CPU), and
-    batches are gathered, augmented and normalised there. Otherwise (``prefetch``) each batch is
-    gathered into pinned host memory and copied over one batch ahead, then treated the same way.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: str | torch.device,
-                 *, train: bool, augment: bool = False, seed: int = 0, mean: Sequence[float], std: Sequence[float],
-                 channels_last: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: str | torch.device,
+        *,
+        train: bool,
+        augment: bool = False,
+        seed: int = 0,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be a uint8 [N, S, S, 3] array, got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != images.shape[:1]:
-            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+            raise ValueError(f"images must be uint8 [N, S, S, 3], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1] or not 0 <= rank < world_size:
+            raise ValueError(f"{len(labels)} labels for {len(images)} images, rank {rank} of {world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if augment and not train:
-            raise ValueError("augment=True applies to training loaders only; evaluation must see the images as they are")
+            raise ValueError("augment=True is for training loaders: evaluation sees the images as they are")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values with std > 0, got mean={mean} std={std}")
-        self.device = torch.device(device)
+        self.device, self.size, self.epoch = torch.device(device), images.shape[1], 0
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
-        self.epoch = 0
-        self.size = images.shape[1]
         self.prefetch = not fits_on_gpu(images.nbytes, self.device)
         self.images = images if self.prefetch else images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -103,15 +95,12 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
-        n = len(self.labels)
-        if self.train:
-            return n // (self.batch_size * self.world_size)
-        per_rank = -(-n // self.world_size)
-        return -(-per_rank // self.batch_size)
+    def __len__(self) -> int:  # training drops the last partial batch, evaluation pads it
+        n, b, ranks = len(self.labels), self.batch_size, self.world_size
+        return n // (b * ranks) if self.train else math.ceil(math.ceil(n / ranks) / b)
 
     def _plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """This rank's sample indices ``[batches, B]`` (-1 = padding) and, when augmenting, crops and flips."""
+        """This rank's sample indices ``[batches, B]`` (-1: padding) and, when augmenting, crops and flips."""
         n, batches, b = len(self.labels), len(self), self.batch_size
         if not self.train:
             per_rank = -(-n // self.world_size)
@@ -119,7 +108,9 @@ class DeviceLoader:
             indices = torch.full((batches * b,), -1, dtype=torch.int64)
             indices[:stop - start] = torch.arange(start, stop)
             return indices.view(batches, b), None, None
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        # A well-mixed 63-bit seed that depends only on (seed, epoch).
+        digest = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         order = torch.randperm(n, generator=generator)
         # Rank r takes positions r, r + W, r + 2W, ... of the epoch's permutation: disjoint shards.
         positions = torch.arange(self.rank, batches * b * self.world_size, self.world_size)
@@ -135,8 +126,10 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices, crops, flips = self._plan()
         on_device = indices.to(self.device)
-        batches = self._prefetched(indices) if self.prefetch else \
-            (self.images.index_select(0, i.clamp(min=0)) for i in on_device)  # 9x faster than [] on the CPU
+        if self.prefetch:
+            batches = self._prefetched(indices)
+        else:  # index_select: 9x faster than [] on the CPU
+            batches = (self.images.index_select(0, i.clamp(min=0)) for i in on_device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for step, pixels in enumerate(batches):
             if crops is not None:
@@ -146,29 +139,25 @@ class DeviceLoader:
             yield x, torch.where(index >= 0, self.labels[index.clamp(min=0)], -1)  # label -1 marks padding
 
     def _prefetched(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
-        """uint8 batches gathered into pinned host memory and copied to the device one batch ahead: the
-        host gathers the next batch while the device works on this one (the copies run in stream order,
-        after the work queued before them). The pinned allocator reuses a block once its copy is done."""
-        def copy(index: torch.Tensor) -> torch.Tensor:
-            host = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8,
-                               pin_memory=self.device.type != "cpu")
-            return torch.index_select(self.images, 0, index.clamp(min=0), out=host).to(self.device, non_blocking=True)
-
-        batches = map(copy, indices)
-        current = next(batches, None)
-        for following in batches:
-            yield current
-            current = following
-        if current is not None:
-            yield current
+        """uint8 batches gathered into pinned host memory and copied one batch ahead (in stream order): the
+        host gathers the next batch while the device works. Pinned blocks are reused once copied."""
+        shape, pin, pending = (indices.shape[1], *self.images.shape[1:]), self.device.type != "cpu", None
+        for index in indices:
+            host = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+            torch.index_select(self.images, 0, index.clamp(min=0), out=host)
+            batch = host.to(self.device, non_blocking=True)
+            if pending is not None:
+                yield pending
+            pending = batch
+        if pending is not None:
+            yield pending
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="iNaturalist-12K data preparation")
-    command = parser.add_subparsers(dest="command", required=True).add_parser(
-        "prepare", help="download, extract, validate and split the dataset; again: refresh the split from "
-                        "its source, moving no image")
-    add_dataclass_args(command, PrepareConfig, "prepare")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    about = "download, extract, validate and split the data; again: refresh from its source, moving no image"
+    add_dataclass_args(subparsers.add_parser("prepare", help=about), PrepareConfig, "prepare")
     return parser
 
 
@@ -177,8 +166,7 @@ def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
     if config.zip is not None and config.url != DATASET_URL:
         raise ValueError("give either --url or --zip, not both")
     if config.source is not None and (config.zip is not None or config.url != DATASET_URL):
-        raise ValueError("--source splits your own folders; --zip and --url fetch the iNaturalist archive: "
-                         "give one")
+        raise ValueError("--source splits your own folders, --zip and --url fetch the archive: give one")
     return config
 
 

@@ -1,12 +1,8 @@
-"""Decode once: every image of a split is decoded and resized a single time, into a uint8 array.
-
-``load_cache(split_dir, split, size)`` returns the split as a memory-mapped ``[N, S, S, 3]`` uint8 tensor,
-building ``split_dir/cache/<split>-<S>-<key>.npy`` first when it is missing. The key hashes the split's
-manifest rows (path, class, bytes, sha256) and S: changed files or another size get a new cache, a stale
-one is never read. The file is written atomically (``files.atomic_path``); concurrent builders (sweep
-workers) write identical bytes. Decoding (``open_rgb``) turns every mode PIL reads into correct RGB;
-resizing matches torchvision's ``transforms.Resize((S, S))`` on a PIL image exactly (full JPEG decoding:
-drafting was faster but up to 4 levels off, docs/benchmarks.md).
+"""Decode once: ``load_cache(split_dir, split, size)`` is the split as a memory-mapped uint8 ``[N, S, S, 3]``
+tensor, decoded and resized once into ``split_dir/cache/<split>-<S>-<key>.npy``. The key hashes the split's
+manifest rows and S, so a stale cache is never read; the file is written atomically, and concurrent
+builders (sweep workers) write identical bytes. ``open_rgb`` turns every mode PIL reads into correct RGB;
+resizing matches ``transforms.Resize((S, S))`` exactly (no JPEG drafting: 4 levels off, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -29,15 +25,11 @@ from tqdm import tqdm
 from common.data_fetch import LOG_INTERVAL_S, DataError
 from common.files import atomic_path
 
-# Larger images are reported and left out rather than decoded: 50 MP is far above any photo in the
-# dataset (about 0.5 MP) and below PIL's own decompression-bomb limit.
+# Larger images are left out, not decoded: far above the dataset's (0.5 MP), below PIL's bomb limit.
 MAX_PIXELS = 50_000_000
-# Transparent pixels are composited onto this colour, so RGBA, LA and palette images with
-# transparency always give the same RGB.
-BACKGROUND = (255, 255, 255)
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto it: one RGB for every alpha mode
 MANIFEST = "manifest.csv"
 CACHE_FORMAT = 2  # 2: full JPEG decoding (1 drafted JPEGs), so older caches are rebuilt
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 @dataclass
@@ -48,32 +40,24 @@ class CachedSplit:
     paths: list[Path]
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Correct 8-bit RGB for every mode: 16-bit scaled (not clipped), transparency composited."""
-    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
-        values = np.asarray(img).astype(np.float64)
-        if img.mode in _SIXTEEN_BIT or (img.mode == "I" and values.max(initial=0) > 255):
-            values = values / 257.0  # 65535 -> 255; PIL's own convert would clip instead
-        elif img.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0  # float images in [0, 1]
-        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" or "transparency" in img.info:
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("LA", "La", "PA", "RGBa"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
-        img = Image.alpha_composite(background, img)
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully to RGB with EXIF orientation applied; raises for unreadable or huge images."""
+    """Decode ``path`` fully to correct 8-bit RGB with EXIF orientation applied, whatever its mode (16-bit
+    scaled, not clipped; transparency composited); raises for unreadable or huge images."""
     with Image.open(path) as img:
         if img.width * img.height > MAX_PIXELS:
             raise ValueError(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,} pixel limit")
         img.load()
-        return to_rgb(ImageOps.exif_transpose(img))
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0  # 65535 -> 255; PIL's own convert would clip instead
+        elif img.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if "transparency" in img.info or img.mode in ("LA", "La", "PA", "RGBa", "RGBA"):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND + (255,)), img.convert("RGBA"))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_image(path: str | Path, size: int) -> np.ndarray:
@@ -85,19 +69,16 @@ def parallel_map(fn: Callable, items: list, desc: str, chunksize: int = 16) -> I
     """``map(fn, items)`` in order over worker processes, with a progress bar; in-process when tiny."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(cpus, -(-len(items) // chunksize))
-    # On a terminal a live bar; in a log (a batch job) a line every LOG_INTERVAL_S, like downloads.
-    with tqdm(total=len(items), desc=desc, unit="img", mininterval=LOG_INTERVAL_S) as bar, \
-            (ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+    bar = tqdm(total=len(items), desc=desc, unit="img", mininterval=LOG_INTERVAL_S)  # as downloads
+    with bar, ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for result in pool.map(fn, items, chunksize=chunksize) if pool else map(fn, items):
             bar.update()
             yield result
 
 
 def read_manifest(split_dir: Path) -> list[dict[str, str]]:
-    path = Path(split_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"no {MANIFEST} in {split_dir}; prepare the data first: "
-                        f"python common/data.py prepare --root {Path(split_dir).parent}")
+    if not (path := Path(split_dir) / MANIFEST).is_file():
+        raise DataError(f"no {path}: prepare the data first (python common/data.py prepare --root DIR)")
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
@@ -114,8 +95,7 @@ def split_digests(split_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def split_changes(recorded: dict | None, split_dir: str | Path, splits: tuple[str, ...]) -> str:
     """How ``splits`` of ``split_dir`` differ from ``recorded`` (a checkpoint's ``split``), e.g. "3 images
-    added to train, 1 removed from test"; "" when they do not, or when nothing was recorded (a
-    checkpoint from before splits were recorded). A file with new content counts as removed and added."""
+    added to train"; "" if not or if nothing was recorded. New content counts as removed and added."""
     if recorded is None:
         return ""
     current, changes = split_digests(split_dir), []
@@ -135,18 +115,17 @@ def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
     manifest = read_manifest(split_dir)
     classes = sorted({row["class"] for row in manifest})
     if not (rows := [row for row in manifest if row["split"] == split]):
-        raise DataError(f"{split_dir / MANIFEST} lists no images for split {split!r}; splits present: "
-                        f"{sorted({row['split'] for row in manifest})}")
+        raise DataError(f"{split_dir / MANIFEST} lists no {split!r} images; is it damaged?")
     content = [CACHE_FORMAT, size, classes, [[r["path"], r["class"], r["bytes"], r["sha256"]] for r in rows]]
     key = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
     path, paths = split_dir / "cache" / f"{split}-{size}-{key}.npy", [split_dir / r["path"] for r in rows]
     if not path.is_file():
         if missing := next((p for p in paths if not p.is_file()), None):
-            raise DataError(f"{missing} is listed in {MANIFEST} but missing; "
-                            f"run python common/data.py prepare --root {split_dir.parent} again")
+            raise DataError(f"{missing} is gone: run python common/data.py prepare --root {split_dir.parent}")
         with atomic_path(path) as tmp:  # an interrupted build leaves no full-size temporary behind
             array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(rows), size, size, 3))
-            if hasattr(os, "posix_fallocate"):  # claim the space: a full disk is then an OSError, not a SIGBUS
+            # Claim the space: a full disk is then an OSError, not a SIGBUS.
+            if hasattr(os, "posix_fallocate"):
                 with open(tmp, "rb+") as handle:
                     os.posix_fallocate(handle.fileno(), 0, tmp.stat().st_size)
             decode = functools.partial(decode_image, size=size)
@@ -154,13 +133,12 @@ def load_cache(split_dir: str | Path, split: str, size: int) -> CachedSplit:
                 array[index] = image
             array.flush()
             del array
-        # Older caches of this split and size (and the .json files older versions kept beside them) are stale.
+        # Older caches of this split and size (and the .json files older versions kept) are stale.
         for stale in path.parent.glob(f"{split}-{size}-*"):
             if stale.suffix in (".npy", ".json") and stale.name != path.name:
                 stale.unlink(missing_ok=True)
     images = np.load(path, mmap_mode="c")  # copy-on-write: a writable tensor, the file never changes
     if images.shape != (len(rows), size, size, 3):
-        raise DataError(f"cache {path} has shape {images.shape}, expected {(len(rows), size, size, 3)}; "
-                        f"delete {path.parent} and run again")
+        raise DataError(f"cache {path} has shape {images.shape}: delete {path.parent} and run again")
     labels = torch.tensor([classes.index(row["class"]) for row in rows])
     return CachedSplit(torch.from_numpy(images), labels, classes, paths)
