@@ -55,8 +55,9 @@ def check_images(images: int, batch_size: int) -> None:
     files = [ImageFile(Path(f"{i}.jpg"), CLASSES[i % 10], f"{i}.jpg", "train") for i in range(images)]
     split = assign_splits(files, VAL_FRACTION, seed=0) if images >= 2 * len(CLASSES) else {}
     if (train := list(split.values()).count("train")) < batch_size:
-        few = f"--images {images} leaves {train} training images (validation takes one or more per class)"
-        raise ValueError(f"{few}, fewer than --batch_size {batch_size}: pass more --images or a smaller one")
+        few = f"--images {images} leaves {train} training images (validation takes at least one per class)"
+        fix = "pass more --images or a smaller --batch_size"
+        raise ValueError(f"{few}, fewer than one batch of --batch_size {batch_size}: {fix}")
 
 
 @dataclass
