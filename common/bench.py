@@ -19,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable
 
 if __package__ in (None, ""):  # run as `python common/bench.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +28,7 @@ import torch
 
 from common import bench_data, engine, training
 from common import device as device_lib
-from common.bench_data import check_options, option, timed
+from common.bench_data import DataBenchConfig, check_options, option, run_data, timed
 from common.config import add_dataclass_args, from_namespace, to_cli
 from common.distributed import DistInfo
 
@@ -40,30 +40,27 @@ MODELS = ("part_a", "resnet50")
 class StepBenchConfig:
     """training-step images/s, ms/step and GPU busy share: eager, compile, CUDA graphs"""
 
-    QUICK: ClassVar[dict] = dict(input_size=32, batch_sizes=[8], steps=4, repeats=1, models=["part_a"],
-                                 variants=["eager"])
-    models: list[str] = option(list(MODELS), "comma list: part_a (its train script's defaults), "
-                               "resnet50 (part_b's, all layers train)")
+    QUICK = dict(input_size=32, batch_sizes=[8], steps=4, repeats=1, models=["part_a"], variants=["eager"])
+    models: list[str] = option(list(MODELS), "comma list: part_a (its defaults), resnet50 (part_b's, full)")
     batch_sizes: list[int] = option([32, 128, 256], "batch sizes")
     input_size: int = option(224, "square input side")
     steps: int = option(20, "steps per timed epoch")
     repeats: int = option(3, "timed epochs (the median is reported)")
-    variants: list[str] = option(list(VARIANTS), "comma list: eager, compile (--compile), graphs "
-                                 "(--cuda_graphs), compile_graphs (both)")
+    variants: list[str] = option(list(VARIANTS), "comma list: eager, compile, graphs (--cuda_graphs), both")
     precision: str = option("auto", "the runs' --precision", choices=training.PRECISIONS)
     device: str = option("auto", "the runs' --device")
     quick: bool = option(False, f"a seconds-long smoke run: {QUICK}")
 
     def check(self) -> None:
         if unknown := set(self.variants) - set(VARIANTS) | set(self.models) - set(MODELS):
-            raise ValueError(f"unknown variants or models {sorted(unknown)}: choose from {[*VARIANTS, *MODELS]}")
+            raise ValueError(f"unknown variants or models {sorted(unknown)}: choose from {VARIANTS + MODELS}")
 
 
 @dataclass
 class E2EBenchConfig:
     """one epoch with data: decode-once cache + our engine vs ImageFolder + a plain eager loop"""
 
-    QUICK: ClassVar[dict] = dict(images=40, input_size=32, batch_size=8)
+    QUICK = dict(images=40, input_size=32, batch_size=8)
     images: int = option(500, "generated 800x600 training JPEGs")
     input_size: int = option(224, "training resolution")
     batch_size: int = option(32, "training batch size (both loops)")
@@ -96,10 +93,10 @@ def trainer(name: str, options: dict, steps: int) -> tuple[Callable, device_lib.
     policy, classes = device_lib.resolve(run_config, kind), model_config.num_classes
     torch.manual_seed(0)
     model = part.build_model(model_config)
-    raw, optimizer, scheduler, ctx, loss_fn, _ = training.build_training(
-        run_config, policy, model, steps, torch.arange(classes), classes)
-    model = device_lib.wrap(raw, policy, DistInfo())
-    return lambda loader: engine.train_one_epoch(model, loader, optimizer, scheduler, loss_fn, ctx, 1), policy
+    run = training.build_training(run_config, policy, model, steps, torch.arange(classes), classes)
+    model = device_lib.wrap(run.model, policy, DistInfo())
+    step = (run.optimizer, run.scheduler, run.loss_fn, run.ctx)
+    return lambda loader: engine.train_one_epoch(model, loader, *step, 1), policy
 
 
 def gpu_busy_share(run: Callable[[], object], device: torch.device) -> float | None:
@@ -135,7 +132,7 @@ def run_step(config: StepBenchConfig) -> dict:
     results = []
     for name in config.models:
         for batch_size in config.batch_sizes:
-            variants = {variant: _time_variant(name, batch_size, variant, config) for variant in config.variants}
+            variants = {v: _time_variant(name, batch_size, v, config) for v in config.variants}
             results.append({"model": name, "batch_size": batch_size, "variants": variants})
     hardware = bench_data.hardware(device_lib.resolve_device(config.device))
     return {"section": "step", "hardware": hardware, "config": vars(config), "results": results}
@@ -151,8 +148,8 @@ def _time_variant(name: str, batch_size: int, variant: str, config: StepBenchCon
         epoch, policy = trainer(name, dict(options, **flags), config.steps)
     except ValueError as error:  # e.g. CUDA graphs on a CPU
         return {"skipped": str(error)}
-    memory_format = torch.channels_last if policy.channels_last else torch.contiguous_format
-    images = torch.randn(batch_size, 3, size, size, device=policy.device).contiguous(memory_format=memory_format)
+    layout = torch.channels_last if policy.channels_last else torch.contiguous_format
+    images = torch.randn(batch_size, 3, size, size, device=policy.device).contiguous(memory_format=layout)
     batch = [(images, torch.randint(0, 10, (batch_size,), device=policy.device))]  # one batch: the step alone
     warmup_s, _ = timed(epoch, batch * (engine.WARMUP_STEPS + 2))  # compiles, autotunes, captures
     rates = [epoch(batch * config.steps)["images_per_s"] for _ in range(config.repeats)]
@@ -186,7 +183,7 @@ def run_e2e(config: E2EBenchConfig) -> dict:
         plain_s, _, plain_seen = bench_data.timed_epochs(folder, device, 1, plain_step)[0]
         del folder  # its workers stop before ours runs
         epoch, policy = trainer("part_a", config.run_options(), len(cached.labels) // config.batch_size)
-        options = dict(train=True, augment=True, seed=0, mean=MEAN, std=STD, channels_last=policy.channels_last)
+        options = dict(train=True, augment=True, mean=MEAN, std=STD, channels_last=policy.channels_last)
         loader = DeviceLoader(cached.images, cached.labels, config.batch_size, policy.device, **options)
         epochs = []
         for number in range(2):  # the first warms up (compiles, captures)
@@ -195,15 +192,19 @@ def run_e2e(config: E2EBenchConfig) -> dict:
     (first_s, _), (_, ours) = epochs
     ours_rate, plain_rate = ours["images_per_s"], plain_seen / plain_s
     flags = {name: getattr(policy, name) for name in ("compile", "cuda_graphs", "channels_last")}
-    ours = {"images_per_s": ours_rate, **flags, "precision": str(policy.amp_dtype or "fp32").removeprefix("torch.")}
+    precision = str(policy.amp_dtype or "fp32").removeprefix("torch.")
+    ours = {"images_per_s": ours_rate, **flags, "precision": precision}
     ours.update(first_epoch_s_incl_compile=first_s, cache_build_s=cache_build_s)
     plain = {"images_per_s": plain_rate, "workers": config.workers}
     result = {"section": "e2e", "hardware": bench_data.hardware(device), "config": vars(config), "ours": ours}
     return dict(result, plain_imagefolder_eager=plain, ratio=ours_rate / plain_rate)
 
 
-SECTIONS = {"data": (bench_data.DataBenchConfig, bench_data.run), "step": (StepBenchConfig, run_step),
-            "e2e": (E2EBenchConfig, run_e2e)}
+SECTIONS = {
+    "data": (DataBenchConfig, run_data),
+    "step": (StepBenchConfig, run_step),
+    "e2e": (E2EBenchConfig, run_e2e),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -55,9 +55,9 @@ def check_images(images: int, batch_size: int) -> None:
     files = [ImageFile(Path(f"{i}.jpg"), CLASSES[i % 10], f"{i}.jpg", "train") for i in range(images)]
     split = assign_splits(files, VAL_FRACTION, seed=0) if images >= 2 * len(CLASSES) else {}
     if (train := list(split.values()).count("train")) < batch_size:
-        raise ValueError(f"--images {images} leaves {train} training images (validation takes at least one "
-                         f"per class), fewer than one batch of --batch_size {batch_size}: pass more --images "
-                         "or a smaller --batch_size")
+        few = f"--images {images} leaves {train} training images (validation takes at least one per class)"
+        fix = "pass more --images or a smaller --batch_size"
+        raise ValueError(f"{few}, fewer than one batch of --batch_size {batch_size}: {fix}")
 
 
 @dataclass
@@ -150,9 +150,9 @@ def imagefolder_loader(train_dir: Path, size: int, config, device: torch.device)
 
     resize, crop = T.Resize((size, size)), T.RandomResizedCrop(size, scale=(0.25, 1.0))
     transform = T.Compose([resize, crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    options = dict(num_workers=config.workers, persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
-    return torch.utils.data.DataLoader(datasets.ImageFolder(train_dir, transform), config.batch_size,
-                                       shuffle=True, drop_last=True, **options)
+    dataset, workers = datasets.ImageFolder(train_dir, transform), config.workers
+    options = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(dataset, config.batch_size, shuffle=True, drop_last=True, **options)
 
 
 def cpu_model() -> str:
@@ -170,7 +170,7 @@ def hardware(device: torch.device) -> dict:
     return dict(device=str(device), **cpu, gpu=gpu, torch=torch.__version__, python=platform.python_version())
 
 
-def run(config: DataBenchConfig) -> dict:
+def run_data(config: DataBenchConfig) -> dict:
     device = resolve_device(config.device)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=config.work_dir) as tmp:
         prepare_s, split_dir = generate_split(Path(tmp), config.images)
@@ -179,29 +179,23 @@ def run(config: DataBenchConfig) -> dict:
         data, options = (cached.images, cached.labels, config.batch_size, device), dict(mean=MEAN, std=STD)
         (first, *augmented), (_, *plain) = [  # each loader freed before the next is made
             timed_epochs(DeviceLoader(*data, train=True, augment=on, **options), device, config.epochs + 1)
-            for on in (True, False)]
+            for on in (True, False)
+        ]
         folder = imagefolder_loader(split_dir / "train", config.size, config, device)
         folder = timed_epochs(folder, device, 2)[-1]  # the second: the workers were running already
     # Each (wall, CPU, images): the first cache epoch, the median ones (by wall time), ImageFolder's.
     cache, plain = sorted(augmented)[len(augmented) // 2], sorted(plain)[len(plain) // 2]
-    timings = dict(cache_first_epoch=first, cache_epoch=cache, imagefolder_epoch=folder, cache_epoch_no_augment=plain)
+    timings = dict(cache_first_epoch=first, cache_epoch=cache, imagefolder_epoch=folder)
+    timings["cache_epoch_no_augment"] = plain
     rates = {f"{name}_images_per_s": round(images / wall, 1) for name, (wall, _, images) in timings.items()}
-    return {
-        "section": "data",
-        "hardware": hardware(device),
-        "source_images": "800x600 JPEG, quality 90",
-        "size": config.size,
-        "batch_size": config.batch_size,
-        "workers": config.workers,
-        "cache_epochs_timed": config.epochs,
-        "train_images": len(cached.labels),
-        "epoch_images": {"cache": cache[2], "imagefolder": folder[2]},
-        "prepare_images_per_s": round((config.images + len(CLASSES)) / prepare_s, 1),
-        "cache_build_images_per_s": round(len(cached.labels) / build_s, 1),
-        "cache_load_s": round(load_s, 4),
-        **rates,
-        "speedup": round(cache[2] / cache[0] / (folder[2] / folder[0]), 1),
-        "cache_epoch_cpu_ms_per_image": round(1000 * cache[1] / cache[2], 2),
-        "imagefolder_epoch_cpu_ms_per_image": round(1000 * folder[1] / folder[2], 2),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
+    result = dict(section="data", hardware=hardware(device), source_images="800x600 JPEG, quality 90")
+    result.update(size=config.size, batch_size=config.batch_size, workers=config.workers)
+    result.update(cache_epochs_timed=config.epochs, train_images=len(cached.labels))
+    result["epoch_images"] = {"cache": cache[2], "imagefolder": folder[2]}
+    result["prepare_images_per_s"] = round((config.images + len(CLASSES)) / prepare_s, 1)
+    result["cache_build_images_per_s"] = round(len(cached.labels) / build_s, 1)
+    result["cache_load_s"] = round(load_s, 4)
+    result.update(rates, speedup=round(cache[2] / cache[0] / (folder[2] / folder[0]), 1))
+    result.update(cache_epoch_cpu_ms_per_image=round(1000 * cache[1] / cache[2], 2))
+    result.update(imagefolder_epoch_cpu_ms_per_image=round(1000 * folder[1] / folder[2], 2))
+    return dict(result, load_average_1min=round(os.getloadavg()[0], 2))

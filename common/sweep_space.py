@@ -160,10 +160,17 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     return SweepSpec(program, method, str(metric["name"]), goal, space, fixed, hyperband, raw.get("name"))
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's, but it stops the study only when no retry is queued: it counts failed points as done."""
+
+    def after_trial(self, study: optuna.Study, trial, state, values) -> None:
+        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            super().after_trial(study, trial, state, values)
+
+
 def make_sampler(spec: SweepSpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
     if spec.method == "grid":
-        grid = {name: list(dist.choices) for name, dist in spec.search_space.items()}
-        return optuna.samplers.GridSampler(grid, seed)
+        return GridSampler({name: list(dist.choices) for name, dist in spec.search_space.items()}, seed)
     if spec.method == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar keeps parallel workers from all proposing the same point while trials run.

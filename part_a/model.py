@@ -8,7 +8,6 @@ that shrinks the feature map to nothing fails with the block and the sizes befor
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from common.activations import ACTIVATIONS, activation_class
+from common.config import from_namespace
 
 FILTER_STRATEGIES = ("same", "double", "half")
 # Inputs are normalised to [-1, 1]; the network trains from scratch, so no dataset statistics are needed.
@@ -24,28 +24,28 @@ MEAN = STD = (0.5, 0.5, 0.5)
 SAME_HELP = "'same' (output size = ceil(input/stride), asymmetric for even kernels), 'valid', or an int"
 
 
+def option(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class ModelConfig:
-    n_blocks: int = field(default=5, metadata={"help": "number of conv blocks"})
-    n_filters: int = field(default=64, metadata={"help": "filters in the first conv layer (m)"})
-    filter_strategy: str = field(default="same", metadata={
-        "help": "how filter counts change per block", "choices": FILTER_STRATEGIES})
-    kernel_size: int | list[int] = field(default=5, metadata={
-        "help": "conv kernel size k: one int, or a comma list with one per block"})
-    stride: int = field(default=1, metadata={"help": "conv stride"})
-    padding: int | str = field(default="same", metadata={"help": SAME_HELP})
-    activation: str = field(default="gelu", metadata={"help": "conv activation: " + ", ".join(ACTIVATIONS)})
-    dense_activation: str | None = field(default=None, metadata={
-        "help": "dense-layer activation; none = same as --activation"})
-    dense_neurons: int = field(default=128, metadata={"help": "neurons in the dense layer (n)"})
-    batch_norm: bool = field(default=True, metadata={"help": "batch norm after each conv"})
-    conv_bias: bool = field(default=True, metadata={"help": "bias term in conv layers"})
-    dropout: float = field(default=0.31396, metadata={"help": "dropout before the output layer"})
-    block_dropout: float = field(default=0.0, metadata={"help": "dropout after each conv block"})
-    input_size: int = field(default=224, metadata={"help": "input images are input_size x input_size"})
-    in_channels: int = field(default=3, metadata={"help": "input channels", "cli": False})
-    num_classes: int = field(default=10, metadata={"help": "output classes (training: the data's)",
-                                                   "cli": False})
+    n_blocks: int = option(5, "number of conv blocks")
+    n_filters: int = option(64, "filters in the first conv layer (m)")
+    filter_strategy: str = option("same", "how filter counts change per block", choices=FILTER_STRATEGIES)
+    kernel_size: int | list[int] = option(5, "conv kernel size k: one int, or a comma list, one per block")
+    stride: int = option(1, "conv stride")
+    padding: int | str = option("same", SAME_HELP)
+    activation: str = option("gelu", "conv activation: " + ", ".join(ACTIVATIONS))
+    dense_activation: str | None = option(None, "dense-layer activation; none = same as --activation")
+    dense_neurons: int = option(128, "neurons in the dense layer (n)")
+    batch_norm: bool = option(True, "batch norm after each conv")
+    conv_bias: bool = option(True, "bias term in conv layers")
+    dropout: float = option(0.31396, "dropout before the output layer")
+    block_dropout: float = option(0.0, "dropout after each conv block")
+    input_size: int = option(224, "input images are input_size x input_size")
+    in_channels: int = option(3, "input channels", cli=False)
+    num_classes: int = option(10, "output classes (training: the data's)", cli=False)
 
 
 def filter_counts(config: ModelConfig) -> list[int]:
@@ -107,19 +107,18 @@ def block_shapes(config: ModelConfig) -> list[BlockShape]:
     activation_class(config.activation)
     activation_class(config.dense_activation or config.activation)
     shapes, size, in_ch = [], config.input_size, config.in_channels
-    for index, (out_ch, k) in enumerate(zip(filter_counts(config), kernel_sizes(config)), start=1):
+    for index, (out_ch, k) in enumerate(zip(filter_counts(config), kernel_sizes(config), strict=True), 1):
         pad = conv_padding(config.padding, k, config.stride, size)
         conv_size = (size + sum(pad) - k) // config.stride + 1
         pool_size = max(conv_size, 0) // 2
         if pool_size < 1:
             # Suggest padding='same' only where it is not already the padding.
-            remedies = "a larger input_size, fewer blocks, a smaller kernel"
-            remedies += "" if config.padding == "same" else " or padding='same'"
+            fix = "a larger input_size, fewer blocks, a smaller kernel"
+            fix += "" if config.padding == "same" else " or padding='same'"
             side = max(conv_size, 0)
-            raise ValueError(f"block {index} shrinks the feature map to nothing: input {size}x{size}, "
-                             f"kernel {k}, stride {config.stride}, padding {config.padding!r} gives a "
-                             f"{side}x{side} conv output and a {pool_size}x{pool_size} pooled output; "
-                             f"use {remedies}")
+            conv = f"input {size}x{size}, kernel {k}, stride {config.stride}, padding {config.padding!r}"
+            gives = f"gives a {side}x{side} conv output and a {pool_size}x{pool_size} pooled output"
+            raise ValueError(f"block {index} shrinks the feature map to nothing: {conv} {gives}; use {fix}")
         shapes.append(BlockShape(in_ch, out_ch, k, size, pad, conv_size, pool_size))
         size, in_ch = pool_size, out_ch
     return shapes
@@ -159,7 +158,4 @@ class ConvNet(nn.Module):
 
 
 def build_model(config: ModelConfig | dict) -> ConvNet:
-    if isinstance(config, dict):
-        names = {f.name for f in dataclasses.fields(ModelConfig)}
-        config = ModelConfig(**{k: v for k, v in config.items() if k in names})
-    return ConvNet(config)
+    return ConvNet(from_namespace(ModelConfig, config) if isinstance(config, dict) else config)

@@ -34,6 +34,7 @@ from torchvision.models import get_model, list_models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
 from common.activations import ACTIVATIONS
+from common.config import from_namespace
 from part_b import weights as weights_lib
 
 STRATEGIES = ("head", "freeze_k", "full", "gradual", "mlp_head")
@@ -49,21 +50,16 @@ def option(default, help: str, **metadata):
 
 @dataclass
 class ModelBConfig:
-    model: str = option("resnet50", "torchvision model name (resnet*, resnext*, wide_resnet*, "
-                        "efficientnet_*, convnext_*, vit_*, vgg*, googlenet, inception_v3)")
-    weights: str = option("DEFAULT", "DEFAULT, a torchvision weights name such as IMAGENET1K_V1/IMAGENET1K_V2, "
-                          "none (random init), or a state-dict FILE; named weights come from the torch hub cache")
+    model: str = option("resnet50", "a torchvision model of a family in docs/part_b.md (resnet*, vit_*, ...)")
+    weights: str = option("DEFAULT", "torchvision weights name (DEFAULT, IMAGENET1K_V2...), none, or a FILE")
     strategy: str = option("full", "what trains", choices=STRATEGIES)
-    freeze_stages: int = option(2, "freeze_k: the stem and this many stages (from the input side) stay frozen")
-    backbone_lr_scale: float = option(0.1, "learning-rate multiplier of trainable pretrained layers; the new "
-                                      "head gets the full rate")
+    freeze_stages: int = option(2, "freeze_k: the stem and this many stages (input side) stay frozen")
+    backbone_lr_scale: float = option(0.1, "LR multiplier of trainable pretrained layers (head: 1)")
     unfreeze_every: int = option(1, "gradual: epochs between unfreezing one more stage, from the top")
-    head_layers: list[int] | None = option(None, "hidden sizes of the new head, e.g. 512,256; none = 512,256 "
-                                           "for mlp_head, a single linear layer otherwise")
+    head_layers: list[int] | None = option(None, "hidden sizes of the new head (none: 512,256 for mlp_head)")
     head_activation: str = option("relu", "activation between head layers", choices=HEAD_ACTIVATIONS)
     head_dropout: float = option(0.3, "dropout after each hidden head layer")
-    input_size: int | None = option(None, "input side in pixels; none = the crop size of the weights' "
-                                    "transforms (224, 299 for inception_v3)")
+    input_size: int | None = option(None, "input side in pixels; none = the weights' crop size (224, 299...)")
     num_classes: int = option(10, "output classes (training: the data's)", cli=False)
 
 
@@ -82,12 +78,10 @@ class Layout:
         return (self.stem, *self.stages)
 
 
-# Model-name prefix -> its layout, "stem | stage 1 | ... | top stage > head", each unit the dotted paths
-# of its modules; None: the depth varies, so ``_layout`` reads it from the built model.
+# Model-name prefixes -> their layout, "stem | stage 1 | ... | top stage > head", each unit the dotted
+# paths of its modules; None: the depth varies, so ``_layout`` reads it from the built model.
 FAMILIES = {
-    "resnet": "conv1 bn1 | layer1 | layer2 | layer3 | layer4 > fc",
-    "resnext": "conv1 bn1 | layer1 | layer2 | layer3 | layer4 > fc",
-    "wide_resnet": "conv1 bn1 | layer1 | layer2 | layer3 | layer4 > fc",
+    ("resnet", "resnext", "wide_resnet"): "conv1 bn1 | layer1 | layer2 | layer3 | layer4 > fc",
     # stem, stage 1, then (downsample, stage) pairs; the norm before the head is pretrained
     "convnext": (
         "features.0 | features.1 | features.2 features.3 | features.4 features.5"
@@ -101,7 +95,7 @@ FAMILIES = {
         "Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 | Mixed_5b Mixed_5c Mixed_5d"
         " | Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e | Mixed_7a Mixed_7b Mixed_7c > fc"
     ),
-    "efficientnet": None, "vit": None, "vgg": None,
+    ("efficientnet", "vit", "vgg"): None,
 }
 
 
@@ -114,14 +108,13 @@ def supported_models() -> list[str]:
 
 
 def _layout(name: str, net: nn.Module) -> Layout:
-    family = _family(name)
-    spec = FAMILIES[family]
-    if family == "efficientnet":  # features[0] is the stem conv, then the MBConv stages and a 1x1 conv
+    spec = FAMILIES[_family(name)]
+    if name.startswith("efficientnet"):  # features[0] is the stem conv, then the MBConv stages and a 1x1 conv
         spec = " | ".join(f"features.{i}" for i in range(len(net.features))) + " > classifier.1"
-    elif family == "vit":  # the last encoder layer's stage includes the final LayerNorm
+    elif name.startswith("vit"):  # the last encoder layer's stage includes the final LayerNorm
         blocks = " | ".join(f"encoder.layers.{child}" for child, _ in net.encoder.layers.named_children())
         spec = f"conv_proj class_token encoder.pos_embedding | {blocks} encoder.ln > heads.head"
-    elif family == "vgg":  # no stem; conv blocks end at each max-pool, the pretrained fc6 and fc7 on top
+    elif name.startswith("vgg"):  # no stem; blocks end at each max-pool; the pretrained fc6 and fc7 on top
         top = len(net.classifier) - 1
         blocks = [f"features.{i}" + " |" * isinstance(m, nn.MaxPool2d) for i, m in enumerate(net.features)]
         spec = f"| {' '.join(blocks)} {' '.join(f'classifier.{i}' for i in range(top))} > classifier.{top}"
@@ -136,18 +129,16 @@ def resolve_config(config: ModelBConfig | dict) -> ModelBConfig:
     Raises ``ValueError`` naming the bad option. Touches no file: a checkpoint's config must rebuild
     on a machine where its weights file is gone.
     """
-    if isinstance(config, dict):
-        names = {f.name for f in dataclasses.fields(ModelBConfig)}
-        config = ModelBConfig(**{k: v for k, v in config.items() if k in names})
+    config = from_namespace(ModelBConfig, config) if isinstance(config, dict) else config
     if _family(config.model) is None:
-        raise ValueError(f"unsupported model {config.model!r}; choose one of: {', '.join(supported_models())}")
+        raise ValueError(f"unsupported model {config.model!r}; choose one of {', '.join(supported_models())}")
     head_layers = config.head_layers
     if head_layers is None:
         head_layers = [512, 256] if config.strategy == "mlp_head" else []
     checks = [  # (option, valid, what it must be)
         ("strategy", config.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-        ("head_activation", config.head_activation in HEAD_ACTIVATIONS, f"one of {', '.join(HEAD_ACTIVATIONS)}"),
-        ("head_layers", config.strategy != "mlp_head" or head_layers, "hidden sizes for mlp_head, such as 512,256"),
+        ("head_activation", config.head_activation in HEAD_ACTIVATIONS, "/".join(HEAD_ACTIVATIONS)),
+        ("head_layers", config.strategy != "mlp_head" or head_layers, "hidden sizes for mlp_head: 512,256"),
         ("head_layers", all(isinstance(n, int) and n >= 1 for n in head_layers), "positive integers"),
         ("head_dropout", 0 <= config.head_dropout < 1, "in [0, 1)"),
         ("freeze_stages", config.freeze_stages >= 0, ">= 0"),
@@ -164,8 +155,7 @@ def resolve_config(config: ModelBConfig | dict) -> ModelBConfig:
     if config.model == "inception_v3" and input_size < 75:
         raise ValueError(f"inception_v3 needs input_size >= 75, got {input_size}")
     if config.model.startswith("vit") and input_size % (patch := int(config.model.rsplit("_", 1)[1])):
-        raise ValueError(f"{config.model} cuts images into {patch}x{patch} patches: input_size must be a "
-                         f"multiple of {patch}, got {input_size}")
+        raise ValueError(f"input_size must be a multiple of {patch} ({config.model}), got {input_size}")
     return dataclasses.replace(config, head_layers=list(head_layers), input_size=int(input_size))
 
 
@@ -200,14 +190,14 @@ class FineTuneNet(nn.Module):
             # The ported Google weights expect inputs scaled to [-1, 1]; transform_input converts from
             # ImageNet normalisation, as torchvision does whenever it loads these weights. The random
             # init is skipped when pretrained weights (or a checkpoint) will overwrite it anyway.
-            kwargs = dict(aux_logits=name == "inception_v3", transform_input=pretrained, init_weights=not pretrained)
+            kwargs = dict(transform_input=pretrained, init_weights=not pretrained)
+            kwargs["aux_logits"] = name == "inception_v3"
         elif name.startswith("vit"):
             kwargs = dict(image_size=config.input_size)  # position embeddings are sized for it
         self.config, self.net = config, get_model(name, **kwargs)
         self.layout = layout = _layout(name, self.net)
-        if config.strategy == "freeze_k" and config.freeze_stages > len(layout.stages):
-            raise ValueError(f"freeze_stages {config.freeze_stages} is more than the {len(layout.stages)} stages "
-                             f"of {config.model}; use 0..{len(layout.stages)} (or --strategy head)")
+        if config.strategy == "freeze_k" and (k := config.freeze_stages) > (n := len(layout.stages)):
+            raise ValueError(f"freeze_stages {k} is more than the {n} stages of {name}; use 0..{n}")
         # The layers that get num_classes outputs: the head, and inception_v3's AuxLogits.fc.
         self.head_paths = [layout.head, *(f"{aux}.fc" for aux in layout.aux)]
         for path in self.head_paths:
@@ -255,8 +245,8 @@ class FineTuneNet(nn.Module):
         groups = {"backbone": [], "head": []}
         for name, param in self.net.named_parameters():
             groups["head" if _under(name, [self.layout.head]) else "backbone"].append(param)
-        return [{"name": "backbone", "params": groups["backbone"], "lr_scale": self.config.backbone_lr_scale},
-                {"name": "head", "params": groups["head"], "lr_scale": 1.0}]
+        scales = {"backbone": self.config.backbone_lr_scale, "head": 1.0}
+        return [{"name": name, "params": params, "lr_scale": scales[name]} for name, params in groups.items()]
 
     def extra_repr(self) -> str:
         """What trains, as the log shows it at the start and whenever ``set_epoch`` changes it."""
@@ -293,5 +283,6 @@ def build_model(config: ModelBConfig | dict) -> FineTuneNet:
     if config.model.startswith("vit"):
         # Pretrained position embeddings are sized for the weights' image size; resample them to ours.
         state = interpolate_embeddings(config.input_size, model.net.patch_size, state)
-    weights_lib.load_matching(model.net, state, source, tuple(f"{p}." for p in model.head_paths), AUX_PREFIXES)
+    replaced = tuple(f"{path}." for path in model.head_paths)  # new heads: not loaded
+    weights_lib.load_matching(model.net, state, source, replaced, AUX_PREFIXES)
     return model

@@ -36,11 +36,8 @@ def named_weights(model_name: str, spec: str) -> WeightsEnum | None:
 
 
 def preset(model_name: str, spec: str) -> WeightsEnum:
-    """The entry whose preprocessing (input size, mean, std) fits ``spec``.
-
-    A file or ``none`` gets the architecture's DEFAULT entry: the file is assumed to hold weights
-    trained like torchvision's, and a network trained from scratch may as well see the same inputs.
-    """
+    """The entry whose preprocessing (input size, mean, std) fits ``spec``: for a file or ``none``, the
+    DEFAULT one (a file is assumed to hold weights trained like torchvision's)."""
     return named_weights(model_name, spec) or get_model_weights(model_name).DEFAULT
 
 
@@ -72,7 +69,8 @@ def fetch(url: str, timeout: float = NETWORK_TIMEOUT_S) -> Path:
             f"pretrained weights are not in the local cache and the download failed ({url}: {reason}).\n"
             f"  Download {url}\n  on a machine with internet and copy it to {dest}\n"
             "  (that folder is $TORCH_HOME/hub/checkpoints), or pass --weights /path/to/file.pth, "
-            "or --weights none to train from scratch.") from error
+            "or --weights none to train from scratch."
+        ) from error
     finally:
         socket.setdefaulttimeout(previous)
     return dest
@@ -104,13 +102,9 @@ def load_state(model_name: str, spec: str) -> tuple[dict[str, torch.Tensor], Pat
 
 
 def load_matching(module: nn.Module, state: dict, source, replaced: tuple, optional: tuple) -> None:
-    """Load ``state`` into ``module``, refusing a file made for another architecture.
-
-    Keys under the ``replaced`` prefixes (heads that are replaced anyway) are skipped on both sides;
-    keys under the ``optional`` ones (auxiliary branches) may be absent on either side. Every other
-    key must be in both with the same shape, otherwise the error names the file and the first
-    offending keys.
-    """
+    """Load ``state`` into ``module``, refusing a file made for another architecture: every key must be
+    in both with the same shape, except those under the ``replaced`` prefixes (skipped) and the
+    ``optional`` ones (may be absent on either side)."""
     expected = module.state_dict()
     keys = [k for k in {**expected, **state} if not k.startswith(replaced)]
     missing = [k for k in keys if k not in state and not k.startswith(optional)]

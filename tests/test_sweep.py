@@ -272,6 +272,20 @@ def test_an_interrupted_grid_point_runs_again_when_the_study_continues(tmp_path,
     assert len(study.trials) == len(complete) + 1
 
 
+def test_every_queued_retry_runs_although_each_grid_point_has_finished(tmp_path):
+    # Optuna's GridSampler stops the study once every point has finished, failed ones included; retries
+    # queued for failed points (as the study queues them) must all run, not just the first.
+    grid = {"quality": {"values": [0.2, 0.5, 0.8]}, "epochs": {"value": 1}}
+    crashing = fake_sweep(tmp_path, {**grid, "crash": {"value": "yes"}}, method="grid")
+    study, _ = run_fake(tmp_path, crashing, "redo", count=3)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+    for trial in study.trials:
+        study.enqueue_trial(trial.params)
+    study, _ = run_fake(tmp_path, fake_sweep(tmp_path, grid, method="grid"), "redo", count=3)
+    complete = [t.params["quality"] for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == [0.2, 0.5, 0.8] and len(study.trials) == 6
+
+
 def test_a_seeded_sweep_proposes_the_same_trials_and_a_continued_one_new_ones(tmp_path):
     spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
 
