@@ -1,9 +1,8 @@
 """Report figures and guided backpropagation, for any image classifier (Part A or Part B).
 
-Plotting functions take tensors or arrays and return a matplotlib ``Figure`` in constrained layout
-(labels never overlap). Guided backpropagation (Springenberg et al., 2015) passes a gradient back
-through a ReLU only where the forward input *and* the gradient are positive, through hooks removed
-afterwards.
+Plotting functions return a matplotlib ``Figure`` in constrained layout (labels never overlap). Guided
+backpropagation (Springenberg et al., 2015) passes a gradient back through a ReLU only where the forward
+input *and* the gradient are positive, through hooks removed afterwards.
 """
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ MAX_FILTERS = 128  # beyond this a filter grid is unreadable at report size, and
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write ``fig`` as an image (format from the suffix) and release its memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -49,7 +47,7 @@ def plot_confusion_matrix(matrix: torch.Tensor | np.ndarray, classes: Sequence[s
     normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # an absent class: a zero row
     fig, axes = plt.subplots(1, 2, figsize=(16, 7.5), layout="constrained")
     panels = ((counts, "Counts", "d"), (normalised, "Normalised by true class", ".2f"))
-    for ax, (values, title, fmt) in zip(axes, panels):
+    for ax, (values, title, fmt) in zip(axes, panels, strict=True):
         fig.colorbar(ax.imshow(values, cmap="Blues", vmin=0), ax=ax, shrink=0.8)
         threshold = values.max() / 2 if values.max() > 0 else 1
         for (row, col), value in np.ndenumerate(values):
@@ -72,10 +70,10 @@ def _grid(count: int, columns: int, cell: tuple[float, float], title_height: flo
 
 
 def plot_prediction_grid(images, true_labels, predicted_labels, confidences, classes, columns=3) -> Figure:
-    """One captioned cell per image (uint8 ``[N, H, W, 3]``); wrong predictions red with a thicker border
-    (correct ones green), so mistakes stand out even in a greyscale print."""
+    """One captioned cell per image (uint8 ``[N, H, W, 3]``); wrong predictions red with a thicker border,
+    so mistakes stand out even in a greyscale print."""
     fig, axes = _grid(len(images), columns, (2.4, 2.7))
-    cells = zip(axes, np.asarray(images), true_labels, predicted_labels, confidences)
+    cells = zip(axes, np.asarray(images), true_labels, predicted_labels, confidences, strict=True)
     for ax, image, true, pred, confidence in cells:
         color = CORRECT_COLOR if true == pred else WRONG_COLOR
         ax.imshow(image)
@@ -96,7 +94,7 @@ def plot_filters(weight: torch.Tensor, title="First conv layer filters", max_fil
     low = weight.amin(dim=(1, 2, 3), keepdim=True)
     scaled = (weight - low) / (weight.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
     fig, axes = _grid(n_filters, math.ceil(math.sqrt(n_filters)), (1.1, 1.1), title_height=0.5)
-    for ax, image in zip(axes, scaled):
+    for ax, image in zip(axes, scaled, strict=True):
         if channels == 3:
             ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
         else:
@@ -107,15 +105,12 @@ def plot_filters(weight: torch.Tensor, title="First conv layer filters", max_fil
     return fig
 
 
-@contextlib.contextmanager
-def forward_hooks(modules: Sequence[nn.Module], hook) -> Iterator[None]:
-    """``hook`` on each of ``modules`` for the duration of the block only."""
-    handles = [module.register_forward_hook(hook) for module in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def forward_hooks(modules: Sequence[nn.Module], hook) -> contextlib.ExitStack:
+    """``hook`` on each of ``modules`` for the duration of a ``with`` block only."""
+    hooks = contextlib.ExitStack()
+    for module in modules:
+        hooks.enter_context(module.register_forward_hook(hook))
+    return hooks
 
 
 def _activations(model: nn.Module) -> list[nn.Module]:
@@ -123,10 +118,9 @@ def _activations(model: nn.Module) -> list[nn.Module]:
 
 
 def _guided_gate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-    """Keep only positive gradients at positive units, *before* they enter the activation's own backward:
-    the activation's input then gets f'(x) * max(grad, 0) where x > 0 and 0 elsewhere, exactly the guided
-    rule for ReLU and non-negative for every ``SIGN_PRESERVING`` activation (f(x) > 0 iff x > 0, so the
-    mask is read from the output, now, before any later in-place operation could change it)."""
+    """Keep only positive gradients at positive units *before* the activation's own backward: its input gets
+    f'(x) * max(grad, 0) where x > 0, else 0, the guided rule for ReLU (f(x) > 0 iff x > 0 for every
+    ``SIGN_PRESERVING`` activation, so the mask is read from the output now, before any in-place change)."""
     if output.requires_grad:
         positive = output > 0
         output.register_hook(lambda grad: grad.clamp(min=0) * positive)
@@ -137,8 +131,7 @@ def guided_backward(model: nn.Module) -> Iterator[None]:
     """Within the block, gradients pass every ReLU-like activation of ``model`` the guided way."""
     if not (activations := _activations(model)):
         names = ", ".join(c.__name__ for c in SIGN_PRESERVING)
-        model_name = type(model).__name__
-        raise ValueError(f"{model_name} has no ReLU-like activation ({names}); guided backprop needs one")
+        raise ValueError(f"{type(model).__name__} has no ReLU-like activation ({names}) for guided backprop")
     with forward_hooks(activations, _guided_gate):
         yield
 
@@ -201,10 +194,10 @@ def gradient_to_image(gradient: torch.Tensor) -> np.ndarray:
 def plot_guided_backprop(images, gradients: torch.Tensor, titles: Sequence[str], pairs_per_row=2) -> Figure:
     """Each input image (uint8 ``[N, H, W, 3]``) beside its guided gradient (``[N, 3, H, W]``)."""
     if not len(images) == len(gradients) == len(titles):
-        raise ValueError(f"got {len(images)} images, {len(gradients)} gradients and {len(titles)} titles; "
-                         "they must match one to one")
+        counts = f"{len(images)} images, {len(gradients)} gradients and {len(titles)} titles"
+        raise ValueError(f"got {counts}; they must match one to one")
     fig, axes = _grid(2 * len(images), 2 * pairs_per_row, (2.6, 2.9))
-    pairs = zip(axes[::2], axes[1::2], np.asarray(images), gradients, titles)
+    pairs = zip(axes[::2], axes[1::2], np.asarray(images), gradients, titles, strict=True)
     for image_ax, gradient_ax, image, gradient, title in pairs:
         image_ax.imshow(image)
         image_ax.set_title(title, fontsize=9)

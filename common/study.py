@@ -3,10 +3,8 @@
     python common/study.py --data_dir data --out_dir runs [--count 30] [--workers K] [--quick]
                            [--part_b_weights FILE] [--seed 0]
 
-Prepares the data, runs (or continues) the Part A sweep, tests and explains its best configuration,
-compares the Part B strategies, and writes OUT_DIR/study/report.md from the run folders. A rerun
-reuses each step recorded in OUT_DIR/study/state.json as finished with the same inputs whose
-outputs all exist, and redoes any other from its run folders and database.
+Steps are recorded in OUT_DIR/study/state.json: a rerun reuses one that finished with the same inputs
+and whose outputs all exist, and redoes any other from its run folders and database.
 """
 from __future__ import annotations
 
@@ -70,9 +68,8 @@ class StepSkipped(Exception):
 
 
 class Steps:
-    """The steps' records in ``path``, with the machine and software they ran on. A step that finished
-    with the same inputs (``key``) and whose ``outputs`` (files its result lists) all exist is reused;
-    any other runs, and its time adds to earlier tries with those inputs."""
+    """The steps' records in ``path``, with the machine and software they ran on. A step runs unless it
+    is done with the same inputs (``key``) and ``outputs`` all there; its time adds up over such tries."""
 
     def __init__(self, path: Path):
         self.path, self.records = path, files.read_json(path)
@@ -126,8 +123,7 @@ class Plan:  # one sweep; its study's name ends in a digest of every input that 
 
 
 def make_plan(file: Path, config: StudyConfig, dataset: Dataset, count: int | None = None, **fixed) -> Plan:
-    """The sweep of ``file`` with ``fixed`` values (and its QUICK ones with --quick); ``count`` None means
-    every point of its grid. Refuses a batch size larger than the training split."""
+    """The sweep of ``file`` with ``fixed`` (and QUICK) values; ``count`` None: every point of its grid."""
     from common.training import RunConfig
 
     overrides = {**(QUICK[file] if config.quick else {}), **fixed}
@@ -166,11 +162,10 @@ def lost(trial: FrozenTrial) -> bool:  # completed, but its run folder is gone
 
 
 def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
-    """Top the study up to ``plan.trials`` ended trials. Run again, first: a trial stopped by Ctrl-C (the
-    runner queues it), a failed one while no trial has completed, and with ``rerun_lost`` a completed one
-    whose run folder is gone. Raises, with the first error, when no trial has completed."""
-    storage = sweep.default_storage(config.out_dir, plan.study)
-    trials = study_trials(config.out_dir, plan.study)
+    """Top the study up to ``plan.trials`` ended trials, first running again a trial stopped by Ctrl-C, a
+    failed one while none completed, and with ``rerun_lost`` a completed one whose run folder is gone."""
+    storage, out_dir = sweep.default_storage(config.out_dir, plan.study), config.out_dir
+    trials = study_trials(out_dir, plan.study)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     completed = any(t.state == TrialState.COMPLETE for t in trials)
     # Ended: counts towards plan.trials (a trial stopped by Ctrl-C runs again, a retried one is replaced).
@@ -181,16 +176,20 @@ def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     if (missing := plan.trials - len(ended) + len(redo)) > 0:
         where = {name: getattr(config, name) for name in ("workers", "out_dir", "data_dir", "seed")}
-        file, overrides = str(ROOT / plan.file), plan.overrides
-        sweep.sweep_main(sweep.SweepOptions(file, missing, plan.study, overrides=overrides, **where))
-    trials = study_trials(config.out_dir, plan.study)
+        options = sweep.SweepOptions(str(ROOT / plan.file), missing, plan.study, **where)
+        options.overrides = plan.overrides
+        sweep.sweep_main(options)
+        # Optuna's grid sampler stops a study once every point was tried, leaving queued retries waiting.
+        while waiting := [t for t in study_trials(out_dir, plan.study) if t.state == TrialState.WAITING]:
+            sweep.sweep_main(dataclasses.replace(options, count=len(waiting)))
+    trials = study_trials(out_dir, plan.study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and not (rerun_lost and lost(t))]
     if not complete:
         error = next((t.user_attrs["error"] for t in trials if failed(t)), "none recorded")
-        table = Path(config.out_dir) / "sweeps" / f"{plan.study}_trials.csv"
+        table = Path(out_dir) / "sweeps" / f"{plan.study}_trials.csv"
         what = f"no trial of study {plan.study} completed; the first error: {error}"
         raise UserError(f"{what}; every trial is in {table}; fix the cause and run the same command again")
-    outputs = [sweep.database_path(config.out_dir, plan.study)]
+    outputs = [sweep.database_path(out_dir, plan.study)]
     outputs += [Path(t.user_attrs["run_dir"]) / "summary.json" for t in complete if rerun_lost]
     result = {"study": plan.study, "storage": storage, "file": plan.file, "overrides": plan.overrides}
     return {**result, "outputs": [str(path) for path in outputs]}
@@ -202,10 +201,8 @@ def finished_run(run_dir: Path) -> bool:
 
 
 def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Path) -> dict:
-    """The best configuration trained for its full epochs, then tested by ``common/evaluate.py`` (test
-    metrics into its summary.json, figures into the study folder). The trial's own run, trained with
-    exactly its options, is used while it is there; else the options are trained again (a started try
-    continues)."""
+    """The best trial's own run (or, when gone, its options trained again), tested by ``common/evaluate.py``
+    into its summary.json and figures into the study folder."""
     from common.evaluate import evaluate_checkpoint
     from part_a import train as part_a_train
 
@@ -224,8 +221,7 @@ def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Pat
 
 
 def run_part_b(plan: Plan, config: StudyConfig) -> dict:
-    """The strategy grid, after loading the backbone's weights once: without them (no cache, no network,
-    a bad file) Part B is skipped, saying what is missing and what to do."""
+    """The strategy grid, skipped (saying what to do) when the backbone's weights cannot be loaded."""
     from part_b.model import build_model
 
     try:

@@ -1,6 +1,5 @@
-"""What a sweep found: the trials table, the best command, and a report in one folder: summary.md (from
-sweep_report.md.j2), parallel_coordinates.png and metric_per_trial.png. Each table and figure has its own
-function, which common/study_report.py reuses; Optuna computes the importances and draws its figures.
+"""What a sweep found: the trials table, the best command, and a report (summary.md from sweep_report.md.j2,
+two figures). common/study_report.py reuses each table and figure; Optuna computes and draws them.
 """
 from __future__ import annotations
 
@@ -150,8 +149,7 @@ def _optuna_drawing():
 
 
 def plot_metric_per_trial(study: optuna.Study) -> Figure:
-    """Optuna's history plot; pruned trials at their value when stopped, failed ones (not those stopped by
-    Ctrl-C) as crosses along the bottom."""
+    """Optuna's history plot; pruned trials at their value when stopped, failed ones as crosses."""
     metric, trials = metric_name(study), study.get_trials(deepcopy=False)
     pruned = [t for t in trials if t.state == TrialState.PRUNED and trial_value(t) is not None]
     failed = [t.number for t in trials if t.state == TrialState.FAIL and not was_interrupted(t)]
@@ -205,8 +203,7 @@ def plot_correlations(corr: dict[str, dict], order: list[str], metric: str) -> F
 
 
 def observations(importance: dict, method: str, corr: dict, metric: str, top: int = 3) -> list[str]:
-    """Sentences on the ``top`` ranked parameters with the numbers each rests on (none where a correlation
-    is undefined: the parameter or the metric never varied)."""
+    """Sentences on the ``top`` ranked parameters with their numbers (none where either side never varied)."""
     sentences = []
     ranked = [n for n in ranking(importance, corr) if n in corr and not math.isnan(corr[n]["strength"])]
     for name in ranked[:top]:
@@ -248,30 +245,6 @@ def _shared_by_top(top: list[FrozenTrial]) -> list[str]:
     return lines
 
 
-def _head(*columns: str) -> list[str]:  # a markdown table's header and rule
-    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-
-
-def importance_table(importance: dict[str, float], method: str) -> list[str]:
-    if not importance:
-        return [f"Not computed: {method}.", ""]
-    rows = [f"| {i} | {name} | {value:.3f} |" for i, (name, value) in enumerate(importance.items(), 1)]
-    return [f"Method: {method}.", "", *_head("rank", "parameter", "importance"), *rows, ""]
-
-
-def correlation_tables(metric: str, order: list[str], corr: dict[str, dict], maximize: bool) -> list[str]:
-    """Markdown lines: Spearman's rho of each numeric parameter, the mean metric per value of each other."""
-    kinds = {name: corr.get(name, {}).get("kind") for name in order}
-    lines = ["Numeric parameters (Spearman's rank correlation):", "", *_head("parameter", "rho", "trials")]
-    lines += [f"| {n} | {corr[n]['rho']:+.2f} | {corr[n]['n']} |" for n in order if kinds[n] == "numeric"]
-    lines += ["", f"Categorical parameters (mean {metric} per value, trials in brackets):", ""]
-    lines += _head("parameter", "values")
-    for name in [n for n in order if kinds[n] == "categorical"]:
-        means = _by_mean(corr[name]["means"], maximize)
-        lines.append(f"| {name} | " + ", ".join(f"{_fmt(k)}: {m:.3f} ({n})" for k, (m, n) in means) + " |")
-    return lines
-
-
 def render(template: str, values: dict) -> str:
     """The Jinja ``template`` (a file beside this one) filled with ``values``; the filter ``fmt`` takes
     Python's format specs (``{{ 1234|fmt(",") }}`` is 1,234)."""
@@ -279,7 +252,6 @@ def render(template: str, values: dict) -> str:
     blocks = dict(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     environment = jinja2.Environment(loader=loader, **blocks)
     environment.filters.update(fmt=format, short=_fmt)
-    environment.globals.update(importance_table=importance_table, correlation_tables=correlation_tables)
     return environment.get_template(template).render(values)
 
 
