@@ -83,8 +83,7 @@ def sample_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> 
 
 
 def predict_test_set(model: nn.Module, loader, device: torch.device, feature_layer: nn.Module | None, tta):
-    """engine.evaluate_test's results and the ``[N, C]`` channel strengths (activation maps summed) of
-    ``feature_layer`` on the images themselves, not their mirror images (``None`` without a layer)."""
+    """engine.evaluate_test's results and ``feature_layer``'s ``[N, C]`` channel sums on the images."""
     strengths: list[torch.Tensor] = []
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -70,8 +70,7 @@ def _grid(count: int, columns: int, cell: tuple[float, float], title_height: flo
 
 
 def plot_prediction_grid(images, true_labels, predicted_labels, confidences, classes, columns=3) -> Figure:
-    """One captioned cell per image (uint8 ``[N, H, W, 3]``); wrong predictions red with a thicker border,
-    so mistakes stand out even in a greyscale print."""
+    """A captioned cell per image; mistakes red with a thicker border (visible in a greyscale print too)."""
     fig, axes = _grid(len(images), columns, (2.4, 2.7))
     cells = zip(axes, np.asarray(images), true_labels, predicted_labels, confidences, strict=True)
     for ax, image, true, pred, confidence in cells:
@@ -85,9 +84,8 @@ def plot_prediction_grid(images, true_labels, predicted_labels, confidences, cla
 
 
 def plot_filters(weight: torch.Tensor, title="First conv layer filters", max_filters=MAX_FILTERS) -> Figure:
-    """Each filter of a conv weight ``[F, C, k, k]`` in a near-square grid: RGB for three input channels,
-    else their mean in grey; min-max normalised one by one (one shared range would leave most of them
-    flat grey); only the first ``max_filters`` (a ViT patch embedding has 768)."""
+    """The first ``max_filters`` filters (RGB, else their mean in grey), each min-max normalised on its own:
+    one shared range would leave most of them flat grey."""
     all_filters = weight.shape[0]
     weight = weight.detach().float().cpu()[:max_filters]
     n_filters, channels, height, width = weight.shape
@@ -137,8 +135,7 @@ def guided_backward(model: nn.Module) -> Iterator[None]:
 
 
 def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The activation module of the model's last spatial feature map: the last ReLU-like call with a 4-D
-    output on ``example``, so Part A and torchvision backbones alike need no attribute names."""
+    """The last ReLU-like module with a 4-D output on ``example``: any backbone, no attribute names."""
     last: list[nn.Module] = []
 
     def remember(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -154,9 +151,8 @@ def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def guided_backprop(model: nn.Module, images: torch.Tensor, channels, layer=None) -> torch.Tensor:
-    """The guided gradient of channel ``channels[i]``'s summed activation map in ``layer`` (default:
-    ``feature_activation``) with respect to ``images[i]`` (normalised inputs ``[N, C, H, W]``). Runs in
-    eval mode (samples do not interact through batch norm), restores the mode, touches no parameter."""
+    """The guided gradient of channel ``channels[i]``'s summed map in ``layer`` with respect to ``images[i]``,
+    in eval mode (samples do not interact through batch norm); the model is left as it was."""
     if len(channels) != len(images):
         raise ValueError(f"got {len(images)} images but {len(channels)} channels; pass one channel per image")
     was_training = model.training
@@ -184,8 +180,7 @@ def guided_backprop(model: nn.Module, images: torch.Tensor, channels, layer=None
 
 
 def gradient_to_image(gradient: torch.Tensor) -> np.ndarray:
-    """A ``[3, H, W]`` gradient as an ``[H, W, 3]`` image in [0, 1] (0.5 is zero), scaled by the 99th
-    percentile of its magnitude: a few extreme pixels do not wash the rest out to grey."""
+    """An image with 0.5 for zero, scaled by the 99th percentile: a few extreme pixels wash nothing out."""
     gradient = gradient.detach().float().cpu()
     scale = torch.quantile(gradient.abs().flatten(), 0.99).clamp_min(1e-12)
     return (0.5 + 0.5 * gradient / scale).clamp(0, 1).permute(1, 2, 0).numpy()

@@ -119,8 +119,7 @@ def count_config(config) -> Report:
 
 
 def _one_pass(module: nn.Module, input_shape: Sequence[int], counter: FlopCounterMode | None = None):
-    """One forward pass of one sample under ``counter``, on the module's device, in eval mode, no autograd.
-    Attention runs its math path (bmm/addmm): FlopCounterMode has no formula for the fused CPU kernels."""
+    # Attention runs its math path (bmm/addmm): FlopCounterMode has no formula for the fused CPU kernels.
     counter = counter or FlopCounterMode(display=False)
     tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     example = torch.zeros((1, *input_shape), device=tensor.device if tensor is not None else "cpu")
@@ -150,9 +149,8 @@ def _element_ops(module: nn.Module, out: torch.Tensor) -> int:
 
 
 def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
-    """One row per leaf-module call: the MACs FlopCounterMode counted during it and its element ops. MACs
-    in functions (attention) and parameters no called leaf owns get a row each, so the totals are exact;
-    element ops in functions (residual adds, softmax) are not counted."""
+    """One row per leaf-module call; MACs in functions (attention) and parameters no leaf owns get a row
+    each, so the totals are exact (element ops in functions, e.g. residual adds, are not counted)."""
     names = {sub: name for name, sub in module.named_modules()}
     layers, counted, started = [], set(), []  # counted: parameter ids (shared weights count once)
     counter = FlopCounterMode(display=False)
@@ -203,8 +201,7 @@ def verify(model: nn.Module, input_shape: Sequence[int], expected: Report) -> li
 
 
 def question1_formula(m: int, k: int, n: int, w: int, *, conv_bias=True, batch_norm=False) -> LayerCount:
-    """Question 1's totals in closed form (``QUESTION1_DERIVATION``): 5 blocks of m k x k filters,
-    'same' padding, stride 1, 2x2 pools, n dense neurons, a w x w x 3 input and 10 classes."""
+    """Question 1's totals in closed form (``QUESTION1_DERIVATION``)."""
     if w % 32:
         raise ValueError(f"the Question 1 formula assumes w divisible by 32, got w={w}; use count_config")
     conv_pixels, pool_pixels = 341 * w * w // 256, 341 * w * w // 1024  # sums of (w/2^i)^2 over the blocks

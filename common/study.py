@@ -201,8 +201,7 @@ def finished_run(run_dir: Path) -> bool:
 
 
 def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Path) -> dict:
-    """The best trial's own run (or, when gone, its options trained again), tested by ``common/evaluate.py``
-    into its summary.json and figures into the study folder."""
+    """The best trial's own run (or its options trained again), tested; figures into the study folder."""
     from common.evaluate import evaluate_checkpoint
     from part_a import train as part_a_train
 

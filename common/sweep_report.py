@@ -90,8 +90,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def correlations(trials: list[FrozenTrial]) -> dict[str, dict]:
-    """Per parameter: Spearman rho with the metric (numeric), or the mean metric per category and the
-    correlation ratio eta (how much of the metric's spread the categories explain, 0..1)."""
+    """Per parameter: Spearman rho with the metric, or the mean metric per category and eta (0..1)."""
     result = {}
     for name in dict.fromkeys(name for trial in trials for name in trial.params):
         having = [t for t in trials if name in t.params]
@@ -140,8 +139,7 @@ def ranking(importance: dict[str, float], corr: dict[str, dict]) -> list[str]:  
 
 @contextlib.contextmanager
 def _optuna_drawing():
-    """Optuna's plots warn that they are experimental (and about a flat axis for a parameter with one value)
-    and switch the global style to ggplot; keep all that inside the block."""
+    """Optuna's plots warn (experimental, a flat axis) and switch the global style; keep that inside."""
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", "Attempting to set identical low and high ylims", UserWarning)
@@ -246,8 +244,7 @@ def _shared_by_top(top: list[FrozenTrial]) -> list[str]:
 
 
 def render(template: str, values: dict) -> str:
-    """The Jinja ``template`` (a file beside this one) filled with ``values``; the filter ``fmt`` takes
-    Python's format specs (``{{ 1234|fmt(",") }}`` is 1,234)."""
+    """The Jinja ``template`` beside this file filled with ``values``; ``{{ 1234|fmt(",") }}`` is 1,234."""
     loader = jinja2.FileSystemLoader(Path(__file__).parent)
     blocks = dict(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     environment = jinja2.Environment(loader=loader, **blocks)
