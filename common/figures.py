@@ -111,10 +111,6 @@ def forward_hooks(modules: Sequence[nn.Module], hook) -> contextlib.ExitStack:
     return hooks
 
 
-def _activations(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if isinstance(module, SIGN_PRESERVING)]
-
-
 def _guided_gate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
     """Keep only positive gradients at positive units *before* the activation's own backward: its input gets
     f'(x) * max(grad, 0) where x > 0, else 0, the guided rule for ReLU (f(x) > 0 iff x > 0 for every
@@ -127,7 +123,7 @@ def _guided_gate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None
 @contextlib.contextmanager
 def guided_backward(model: nn.Module) -> Iterator[None]:
     """Within the block, gradients pass every ReLU-like activation of ``model`` the guided way."""
-    if not (activations := _activations(model)):
+    if not (activations := [m for m in model.modules() if isinstance(m, SIGN_PRESERVING)]):
         names = ", ".join(c.__name__ for c in SIGN_PRESERVING)
         raise ValueError(f"{type(model).__name__} has no ReLU-like activation ({names}) for guided backprop")
     with forward_hooks(activations, _guided_gate):
@@ -142,7 +138,8 @@ def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
         if isinstance(output, torch.Tensor) and output.dim() == 4:
             last[:] = [module]
 
-    with forward_hooks(_activations(model), remember), torch.no_grad():
+    activations = [m for m in model.modules() if isinstance(m, SIGN_PRESERVING)]
+    with forward_hooks(activations, remember), torch.no_grad():
         model(example[:1])
     if not last:
         found = f"{type(model).__name__} has no ReLU-like activation with a 4-D (image-shaped) output"

@@ -210,7 +210,8 @@ def observations(importance: dict, method: str, corr: dict, metric: str, top: in
         if c["kind"] == "categorical" and len(c["means"]) == 1:
             finding = f"only {_fmt(next(iter(c['means'])))} was tried"
         elif c["kind"] == "categorical":
-            (high, (high_mean, high_n)), *_, (low, (low_mean, low_n)) = _by_mean(c["means"], True)
+            by_mean = sorted(c["means"].items(), key=lambda item: item[1][0], reverse=True)
+            (high, (high_mean, high_n)), *_, (low, (low_mean, low_n)) = by_mean
             finding = f"mean {metric} {high_mean:.3f} with {_fmt(high)} ({high_n} trials) against "
             finding += f"{low_mean:.3f} with {_fmt(low)} ({low_n}); correlation ratio eta {c['strength']:.2f}"
         elif math.isnan(rho) or abs(rho) < WEAK_RHO:
@@ -221,10 +222,6 @@ def observations(importance: dict, method: str, corr: dict, metric: str, top: in
             finding = f"importance {importance[name]:.2f} by {method.split(' (')[0]}; {finding}"
         sentences.append(f"`{name}` ({finding}).")
     return sentences
-
-
-def _by_mean(means: dict, descending: bool) -> list:
-    return sorted(means.items(), key=lambda item: item[1][0], reverse=descending)
 
 
 def _shared_by_top(top: list[FrozenTrial]) -> list[str]:
