@@ -92,11 +92,9 @@ def plot_filters(weight: torch.Tensor, title="First conv layer filters", max_fil
     low = weight.amin(dim=(1, 2, 3), keepdim=True)
     scaled = (weight - low) / (weight.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
     fig, axes = _grid(n_filters, math.ceil(math.sqrt(n_filters)), (1.1, 1.1), title_height=0.5)
-    for ax, image in zip(axes, scaled, strict=True):
-        if channels == 3:
-            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-        else:
-            ax.imshow(image.mean(dim=0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    pictures = scaled.permute(0, 2, 3, 1) if channels == 3 else scaled.mean(dim=1)  # RGB, else grey
+    for ax, image in zip(axes, pictures, strict=True):
+        ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_axis_off()
     shown = f"first {n_filters} of {all_filters}" if n_filters < all_filters else f"{n_filters}"
     fig.suptitle(f"{title} ({shown} filters, {channels} x {height} x {width})")
@@ -192,10 +190,9 @@ def plot_guided_backprop(images, gradients: torch.Tensor, titles: Sequence[str],
     pairs = zip(axes[::2], axes[1::2], np.asarray(images), gradients, titles, strict=True)
     for image_ax, gradient_ax, image, gradient, title in pairs:
         image_ax.imshow(image)
-        image_ax.set_title(title, fontsize=9)
         gradient_ax.imshow(gradient_to_image(gradient))
-        gradient_ax.set_title("guided backprop", fontsize=9)
-        image_ax.set_axis_off()
-        gradient_ax.set_axis_off()
+        for ax, text in ((image_ax, title), (gradient_ax, "guided backprop")):
+            ax.set_title(text, fontsize=9)
+            ax.set_axis_off()
     fig.suptitle("Guided backpropagation: last conv layer neurons")
     return fig
