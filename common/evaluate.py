@@ -1,11 +1,9 @@
 """Test metrics, figures and predictions for a checkpoint of either part (``python part_a/evaluate.py``).
 
-The test form merges test accuracy and loss (overall and per class) into the run's summary.json,
-prints a table, writes confusion_matrix.png, prediction_grid.png, first_layer_filters.png and
-guided_backprop.png (beside the checkpoint unless --out_dir says otherwise) and logs them to wandb
-when a run is active or --wandb_mode asks for one. ``--images`` prints the top-3 classes of image
-files instead and needs no dataset. The checkpoint says which model to rebuild, at which resolution
-and normalisation.
+Merges test accuracy and loss (overall and per class) into the run's summary.json, prints a table, writes
+confusion_matrix.png, prediction_grid.png, first_layer_filters.png and guided_backprop.png (beside the
+checkpoint unless --out_dir says otherwise) and logs them to wandb when a run is active or --wandb_mode
+asks for one. ``--images`` prints the top-3 classes of image files instead and needs no dataset.
 """
 from __future__ import annotations
 
@@ -33,22 +31,17 @@ TABLE_PER_CLASS = 10  # rows per class in the wandb predictions table (the grid'
 GUIDED_NEURONS = 10
 SAMPLE_SEED = 0  # which test images the grid and table show: fixed, so reruns draw the same figure
 REQUIRED_KEYS = ("model", "model_config", "classes", "input_size", "mean", "std")
-WANDB_HELP = ("online/offline: log figures to a new wandb run unless one is active; disabled: log nothing; "
-              "default: log only to an already active run")
+WANDB_HELP = "online/offline: a new wandb run if none is active; disabled: none; default: only an active run"
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str | None = field(default=None, metadata={
-        "help": "best.pt or last.pt of a run (Part A or Part B); required"})
+    checkpoint: str | None = field(default=None, metadata={"help": "best.pt or last.pt of a run; required"})
     data_dir: str = field(default="data", metadata={"help": "dataset root holding split/test"})
-    out_dir: str | None = field(default=None, metadata={
-        "help": "where figures go; default: the checkpoint's folder"})
+    out_dir: str | None = field(default=None, metadata={"help": "figures' folder; default: the checkpoint's"})
     batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (torch's current accelerator), cpu, cuda, cuda:N, mps or xpu"})
-    tta: bool = field(default=False, metadata={
-        "help": "average the softmax of each image and its mirror image"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N, mps or xpu"})
+    tta: bool = field(default=False, metadata={"help": "average the softmax of each image and its mirror"})
     wandb_mode: str | None = field(default=None, metadata={"help": WANDB_HELP, "choices": WANDB_MODES})
     images: list[str] = field(default_factory=list, metadata={"cli": False})
 
@@ -63,10 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_model(checkpoint_path: str | Path, device: str) -> tuple[nn.Module, dict[str, Any], torch.device]:
     """The checkpoint's raw model in eval mode on ``device`` (resolved), the checkpoint, and the device."""
-    try:
-        torch_device = resolve_device(device)
-    except (ValueError, RuntimeError) as error:  # e.g. --device cuda on a machine without a GPU
-        raise UserError(str(error)) from error
+    torch_device = resolve_device(device)  # a ValueError (e.g. cuda on a machine without one): exit 1
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
     if missing := [key for key in REQUIRED_KEYS if key not in checkpoint]:
         origin = "part_a/train.py or part_b/train.py"
@@ -90,10 +80,7 @@ def sample_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> 
 
 
 def predict_test_set(model: nn.Module, loader, device: torch.device, feature_layer: nn.Module | None, tta):
-    """engine.evaluate_test's loss, accuracy and per-image probabilities, plus ``[N, C]`` channel
-    strengths of ``feature_layer`` (each channel's activation map summed) for picking the images
-    that excite each neuron most, from the images themselves, not their mirror images; ``None``
-    without a layer."""
+    """engine.evaluate_test's results and ``feature_layer``'s ``[N, C]`` channel sums on the images."""
     strengths: list[torch.Tensor] = []
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -117,7 +104,8 @@ def format_table(metrics: dict[str, Any], matrix: torch.Tensor, checkpoint_path:
     tta = " (mean of each image and its mirror image)" if metrics["test_tta"] else ""
     head = f"{checkpoint_path}: test accuracy {metrics['test_acc']:.4f}, loss {metrics['test_loss']:.4f} "
     lines = [f"{head}on {int(matrix.sum())} images{tta}", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
-    for (name, accuracy), count in zip(metrics["test_per_class_acc"].items(), matrix.sum(dim=1).tolist()):
+    counts = matrix.sum(dim=1).tolist()
+    for (name, accuracy), count in zip(metrics["test_per_class_acc"].items(), counts, strict=True):
         lines.append(f"{name:<{width}}{accuracy:>9.4f}{count:>8}")
     return "\n".join(lines)
 
@@ -130,13 +118,12 @@ def guided_backprop_figure(model: nn.Module, layer: nn.Module, channel_strength,
     device = next(model.parameters()).device
     inputs = normalise(images[chosen].to(device), checkpoint["mean"], checkpoint["std"])
     gradients = figures.guided_backprop(model, inputs, channels, layer)
-    titles = [f"channel {c} (image {i})" for c, i in zip(channels, chosen)]
+    titles = [f"channel {c} (image {i})" for c, i in zip(channels, chosen, strict=True)]
     return figures.plot_guided_backprop(images[chosen], gradients, titles)
 
 
 def log_to_wandb(mode, checkpoint: dict, checkpoint_path: Path, metrics: dict, figure_paths: dict, rows):
-    """Log figures and a predictions table to the active wandb run, or to a new one ``mode`` asks for
-    (``disabled``: log nothing)."""
+    """Figures and a predictions table to the active wandb run, or to a new one ``mode`` asks for."""
     # Without an import there can be no active run; importing wandb only when needed saves seconds.
     run = getattr(sys.modules.get("wandb"), "run", None) if mode != "disabled" else None
     started_here = run is None and mode not in (None, "disabled")
@@ -161,39 +148,22 @@ def log_to_wandb(mode, checkpoint: dict, checkpoint_path: Path, metrics: dict, f
         run.finish()
 
 
-def report_figures(model: nn.Module, checkpoint: dict, images: torch.Tensor, result: dict, matrix) -> dict:
-    """The confusion matrix, a grid of ``GRID_PER_CLASS`` test predictions per class, the first conv
-    layer's filters."""
-    classes, labels, predictions = checkpoint["classes"], result["targets"], result["predictions"]
-    grid = [i for per_class in sample_per_class(labels, GRID_PER_CLASS, len(classes)) for i in per_class]
-    confidence = result["probabilities"][grid].max(dim=1).values.tolist()
-    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    shown = (images[grid], labels[grid].tolist(), predictions[grid].tolist(), confidence)
-    drawn = {"confusion_matrix": figures.plot_confusion_matrix(matrix, classes)}
-    drawn["prediction_grid"] = figures.plot_prediction_grid(*shown, classes)
-    drawn["first_layer_filters"] = figures.plot_filters(first_conv.weight)
-    return drawn
-
-
 def evaluate_checkpoint(checkpoint_path, data_dir="data", out_dir=None, batch_size=256, device="auto",
                         wandb_mode=None, tta=False) -> dict[str, Any]:
     """Test metrics and figures for one checkpoint; returns the metrics and the figures' paths."""
     checkpoint_path = Path(checkpoint_path)
     model, checkpoint, torch_device = load_model(checkpoint_path, device)
     classes, mean, std = list(checkpoint["classes"]), checkpoint["mean"], checkpoint["std"]
-    split_dir = Path(data_dir) / "split"
-    changes = data_lib.split_changes(checkpoint.get("split"), split_dir, ("test",))
-    if changes:
-        raise UserError(f"{split_dir / 'test'} changed since {checkpoint_path} was trained ({changes}), "
-                        "so its accuracy would not be comparable: evaluate it on the split it was trained "
-                        "on, or train a new run on this one (part_a/train.py or part_b/train.py with --test)")
-    test_set = data_lib.load_cache(split_dir, "test", checkpoint["input_size"])
+    test_dir = Path(data_dir) / "split" / "test"
+    if changes := data_lib.split_changes(checkpoint.get("split"), test_dir.parent, ("test",)):
+        fix = "evaluate it on the split it trained on, or train a new run on this one (train.py --test)"
+        raise UserError(f"{test_dir} changed since {checkpoint_path} was trained ({changes}): {fix}")
+    test_set = data_lib.load_cache(test_dir.parent, "test", checkpoint["input_size"])
     if list(test_set.classes) != classes:
-        raise UserError(f"checkpoint {checkpoint_path} was trained on classes {classes} but "
-                        f"{split_dir / 'test'} holds {list(test_set.classes)}; evaluate it on the "
-                        "dataset it was trained on")
-    loader = data_lib.DeviceLoader(test_set.images, test_set.labels, batch_size, torch_device, train=False,
-                                   mean=mean, std=std)
+        found = f"{test_dir} holds {list(test_set.classes)}; evaluate it on the dataset it was trained on"
+        raise UserError(f"checkpoint {checkpoint_path} was trained on classes {classes} but {found}")
+    test_data = (test_set.images, test_set.labels)
+    loader = data_lib.DeviceLoader(*test_data, batch_size, torch_device, train=False, mean=mean, std=std)
     images = torch.as_tensor(test_set.images)
     try:
         layer = figures.feature_activation(model, normalise(images[:1].to(torch_device), mean, std))
@@ -206,20 +176,25 @@ def evaluate_checkpoint(checkpoint_path, data_dir="data", out_dir=None, batch_si
     matrix = figures.confusion_matrix(labels, predictions, len(classes))
     recall = matrix.diag().double() / matrix.sum(dim=1).double()  # nan for a class with no test image
     metrics = {key: result[key] for key in ("test_acc", "test_loss")}
-    metrics.update(test_per_class_acc=dict(zip(classes, recall.tolist())), test_tta=tta)
+    metrics.update(test_per_class_acc=dict(zip(classes, recall.tolist(), strict=True)), test_tta=tta)
     summary_path = checkpoint_path.parent / "summary.json"
     tested = dict(test_checkpoint=checkpoint_path.name, test_epoch=checkpoint.get("epoch"))
     files.update_json(summary_path, {**metrics, **tested, "test_precision": engine.TEST_PRECISION})
     print(format_table(metrics, matrix, checkpoint_path))
 
-    drawn = report_figures(model, checkpoint, images, result, matrix)
+    grid = [i for per_class in sample_per_class(labels, GRID_PER_CLASS, len(classes)) for i in per_class]
+    confidence = result["probabilities"].max(dim=1).values.tolist()
+    shown = (images[grid], labels[grid].tolist(), predictions[grid].tolist(), [confidence[i] for i in grid])
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    drawn = {"confusion_matrix": figures.plot_confusion_matrix(matrix, classes)}
+    drawn["prediction_grid"] = figures.plot_prediction_grid(*shown, classes)
+    drawn["first_layer_filters"] = figures.plot_filters(first_conv.weight)
     if layer is not None:
         drawn["guided_backprop"] = guided_backprop_figure(model, layer, channel_strength, images, checkpoint)
     out = Path(out_dir) if out_dir is not None else checkpoint_path.parent
     figure_paths = {name: figures.save_figure(fig, out / f"{name}.png") for name, fig in drawn.items()}
-    shown = [i for per_class in sample_per_class(labels, TABLE_PER_CLASS, len(classes)) for i in per_class]
-    confidence = result["probabilities"].max(dim=1).values.tolist()
-    rows = [[images[i].numpy(), classes[labels[i]], classes[predictions[i]], confidence[i]] for i in shown]
+    table = [i for per_class in sample_per_class(labels, TABLE_PER_CLASS, len(classes)) for i in per_class]
+    rows = [[images[i].numpy(), classes[labels[i]], classes[predictions[i]], confidence[i]] for i in table]
     log_to_wandb(wandb_mode, checkpoint, checkpoint_path, metrics, figure_paths, rows)
     print("figures: " + ", ".join(str(path) for path in figure_paths.values()))
     return dict(metrics, confusion_matrix=matrix.tolist(), summary_path=summary_path, figures=figure_paths)
@@ -240,7 +215,8 @@ def predict_files(config: EvalConfig, top: int = 3) -> list[list[tuple[str, floa
         logits = [engine.predict(model, normalise(batch.to(device), mean, std), tta) for batch in batches]
     classes = checkpoint["classes"]
     values, indices = torch.cat(logits).softmax(dim=1).topk(min(top, len(classes)), dim=1)
-    return [[(classes[i], v) for v, i in zip(*row)] for row in zip(values.tolist(), indices.tolist())]
+    names = [[classes[i] for i in row] for row in indices.tolist()]
+    return [list(zip(*pair, strict=True)) for pair in zip(names, values.tolist(), strict=True)]
 
 
 def config_from_args(argv: list[str] | None = None) -> EvalConfig:
@@ -252,7 +228,7 @@ def config_from_args(argv: list[str] | None = None) -> EvalConfig:
 
 def run(config: EvalConfig) -> None:
     if config.images:
-        for path, top in zip(config.images, predict_files(config)):
+        for path, top in zip(config.images, predict_files(config), strict=True):
             print(f"{path}: " + " | ".join(f"{name} {probability:.3f}" for name, probability in top))
     else:
         options = (config.batch_size, config.device, config.wandb_mode, config.tta)

@@ -1,9 +1,8 @@
 """Report figures and guided backpropagation, for any image classifier (Part A or Part B).
 
-Plotting functions take tensors or arrays and return a matplotlib ``Figure`` in constrained layout
-(labels never overlap). Guided backpropagation (Springenberg et al., 2015) passes a gradient back
-through a ReLU only where the forward input *and* the gradient are positive, through hooks removed
-afterwards.
+Plotting functions return a matplotlib ``Figure`` in constrained layout (labels never overlap). Guided
+backpropagation (Springenberg et al., 2015) passes a gradient back through a ReLU only where the forward
+input *and* the gradient are positive, through hooks removed afterwards.
 """
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ MAX_FILTERS = 128  # beyond this a filter grid is unreadable at report size, and
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write ``fig`` as an image (format from the suffix) and release its memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -49,7 +47,7 @@ def plot_confusion_matrix(matrix: torch.Tensor | np.ndarray, classes: Sequence[s
     normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # an absent class: a zero row
     fig, axes = plt.subplots(1, 2, figsize=(16, 7.5), layout="constrained")
     panels = ((counts, "Counts", "d"), (normalised, "Normalised by true class", ".2f"))
-    for ax, (values, title, fmt) in zip(axes, panels):
+    for ax, (values, title, fmt) in zip(axes, panels, strict=True):
         fig.colorbar(ax.imshow(values, cmap="Blues", vmin=0), ax=ax, shrink=0.8)
         threshold = values.max() / 2 if values.max() > 0 else 1
         for (row, col), value in np.ndenumerate(values):
@@ -72,10 +70,9 @@ def _grid(count: int, columns: int, cell: tuple[float, float], title_height: flo
 
 
 def plot_prediction_grid(images, true_labels, predicted_labels, confidences, classes, columns=3) -> Figure:
-    """One captioned cell per image (uint8 ``[N, H, W, 3]``); wrong predictions red with a thicker border
-    (correct ones green), so mistakes stand out even in a greyscale print."""
+    """A captioned cell per image; mistakes red with a thicker border (visible in a greyscale print too)."""
     fig, axes = _grid(len(images), columns, (2.4, 2.7))
-    cells = zip(axes, np.asarray(images), true_labels, predicted_labels, confidences)
+    cells = zip(axes, np.asarray(images), true_labels, predicted_labels, confidences, strict=True)
     for ax, image, true, pred, confidence in cells:
         color = CORRECT_COLOR if true == pred else WRONG_COLOR
         ax.imshow(image)
@@ -87,46 +84,35 @@ def plot_prediction_grid(images, true_labels, predicted_labels, confidences, cla
 
 
 def plot_filters(weight: torch.Tensor, title="First conv layer filters", max_filters=MAX_FILTERS) -> Figure:
-    """Each filter of a conv weight ``[F, C, k, k]`` in a near-square grid: RGB for three input channels,
-    else their mean in grey; min-max normalised one by one (one shared range would leave most of them
-    flat grey); only the first ``max_filters`` (a ViT patch embedding has 768)."""
+    """The first ``max_filters`` filters (RGB, else their mean in grey), each min-max normalised on its own:
+    one shared range would leave most of them flat grey."""
     all_filters = weight.shape[0]
     weight = weight.detach().float().cpu()[:max_filters]
     n_filters, channels, height, width = weight.shape
     low = weight.amin(dim=(1, 2, 3), keepdim=True)
     scaled = (weight - low) / (weight.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
     fig, axes = _grid(n_filters, math.ceil(math.sqrt(n_filters)), (1.1, 1.1), title_height=0.5)
-    for ax, image in zip(axes, scaled):
-        if channels == 3:
-            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-        else:
-            ax.imshow(image.mean(dim=0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    pictures = scaled.permute(0, 2, 3, 1) if channels == 3 else scaled.mean(dim=1)  # RGB, else grey
+    for ax, image in zip(axes, pictures, strict=True):
+        ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_axis_off()
     shown = f"first {n_filters} of {all_filters}" if n_filters < all_filters else f"{n_filters}"
     fig.suptitle(f"{title} ({shown} filters, {channels} x {height} x {width})")
     return fig
 
 
-@contextlib.contextmanager
-def forward_hooks(modules: Sequence[nn.Module], hook) -> Iterator[None]:
-    """``hook`` on each of ``modules`` for the duration of the block only."""
-    handles = [module.register_forward_hook(hook) for module in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _activations(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if isinstance(module, SIGN_PRESERVING)]
+def forward_hooks(modules: Sequence[nn.Module], hook) -> contextlib.ExitStack:
+    """``hook`` on each of ``modules`` for the duration of a ``with`` block only."""
+    hooks = contextlib.ExitStack()
+    for module in modules:
+        hooks.enter_context(module.register_forward_hook(hook))
+    return hooks
 
 
 def _guided_gate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-    """Keep only positive gradients at positive units, *before* they enter the activation's own backward:
-    the activation's input then gets f'(x) * max(grad, 0) where x > 0 and 0 elsewhere, exactly the guided
-    rule for ReLU and non-negative for every ``SIGN_PRESERVING`` activation (f(x) > 0 iff x > 0, so the
-    mask is read from the output, now, before any later in-place operation could change it)."""
+    """Keep only positive gradients at positive units *before* the activation's own backward: its input gets
+    f'(x) * max(grad, 0) where x > 0, else 0, the guided rule for ReLU (f(x) > 0 iff x > 0 for every
+    ``SIGN_PRESERVING`` activation, so the mask is read from the output now, before any in-place change)."""
     if output.requires_grad:
         positive = output > 0
         output.register_hook(lambda grad: grad.clamp(min=0) * positive)
@@ -135,24 +121,23 @@ def _guided_gate(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None
 @contextlib.contextmanager
 def guided_backward(model: nn.Module) -> Iterator[None]:
     """Within the block, gradients pass every ReLU-like activation of ``model`` the guided way."""
-    if not (activations := _activations(model)):
+    if not (activations := [m for m in model.modules() if isinstance(m, SIGN_PRESERVING)]):
         names = ", ".join(c.__name__ for c in SIGN_PRESERVING)
-        model_name = type(model).__name__
-        raise ValueError(f"{model_name} has no ReLU-like activation ({names}); guided backprop needs one")
+        raise ValueError(f"{type(model).__name__} has no ReLU-like activation ({names}) for guided backprop")
     with forward_hooks(activations, _guided_gate):
         yield
 
 
 def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The activation module of the model's last spatial feature map: the last ReLU-like call with a 4-D
-    output on ``example``, so Part A and torchvision backbones alike need no attribute names."""
+    """The last ReLU-like module with a 4-D output on ``example``: any backbone, no attribute names."""
     last: list[nn.Module] = []
 
     def remember(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if isinstance(output, torch.Tensor) and output.dim() == 4:
             last[:] = [module]
 
-    with forward_hooks(_activations(model), remember), torch.no_grad():
+    activations = [m for m in model.modules() if isinstance(m, SIGN_PRESERVING)]
+    with forward_hooks(activations, remember), torch.no_grad():
         model(example[:1])
     if not last:
         found = f"{type(model).__name__} has no ReLU-like activation with a 4-D (image-shaped) output"
@@ -161,9 +146,8 @@ def feature_activation(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def guided_backprop(model: nn.Module, images: torch.Tensor, channels, layer=None) -> torch.Tensor:
-    """The guided gradient of channel ``channels[i]``'s summed activation map in ``layer`` (default:
-    ``feature_activation``) with respect to ``images[i]`` (normalised inputs ``[N, C, H, W]``). Runs in
-    eval mode (samples do not interact through batch norm), restores the mode, touches no parameter."""
+    """The guided gradient of channel ``channels[i]``'s summed map in ``layer`` with respect to ``images[i]``,
+    in eval mode (samples do not interact through batch norm); the model is left as it was."""
     if len(channels) != len(images):
         raise ValueError(f"got {len(images)} images but {len(channels)} channels; pass one channel per image")
     was_training = model.training
@@ -191,8 +175,7 @@ def guided_backprop(model: nn.Module, images: torch.Tensor, channels, layer=None
 
 
 def gradient_to_image(gradient: torch.Tensor) -> np.ndarray:
-    """A ``[3, H, W]`` gradient as an ``[H, W, 3]`` image in [0, 1] (0.5 is zero), scaled by the 99th
-    percentile of its magnitude: a few extreme pixels do not wash the rest out to grey."""
+    """An image with 0.5 for zero, scaled by the 99th percentile: a few extreme pixels wash nothing out."""
     gradient = gradient.detach().float().cpu()
     scale = torch.quantile(gradient.abs().flatten(), 0.99).clamp_min(1e-12)
     return (0.5 + 0.5 * gradient / scale).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -201,16 +184,15 @@ def gradient_to_image(gradient: torch.Tensor) -> np.ndarray:
 def plot_guided_backprop(images, gradients: torch.Tensor, titles: Sequence[str], pairs_per_row=2) -> Figure:
     """Each input image (uint8 ``[N, H, W, 3]``) beside its guided gradient (``[N, 3, H, W]``)."""
     if not len(images) == len(gradients) == len(titles):
-        raise ValueError(f"got {len(images)} images, {len(gradients)} gradients and {len(titles)} titles; "
-                         "they must match one to one")
+        counts = f"{len(images)} images, {len(gradients)} gradients and {len(titles)} titles"
+        raise ValueError(f"got {counts}; they must match one to one")
     fig, axes = _grid(2 * len(images), 2 * pairs_per_row, (2.6, 2.9))
-    pairs = zip(axes[::2], axes[1::2], np.asarray(images), gradients, titles)
+    pairs = zip(axes[::2], axes[1::2], np.asarray(images), gradients, titles, strict=True)
     for image_ax, gradient_ax, image, gradient, title in pairs:
         image_ax.imshow(image)
-        image_ax.set_title(title, fontsize=9)
         gradient_ax.imshow(gradient_to_image(gradient))
-        gradient_ax.set_title("guided backprop", fontsize=9)
-        image_ax.set_axis_off()
-        gradient_ax.set_axis_off()
+        for ax, text in ((image_ax, title), (gradient_ax, "guided backprop")):
+            ax.set_title(text, fontsize=9)
+            ax.set_axis_off()
     fig.suptitle("Guided backpropagation: last conv layer neurons")
     return fig

@@ -2,15 +2,14 @@
 
     python common/flops.py [Part A model options] [--verify] [--json] [--torchvision NAME]
 
-Counts are per image, by ``CONVENTIONS`` (batch norm's element ops: a scale and a shift at inference;
-dropout, flatten and padding are free). ``count_config`` counts the Part A network from its analytic
-block shapes alone (Question 1); ``count_module`` counts any module per layer from one forward pass
-under ``FlopCounterMode`` (on the meta device, without weight memory); ``verify`` checks a report
-against FlopCounterMode and the parameters.
+Counts are per image, by ``CONVENTIONS`` (dropout, flatten and padding are free). ``count_config``
+counts the Part A network from its block shapes alone (Question 1); ``count_module`` any module, per
+layer, from one forward pass under ``FlopCounterMode``; ``verify`` checks a count against both.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -35,23 +34,18 @@ BIAS_OPS, NORM_OPS, ACTIVATION_OPS = 1, 2, 1  # per output element
 TOTALS, LABELS = ("macs", "flops", "element_ops", "params"), ("MACs", "FLOPs", "element ops", "params")
 OUTSIDE_MACS = "(MACs outside the layers above)"  # count_module's row for FlopCounterMode's remainder
 CONVENTIONS = {
-    "macs": "multiply-accumulates of conv and linear layers, and of products in functions (attention), "
-    "per image",
-    "flops": "2 per multiply-accumulate, as torch.utils.flop_counter.FlopCounterMode counts (bias adds "
-    "excluded)",
-    "element_ops": "per output element: bias add 1, batch norm 2, activation 1, max-pool window-1 "
-    "comparisons",
-    "params": "nn.Parameter elements (batch-norm running statistics are buffers and not counted)",
+    "macs": "multiply-accumulates of conv and linear layers and of products in functions (attention)",
+    "flops": "2 per multiply-accumulate, as torch.utils.flop_counter.FlopCounterMode counts (no bias adds)",
+    "element_ops": "per output: bias add 1, batch norm 2 (scale, shift), activation 1, max-pool window-1",
+    "params": "nn.Parameter elements (batch-norm running statistics are buffers, not counted)",
 }
 
 
 @dataclass(frozen=True)
-class LayerCount:
-    """One layer's counts (or a formula's totals); ``output_shape`` is per image."""
-
+class LayerCount:  # one layer's counts, or a formula's totals
     name: str
     type: str
-    output_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]  # per image
     macs: int = 0
     element_ops: int = 0
     params: int = 0
@@ -60,8 +54,6 @@ class LayerCount:
 
 @dataclass
 class Report:
-    """Per-layer counts for one input shape (per image); the totals are sums over ``layers``."""
-
     input_shape: tuple[int, ...]
     layers: list[LayerCount]
 
@@ -81,13 +73,12 @@ class Report:
         return {"input_shape": list(self.input_shape), **totals, **extra}
 
     def table(self) -> str:
-        """An aligned text table, one row per layer, then the totals; names left, numbers right."""
         rows = [("layer", "type", "output", *LABELS)]
         for layer in self.layers:
             shape = "x".join(map(str, layer.output_shape)) or "-"
             rows.append((layer.name, layer.type, shape, *_numbers(layer)))
         rows.append(("total", "", "", *_numbers(self)))
-        widths = [max(map(len, column)) for column in zip(*rows)]
+        widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
         line = "  ".join(f"{{:{'<' if i < 3 else '>'}{width}}}" for i, width in enumerate(widths))
         lines = [line.format(*row).rstrip() for row in rows]
         rule = "-" * len(lines[0])
@@ -99,8 +90,7 @@ def _numbers(counts: LayerCount | Report) -> list[str]:
 
 
 def count_config(config) -> Report:
-    """Count a Part A ``ModelConfig`` from its analytic block shapes without building it; ``ValueError``
-    for a configuration that cannot be built."""
+    """Count a Part A ``ModelConfig`` from its block shapes without building it (ValueError: it cannot be)."""
     from part_a.model import activation_class, block_shapes  # common/ imports a part only where needed
 
     act = activation_class(config.activation).__name__
@@ -129,10 +119,7 @@ def count_config(config) -> Report:
 
 
 def _one_pass(module: nn.Module, input_shape: Sequence[int], counter: FlopCounterMode | None = None):
-    """One forward pass of a single sample under ``counter``, on the module's device (meta stays meta),
-    in eval mode without autograd, restoring what it changed. Attention runs its math path:
-    FlopCounterMode has no formula for the fused CPU kernels (nn.MultiheadAttention's fast path, CPU
-    flash attention) and would miss their products; the math path runs them as bmm/addmm."""
+    # Attention runs its math path (bmm/addmm): FlopCounterMode has no formula for the fused CPU kernels.
     counter = counter or FlopCounterMode(display=False)
     tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     example = torch.zeros((1, *input_shape), device=tensor.device if tensor is not None else "cpu")
@@ -162,10 +149,8 @@ def _element_ops(module: nn.Module, out: torch.Tensor) -> int:
 
 
 def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
-    """Count any module (``input_shape`` without the batch), one row per leaf-module call: the MACs
-    FlopCounterMode counted during the call and its element ops. MACs of functions (attention) and
-    parameters no called leaf owns are one extra row each, so ``macs`` and ``params`` are exact;
-    element ops in functions (residual adds, softmax) are not counted."""
+    """One row per leaf-module call; MACs in functions (attention) and parameters no leaf owns get a row
+    each, so the totals are exact (element ops in functions, e.g. residual adds, are not counted)."""
     names = {sub: name for name, sub in module.named_modules()}
     layers, counted, started = [], set(), []  # counted: parameter ids (shared weights count once)
     counter = FlopCounterMode(display=False)
@@ -174,8 +159,7 @@ def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
         macs = (counter.get_total_flops() - started.pop()) // FLOPS_PER_MAC
         own = [p for p in sub.parameters(recurse=False) if id(p) not in counted]
         counted.update(id(p) for p in own)
-        # A module returning a tuple (a recurrent layer): only its parameters are counted.
-        tensor = isinstance(output, torch.Tensor)
+        tensor = isinstance(output, torch.Tensor)  # else a tuple (a recurrent layer): only parameters count
         shape, ops = (tuple(output.shape[1:]), _element_ops(sub, output)) if tensor else ((), 0)
         params = sum(p.numel() for p in own)
         if macs or ops or params:
@@ -185,14 +169,11 @@ def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
     def start(*_) -> None:
         started.append(counter.get_total_flops())
 
-    leaves = [sub for sub in module.modules() if next(sub.children(), None) is None]
-    handles = [leaf.register_forward_pre_hook(start) for leaf in leaves]
-    handles += [leaf.register_forward_hook(record) for leaf in leaves]
-    try:
+    with contextlib.ExitStack() as hooks:  # removed on exit
+        for leaf in (sub for sub in module.modules() if next(sub.children(), None) is None):
+            hooks.enter_context(leaf.register_forward_pre_hook(start))
+            hooks.enter_context(leaf.register_forward_hook(record))
         _one_pass(module, input_shape, counter)
-    finally:
-        for handle in handles:
-            handle.remove()
     if outside := counter.get_total_flops() // FLOPS_PER_MAC - sum(layer.macs for layer in layers):
         layers.append(LayerCount(OUTSIDE_MACS, "functional", (), macs=outside))
     if other := sum(p.numel() for p in module.parameters() if id(p) not in counted):
@@ -201,14 +182,12 @@ def count_module(module: nn.Module, input_shape: Sequence[int]) -> Report:
 
 
 def torch_flop_counts(module: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """FlopCounterMode's FLOPs per aten op for one forward pass of a single sample."""
     counts = _one_pass(module, input_shape).get_flop_counts().get("Global", {})
     return {str(op): flops for op, flops in counts.items()}
 
 
 def verify(model: nn.Module, input_shape: Sequence[int], expected: Report) -> list[str]:
-    """Check ``expected`` against FlopCounterMode (products only, never element-wise work) and
-    ``sum(p.numel())``, exactly; one message per mismatch."""
+    """``expected`` against FlopCounterMode (products only) and the parameters: one message per mismatch."""
     problems = []
     by_op = torch_flop_counts(model, input_shape)
     if (measured := sum(by_op.values())) != expected.flops:
@@ -222,11 +201,9 @@ def verify(model: nn.Module, input_shape: Sequence[int], expected: Report) -> li
 
 
 def question1_formula(m: int, k: int, n: int, w: int, *, conv_bias=True, batch_norm=False) -> LayerCount:
-    """Question 1's totals in closed form (``QUESTION1_DERIVATION``): 5 blocks of m k x k filters,
-    'same' padding, stride 1, 2x2 pools, n dense neurons, a w x w x 3 input and 10 classes."""
+    """Question 1's totals in closed form (``QUESTION1_DERIVATION``)."""
     if w % 32:
-        raise ValueError(f"the Question 1 formula assumes w divisible by 32 (five exact halvings), "
-                         f"got w={w}; use count_config for other sizes")
+        raise ValueError(f"the Question 1 formula assumes w divisible by 32, got w={w}; use count_config")
     conv_pixels, pool_pixels = 341 * w * w // 256, 341 * w * w // 1024  # sums of (w/2^i)^2 over the blocks
     flat = m * (w // 32) ** 2
     macs = k * k * m * (3 * w * w + m * 85 * w * w // 256) + flat * n + n * 10
@@ -254,8 +231,7 @@ runs at w/2^(i-1) and the last 2x2 pool leaves (w/32)^2 pixels; n dense neurons;
 
 
 def question1_text(config, exact: Report) -> str:
-    """The derivation, then the formula evaluated for a Part A ``ModelConfig`` and compared with
-    ``exact``, or the reasons the formula does not apply to it."""
+    """The derivation, then the formula for ``config`` checked against ``exact``, or why it does not apply."""
     kernels = {config.kernel_size} if isinstance(config.kernel_size, int) else set(config.kernel_size)
     checks = {"n_blocks is not 5": config.n_blocks == 5,
               "filter_strategy is not 'same'": config.filter_strategy == "same",
@@ -269,9 +245,9 @@ def question1_text(config, exact: Report) -> str:
     m, k, n, w = config.n_filters, kernels.pop(), config.dense_neurons, config.input_size
     answer = question1_formula(m, k, n, w, conv_bias=config.conv_bias, batch_norm=config.batch_norm)
     same = all(getattr(answer, key) == getattr(exact, key) for key in TOTALS)
-    on = {True: "on", False: "off"}
+    on = ("off", "on")
     switches = f"conv bias {on[config.conv_bias]}, batch norm {on[config.batch_norm]}"
-    counts = ", ".join(f"{label} {getattr(answer, key):,}" for label, key in zip(LABELS, TOTALS))
+    counts = ", ".join(f"{label} {getattr(answer, key):,}" for label, key in zip(LABELS, TOTALS, strict=True))
     verdict = "= the exact" if same else "DIFFERS from the exact"
     text = f"{QUESTION1_DERIVATION}\n  with m={m}, k={k}, n={n}, w={w}, {switches}: {counts}\n"
     return text + f"  {verdict} layer-by-layer count above"
@@ -296,11 +272,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=f"Count MACs, FLOPs, element ops and parameters of {what}.")
     add_dataclass_args(parser, ModelConfig, "Part A model")
     group = parser.add_argument_group("counter")
-    group.add_argument("--verify", action="store_true", help="check FLOPs against FlopCounterMode and params "
-                       "against the built model; exit 1 on any mismatch")
+    verify_help = "check FLOPs against FlopCounterMode, params against the built model; exit 1 on a mismatch"
+    group.add_argument("--verify", action="store_true", help=verify_help)
     group.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    torchvision_help = "count this torchvision model (e.g. resnet50) at input_size instead"
-    group.add_argument("--torchvision", metavar="NAME", help=torchvision_help)
+    group.add_argument("--torchvision", metavar="NAME", help="count this torchvision model instead")
     return parser
 
 

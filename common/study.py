@@ -3,10 +3,8 @@
     python common/study.py --data_dir data --out_dir runs [--count 30] [--workers K] [--quick]
                            [--part_b_weights FILE] [--seed 0]
 
-Prepares the data, runs (or continues) the Part A sweep of sweep.yaml, tests its best configuration and
-draws its figures, compares the Part B strategies of part_b/sweep.yaml, and writes OUT_DIR/study/report.md
-from the run folders. OUT_DIR/study/state.json records the steps: a rerun reuses a step that finished
-with the same inputs whose outputs all exist, and redoes any other from its run folders and database.
+Steps are recorded in OUT_DIR/study/state.json: a rerun reuses one that finished with the same inputs
+and whose outputs all exist, and redoes any other from its run folders and database.
 """
 from __future__ import annotations
 
@@ -57,17 +55,11 @@ def option(default: Any, help: str) -> Any:
 @dataclass
 class StudyConfig:
     data_dir: str = option("data", "dataset root (prepared first when missing)")
-    out_dir: str = option("runs", "runs folder: the sweeps' trials and databases, the best run, and study/ "
-                                  "with the report")
-    count: int | None = option(None, f"Part A sweep trials to have finished in all; none = {DEFAULT_COUNT}, "
-                                     f"or {QUICK_COUNT} with --quick")
+    out_dir: str = option("runs", "the sweeps' trials and databases, the best run, and study/ (the report)")
+    count: int | None = option(None, f"Part A trials in all (default {DEFAULT_COUNT}, --quick {QUICK_COUNT})")
     workers: int = option(1, "parallel sweep workers on this machine (one trial each)")
-    quick: bool = option(False, f"check an installation in minutes on a CPU: a {QUICK_COUNT}-trial sweep "
-                                f"of {QUICK_PART_A['epochs']}-epoch runs at {QUICK_PART_A['input_size']} px, "
-                                f"Part B with {QUICK_PART_B['model']} at {QUICK_PART_B['input_size']} px")
-    part_b_weights: str | None = option(
-        None, "Part B pretrained weights, passed to part_b/train.py --weights (a weights name or a "
-        "state-dict FILE); none = part_b/sweep.yaml's, read from the torch hub cache")
+    quick: bool = option(False, "check an installation in minutes on a CPU: few, short, small trials")
+    part_b_weights: str | None = option(None, "Part B's --weights NAME or FILE; none: part_b/sweep.yaml's")
     seed: int = option(0, "seed of the sweeps' proposals (each run keeps its own --seed)")
 
 
@@ -76,18 +68,17 @@ class StepSkipped(Exception):
 
 
 class Steps:
-    """The steps' records in ``path`` (JSON, written atomically), with the machine and software they ran
-    on. A step that finished with the same inputs (``key``) and whose ``outputs`` (files its result lists)
-    all exist is reused; any other runs, and its time adds to earlier tries with those inputs."""
+    """The steps' records in ``path``, with the machine and software they ran on. A step runs unless it
+    is done with the same inputs (``key``) and ``outputs`` all there; its time adds up over such tries."""
 
     def __init__(self, path: Path):
         self.path, self.records = path, files.read_json(path)
         gpus = ", ".join(map(torch.cuda.get_device_name, range(torch.cuda.device_count()))) or "no GPU"
-        software = [f"python {platform.python_version()}"]
-        software += [f"{n} {importlib.metadata.version(n)}" for n in ("torch", "torchvision", "numpy")]
-        software += [f"{n} {importlib.metadata.version(n)}" for n in ("optuna", "wandb")]
+        names = ("torch", "torchvision", "numpy", "optuna", "wandb")
+        versions = [f"{name} {importlib.metadata.version(name)}" for name in names]
         machine = f"{cpu_model()}, {os.cpu_count()} CPU threads, {gpus}"
-        self.environment = {"machine": machine, "software": ", ".join(software)}
+        software = ", ".join([f"python {platform.python_version()}", *versions])
+        self.environment = {"machine": machine, "software": software}
 
     def run(self, name: str, key: dict, work: Callable[[], dict]) -> dict:
         key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
@@ -118,18 +109,13 @@ class Steps:
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """What the study needs of the prepared split: a fingerprint of its manifest (every file's path,
-    class, split, size and SHA-256) and the number of training images."""
+class Dataset:  # the split: a digest of its manifest (each file's path, class, split, size, SHA-256)
     fingerprint: str
     train_images: int
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One sweep of the study: its file, study name, fixed overrides, and how many trials it should hold.
-    The name ends in a digest of every input that changes the trials' results but their count (make_plan),
-    so other inputs make another study, whose trials never mix with these."""
+class Plan:  # one sweep; its study's name ends in a digest of every input that changes its trials
     file: str
     study: str
     overrides: dict[str, Any]
@@ -137,9 +123,9 @@ class Plan:
 
 
 def make_plan(file: Path, config: StudyConfig, dataset: Dataset, count: int | None = None, **fixed) -> Plan:
-    """The sweep of ``file`` with ``fixed`` values (and its QUICK ones with --quick); ``count`` None means
-    every point of its grid. Refuses a batch size larger than the training split."""
+    """The sweep of ``file`` with ``fixed`` (and QUICK) values; ``count`` None: every point of its grid."""
     from common.training import RunConfig
+
     overrides = {**(QUICK[file] if config.quick else {}), **fixed}
     if config.quick:  # a small dataset: at least two steps per epoch
         overrides["batch_size"] = min(overrides["batch_size"], max(1, dataset.train_images // 2))
@@ -147,12 +133,12 @@ def make_plan(file: Path, config: StudyConfig, dataset: Dataset, count: int | No
     batch = spec.search_space.get("batch_size")
     largest = max(batch.choices) if batch else spec.fixed.get("batch_size", RunConfig.batch_size)
     if largest > dataset.train_images:
-        raise UserError(f"{file.relative_to(ROOT)}: batch_size {largest} is larger than the "
-                        f"{dataset.train_images} training images of the data; run with --quick (it fits "
-                        "its batch sizes to the data) or give the file smaller batch sizes")
+        fix = "run with --quick (it fits its batch sizes to the data) or give the file smaller ones"
+        too_big = f"batch_size {largest} is larger than the {dataset.train_images} training images"
+        raise UserError(f"{file.relative_to(ROOT)}: {too_big} of the data; {fix}")
     named_files = [v for v in overrides.values() if isinstance(v, str) and Path(v).is_file()]
     contents = {v: hashlib.sha256(Path(v).read_bytes()).hexdigest() for v in named_files}  # e.g. weights
-    inputs = [file.read_text(), overrides, contents, config.seed, dataset.fingerprint]
+    inputs = [file.read_text(), overrides, contents, config.seed, dataset.fingerprint]  # not the count
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:8]
     trials = count or math.prod(len(dist.choices) for dist in spec.search_space.values())
     name = f"{spec.name or file.stem}{'_quick' if config.quick else ''}_{digest}"
@@ -166,23 +152,20 @@ def study_trials(out_dir: str, study: str) -> list[FrozenTrial]:
     return []
 
 
-def failed(trial: FrozenTrial) -> bool:
-    """Failed by an error of its own, not by Ctrl-C."""
+def failed(trial: FrozenTrial) -> bool:  # by an error of its own, not by Ctrl-C
     return trial.state == TrialState.FAIL and not was_interrupted(trial)
 
 
-def lost(trial: FrozenTrial) -> bool:
-    """Completed, but its run folder is gone."""
+def lost(trial: FrozenTrial) -> bool:  # completed, but its run folder is gone
     run_dir = Path(trial.user_attrs.get("run_dir", ""))
     return trial.state == TrialState.COMPLETE and not (run_dir / "summary.json").is_file()
 
 
 def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
-    """Top the study up to ``plan.trials`` ended trials. Run again, first: a trial stopped by Ctrl-C (the
-    runner queues it), a failed one while no trial has completed, and with ``rerun_lost`` a completed one
-    whose run folder is gone. Raises, with the first error, when no trial has completed."""
-    storage = sweep.default_storage(config.out_dir, plan.study)
-    trials = study_trials(config.out_dir, plan.study)
+    """Top the study up to ``plan.trials`` ended trials, first running again a trial stopped by Ctrl-C, a
+    failed one while none completed, and with ``rerun_lost`` a completed one whose run folder is gone."""
+    storage, out_dir = sweep.default_storage(config.out_dir, plan.study), config.out_dir
+    trials = study_trials(out_dir, plan.study)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     completed = any(t.state == TrialState.COMPLETE for t in trials)
     # Ended: counts towards plan.trials (a trial stopped by Ctrl-C runs again, a retried one is replaced).
@@ -193,16 +176,17 @@ def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     if (missing := plan.trials - len(ended) + len(redo)) > 0:
         where = {name: getattr(config, name) for name in ("workers", "out_dir", "data_dir", "seed")}
-        sweep.sweep_main(sweep.SweepOptions(str(ROOT / plan.file), missing, plan.study, **where,
-                                            overrides=plan.overrides))
-    trials = study_trials(config.out_dir, plan.study)
+        options = sweep.SweepOptions(str(ROOT / plan.file), missing, plan.study, **where)
+        options.overrides = plan.overrides
+        sweep.sweep_main(options)  # a grid runs its queued retries too (sweep_space.GridSampler)
+    trials = study_trials(out_dir, plan.study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and not (rerun_lost and lost(t))]
     if not complete:
         error = next((t.user_attrs["error"] for t in trials if failed(t)), "none recorded")
-        table = Path(config.out_dir) / "sweeps" / f"{plan.study}_trials.csv"
-        raise UserError(f"no trial of study {plan.study} completed; the first error: {error}; every trial "
-                        f"is in {table}; fix the cause and run the same command again")
-    outputs = [sweep.database_path(config.out_dir, plan.study)]
+        table = Path(out_dir) / "sweeps" / f"{plan.study}_trials.csv"
+        what = f"no trial of study {plan.study} completed; the first error: {error}"
+        raise UserError(f"{what}; every trial is in {table}; fix the cause and run the same command again")
+    outputs = [sweep.database_path(out_dir, plan.study)]
     outputs += [Path(t.user_attrs["run_dir"]) / "summary.json" for t in complete if rerun_lost]
     result = {"study": plan.study, "storage": storage, "file": plan.file, "overrides": plan.overrides}
     return {**result, "outputs": [str(path) for path in outputs]}
@@ -214,12 +198,10 @@ def finished_run(run_dir: Path) -> bool:
 
 
 def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Path) -> dict:
-    """The best configuration trained for its full epochs, then tested by ``common/evaluate.py`` (test metrics
-    into the run's summary.json, figures into the study folder). The runner trained the trial's own run with
-    exactly the trial's options, so that run is used while it is there; else the options are trained again
-    (a started try continues)."""
+    """The best trial's own run (or its options trained again), tested; figures into the study folder."""
     from common.evaluate import evaluate_checkpoint
     from part_a import train as part_a_train
+
     run_dir = Path(trial.user_attrs["run_dir"])
     if retrained := not finished_run(run_dir):
         values = {**trial.user_attrs["fixed"], **trial.params, "name": f"{plan.study}_best_{trial.number}"}
@@ -235,19 +217,20 @@ def best_run(trial: FrozenTrial, plan: Plan, config: StudyConfig, study_dir: Pat
 
 
 def run_part_b(plan: Plan, config: StudyConfig) -> dict:
-    """The strategy grid, after loading the backbone's weights once: without them (no cache, no network,
-    a bad file) Part B is skipped, saying what is missing and what to do."""
+    """The strategy grid, skipped (saying what to do) when the backbone's weights cannot be loaded."""
     from part_b.model import build_model
+
     try:
         build_model(load_sweep(ROOT / plan.file, plan.overrides).fixed)  # a dict: its run options are ignored
     except ValueError as error:  # the weights' error says where the file should be, or what is wrong with it
-        raise StepSkipped(f"{error}\nThen run the same command again (with --part_b_weights FILE if the file "
-                          "is elsewhere): the finished steps are reused and Part B runs.") from error
+        again = "Then run the same command again (with --part_b_weights FILE if the file is elsewhere)"
+        raise StepSkipped(f"{error}\n{again}: the finished steps are reused and Part B runs.") from error
     return run_plan(plan, config, rerun_lost=True)
 
 
 def run_study(config: StudyConfig) -> None:
     from common.study_report import write_report
+
     study_dir = Path(config.out_dir) / "study"
     try:
         split_dir = data.prepare(config.data_dir)  # does no work when the split is up to date
@@ -272,21 +255,20 @@ def run_study(config: StudyConfig) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="The whole study: data, Part A sweep, best model tested and "
-                                     "explained, Part B strategies, and a report (resumable).")
+    what = "data, Part A sweep, best model tested and explained, Part B strategies, a report (resumable)"
+    parser = argparse.ArgumentParser(description=f"The whole study: {what}.")
     add_dataclass_args(parser, StudyConfig, "study")
     return parser
 
 
-def config_from_args(argv: list[str] | None = None) -> StudyConfig:
-    config = from_namespace(StudyConfig, get_args_parser().parse_args(argv))
-    if (config.count is not None and config.count < 1) or config.workers < 1:
-        raise ValueError(f"--count and --workers must be >= 1, got {config.count} and {config.workers}")
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(config_from_args, run_study, argv)
+    def parse(argv: list[str] | None) -> StudyConfig:
+        config = from_namespace(StudyConfig, get_args_parser().parse_args(argv))
+        if (config.count is not None and config.count < 1) or config.workers < 1:
+            raise ValueError(f"--count and --workers must be >= 1, got {config.count} and {config.workers}")
+        return config
+
+    return cli_main(parse, run_study, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""The study's report, written again each time ``common/study.py`` runs: OUT_DIR/study/report.md with its
-PNGs, and results.json holding the same numbers for other tools. One ``*_results`` function per section
-collects its facts from the data split, run folders, sweep databases and step records; ``render`` fills
-the one template, ``study_report.md.j2`` (Jinja, which torch depends on), with them.
+"""The study's report, written on each run of ``common/study.py``: OUT_DIR/study/report.md with its PNGs,
+and results.json with the same numbers. One ``*_results`` function per section collects its facts from the
+split, run folders, sweep databases and step records; ``render`` fills ``study_report.md.j2`` with them.
 """
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
-import jinja2
 import optuna
 import torch
 from optuna.distributions import CategoricalDistribution, IntDistribution
@@ -28,7 +26,6 @@ from common.sweep import was_interrupted
 from common.sweep_space import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = Path(__file__).with_name("study_report.md.j2")
 
 
 def data_results(split_dir: Path) -> dict:
@@ -55,7 +52,6 @@ def _describe(dist) -> str:
 
 
 def sweep_results(result: dict, study_dir: Path) -> dict:
-    """The Part A sweep: space, trial counts, best trial, importance, correlations, observations, figures."""
     study = optuna.load_study(study_name=result["study"], storage=result["storage"])
     spec = load_sweep(ROOT / result["file"], result["overrides"])
     metric, best = sweep_report.metric_name(study), study.best_trial
@@ -85,8 +81,7 @@ def sweep_results(result: dict, study_dir: Path) -> dict:
 
 
 def question1_results(run_dir: Path) -> dict:
-    """Question 1 for the trained configuration, from ``common/flops.py`` (its text evaluates the formula
-    where the configuration is the Question 1 network), and the model's own count."""
+    """Question 1 for the trained configuration (``common/flops.py``), and the model's own count."""
     from part_a.model import ModelConfig
     config = from_namespace(ModelConfig, files.read_json(run_dir / "config.json"))
     counts = count_config(config)
@@ -96,7 +91,6 @@ def question1_results(run_dir: Path) -> dict:
 
 
 def best_model_results(best: dict) -> dict:
-    """Train (at the best epoch), validation and test accuracy, per-class test accuracy, figures."""
     run_dir = Path(best["run_dir"])
     summary = files.read_json(run_dir / "summary.json")
     metrics = tracking.read_metrics(run_dir / "metrics.jsonl")
@@ -109,8 +103,7 @@ def best_model_results(best: dict) -> dict:
 
 
 def _strategy_row(run_dir: Path) -> dict:
-    """One Part B run: what trained, for how long, how well, with the trainable count at the last epoch,
-    the head's widths and the setup (input, normalisation, head) from its model rebuilt on the meta device."""
+    """One Part B run: what trained, how long, how well; the head and setup from its model rebuilt on meta."""
     from torchvision.models import get_model_weights
 
     from part_b.model import build_from_config, normalisation, resolve_config
@@ -168,11 +161,9 @@ def write_report(study_dir: Path, records: dict[str, dict], split_dir: Path) -> 
 
 
 def render(results: dict) -> str:
-    """report.md: the template filled with ``results``."""
-    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    environment.filters["fmt"] = format  # Python's format specs: {{ 1234|fmt(",") }} is 1,234
-    environment.globals.update(importance_table=sweep_report.importance_table,
-                               correlation_tables=sweep_report.correlation_tables,
-                               duration=lambda seconds: timedelta(seconds=round(seconds or 0)))
     places = Counter((r["machine"], r["software"]) for r in results["steps"].values() if r["machine"])
-    return environment.from_string(TEMPLATE.read_text()).render(results, places=places)
+    return sweep_report.render("study_report.md.j2", {**results, "places": places, "duration": _duration})
+
+
+def _duration(seconds: float | None) -> timedelta:
+    return timedelta(seconds=round(seconds or 0))

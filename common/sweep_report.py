@@ -1,12 +1,5 @@
-"""What a sweep found: the trials table, the best command, and a report (summary.md and two figures).
-
-``write_report`` writes into one folder:
-    summary.md                 best trial, importance ranking, correlations, what the top trials share
-    parallel_coordinates.png   the most important parameters against the metric, one line per trial
-    metric_per_trial.png       the metric over trial number, with the running best
-
-Each table and figure has its own function for other reports (common/study_report.py) to reuse;
-Optuna computes the importances and draws its figures.
+"""What a sweep found: the trials table, the best command, and a report (summary.md from sweep_report.md.j2,
+two figures). common/study_report.py reuses each table and figure; Optuna computes and draws them.
 """
 from __future__ import annotations
 
@@ -20,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import matplotlib
 import numpy as np
 import optuna
@@ -47,8 +41,7 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def trial_value(trial: FrozenTrial) -> float | None:
-    """The trial's metric: its result, or for a pruned trial the last value it reported."""
+def trial_value(trial: FrozenTrial) -> float | None:  # for a pruned trial, the last value it reported
     if trial.value is None and trial.intermediate_values:
         return trial.intermediate_values[max(trial.intermediate_values)]
     return trial.value
@@ -68,7 +61,7 @@ def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["number", "state", metric_name(study), "duration_s", *names, "run_dir", "error"])
-        for trial, row in zip(trials, values):
+        for trial, row in zip(trials, values, strict=True):
             value = "" if (result := trial_value(trial)) is None else result
             duration = "" if trial.duration is None else round(trial.duration.total_seconds(), 1)
             cells = [row.get(name, "") for name in names]
@@ -77,8 +70,7 @@ def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
     return path
 
 
-def best_command(study: optuna.Study) -> str | None:
-    """The best trial as a ready-to-run training command, or None before any trial completed."""
+def best_command(study: optuna.Study) -> str | None:  # None before any trial completed
     if not _complete(study):
         return None
     best = study.best_trial
@@ -88,8 +80,7 @@ def best_command(study: optuna.Study) -> str | None:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (tied values share their mean rank); nan when either side is
-    constant. Neither numpy nor the project's other dependencies has one."""
+    """Spearman's rank correlation (ties share their mean rank); nan when either side is constant."""
     ranks = []
     for values in (x, y):
         _, inverse, counts = np.unique(np.asarray(values, float), return_inverse=True, return_counts=True)
@@ -99,37 +90,33 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def correlations(trials: list[FrozenTrial]) -> dict[str, dict]:
-    """Per parameter: Spearman rho with the metric (numeric), or the mean metric per category and the
-    correlation ratio eta (how much of the metric's spread the categories explain, 0..1)."""
+    """Per parameter: Spearman rho with the metric, or the mean metric per category and eta (0..1)."""
     result = {}
     for name in dict.fromkeys(name for trial in trials for name in trial.params):
         having = [t for t in trials if name in t.params]
+        params, values = [t.params[name] for t in having], np.array([t.value for t in having], dtype=float)
         choices = getattr(having[0].distributions[name], "choices", [0])  # a float or int range has none
         if all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
-            rho = spearman([t.params[name] for t in having], [t.value for t in having])
+            rho = spearman(params, values)
             result[name] = {"kind": "numeric", "rho": rho, "strength": abs(rho), "n": len(having)}
             continue
-        groups: dict[Any, list[float]] = {}
-        for trial in having:
-            groups.setdefault(trial.params[name], []).append(trial.value)
-        values = np.array([t.value for t in having], dtype=float)
-        spread = ((values - values.mean()) ** 2).sum()
-        between = sum(len(v) * (np.mean(v) - values.mean()) ** 2 for v in groups.values())
-        eta = math.sqrt(between / spread) if spread > 0 else float("nan")
-        means = {k: (float(np.mean(v)), len(v)) for k, v in groups.items()}
+        groups = {key: values[[p == key for p in params]] for key in dict.fromkeys(params)}
+        between = sum(len(v) * (v.mean() - values.mean()) ** 2 for v in groups.values())
+        eta = math.sqrt(between / (len(values) * values.var())) if values.var() > 0 else float("nan")
+        means = {key: (float(v.mean()), len(v)) for key, v in groups.items()}
         result[name] = {"kind": "categorical", "n": len(having), "strength": eta, "means": means}
     return result
 
 
 def importance_evaluator() -> tuple[optuna.importance.BaseImportanceEvaluator, str]:
-    """fANOVA when scikit-learn (its random forest) is installed, else PED-ANOVA; and the method's name."""
+    """fANOVA when scikit-learn (its random forest) is installed, else PED-ANOVA; and its name."""
     if importlib.util.find_spec("sklearn") is not None:
         return optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
     return optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA (install scikit-learn for fANOVA)"
 
 
 def parameter_importance(study: optuna.Study) -> tuple[dict[str, float], str]:
-    """(importances, method) - empty with the reason when there are too few completed trials."""
+    """(importances, method), or empty with the reason they are not computed."""
     complete = _complete(study)
     if len(complete) < MIN_TRIALS:
         instead = "parameters are ranked by the strength of their correlation with the metric instead"
@@ -143,8 +130,7 @@ def parameter_importance(study: optuna.Study) -> tuple[dict[str, float], str]:
         return {}, f"{method} failed ({error}); parameters are ranked by correlation strength instead"
 
 
-def ranking(importance: dict[str, float], corr: dict[str, dict]) -> list[str]:
-    """Parameters by importance, or by correlation strength when importance is unknown."""
+def ranking(importance: dict[str, float], corr: dict[str, dict]) -> list[str]:  # else by correlation strength
     if importance:
         return list(importance)
     strength = {name: (0.0 if math.isnan(c["strength"]) else c["strength"]) for name, c in corr.items()}
@@ -153,8 +139,7 @@ def ranking(importance: dict[str, float], corr: dict[str, dict]) -> list[str]:
 
 @contextlib.contextmanager
 def _optuna_drawing():
-    """Optuna's matplotlib plots warn that they are experimental (and, for a parameter with one value
-    so far, about its flat axis) and switch the global style to ggplot; keep all that inside the block."""
+    """Optuna's plots warn (experimental, a flat axis) and switch the global style; keep that inside."""
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", "Attempting to set identical low and high ylims", UserWarning)
@@ -162,15 +147,14 @@ def _optuna_drawing():
 
 
 def plot_metric_per_trial(study: optuna.Study) -> Figure:
-    """Completed trials' metric and the running best (Optuna's history plot); pruned trials at the
-    value they had when stopped, failed ones (not those stopped by Ctrl-C) as crosses along the bottom."""
+    """Optuna's history plot; pruned trials at their value when stopped, failed ones as crosses."""
     metric, trials = metric_name(study), study.get_trials(deepcopy=False)
     pruned = [t for t in trials if t.state == TrialState.PRUNED and trial_value(t) is not None]
     failed = [t.number for t in trials if t.state == TrialState.FAIL and not was_interrupted(t)]
     with _optuna_drawing():
         ax = optuna_plots.plot_optimization_history(study, target_name=metric)
         if pruned:
-            numbers, values = zip(*[(t.number, trial_value(t)) for t in pruned])
+            numbers, values = zip(*[(t.number, trial_value(t)) for t in pruned], strict=True)
             ax.scatter(numbers, values, fc="none", ec="0.4", label="pruned (value when stopped)")
         if failed:
             crosses = dict(c="tab:red", marker="x", label="failed", transform=ax.get_xaxis_transform())
@@ -184,7 +168,6 @@ def plot_metric_per_trial(study: optuna.Study) -> Figure:
 
 
 def plot_parallel_coordinates(study: optuna.Study, params: list[str], title: str = "") -> Figure:
-    """One line per completed trial through ``params`` and the metric, coloured by the metric."""
     with _optuna_drawing():
         ax = optuna_plots.plot_parallel_coordinate(study, params=params, target_name=metric_name(study))
         ax.set_title(title or f"{study.study_name}: parallel coordinates", y=1.03)
@@ -194,7 +177,6 @@ def plot_parallel_coordinates(study: optuna.Study, params: list[str], title: str
 
 
 def plot_importance(study: optuna.Study, method: str) -> Figure:
-    """Optuna's importance bars, by the evaluator ``parameter_importance`` used (the same numbers)."""
     with _optuna_drawing():
         evaluator = importance_evaluator()[0]
         ax = optuna_plots.plot_param_importances(study, evaluator=evaluator, target_name=metric_name(study))
@@ -206,13 +188,11 @@ def plot_importance(study: optuna.Study, method: str) -> Figure:
 
 
 def plot_correlations(corr: dict[str, dict], order: list[str], metric: str) -> Figure:
-    """One bar per parameter: Spearman's rho with the metric (numeric, signed) or the correlation ratio
-    eta (categorical, 0..1, no direction)."""
     names = [name for name in order if name in corr and not math.isnan(corr[name]["strength"])][::-1]
     numeric = [corr[name]["kind"] == "numeric" for name in names]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5), layout="constrained")
-    labels = [f"{name} ({'rho' if num else 'eta'})" for name, num in zip(names, numeric)]
-    values = [corr[name]["rho" if num else "strength"] for name, num in zip(names, numeric)]
+    labels = [f"{name} ({'rho' if num else 'eta'})" for name, num in zip(names, numeric, strict=True)]
+    values = [corr[name]["rho" if num else "strength"] for name, num in zip(names, numeric, strict=True)]
     ax.barh(labels, values, color=["tab:blue" if num else "tab:orange" for num in numeric])
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.set_xlim(-1, 1)
@@ -221,8 +201,7 @@ def plot_correlations(corr: dict[str, dict], order: list[str], metric: str) -> F
 
 
 def observations(importance: dict, method: str, corr: dict, metric: str, top: int = 3) -> list[str]:
-    """Sentences on the ``top`` ranked parameters, each stating the numbers it rests on (none on a
-    parameter whose correlation is undefined: it or the metric never varied)."""
+    """Sentences on the ``top`` ranked parameters with their numbers (none where either side never varied)."""
     sentences = []
     ranked = [n for n in ranking(importance, corr) if n in corr and not math.isnan(corr[n]["strength"])]
     for name in ranked[:top]:
@@ -231,7 +210,8 @@ def observations(importance: dict, method: str, corr: dict, metric: str, top: in
         if c["kind"] == "categorical" and len(c["means"]) == 1:
             finding = f"only {_fmt(next(iter(c['means'])))} was tried"
         elif c["kind"] == "categorical":
-            (high, (high_mean, high_n)), *_, (low, (low_mean, low_n)) = _by_mean(c["means"], True)
+            by_mean = sorted(c["means"].items(), key=lambda item: item[1][0], reverse=True)
+            (high, (high_mean, high_n)), *_, (low, (low_mean, low_n)) = by_mean
             finding = f"mean {metric} {high_mean:.3f} with {_fmt(high)} ({high_n} trials) against "
             finding += f"{low_mean:.3f} with {_fmt(low)} ({low_n}); correlation ratio eta {c['strength']:.2f}"
         elif math.isnan(rho) or abs(rho) < WEAK_RHO:
@@ -242,10 +222,6 @@ def observations(importance: dict, method: str, corr: dict, metric: str, top: in
             finding = f"importance {importance[name]:.2f} by {method.split(' (')[0]}; {finding}"
         sentences.append(f"`{name}` ({finding}).")
     return sentences
-
-
-def _by_mean(means: dict, descending: bool) -> list:
-    return sorted(means.items(), key=lambda item: item[1][0], reverse=descending)
 
 
 def _shared_by_top(top: list[FrozenTrial]) -> list[str]:
@@ -264,95 +240,33 @@ def _shared_by_top(top: list[FrozenTrial]) -> list[str]:
     return lines
 
 
-def _head(*columns: str) -> list[str]:
-    """A markdown table's header and rule."""
-    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-
-
-def importance_table(importance: dict[str, float], method: str) -> list[str]:
-    """Markdown lines: the importance ranking, or why there is none."""
-    if not importance:
-        return [f"Not computed: {method}.", ""]
-    rows = [f"| {i} | {name} | {value:.3f} |" for i, (name, value) in enumerate(importance.items(), 1)]
-    return [f"Method: {method}.", "", *_head("rank", "parameter", "importance"), *rows, ""]
-
-
-def correlation_tables(metric: str, order: list[str], corr: dict[str, dict], maximize: bool) -> list[str]:
-    """Markdown lines: Spearman's rho of each numeric parameter, the mean metric per value of each other."""
-    kinds = {name: corr.get(name, {}).get("kind") for name in order}
-    lines = ["Numeric parameters (Spearman's rank correlation):", "", *_head("parameter", "rho", "trials")]
-    lines += [f"| {n} | {corr[n]['rho']:+.2f} | {corr[n]['n']} |" for n in order if kinds[n] == "numeric"]
-    lines += ["", f"Categorical parameters (mean {metric} per value, trials in brackets):", ""]
-    lines += _head("parameter", "values")
-    for name in [n for n in order if kinds[n] == "categorical"]:
-        means = _by_mean(corr[name]["means"], maximize)
-        lines.append(f"| {name} | " + ", ".join(f"{_fmt(k)}: {m:.3f} ({n})" for k, (m, n) in means) + " |")
-    return lines
-
-
-SUMMARY = """\
-## Best trial
-
-Trial {best.number}: {metric} = {best.value:.4f}{where}
-
-{params}
-
-Ready to run:
-
-```
-{command}
-```
-
-## Parameter importance
-
-{importance}
-## Correlation with {metric}
-
-{correlations}
-
-## What the top {top} trials share
-
-{shared}
-
-## Figures
-
-{figures}
-"""
-
-
-def _summary_markdown(study: optuna.Study, importance: dict, method: str, corr: dict, figures: list) -> str:
-    metric, maximize, complete = metric_name(study), study.direction.name == "MAXIMIZE", _complete(study)
-    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
-    counts = ", ".join(f"{n} {state}" for state, n in states.items())
-    direction = "maximized" if maximize else "minimized"
-    head = f"# Sweep report: {study.study_name}\n\n{sum(states.values())} trials ({counts}); "
-    head += f"metric `{metric}`, {direction}.\n\n"
-    if not complete:
-        return head + "No trial has completed yet, so there is nothing to analyse.\n"
-    best = study.best_trial
-    top = sorted(complete, key=lambda t: t.value, reverse=maximize)[:max(3, math.ceil(len(complete) / 5))]
-    params = _head("parameter", "value") + [f"| {name} | {_fmt(v)} |" for name, v in best.params.items()]
-    where = f" (run folder `{best.user_attrs['run_dir']}`)" if "run_dir" in best.user_attrs else ""
-    tables = correlation_tables(metric, ranking(importance, corr), corr, maximize)
-    parts = dict(params=params, importance=importance_table(importance, method), correlations=tables)
-    parts["shared"] = _shared_by_top(top) or ["- nothing stands out"]
-    parts["figures"] = [f"![{name}]({name})" for name in figures]
-    fields = {key: "\n".join(lines) for key, lines in parts.items()}
-    fields.update(best=best, metric=metric, where=where, command=best_command(study), top=len(top))
-    return head + SUMMARY.format(**fields)
+def render(template: str, values: dict) -> str:
+    """The Jinja ``template`` beside this file filled with ``values``; ``{{ 1234|fmt(",") }}`` is 1,234."""
+    loader = jinja2.FileSystemLoader(Path(__file__).parent)
+    blocks = dict(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    environment = jinja2.Environment(loader=loader, **blocks)
+    environment.filters.update(fmt=format, short=_fmt)
+    return environment.get_template(template).render(values)
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> list[Path]:
     """Write summary.md and the figures into ``out_dir``; return the paths written."""
-    out_dir, complete = Path(out_dir), _complete(study)
+    out_dir, complete, metric = Path(out_dir), _complete(study), metric_name(study)
     importance, method = parameter_importance(study)
     corr = correlations(complete)
+    order = ranking(importance, corr)
     written = [save_figure(plot_metric_per_trial(study), out_dir / "metric_per_trial.png", dpi=120)]
-    if complete and (params := ranking(importance, corr)[:PARALLEL_AXES]):
+    if complete and (params := order[:PARALLEL_AXES]):
         by = "importance" if importance else "correlation strength"
         title = f"{study.study_name}: {len(complete)} completed trials, top {len(params)} parameters by {by}"
         figure = plot_parallel_coordinates(study, params, title)
         written.append(save_figure(figure, out_dir / "parallel_coordinates.png", dpi=120))
+    maximize = study.direction.name == "MAXIMIZE"
+    top = sorted(complete, key=lambda t: t.value, reverse=maximize)[: max(3, math.ceil(len(complete) / 5))]
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    values = dict(study=study.study_name, states=states, metric=metric, maximize=maximize, order=order)
+    values.update(best=study.best_trial if complete else None, command=best_command(study), top=len(top))
+    values.update(importance=importance, method=method, corr=corr, shared=_shared_by_top(top))
     summary = out_dir / "summary.md"
-    summary.write_text(_summary_markdown(study, importance, method, corr, [p.name for p in written]))
+    summary.write_text(render("sweep_report.md.j2", {**values, "figures": [p.name for p in written]}))
     return [summary, *written]
