@@ -62,8 +62,8 @@ def resize_crops(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor,
         crop = image[top:top + height, left:left + width].permute(2, 0, 1)[None]
         crop = crop.flip(3) if flip else crop  # bilinear resizing (half-pixel centres) commutes with a flip
         # antialias selects torch's fast uint8 kernel; upsampling (every training crop) it is plain bilinear.
-        resized.append(F.interpolate(crop, size=(size, size), mode="bilinear",
-                                     antialias=height <= size and width <= size))
+        antialias = height <= size and width <= size
+        resized.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=antialias))
     return torch.cat(resized).permute(0, 2, 3, 1).float()
 
 

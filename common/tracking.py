@@ -65,6 +65,6 @@ def start_wandb(mode: str | None, run_dir: str | Path, resume_id: str | None = N
     except Exception as error:  # wandb raises its own CommError/UsageError/timeouts
         if mode != "online":
             raise
-        print(f"wandb: could not reach the server ({type(error).__name__}); logging offline instead. "
-              f"Upload later with: wandb sync {Path(run_dir) / 'wandb'}", file=sys.stderr)
+        line = f"wandb: could not reach the server ({type(error).__name__}); logging offline instead."
+        print(line, f"Upload later with: wandb sync {Path(run_dir) / 'wandb'}", file=sys.stderr)
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init)

@@ -184,8 +184,7 @@ class Training(NamedTuple):
     ema: WeightAverage | None
 
 
-def build_training(config: RunConfig, policy: device_lib.Policy, model: nn.Module, steps_per_epoch: int,
-                   labels: torch.Tensor, num_classes: int) -> Training:
+def build_training(config: RunConfig, policy, model, steps_per_epoch: int, labels, num_classes: int):
     """``model`` placed by the device policy, its optimizer (over its ``param_groups()`` if any), per-step
     schedule, step context and loss (``labels``: the training labels, for ``--class_weights``)."""
     model = device_lib.place(model, policy)
@@ -200,8 +199,8 @@ def build_training(config: RunConfig, policy: device_lib.Policy, model: nn.Modul
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.amp_dtype == torch.float16)
     mix, update_ema = _mixing(config, num_classes), ema.update if ema else None
-    ctx = engine.StepContext(policy.device, policy.amp_dtype, scaler, config.grad_clip, mix, update_ema,
-                             policy.cuda_graphs)
+    device, graphs = policy.device, policy.cuda_graphs
+    ctx = engine.StepContext(device, policy.amp_dtype, scaler, config.grad_clip, mix, update_ema, graphs)
     return Training(model, optimizer, scheduler, ctx, _loss(config, labels, num_classes, policy.device), ema)
 
 
@@ -468,8 +467,7 @@ def _wrap(parts: Training, info: DistInfo, policy: device_lib.Policy) -> tuple[n
     return trained, trained if parts.ema is None else device_lib.wrap(parts.ema.module, policy, DistInfo())
 
 
-def _train_and_validate(models: tuple, data: Data, parts: Training, epoch: int, config: RunConfig,
-                        info: DistInfo) -> dict:
+def _train_and_validate(models, data: Data, parts: Training, epoch: int, config: RunConfig, info) -> dict:
     """``engine.train_one_epoch``, then ``engine.evaluate``: the epoch's metrics."""
     (trained, validated), start = models, time.perf_counter()
     data.train_loader.set_epoch(epoch)
