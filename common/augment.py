@@ -1,9 +1,7 @@
 """Training augmentation for whole batches on the device: random resized crop and horizontal flip.
 
-Parameters are drawn on the CPU from a ``torch.Generator`` (so a seed gives the same crops on any
-device), one set per image, and applied by ``crop_flip`` to a uint8 batch. The crop sampling follows
-torchvision's ``RandomResizedCrop.get_params``: up to 10 tries of an area fraction and a log-uniform
-aspect ratio; the first crop that fits wins, else a central crop.
+Parameters are drawn per image on the CPU from a ``torch.Generator`` (a seed gives the same crops on
+any device), as torchvision's ``RandomResizedCrop.get_params`` draws them, and ``crop_flip`` applies them.
 """
 from __future__ import annotations
 
@@ -18,13 +16,12 @@ FLIP_PROBABILITY = 0.5
 CROP_ATTEMPTS = 10
 
 
-def sample_crops(n: int, height: int, width: int, generator: torch.Generator,
-                 scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+def sample_crops(n: int, height: int, width: int, generator, scale=CROP_SCALE, ratio=CROP_RATIO):
     """float32 ``[n, 4]``: (top, left, crop height, crop width) in pixels for each of ``n`` images."""
     # All tries are drawn for every image, fitting or not, so the random stream never depends on the data.
     area = height * width * torch.empty(n, CROP_ATTEMPTS).uniform_(*scale, generator=generator)
-    aspect = torch.empty(n, CROP_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                    generator=generator).exp()
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.empty(n, CROP_ATTEMPTS).uniform_(*log_ratio, generator=generator).exp()
     crop_w = (area * aspect).sqrt().round()
     crop_h = (area / aspect).sqrt().round()
     fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
@@ -35,13 +32,7 @@ def sample_crops(n: int, height: int, width: int, generator: torch.Generator,
     left = (position[:, 1] * (width - crop_w + 1)).floor()
 
     # No try fitted: the largest central crop whose aspect ratio is within bounds.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
-    else:
-        fallback_w, fallback_h = width, height
+    fallback_w, fallback_h = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))
     fitted = fits.any(dim=1)
     crop_h = torch.where(fitted, crop_h, float(fallback_h))
     crop_w = torch.where(fitted, crop_w, float(fallback_w))
@@ -56,12 +47,9 @@ def sample_flips(n: int, generator: torch.Generator, p: float = FLIP_PROBABILITY
 
 
 def crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image of ``images`` (uint8 ``[B, H, W, 3]``) to its box, mirror it if asked and resize it
-    to ``size`` x ``size``: float32 ``[B, size, size, 3]``, values in [0, 255].
-
-    The result is torchvision's ``hflip(resized_crop(image, top, left, h, w, [size, size]))``: bilinear,
-    half-pixel centres, clamped to the crop's own edges; ``resize_crops`` on the CPU (the faster kernel
-    there), ``matmul_crops`` elsewhere.
+    """Each image of ``images`` (uint8 ``[B, H, W, 3]``) cropped to its box, mirrored if asked and resized
+    to ``size`` x ``size`` (float32 ``[B, size, size, 3]`` in [0, 255]), as torchvision's ``hflip(
+    resized_crop(...))``: ``resize_crops`` on the CPU (the faster kernel there), ``matmul_crops`` elsewhere.
     """
     return (resize_crops if images.device.type == "cpu" else matmul_crops)(images, crops, flips, size)
 
@@ -69,12 +57,13 @@ def crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, si
 def resize_crops(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
     """``crop_flip`` as one uint8 resize per image, rounded to uint8 once (within 1 level of 255)."""
     resized = []
-    for image, (top, left, height, width), flip in zip(images, crops.to(torch.int64).tolist(), flips.tolist()):
+    boxes = crops.to(torch.int64).tolist()
+    for image, (top, left, height, width), flip in zip(images, boxes, flips.tolist(), strict=True):
         crop = image[top:top + height, left:left + width].permute(2, 0, 1)[None]
-        crop = crop.flip(3) if flip else crop  # bilinear resizing with half-pixel centres commutes with mirroring
-        # antialias selects torch's fast uint8 kernel; upsampling, as every training crop is, it is plain bilinear.
-        resized.append(F.interpolate(crop, size=(size, size), mode="bilinear",
-                                     antialias=height <= size and width <= size))
+        crop = crop.flip(3) if flip else crop  # bilinear resizing (half-pixel centres) commutes with a flip
+        # antialias selects torch's fast uint8 kernel; upsampling (every training crop) it is plain bilinear.
+        antialias = height <= size and width <= size
+        resized.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=antialias))
     return torch.cat(resized).permute(0, 2, 3, 1).float()
 
 

@@ -21,6 +21,7 @@ from common.files import atomic_path
 FORMAT = "inat12k-checkpoint"
 # Each kind's builder (from its saved ``model_config``) by name: the parts import common, not the reverse.
 MODEL_BUILDERS = {"part_a": "part_a.model:build_model", "part_b": "part_b.model:build_from_config"}
+PASS_ONE = "pass a best.pt or last.pt from a run folder"
 
 
 class CheckpointError(ValueError):
@@ -38,27 +39,23 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`, or raise ``CheckpointError`` naming it."""
     if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a best.pt or last.pt "
-                              "written by part_a/train.py or part_b/train.py")
+        raise CheckpointError(f"checkpoint {path} does not exist; {PASS_ONE}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for truncated, damaged or foreign files
         if "Unsupported global" in str(error):  # a readable pickle of other Python objects: not ours
-            raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain data, so it is not a checkpoint "
-                "of this project; pass a best.pt or last.pt from a run folder") from error
+            message = f"{path} holds Python objects, so it is not a checkpoint of this project; {PASS_ONE}"
+            raise CheckpointError(message) from error
         # torch's own text for a damaged pickle suggests weights_only=False, which is wrong here.
         detail = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n")[0]
         detail = "" if not detail or detail.startswith("Weights only load failed") else f": {detail}"
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}{detail}); it is corrupt or "
-            "truncated: use another checkpoint (best.pt / last.pt) of the run") from error
+        message = f"checkpoint {path} cannot be read ({type(error).__name__}{detail}): corrupt or truncated"
+        raise CheckpointError(f"{message}; use another checkpoint (best.pt / last.pt) of the run") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
-                              f"(no format={FORMAT!r}); pass a best.pt or last.pt from a run folder")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no format {FORMAT}); {PASS_ONE}")
     if state.get("kind") not in MODEL_BUILDERS:
-        raise CheckpointError(f"checkpoint {path} has unknown kind {state.get('kind')!r}; "
-                              f"expected one of {tuple(MODEL_BUILDERS)}")
+        kind, kinds = state.get("kind"), tuple(MODEL_BUILDERS)
+        raise CheckpointError(f"checkpoint {path} has unknown kind {kind!r}; expected one of {kinds}")
     return state
 
 

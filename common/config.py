@@ -1,17 +1,16 @@
 """The command line: one dataclass per entry point with argparse generated from it, and the exit-code rule.
 
-A field's type decides how its option is parsed; its ``metadata`` may carry ``help`` and
-``choices``. Booleans accept every spelling wandb and people use: ``--flag``, ``--no-flag``,
-``--flag=True``, ``--flag=false``, ``--flag 1``. Options are grouped by the dataclass a field comes
-from, so ``--help`` reads as "model", "training", ... sections.
+A field (``option``) gives its option's default, help and choices, its type how it is parsed. Booleans
+accept what wandb and people write: ``--flag``, ``--no-flag``, ``--flag=True``, ``--flag false``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
+import functools
+import operator
 import sys
-import types
 import typing
 from typing import Any, Callable, Iterable
 
@@ -20,7 +19,7 @@ class UserError(Exception):
     """A failure the user can fix (missing data, a damaged file, a diverged run); the message says how."""
 
 
-def cli_main(parse: Callable[[list[str] | None], Any], work: Callable[[Any], Any], argv: list[str] | None = None) -> int:
+def cli_main(parse: Callable, work: Callable, argv: list[str] | None = None) -> int:
     """Every command's ``main``. Exit 2 when the options are wrong (nothing was read or run), 1 when
     the work fails for a reason the user can fix (also a file or folder that cannot be written, a full
     disk), each with one ``error:`` line on stderr; anything else is a bug and keeps its traceback."""
@@ -71,40 +70,45 @@ def _int_list(text: str) -> int | list[int]:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or a comma list of integers, got {text!r}")
+        message = f"expected an integer or a comma list of integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values[0] if len(values) == 1 and "," not in cleaned else values
 
 
-def _optional(parse):
+def _list_of(item: type):
+    def parse_list(text: str) -> list:
+        return [item(p) for p in text.strip().strip("[]()").replace(" ", "").split(",") if p]
+    return parse_list
+
+
+# How a field's type is parsed: the types config dataclasses use (X | None adds "none" to each).
+PARSERS = {bool: parse_bool, int: int, float: float, str: str, int | str: _int_or_str}
+PARSERS.update({int | list[int]: _int_list, list[int]: _list_of(int), list[str]: _list_of(str)})
+
+
+def _parser_for(tp: Any):
+    """The argparse ``type=`` for a dataclass field annotation; ``X | None`` also takes none or null."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(inner) == len(typing.get_args(tp)):
+        if tp not in PARSERS:
+            raise TypeError(f"no option parser for field type {tp!r}")
+        return PARSERS[tp]
+    parse = _parser_for(functools.reduce(operator.or_, inner))
+
     def parse_optional(text: str):
         return None if text.strip().lower() in {"none", "null", ""} else parse(text)
     return parse_optional
 
 
-def _parser_for(tp: Any):
-    """The argparse ``type=`` for a dataclass field annotation."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if set(args) == {int, str}:
-            inner = _int_or_str
-        elif set(args) == {int, list[int]}:
-            inner = _int_list
-        elif len(args) == 1:
-            inner = _parser_for(args[0])
-        else:
-            raise TypeError(f"no option parser for field type {tp!r}")
-        return _optional(inner) if len(args) < len(typing.get_args(tp)) else inner
-    if typing.get_origin(tp) is list:
-        def parse_list(text: str) -> list:
-            return [args[0](p) for p in text.strip().strip("[]()").replace(" ", "").split(",") if p]
-        return parse_list
-    if tp is bool:
-        return parse_bool
-    if tp in (int, float, str):
-        return tp
-    raise TypeError(f"no option parser for field type {tp!r}")
+def option(default: Any, help: str, **metadata) -> Any:
+    """A config dataclass field that ``add_dataclass_args`` makes an option of: its default, its help and
+    any other ``metadata`` (``choices``, ``cli=False``). A list default is copied for each config."""
+    metadata = {"help": help, **metadata}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
@@ -114,24 +118,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str | 
     for field in dataclasses.fields(cls):
         if not field.init or field.metadata.get("cli") is False:
             continue
-        tp = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        tp, flag = hints[field.name], f"--{field.name}"
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         # %(default)s: argparse fills it in when --help prints, after any parser.set_defaults.
         help_text = " ".join(filter(None, [field.metadata.get("help"), "(default: %(default)s)"]))
-        option = f"--{field.name}"
-        if bool in (tp, *typing.get_args(tp)):
-            # --flag, --flag=true, --flag false and --no-flag all work.
-            group.add_argument(option, type=_parser_for(tp), nargs="?", const=True, default=default,
-                               metavar="BOOL", help=help_text)
-            group.add_argument(f"--no-{field.name}", dest=field.name, action="store_false",
-                               help=argparse.SUPPRESS)
+        common = dict(type=_parser_for(tp), default=default, help=help_text)
+        if bool in (tp, *typing.get_args(tp)):  # --flag, --flag=true, --flag false and --no-flag
+            group.add_argument(flag, nargs="?", const=True, metavar="BOOL", **common)
+            negation = dict(dest=field.name, action="store_false", help=argparse.SUPPRESS)
+            group.add_argument(f"--no-{field.name}", **negation)
         else:
             choices = field.metadata.get("choices")
-            kwargs: dict[str, Any] = {"type": _parser_for(tp), "default": default, "help": help_text}
-            if choices is not None:
-                kwargs["choices"] = list(choices)
-                kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
-            group.add_argument(option, **kwargs)
+            metavar = None if choices is None else "{" + ",".join(map(str, choices)) + "}"
+            group.add_argument(flag, choices=choices, metavar=metavar, **common)
 
 
 def from_namespace(cls: type, namespace: argparse.Namespace | dict):

@@ -1,11 +1,10 @@
-"""The device policy, one place for training, evaluation and the benchmarks: the device, the autocast
-precision, torch.compile, CUDA graphs and the backend flags, and how a model is placed and wrapped.
+"""The device policy, one place for training, evaluation and the benchmarks: device, autocast precision,
+torch.compile, CUDA graphs, backend flags, and how a model is placed and wrapped.
 
     policy = device.resolve(run_config, kind)     # ValueError for a combination that cannot work
     model = device.place(model, policy)           # flags, device, memory format, SyncBatchNorm
     trained = device.wrap(model, policy, info)    # DDP, then torch.compile
 
-``--device auto`` takes torch's current accelerator (CUDA, Apple's MPS, Intel's XPU), else the CPU.
 CUDA and the CPU are tested; MPS and XPU follow torch's documented support, untested here.
 """
 from __future__ import annotations
@@ -20,8 +19,8 @@ from common.distributed import DistInfo
 
 # CUDA graphs by default, per kind of model: off until a GPU measurement shows a gain (docs/benchmarks.md).
 CUDA_GRAPHS = {"part_a": False, "part_b": False}
-AVAILABLE = {"cpu": lambda: True, "cuda": lambda: torch.cuda.is_available(),
-             "mps": lambda: torch.backends.mps.is_available(), "xpu": lambda: torch.xpu.is_available()}
+AVAILABLE = dict(cpu=lambda: True, cuda=lambda: torch.cuda.is_available())
+AVAILABLE.update(mps=lambda: torch.backends.mps.is_available(), xpu=lambda: torch.xpu.is_available())
 
 
 @dataclass(frozen=True)
@@ -36,26 +35,24 @@ class Policy:
     notice: str | None = None  # a default or request overridden, said once at the start
 
     @property
-    def fused(self) -> bool:
-        """torch's fused optimizer kernels: one launch for all parameters, and GradScaler leaves an
-        overflowed step to the kernel instead of reading its check on the host."""
+    def fused(self) -> bool:  # one launch for all parameters; GradScaler then leaves overflows to the kernel
         return self.device.type == "cuda"
 
 
 def resolve(config, kind: str | None = None) -> Policy:
     """The policy of a ``RunConfig`` (``kind``: whose CUDA-graph default applies); ``ValueError`` names an
-    option that cannot work here. Under torchrun (WORLD_SIZE) the run gives each process its GPU."""
+    option that cannot work here. Under torchrun the run then gives each process its GPU."""
     device = resolve_device(config.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     amp_dtype = resolve_precision(config.precision, device)
     sync_bn = config.sync_bn and world_size > 1 and device.type == "cuda"  # SyncBatchNorm needs GPUs
-    use_compile, notice = resolve_compile(config.compile, device, sync_bn)
+    compiled, notice = resolve_compile(config.compile, device, sync_bn)
     problem = _cuda_graphs_problem(config, device, amp_dtype, world_size)
     if config.cuda_graphs and problem:
         raise ValueError(f"--cuda_graphs true: {problem}; drop --cuda_graphs")
     graphs = CUDA_GRAPHS.get(kind, False) if config.cuda_graphs is None else config.cuda_graphs
-    return Policy(device, amp_dtype, use_compile, graphs and problem is None, config.channels_last, sync_bn,
-                  config.deterministic, notice)
+    flags = (config.channels_last, sync_bn, config.deterministic, notice)
+    return Policy(device, amp_dtype, compiled, graphs and problem is None, *flags)
 
 
 def _cuda_graphs_problem(config, device: torch.device, amp_dtype, world_size: int) -> str | None:
@@ -64,8 +61,8 @@ def _cuda_graphs_problem(config, device: torch.device, amp_dtype, world_size: in
     if world_size > 1:
         return "not under torchrun: DDP's gradient all-reduce is not captured here"
     if config.optimizer == "nadam" and amp_dtype == torch.float16:
-        return ("nadam has no fused kernel, so fp16 loss scaling reads its overflow check on the host every "
-                "step, which a graph cannot; use adam, adamw or sgd, or --precision bf16 or fp32")
+        return ("nadam has no fused kernel, so fp16 loss scaling reads its overflow check on the host "
+                "every step; use adam, adamw or sgd, or --precision bf16 or fp32")
     return None
 
 
@@ -82,9 +79,9 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in AVAILABLE:
         raise ValueError(f"--device {name}: use auto, cpu, cuda, cuda:N, mps or xpu")
     if not AVAILABLE[device.type]():
-        raise ValueError(f"--device {name} asks for {device.type.upper()}, but torch sees no such device "
-                         f"here (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
-                         "use --device cpu")
+        build = f"torch {torch.__version__}, CUDA build: {torch.version.cuda}"
+        raise ValueError(f"--device {name} asks for {device.type.upper()}, but torch sees none here "
+                         f"({build}); use --device cpu")
     count = getattr(torch, device.type).device_count() if device.type in ("cuda", "xpu") else 1
     if device.index is not None and device.index >= count:
         raise ValueError(f"--device {name}: only {count} {device.type.upper()} device(s) are visible")
@@ -92,38 +89,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 where the device computes in it: MPS, XPU and CUDA GPUs of compute capability 8.0
-    (Ampere) and newer, else fp16 with loss scaling (``torch.cuda.is_bf16_supported()`` also says yes to
-    older GPUs that only emulate bf16); fp32 on the CPU."""
+    """``auto``: bf16 on MPS, XPU and CUDA from compute capability 8.0, fp16 with loss scaling on older GPUs
+    (``torch.cuda.is_bf16_supported()`` says yes to GPUs that only emulate bf16), fp32 on the CPU."""
     if precision == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if precision == "auto":
         return torch.bfloat16 if device.type in ("mps", "xpu") else None
     if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         raise ValueError(f"--precision bf16: {_gpu_name(device)} has no bf16 arithmetic (it needs compute "
-                         "capability 8.0, Ampere, or newer); use --precision auto (fp16 with loss scaling) "
-                         "or fp32")
+                         "capability 8.0 or newer); use --precision auto (fp16 with loss scaling) or fp32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def resolve_compile(requested: bool | None, device: torch.device,
-                    sync_bn: bool = False) -> tuple[bool, str | None]:
-    """Whether to ``torch.compile`` (by default on CUDA only), and a notice when the default or the request
-    is overridden.
-
-    Inductor generates Triton kernels, which need compute capability 7.0 or newer: on older GPUs
-    (P100, K80) the default is eager and an explicit ``--compile true`` fails here, before training.
-    SyncBatchNorm's statistics exchange breaks the graph at every BN layer; on ResNet50 the pieces
-    exceed Dynamo's recompile limit and the rest runs eager anyway, so with it training runs eager."""
+def resolve_compile(requested: bool | None, device: torch.device, sync_bn: bool = False) -> tuple:
+    """Whether to ``torch.compile`` (by default on CUDA only), and a notice when the default or the
+    request is overridden. Inductor's Triton kernels need compute capability 7.0: on older GPUs (P100,
+    K80) the default is eager and ``--compile true`` fails here, before training. SyncBatchNorm breaks
+    the graph at every BN layer; on ResNet50 the pieces exceed Dynamo's recompile limit and the rest
+    runs eager anyway, so with it training runs eager."""
     use_compile = device.type == "cuda" if requested is None else requested
     if use_compile and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
         if requested:
-            raise ValueError(f"--compile true: torch.compile needs a GPU of compute capability 7.0 or newer "
-                             f"and {_gpu_name(device)} is older; drop --compile (or pass --compile false)")
+            raise ValueError(f"--compile true: torch.compile needs compute capability 7.0 or newer and "
+                             f"{_gpu_name(device)} is older; drop --compile")
         return False, f"notice: {_gpu_name(device)} is too old for torch.compile (Triton); it trains eager"
     if use_compile and sync_bn:
-        return False, ("notice: --sync_bn splits compiled graphs at every batch-norm layer; training runs "
-                       "without torch.compile")
+        return False, "notice: --sync_bn splits compiled graphs at every batch norm: no torch.compile"
     return use_compile, None
 
 
@@ -132,23 +123,16 @@ def _gpu_name(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
 
 
-def configure_backends(deterministic: bool = False) -> None:
-    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (10 mantissa bits on inputs, fp32
-    accumulation) and cuDNN autotuning for fixed shapes, unless ``deterministic``: autotuning picks
-    kernels by timing and some add atomically, so two GPU runs of one seed differ in the last bits,
-    which training grows (docs/benchmarks.md, GPU section)."""
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if deterministic:  # cuBLAS reads this when it first makes its workspace
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)  # process-wide: each run sets it (a sweep's next trial)
-
-
 def place(model: nn.Module, policy: Policy) -> nn.Module:
-    """The backend flags set, and ``model`` on the policy's device and memory format (SyncBatchNorm when
-    the policy says): the raw module that is trained, saved and tested."""
-    configure_backends(policy.deterministic)
+    """Backend flags set, ``model`` on the device and memory format (SyncBatchNorm if asked).
+
+    TF32 for fp32 matmuls and convolutions on CUDA, and cuDNN autotuning unless ``deterministic``: it
+    picks kernels by timing, some add atomically, and two runs then differ in bits training grows."""
+    torch.backends.cudnn.benchmark = not policy.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if policy.deterministic:  # cuBLAS reads this when it first makes its workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(policy.deterministic)  # process-wide: a sweep's next trial resets it
     memory_format = torch.channels_last if policy.channels_last else torch.preserve_format
     model.to(policy.device, memory_format=memory_format)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if policy.sync_bn else model

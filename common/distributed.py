@@ -1,7 +1,5 @@
-"""torchrun support: the process group and the few collectives the run needs.
-
-Launched with ``torchrun --nproc_per_node=N``, each process reads RANK/WORLD_SIZE/LOCAL_RANK from
-the environment; launched plainly, everything here reports a single process and does nothing.
+"""torchrun support: the process group and the few collectives the run needs (under a plain launch,
+one process, and nothing to do).
 """
 from __future__ import annotations
 
@@ -40,8 +38,8 @@ def init_distributed(device_type: str) -> DistInfo:
     cuda = device_type == "cuda"
     if cuda and local_rank >= (gpus := torch.cuda.device_count()):
         started = os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)
-        raise ValueError(f"torchrun started {started} processes on this machine but only {gpus} CUDA GPU(s) "
-                         f"are visible; use --nproc_per_node {gpus} (one process per GPU)")
+        raise ValueError(f"torchrun started {started} processes here but {gpus} CUDA GPU(s) are visible; "
+                         f"use --nproc_per_node {gpus} (one process per GPU)")
     if not dist.is_initialized():
         device_id = torch.device("cuda", local_rank) if cuda else None
         if cuda:

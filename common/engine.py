@@ -1,10 +1,8 @@
 """The hand-written step loop: one ``train_one_epoch``, one ``evaluate``, each calling one step function.
 
-Features are switches on one code path, never copies of it: autocast and the GradScaler take
-``enabled=``; the model may be plain, channels_last, compiled or DDP-wrapped; with ``cuda_graphs`` the
-same step is captured once as a CUDA graph and replayed (``Step``). No step reads anything back to the
-host: metrics and the non-finite check accumulate on the device and are read (one host sync) only at
-log points.
+Features are switches on one code path: autocast and GradScaler take ``enabled=``, the model may be
+plain, compiled or DDP-wrapped, and with ``cuda_graphs`` the same step is captured once and replayed.
+No step reads back to the host: metrics and the non-finite check are read only at log points.
 """
 from __future__ import annotations
 
@@ -32,10 +30,6 @@ class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
-class BatchSizeOOMError(UserError):
-    """CUDA ran out of memory for the requested batch size."""
-
-
 @dataclass
 class StepContext:
     """What the step needs besides model and data: device, precision and the update rule."""
@@ -43,8 +37,7 @@ class StepContext:
     amp_dtype: torch.dtype | None  # None: full fp32
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
-    # MixUp/CutMix: (images, labels) -> (mixed images, soft targets [B, classes]); None: off.
-    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    mix: Callable | None = None  # MixUp/CutMix: (images, labels) -> (mixed images, soft targets); None: off
     update_ema: Callable[[], None] | None = None  # after every optimizer step; None: no weight average
     cuda_graphs: bool = False  # capture each step as a CUDA graph (device.py says when it can)
     steps: dict[str, tuple[Any, Step]] = field(default_factory=dict, init=False, repr=False)
@@ -53,8 +46,7 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def step(self, kind: str, key: tuple, fn: Callable) -> Step:
-        """The ``kind`` step of the objects in ``key`` (what ``fn`` closes over), kept while they stay the
-        same, so that its sums, and its CUDA graph, are made once."""
+        """The ``kind`` step of ``fn``, kept while the objects it closes over (``key``) stay the same."""
         if kind not in self.steps or self.steps[kind][0] != key:
             self.steps[kind] = (key, Step(fn, self.device, self.cuda_graphs))
         return self.steps[kind][1]
@@ -67,8 +59,8 @@ class Sums:
     def __init__(self, device: torch.device):
         real = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.loss = torch.zeros((), device=device, dtype=real)
-        self.correct, self.seen, self.steps = (torch.zeros((), device=device, dtype=torch.int64)
-                                               for _ in range(3))
+        counts = [torch.zeros((), device=device, dtype=torch.int64) for _ in range(3)]
+        self.correct, self.seen, self.steps = counts
         self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
 
     def zero_(self) -> Sums:
@@ -88,10 +80,9 @@ class Sums:
 
 class Step:
     """``fn(sums, *inputs)`` with the sums it adds to. With ``graph``, the first WARMUP_STEPS calls run
-    eagerly on a side stream (as PyTorch's CUDA graph documentation warms up), the next is captured as one
-    CUDA graph, and from then on each call copies its inputs into the captured ones and replays it: one
-    launch instead of hundreds. A replay repeats only the device work, so whatever changes from step to
-    step must be a tensor that ``fn`` reads (the learning rate is one: ``training.build_training``)."""
+    eagerly on a side stream (as PyTorch's CUDA graph documentation warms up), the next is captured, and
+    later calls copy their inputs into the captured ones and replay it: one launch instead of hundreds.
+    What changes between steps must be a tensor ``fn`` reads (the learning rate is one)."""
 
     def __init__(self, fn: Callable, device: torch.device, graph: bool):
         self.fn, self.sums, self.graph = fn, Sums(device), graph
@@ -107,7 +98,7 @@ class Step:
         if self.replay is None:
             self.inputs = [x.clone() for x in inputs]  # the graph reads its inputs from these
             self.replay = _capture(lambda: self.fn(self.sums, *self.inputs))
-        for captured, x in zip(self.inputs, inputs):
+        for captured, x in zip(self.inputs, inputs, strict=True):
             captured.copy_(x)
         self.replay()
 
@@ -134,14 +125,16 @@ def _capture(fn: Callable[[], Any]) -> Callable[[], None]:
         with torch.cuda.graph(graph):
             fn()
     except RuntimeError as error:  # e.g. something in the step waited for the GPU
-        raise UserError(f"--cuda_graphs: the training step could not be captured as a CUDA graph "
-                        f"({str(error).strip().splitlines()[0]}); train without --cuda_graphs") from error
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"--cuda_graphs: the training step could not be captured as a CUDA graph ({reason}); "
+                        "train without --cuda_graphs") from error
     return graph.replay
 
 
 def _progress(iterable: Iterable, total: int, desc: str) -> tqdm:
     """A progress bar only when a person is watching (stderr is a terminal)."""
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    watched = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not watched)
 
 
 def _totals(sums: Sums) -> tuple[float, float, int]:
@@ -162,9 +155,9 @@ def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
         dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the earliest bad step of any rank
     bad = int(first.item())
     if bad != none:
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, step {bad + 1}: training stopped; the last good "
-            "checkpoint is kept. Try a lower --learning_rate, --grad_clip 1.0, or --precision fp32")
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {bad + 1}: training stopped, the "
+                                 "last good checkpoint kept; try a lower --learning_rate, --grad_clip 1.0 "
+                                 "or --precision fp32")
 
 
 @contextlib.contextmanager
@@ -173,15 +166,12 @@ def out_of_memory_hint(batch_size: int, epoch: int):
     try:
         yield
     except torch.cuda.OutOfMemoryError as error:
-        raise BatchSizeOOMError(f"CUDA ran out of memory at batch size {batch_size} (epoch {epoch}); "
-                                f"try --batch_size {max(1, batch_size // 2)}") from error
+        raise UserError(f"CUDA ran out of memory at batch size {batch_size} (epoch {epoch}); "
+                        f"try --batch_size {max(1, batch_size // 2)}") from error
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, ctx: StepContext,
-               params: list[nn.Parameter], sums: Sums, images: torch.Tensor, targets: torch.Tensor,
-               labels: torch.Tensor) -> None:
-    """One optimizer step on a batch, its loss and accuracy added to ``sums``; it reads nothing back to
-    the host, so a CUDA graph can capture it whole."""
+def train_step(model, optimizer, loss_fn, ctx: StepContext, params, sums: Sums, images, targets, labels):
+    """One optimizer step, its loss and accuracy added to ``sums``; no host read: a graph can capture it."""
     optimizer.zero_grad(set_to_none=True)  # in a graph: once, at capture; each replay refills those .grad
     with ctx.autocast():
         logits = model(images)
@@ -198,8 +188,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
     sums.add(loss.detach().to(sums.loss.dtype) * labels.numel(), correct, labels.numel())
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
-                    loss_fn: Callable, ctx: StepContext, epoch: int) -> dict[str, float]:
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, ctx: StepContext, epoch) -> dict:
     """One pass over ``loader``; returns ``train_loss``, ``train_acc`` and throughput figures."""
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -224,13 +213,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     _check_finite(sums.first_bad, epoch)
     loss, accuracy, seen = _totals(sums)  # the sync that ends the epoch's timing
     elapsed = time.perf_counter() - start
-    return {"train_loss": loss, "train_acc": accuracy, "train_time_s": elapsed,
-            "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+    speed = seen / elapsed if elapsed > 0 else 0.0
+    return {"train_loss": loss, "train_acc": accuracy, "train_time_s": elapsed, "images_per_s": speed}
 
 
 def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """fp32 logits; with ``tta``, the log of the mean softmax of each image and its mirror image: its
-    softmax is that mean, so loss, accuracy and probabilities all follow the average."""
+    """fp32 logits; with ``tta``, the log of the mean softmax of each image and its mirror image (so
+    loss, accuracy and probabilities all follow the average)."""
     logits = model(images).float()
     if tta:
         mirrored = model(images.flip(3)).float()
@@ -238,8 +227,7 @@ def predict(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.
     return logits
 
 
-def _eval_step(model: nn.Module, ctx: StepContext, tta: bool, sums: Sums, images: torch.Tensor,
-               labels: torch.Tensor) -> torch.Tensor:
+def _eval_step(model: nn.Module, ctx: StepContext, tta: bool, sums: Sums, images, labels) -> torch.Tensor:
     with ctx.autocast():
         logits = predict(model, images, tta)
     valid = labels >= 0
@@ -249,8 +237,7 @@ def _eval_step(model: nn.Module, ctx: StepContext, tta: bool, sums: Sums, images
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
-             return_predictions: bool = False, tta: bool = False) -> dict:
+def evaluate(model: nn.Module, loader, ctx: StepContext, prefix="val", return_predictions=False, tta=False):
     """Loss and accuracy over every sample once; padding labels (-1) are ignored. ``tta``: see ``predict``.
     ``return_predictions`` reads each batch back, so it takes a ``ctx`` without CUDA graphs."""
     model.eval()
@@ -275,8 +262,7 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, prefix: str = "val",
 
 @contextlib.contextmanager
 def exact_fp32():
-    """fp32 matmuls and convolutions without TF32 tensor cores (PyTorch enables them for cuDNN by
-    default, and training runs for matmuls too), restored afterwards."""
+    """fp32 matmuls and convolutions without TF32 (cuDNN's default, and training's), restored after."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -285,11 +271,10 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def evaluate_test(model: nn.Module, loader, device: torch.device, return_predictions: bool = False,
-                  tta: bool = False) -> dict:
+def evaluate_test(model: nn.Module, loader, device: torch.device, return_predictions=False, tta=False):
     """Test metrics by one rule for ``--test`` and ``part_a/evaluate.py`` alike: the raw (uncompiled)
     model in exact fp32, whatever precision the run trained in, so the two never disagree."""
-    ctx = StepContext(device=device, amp_dtype=None, scaler=torch.amp.GradScaler(device.type, enabled=False))
+    ctx = StepContext(device, None, torch.amp.GradScaler(device.type, enabled=False))
     with exact_fp32():
         return evaluate(model, loader, ctx, prefix="test", return_predictions=return_predictions, tta=tta)
 

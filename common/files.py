@@ -11,10 +11,9 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A fresh temporary path beside ``path`` for the block to write; fsynced and renamed over
-    ``path`` when the block ends, removed if it raises. A crash or a full disk mid-write leaves
-    ``path`` as it was, and two writers never share a temporary. The file's mode follows the umask,
-    as for any other file; an ``OSError`` of the temporary or of no file names ``path``."""
+    """A fresh temporary path beside ``path`` for the block to write, fsynced and renamed over ``path``
+    at its end, removed if it raises: a crash or a full disk mid-write leaves ``path`` as it was. The
+    mode follows the umask; an ``OSError`` of the temporary (or of no file) names ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:

@@ -1,9 +1,5 @@
-"""Experiment tracking: the local run folder always, a wandb run when wanted.
-
-The run folder (``runs/NAME/``) is the record that never depends on a network: ``config.json``,
-``metrics.jsonl`` (one JSON object per epoch), ``summary.json``. wandb mirrors it: online when
-credentials are configured, offline (``wandb sync`` later) otherwise, so no command waits on a
-server that is not there.
+"""Experiment tracking: the run folder (config.json, metrics.jsonl, summary.json) always, mirrored to
+wandb when wanted: online with credentials, else offline (``wandb sync`` later), never waiting long.
 """
 from __future__ import annotations
 
@@ -55,10 +51,8 @@ def resolve_wandb_mode(requested: str | None) -> str:
 
 
 def start_wandb(mode: str | None, run_dir: str | Path, resume_id: str | None = None, **init):
-    """Start a wandb run in ``run_dir`` (``init``: ``wandb.init``'s project, entity, name, group,
-    config), or return ``None`` when disabled. Never blocks long on a dead server: online with an
-    unreachable server fails after a short init timeout and logs offline instead, saying so; metrics
-    are the same either way, only where they are stored differs."""
+    """A wandb run in ``run_dir`` (``init``: ``wandb.init``'s arguments), ``None`` when disabled. An
+    unreachable server fails after a short timeout, and the run logs offline instead, saying so."""
     mode = resolve_wandb_mode(mode)
     if mode == "disabled":
         return None
@@ -71,6 +65,6 @@ def start_wandb(mode: str | None, run_dir: str | Path, resume_id: str | None = N
     except Exception as error:  # wandb raises its own CommError/UsageError/timeouts
         if mode != "online":
             raise
-        print(f"wandb: could not reach the server ({type(error).__name__}); logging offline instead. "
-              f"Upload later with: wandb sync {Path(run_dir) / 'wandb'}", file=sys.stderr)
+        line = f"wandb: could not reach the server ({type(error).__name__}); logging offline instead."
+        print(line, f"Upload later with: wandb sync {Path(run_dir) / 'wandb'}", file=sys.stderr)
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init)

@@ -15,8 +15,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
 
-from typing import Callable
-
 import torch
 
 from common import training
@@ -28,11 +26,11 @@ from part_b.model import FineTuneNet, ModelBConfig, build_from_config, build_mod
 # Fine-tuning: fewer epochs than from scratch, AdamW, a larger rate for the new head (the pretrained
 # layers get backbone_lr_scale times it).
 TRAINING_DEFAULTS = dict(epochs=10, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
+DESCRIPTION = "Fine-tune a pretrained torchvision model on iNaturalist-12K."
 
 
 def get_args_parser():
-    return training.get_args_parser(ModelBConfig, "Fine-tune a pretrained torchvision model on iNaturalist-12K.",
-                                    **TRAINING_DEFAULTS)
+    return training.get_args_parser(ModelBConfig, DESCRIPTION, **TRAINING_DEFAULTS)
 
 
 def check_model(config: ModelBConfig) -> ModelBConfig:
@@ -52,17 +50,17 @@ def _build(config: ModelBConfig) -> FineTuneNet:
     model = build_model(config)
     if is_main_process():
         what = f"{config.model} | weights {config.weights} | strategy {config.strategy}"
-        print(f"{what} | input {config.input_size}px | {config.num_classes} classes | {model.extra_repr()}", flush=True)
+        print(f"{what} | input {config.input_size}px | {config.num_classes} classes | {model.extra_repr()}",
+              flush=True)
     return model
 
 
-def run(config: tuple[ModelBConfig, training.RunConfig],
-        epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
+def run(config: tuple[ModelBConfig, training.RunConfig], epoch_callback=None) -> dict:
     """Fine-tune one model as ``config_from_args`` says; return the summary (also written to summary.json)."""
     model_config, run_config = config
     mean, std = normalisation(model_config)
-    return training.run(run_config, model_config, _build, kind="part_b", mean=mean, std=std,
-                        epoch_callback=epoch_callback)
+    options = dict(kind="part_b", mean=mean, std=std, epoch_callback=epoch_callback)
+    return training.run(run_config, model_config, _build, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

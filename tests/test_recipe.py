@@ -182,8 +182,8 @@ def test_the_loss_and_its_gradient_are_those_of_the_mixed_soft_targets(mixup_alp
 
 def test_class_weights_weigh_each_class_by_its_inverse_frequency():
     labels = torch.tensor([0] * 6 + [1] * 3 + [2])  # class 2 is the rarest
-    _, loss_fn, _ = training._step_context(RunConfig(class_weights=True), nn.Linear(2, 3), None, labels, 3, CPU)
-    _, plain, _ = training._step_context(RunConfig(), nn.Linear(2, 3), None, labels, 3, CPU)
+    loss_fn = training._loss(RunConfig(class_weights=True), labels, 3, CPU)
+    plain = training._loss(RunConfig(), labels, 3, CPU)
     torch.testing.assert_close(loss_fn.weight, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
     assert plain.weight is None
     targets = torch.tensor([0, 2])
