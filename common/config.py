@@ -22,7 +22,8 @@ class UserError(Exception):
 def cli_main(parse: Callable, work: Callable, argv: list[str] | None = None) -> int:
     """Every command's ``main``. Exit 2 when the options are wrong (nothing was read or run), 1 when
     the work fails for a reason the user can fix (also a file or folder that cannot be written, a full
-    disk), each with one ``error:`` line on stderr; anything else is a bug and keeps its traceback."""
+    disk), each with one ``error:`` line on stderr, 130 after Ctrl-C; anything else is a bug and keeps its
+    traceback."""
     try:
         config = parse(argv)
     except ValueError as error:
@@ -41,6 +42,10 @@ def cli_main(parse: Callable, work: Callable, argv: list[str] | None = None) -> 
         hint = "free some space" if full else "check the path and its permissions"
         print(f"error: {where}{error.strerror or error}; {hint}, then run the command again", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # what finished is saved: last.pt, the split, a study's steps
+        print("error: interrupted (Ctrl-C); run the same command again to continue (a run: with --resume)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

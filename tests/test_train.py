@@ -417,6 +417,16 @@ def test_an_error_that_is_not_about_a_file_keeps_its_traceback():
         cli_main(lambda argv: None, work, [])
 
 
+def test_ctrl_c_is_one_line_saying_how_to_continue(capsys):
+    from common.config import cli_main
+
+    def work(config):
+        raise KeyboardInterrupt
+    assert cli_main(lambda argv: None, work, []) == 130
+    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again to continue "
+                                       "(a run: with --resume)\n")
+
+
 def test_corrupt_or_foreign_checkpoints_get_errors_naming_the_file(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x80\x02 not a checkpoint")
