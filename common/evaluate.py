@@ -20,7 +20,7 @@ from torch import nn
 from common import data as data_lib
 from common import engine, figures, files, tracking
 from common.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-from common.config import UserError, add_dataclass_args, cli_main, from_namespace
+from common.config import UserError, add_dataclass_args, cli_main, from_namespace, option
 from common.data import normalise
 from common.device import resolve_device
 from common.tracking import WANDB_MODES
@@ -36,13 +36,13 @@ WANDB_HELP = "online/offline: a new wandb run if none is active; disabled: none;
 
 @dataclass
 class EvalConfig:
-    checkpoint: str | None = field(default=None, metadata={"help": "best.pt or last.pt of a run; required"})
-    data_dir: str = field(default="data", metadata={"help": "dataset root holding split/test"})
-    out_dir: str | None = field(default=None, metadata={"help": "figures' folder; default: the checkpoint's"})
-    batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N, mps or xpu"})
-    tta: bool = field(default=False, metadata={"help": "average the softmax of each image and its mirror"})
-    wandb_mode: str | None = field(default=None, metadata={"help": WANDB_HELP, "choices": WANDB_MODES})
+    checkpoint: str | None = option(None, "best.pt or last.pt of a run; required")
+    data_dir: str = option("data", "dataset root holding split/test")
+    out_dir: str | None = option(None, "figures' folder; default: the checkpoint's")
+    batch_size: int = option(256, "evaluation batch size")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps or xpu")
+    tta: bool = option(False, "average the softmax of each image and its mirror")
+    wandb_mode: str | None = option(None, WANDB_HELP, choices=WANDB_MODES)
     images: list[str] = field(default_factory=list, metadata={"cli": False})
 
 

@@ -22,7 +22,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from common import data, files, sweep
 from common.bench_data import cpu_model
-from common.config import UserError, add_dataclass_args, cli_main, from_namespace, to_cli
+from common.config import UserError, add_dataclass_args, cli_main, from_namespace, option, to_cli
 from common.data_cache import MANIFEST, read_manifest
 from common.sweep import was_interrupted
 from common.sweep_space import load_sweep
@@ -46,10 +46,6 @@ QUICK_COUNT = 5  # the fewest completed trials parameter importance needs
 QUICK_PART_A = {"epochs": 2, "input_size": 32, "batch_size": 32, "padding": "same", "n_filters": 16}
 QUICK_PART_B = {"model": "resnet18", "input_size": 32, "epochs": 2, "batch_size": 64}
 QUICK = {PART_A_SWEEP: QUICK_PART_A, PART_B_SWEEP: QUICK_PART_B}
-
-
-def option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
