@@ -4,9 +4,8 @@
                            [--out_dir runs] [--data_dir data] [--set epochs=10 input_size=128 ...]
     python common/sweep.py report --study NAME [--storage URL] [--out DIR]
 
-Each trial is one run of the sweep's ``program`` (its ``config_from_args`` and ``run``) in
-``out_dir/<study>/trial_<number>``. Workers and machines share the study's database as Optuna shows
-(each process calls ``study.optimize`` on it); docs/sweeps.md has the workflow.
+Each trial is one run of the sweep's ``program`` in ``out_dir/<study>/trial_<number>``; workers and
+machines share the study's database, each calling ``study.optimize`` on it (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -68,13 +67,10 @@ def load_program(path: str) -> ModuleType:
         raise SweepConfigError(f"program {path} not found (looked in {Path.cwd()} and {ROOT})")
     if (file := file.resolve()).is_relative_to(ROOT):  # import under its real name (part_a.train), once
         module = importlib.import_module(".".join(file.relative_to(ROOT).with_suffix("").parts))
-    else:  # elsewhere (a test's fake program): load the file itself, once per path
-        name = f"sweep_program_{abs(hash(str(file)))}"
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, file)
-            sys.modules[name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(sys.modules[name])
-        module = sys.modules[name]
+    elif not (module := sys.modules.get(name := f"sweep_program_{abs(hash(str(file)))}")):  # once per path
+        spec = importlib.util.spec_from_file_location(name, file)  # elsewhere: a test's fake program
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     if missing := [name for name in PROGRAM_API if not hasattr(module, name)]:
         raise SweepConfigError(f"program {path} lacks {', '.join(missing)}; see docs/architecture.md")
     return module
@@ -123,11 +119,10 @@ class Sweep:
         # on-disk caches), kept in a folder the sweep owns rather than the user's temporary folder.
         cache = Path(self.out_dir, "sweeps", f"{self.study}_compile_cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-        trial.set_user_attr("program", self.spec.program)
-        trial.set_user_attr("fixed", self.fixed)
-        trial.set_user_attr("run_dir", str(trials_dir / name))
-        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("error", "")  # a retry starts with a copy of the retried trial's attributes
+        where = dict(run_dir=str(trials_dir / name), host=f"{socket.gethostname()}:{os.getpid()}")
+        # error "": a retry starts with a copy of the retried trial's attributes
+        for key, value in dict(program=self.spec.program, fixed=self.fixed, error="", **where).items():
+            trial.set_user_attr(key, value)
         reported: list[float] = []
 
         def report_epoch(epoch: int, metrics: dict) -> None:
@@ -145,22 +140,19 @@ class Sweep:
             program.run(parse_quietly(program.config_from_args, argv), epoch_callback=report_epoch)
             if not reported:
                 raise RuntimeError(f"the run finished without reporting {metric}")
-        except optuna.TrialPruned:
-            raise
-        except (Exception, KeyboardInterrupt) as error:  # Optuna records the trial as failed
-            stopped = isinstance(error, KeyboardInterrupt)
-            trial.set_user_attr("error", INTERRUPTED if stopped else f"{type(error).__name__}: {error}")
+        except (Exception, KeyboardInterrupt) as error:  # Optuna records the trial as failed (or pruned)
+            if not isinstance(error, optuna.TrialPruned):
+                stopped = isinstance(error, KeyboardInterrupt)
+                trial.set_user_attr("error", INTERRUPTED if stopped else f"{type(error).__name__}: {error}")
             raise
         return max(reported) if self.spec.goal == "maximize" else min(reported)
 
 
-def database_path(out_dir: str | Path, study: str) -> Path:
-    """The default study database, a SQLite file under ``out_dir/sweeps/``."""
+def database_path(out_dir: str | Path, study: str) -> Path:  # the default study database
     return (Path(out_dir) / "sweeps" / f"{study}.db").resolve()
 
 
 def default_storage(out_dir: str | Path, study: str) -> str:
-    """The Optuna URL of ``database_path``."""
     return f"sqlite:///{database_path(out_dir, study)}"
 
 
@@ -297,21 +289,6 @@ def run_sweep(sweep: Sweep, count: int, workers: int = 1) -> tuple[optuna.Study,
     return study, False
 
 
-def _prepare_data(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any], workers: int) -> None:
-    """Prepare the data once here, so parallel workers never race to download, split or decode it (the
-    split options are the program's val_fraction and split_seed when the sweep fixes them)."""
-    from common import data
-
-    split = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}
-    split_dir = data.prepare(fixed["data_dir"], **{k: v for k, v in split.items() if v is not None})
-    default = program.get_args_parser().get_default("input_size")
-    size = spec.search_space.get("input_size", fixed.get("input_size", default))
-    # Every size a trial can train at: fixed, listed, or the default (a range has too many to decode ahead).
-    for each in getattr(size, "choices", [size]) if workers > 1 else []:  # 1: its first trial decodes them
-        for split_name in ("train", "val") if isinstance(each, int) else ():
-            data.load_cache(split_dir, split_name, each)
-
-
 def sweep_main(options: SweepOptions) -> None:
     spec = load_sweep(options.config, options.overrides)
     study = options.study or spec.name or Path(options.config).stem
@@ -326,9 +303,19 @@ def sweep_main(options: SweepOptions) -> None:
     url = options.storage or default_storage(out_dir, study)
     known = optuna.study.get_all_study_names(storage=open_storage(url))  # a bad URL fails before the data
     shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)  # to print
-    _prepare_data(program, spec, fixed, options.workers)
 
+    from common import data
     from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
+
+    # The data is prepared once here, so parallel workers never race to download, split or decode it.
+    split = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}  # when fixed
+    split_dir = data.prepare(data_dir, **{k: v for k, v in split.items() if v is not None})
+    default = program.get_args_parser().get_default("input_size")
+    size = spec.search_space.get("input_size", fixed.get("input_size", default))
+    # Every size a trial can train at: fixed, listed, or the default (a range has too many to decode ahead).
+    for each in getattr(size, "choices", [size]) if options.workers > 1 else []:  # 1: its first trial does
+        for split_name in ("train", "val") if isinstance(each, int) else ():
+            data.load_cache(split_dir, split_name, each)
 
     trials_dir = Path(out_dir) / study
     if study not in known and trials_dir.is_dir() and any(trials_dir.iterdir()):
