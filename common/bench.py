@@ -200,11 +200,8 @@ def run_e2e(config: E2EBenchConfig) -> dict:
     return dict(result, plain_imagefolder_eager=plain, ratio=ours_rate / plain_rate)
 
 
-SECTIONS = {
-    "data": (DataBenchConfig, run_data),
-    "step": (StepBenchConfig, run_step),
-    "e2e": (E2EBenchConfig, run_e2e),
-}
+SECTIONS = {"data": (DataBenchConfig, run_data), "step": (StepBenchConfig, run_step)}
+SECTIONS["e2e"] = (E2EBenchConfig, run_e2e)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -125,8 +125,7 @@ def extract(zip_path: Path, root: Path) -> Path:
                     bar.update(entry.file_size)
             except (zipfile.BadZipFile, zlib.error, EOFError) as error:
                 shutil.rmtree(partial, ignore_errors=True)
-                raise DataError(
-                    f"{zip_path} is damaged ({entry.filename}: {error}); delete it and download it again"
-                ) from error
+                damaged = f"{zip_path} is damaged ({entry.filename}: {error})"
+                raise DataError(f"{damaged}; delete it and download it again") from error
     os.replace(partial, target)
     return target

@@ -177,9 +177,8 @@ def _split_problem(split_dir: Path, rows: list[dict[str, str]]) -> str | None:
         except OSError:
             return f"{row['path']} is missing"
         except (AttributeError, IndexError, KeyError, ValueError) as error:
-            raise DataError(
-                f"{split_dir / MANIFEST} is damaged (line {line}): restore it, or make a new split"
-            ) from error
+            damaged = f"{split_dir / MANIFEST} is damaged (line {line})"
+            raise DataError(f"{damaged}: restore it, or make a new split") from error
     return None
 
 

@@ -211,13 +211,13 @@ def gpu_shares(workers: int) -> list[tuple[str | None, float | None]]:
         return [(None, None)] * workers
     shares = {}
     for index, gpu in enumerate(gpus):
-        if (sharing := len(range(index, workers, len(gpus)))) == 1:
-            continue
-        free, total = torch.cuda.mem_get_info(index)
-        if (share := free / sharing - CUDA_CONTEXT_BYTES) < GPU_MARGIN_BYTES:  # a run's room for its model
-            need = f"{sharing} workers need {sharing * (GPU_MARGIN_BYTES + CUDA_CONTEXT_BYTES) >> 30} GiB"
-            raise UserError(f"GPU {gpu} has {free / 2**30:.1f} GiB free and {need}; use fewer --workers")
-        shares[gpu] = share / total
+        if (sharing := len(range(index, workers, len(gpus)))) > 1:
+            free, total = torch.cuda.mem_get_info(index)
+            if (share := free / sharing - CUDA_CONTEXT_BYTES) < GPU_MARGIN_BYTES:  # a run's room, its model
+                need = sharing * (GPU_MARGIN_BYTES + CUDA_CONTEXT_BYTES) >> 30
+                have = f"GPU {gpu} has {free / 2**30:.1f} GiB free and {sharing} workers need {need} GiB"
+                raise UserError(f"{have}; use fewer --workers")
+            shares[gpu] = share / total
     return [(gpus[i % len(gpus)], shares.get(gpus[i % len(gpus)])) for i in range(workers)]
 
 

@@ -111,13 +111,11 @@ def block_shapes(config: ModelConfig) -> list[BlockShape]:
         pad = conv_padding(config.padding, k, config.stride, size)
         conv_size = (size + sum(pad) - k) // config.stride + 1
         pool_size = max(conv_size, 0) // 2
-        if pool_size < 1:
-            # Suggest padding='same' only where it is not already the padding.
-            fix = "a larger input_size, fewer blocks, a smaller kernel"
-            fix += "" if config.padding == "same" else " or padding='same'"
-            side = max(conv_size, 0)
+        if pool_size < 1:  # padding='same' is suggested only where it is not already the padding
+            side, same = max(conv_size, 0), "" if config.padding == "same" else " or padding='same'"
             conv = f"input {size}x{size}, kernel {k}, stride {config.stride}, padding {config.padding!r}"
-            gives = f"gives a {side}x{side} conv output and a {pool_size}x{pool_size} pooled output"
+            gives = f"gives a {side}x{side} conv output and a 0x0 pooled output"
+            fix = f"a larger input_size, fewer blocks, a smaller kernel{same}"
             raise ValueError(f"block {index} shrinks the feature map to nothing: {conv} {gives}; use {fix}")
         shapes.append(BlockShape(in_ch, out_ch, k, size, pad, conv_size, pool_size))
         size, in_ch = pool_size, out_ch

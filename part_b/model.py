@@ -1,4 +1,4 @@
-"""Part B: a pretrained torchvision backbone with a new head, and the freezing strategies.
+"""Part B: a pretrained torchvision backbone with a new head, and the freezing strategies (no training).
 
 Every supported family has a ``Layout``: the stem, the ordered stages, the classifier the new head
 replaces and any auxiliary branch. A strategy is then "how many backbone units, counted from the
@@ -19,8 +19,6 @@ outputs, but it is frozen and never run: forward returns the main logits only. T
 one logits tensor, the auxiliary loss mainly helps networks trained from scratch, and skipping the
 branch lets inception_v3 train below 299 px, where its 5x5 pooling has nothing left to pool.
 googlenet's auxiliary heads have no pretrained weights (torchvision drops them), so they are not built.
-
-No training code lives here.
 """
 from __future__ import annotations
 
@@ -124,11 +122,8 @@ def _layout(name: str, net: nn.Module) -> Layout:
 
 
 def resolve_config(config: ModelBConfig | dict) -> ModelBConfig:
-    """Validate ``config`` and fill in what depends on the model: input size, default head layers.
-
-    Raises ``ValueError`` naming the bad option. Touches no file: a checkpoint's config must rebuild
-    on a machine where its weights file is gone.
-    """
+    """Validate ``config`` (a ValueError names the bad option) and fill in the input size and default head
+    layers. Touches no file: a checkpoint's config must rebuild where its weights file is gone."""
     config = from_namespace(ModelBConfig, config) if isinstance(config, dict) else config
     if _family(config.model) is None:
         raise ValueError(f"unsupported model {config.model!r}; choose one of {', '.join(supported_models())}")
@@ -228,10 +223,7 @@ class FineTuneNet(nn.Module):
 
     def train(self, mode: bool = True) -> FineTuneNet:
         super().train(mode)
-        if self.layout.aux:
-            # Inception3 reads its own ``training`` flag only to run the auxiliary classifier and return
-            # a (logits, aux) tuple; its layers (dropout, batch norm) read their own flags. Clearing just
-            # that flag makes forward return plain logits and skip the frozen, unused aux branch.
+        if self.layout.aux:  # Inception3's own flag only runs AuxLogits (its layers read their own flags)
             self.net.training = False
         if mode:
             frozen = [path for unit in self.layout.units[: self.frozen_units] for path in unit]
@@ -251,12 +243,9 @@ class FineTuneNet(nn.Module):
     def extra_repr(self) -> str:
         """What trains, as the log shows it at the start and whenever ``set_epoch`` changes it."""
         stages, frozen = len(self.layout.stages), self.frozen_units - 1  # frozen stages, after the stem
-        if frozen < 0:
-            what = "nothing frozen"
-        elif frozen == 0:
-            what = f"stem frozen, all {stages} stages train"
-        else:
-            what = f"stem + stage{'s 1-' if frozen > 1 else ' '}{frozen} of {stages} frozen"
+        what = f"stem + stage{'s 1-' if frozen > 1 else ' '}{frozen} of {stages} frozen"
+        if frozen <= 0:
+            what = "nothing frozen" if frozen < 0 else f"stem frozen, all {stages} stages train"
         trainable, frozen_params = parameter_counts(self).values()
         return f"{what} | {trainable:,} trainable, {frozen_params:,} frozen parameters"
 
