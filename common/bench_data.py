@@ -97,8 +97,7 @@ def generate(root: Path, n_train: int, n_test: int = len(CLASSES)) -> None:
             folder = root / DATASET_DIR / origin / CLASSES[i % len(CLASSES)]
             folder.mkdir(parents=True, exist_ok=True)
             tasks.append((len(tasks), folder / f"{i:05d}.jpg"))
-    for _ in parallel_map(_photo_like, tasks, "generate"):
-        pass
+    list(parallel_map(_photo_like, tasks, "generate"))
 
 
 def generate_split(root: Path, images: int) -> tuple[float, Path]:
