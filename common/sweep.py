@@ -45,6 +45,7 @@ INTERRUPTED = "interrupted (Ctrl-C)"
 DRIVERS = {"psycopg": '"psycopg[binary]"', "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
 # A CUDA context and the kernels it loads live outside PyTorch's allocator, so outside a worker's share.
 CUDA_CONTEXT_BYTES = 1 << 30
+TABLE_LOCK = "SELECT pg_advisory_xact_lock(20240520)"  # any number that every machine uses
 
 
 @dataclass
@@ -166,7 +167,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     heartbeat = {"heartbeat_interval": int(beat), "grace_period": 3 * int(beat)}
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait on locks
     try:
-        with _table_creation_lock(url), warnings.catch_warnings():
+        with contextlib.ExitStack() as lock, warnings.catch_warnings():
+            # Optuna creates its tables on a new database by check-then-create, so machines starting together
+            # on PostgreSQL would all create them and all but one die on a duplicate key: they take turns.
+            if url.startswith("postgresql"):  # the lock is held until this transaction ends
+                engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+                lock.enter_context(engine.begin()).execute(sqlalchemy.text(TABLE_LOCK))
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, for years
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
             return optuna.storages.RDBStorage(url, kwargs, **heartbeat, heartbeat_stale_trial_callback=retry)
@@ -177,20 +183,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError) as error:  # no password in these
         message = " ".join(str(getattr(error, "orig", None) or error).split())  # psycopg's has several lines
         raise UserError(f"cannot open the study database: {message}") from None
-
-
-@contextlib.contextmanager
-def _table_creation_lock(url: str):
-    """Optuna creates its tables on a new database by check-then-create, so machines starting together on
-    PostgreSQL all create them and all but one die on a duplicate key; this lock makes them take turns."""
-    if not url.startswith("postgresql"):
-        yield
-        return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    with engine.begin() as connection:  # held until this transaction ends
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(20240520)"))  # any number all share
-        yield
-    engine.dispose()
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:

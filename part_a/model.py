@@ -9,8 +9,8 @@ that shrinks the feature map to nothing fails with the block and the sizes befor
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -83,16 +83,8 @@ def conv_padding(padding: int | str, kernel: int, stride: int, size: int) -> tup
     raise ValueError(f"padding must be 'same', 'valid' or a non-negative int, got {padding!r}")
 
 
-class BlockShape(NamedTuple):
-    """Analytic shapes of one block: input side, conv padding, conv output side, pooled side."""
-
-    in_channels: int
-    out_channels: int
-    kernel: int
-    in_size: int
-    pad: tuple[int, int]
-    conv_size: int
-    pool_size: int
+# Analytic shapes of one block: channels, kernel, input side, conv padding (before, after), output sides.
+BlockShape = namedtuple("BlockShape", "in_channels out_channels kernel in_size pad conv_size pool_size")
 
 
 def block_shapes(config: ModelConfig) -> list[BlockShape]:

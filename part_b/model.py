@@ -1,24 +1,10 @@
 """Part B: a pretrained torchvision backbone with a new head, and the freezing strategies (no training).
 
 Every supported family has a ``Layout``: the stem, the ordered stages, the classifier the new head
-replaces and any auxiliary branch. A strategy is then "how many backbone units, counted from the
-top, train in this epoch" (units = stem + stages):
-
-    head      0                          only the new head trains (feature extraction)
-    mlp_head  0                          the same, with a head of extra dense layers
-    freeze_k  stages - K                 the stem and the first K stages stay frozen
-    full      all                        everything trains, the backbone at backbone_lr_scale x LR
-    gradual   (epoch - 1) // E, capped   epoch 1 the head, then one more unit every E epochs
-
-A frozen unit runs in eval mode even while the model trains: its batch-norm running statistics stay
-the pretrained ones and its dropout is off, so it is the same fixed function in training and
-evaluation. ``train()`` re-applies this each time, ``set_epoch`` whenever what is frozen changes.
-
-inception_v3's ``AuxLogits`` is kept (a torchvision file loads strictly) and gets ``num_classes``
-outputs, but it is frozen and never run: forward returns the main logits only. The shared loop takes
-one logits tensor, the auxiliary loss mainly helps networks trained from scratch, and skipping the
-branch lets inception_v3 train below 299 px, where its 5x5 pooling has nothing left to pool.
-googlenet's auxiliary heads have no pretrained weights (torchvision drops them), so they are not built.
+replaces and any auxiliary branch. A strategy says how many backbone units (stem + stages), counted
+from the top, train in an epoch; frozen units run in eval mode even while the model trains (``train()``
+and ``set_epoch`` re-apply it). inception_v3's ``AuxLogits`` is kept (a torchvision file loads strictly)
+but frozen and never run; googlenet's untrained auxiliary heads are not built. docs/part_b.md says why.
 """
 from __future__ import annotations
 
@@ -101,10 +87,6 @@ def _family(name: str) -> str | None:
     return next((prefix for prefix in FAMILIES if name.startswith(prefix)), None)
 
 
-def supported_models() -> list[str]:
-    return [name for name in list_models(module=torchvision.models) if _family(name)]
-
-
 def _layout(name: str, net: nn.Module) -> Layout:
     spec = FAMILIES[_family(name)]
     if name.startswith("efficientnet"):  # features[0] is the stem conv, then the MBConv stages and a 1x1 conv
@@ -126,7 +108,8 @@ def resolve_config(config: ModelBConfig | dict) -> ModelBConfig:
     layers. Touches no file: a checkpoint's config must rebuild where its weights file is gone."""
     config = from_namespace(ModelBConfig, config) if isinstance(config, dict) else config
     if _family(config.model) is None:
-        raise ValueError(f"unsupported model {config.model!r}; choose one of {', '.join(supported_models())}")
+        supported = ", ".join(name for name in list_models(module=torchvision.models) if _family(name))
+        raise ValueError(f"unsupported model {config.model!r}; choose one of {supported}")
     head_layers = config.head_layers
     if head_layers is None:
         head_layers = [512, 256] if config.strategy == "mlp_head" else []
@@ -182,9 +165,8 @@ class FineTuneNet(nn.Module):
         super().__init__()
         name, kwargs, pretrained = config.model, {}, weights_lib.is_pretrained(config.weights)
         if name in ("googlenet", "inception_v3"):
-            # The ported Google weights expect inputs scaled to [-1, 1]; transform_input converts from
-            # ImageNet normalisation, as torchvision does whenever it loads these weights. The random
-            # init is skipped when pretrained weights (or a checkpoint) will overwrite it anyway.
+            # Google's ported weights expect [-1, 1] inputs (transform_input, as torchvision sets it with
+            # them); their slow random init is skipped where the weights overwrite it anyway.
             kwargs = dict(transform_input=pretrained, init_weights=not pretrained)
             kwargs["aux_logits"] = name == "inception_v3"
         elif name.startswith("vit"):

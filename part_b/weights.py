@@ -1,11 +1,7 @@
-"""Pretrained weights that work offline: torchvision names, the torch hub cache, or a file.
-
-``--weights`` is a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``, ...), ``none``, or a
-path. A named entry is read from the torch hub cache (``torch.hub.get_dir()/checkpoints/<file name
-from the URL>``, where torchvision keeps it) and downloaded by ``torch.hub`` only when it is not
-there, its sha256 checked against the prefix in its name. A machine without network fails in seconds
-with the URL and the exact path to put the file at, never a hang. Files may be a plain state dict
-or a dict holding one under ``"state_dict"`` or ``"model"``.
+"""Pretrained weights that work offline: ``--weights`` is a torchvision weights name (``DEFAULT``,
+``IMAGENET1K_V1``, ...), ``none``, or a file (a state dict, or one under ``"state_dict"`` or ``"model"``).
+A name is read from the torch hub cache, where torchvision keeps it, and downloaded by ``torch.hub``
+(sha256 checked) only when missing; without network it fails in seconds saying where to put the file.
 """
 from __future__ import annotations
 
