@@ -100,8 +100,7 @@ def trainer(name: str, options: dict, steps: int) -> tuple[Callable, device_lib.
 
 
 def gpu_busy_share(run: Callable[[], object], device: torch.device) -> float | None:
-    """The share of ``run``'s wall time in which the GPU executes kernels or copies (torch.profiler);
-    None off CUDA, where the question does not arise."""
+    """The share of ``run``'s wall time the GPU is busy (kernels, copies; torch.profiler); None off CUDA."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType

@@ -34,8 +34,7 @@ class DataError(UserError):
 
 def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
     """``url`` to ``dest`` through ``dest.part``, which a rerun continues; a failure says what to do."""
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
+    dest, part = Path(dest), Path(f"{dest}.part")
     if not dest.is_file():
         try:
             download_into(url, part, timeout)

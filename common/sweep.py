@@ -214,8 +214,7 @@ def gpu_shares(workers: int) -> list[tuple[str | None, float | None]]:
 
 
 def _work(sweep: Sweep, trials: int, worker: int = 0, gpu: str | None = None, share: float | None = None):
-    """One worker: ``trials`` trials through ``study.optimize`` (fewer when a grid runs out), on ``gpu``
-    with ``share`` of its memory when given. Returns whether Ctrl-C stopped it."""
+    """One worker's ``trials`` trials (fewer when a grid runs out); returns whether Ctrl-C stopped it."""
     if gpu is not None:  # before the program touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if share is not None:
@@ -243,8 +242,7 @@ def _work(sweep: Sweep, trials: int, worker: int = 0, gpu: str | None = None, sh
 
 
 def run_sweep(sweep: Sweep, count: int, workers: int = 1) -> tuple[optuna.Study, bool]:
-    """Run ``count`` more trials of the study (created or continued, interrupted trials first); return it
-    and whether Ctrl-C stopped it."""
+    """Run ``count`` more trials (interrupted ones first); return the study and whether Ctrl-C stopped it."""
     storage, goal = open_storage(sweep.storage), sweep.spec.goal
     study = optuna.create_study(storage=storage, study_name=sweep.study, direction=goal, load_if_exists=True)
     if (direction := study.direction.name.lower()) != goal:

@@ -158,8 +158,7 @@ def _new_head(width: int, config: ModelBConfig) -> nn.Module:
 
 
 class FineTuneNet(nn.Module):
-    """The torchvision model of a resolved config with new heads and random weights; knows which units
-    are frozen and keeps them in eval mode."""
+    """The torchvision model with new heads and random weights; keeps its frozen units in eval mode."""
 
     def __init__(self, config: ModelBConfig):
         super().__init__()
