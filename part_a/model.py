@@ -117,10 +117,8 @@ def block_shapes(config: ModelConfig) -> list[BlockShape]:
 class ConvNet(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        shapes = block_shapes(config)  # raises before any weight is made
-        self.config = config
-        act = activation_class(config.activation)
-        blocks = []
+        self.config, shapes = config, block_shapes(config)  # raises before any weight is made
+        act, blocks = activation_class(config.activation), []
         for shape in shapes:
             (before, after), symmetric = shape.pad, shape.pad[0] == shape.pad[1]
             # Asymmetric 'same' padding (even kernels) is a layer of its own.

@@ -9,6 +9,7 @@ but frozen and never run; googlenet's untrained auxiliary heads are not built. d
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +64,7 @@ class Layout:
 
 
 # Model-name prefixes -> their layout, "stem | stage 1 | ... | top stage > head", each unit the dotted
-# paths of its modules; None: the depth varies, so ``_layout`` reads it from the built model.
+# paths of its modules; None: ``_layout`` reads it from the built model.
 FAMILIES = {
     ("resnet", "resnext", "wide_resnet"): "conv1 bn1 | layer1 | layer2 | layer3 | layer4 > fc",
     # stem, stage 1, then (downsample, stage) pairs; the norm before the head is pretrained
@@ -71,15 +72,7 @@ FAMILIES = {
         "features.0 | features.1 | features.2 features.3 | features.4 features.5"
         " | features.6 features.7 classifier.0 > classifier.2"
     ),
-    "googlenet": (
-        "conv1 conv2 conv3 | inception3a inception3b"
-        " | inception4a inception4b inception4c inception4d inception4e | inception5a inception5b > fc"
-    ),
-    "inception_v3": (
-        "Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 | Mixed_5b Mixed_5c Mixed_5d"
-        " | Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e | Mixed_7a Mixed_7b Mixed_7c > fc"
-    ),
-    ("efficientnet", "vit", "vgg"): None,
+    ("efficientnet", "vit", "vgg", "googlenet", "inception_v3"): None,
 }
 
 
@@ -98,6 +91,10 @@ def _layout(name: str, net: nn.Module) -> Layout:
         top = len(net.classifier) - 1
         blocks = [f"features.{i}" + " |" * isinstance(m, nn.MaxPool2d) for i, m in enumerate(net.features)]
         spec = f"| {' '.join(blocks)} {' '.join(f'classifier.{i}' for i in range(top))} > classifier.{top}"
+    elif name in ("googlenet", "inception_v3"):  # the stem's convs, then a stage per inception3*, Mixed_5*...
+        blocks = [n for n, m in net.named_children() if list(m.parameters()) and n not in ("fc", "AuxLogits")]
+        stages = itertools.groupby(blocks, lambda n: n[:-1] if n.startswith(("inception", "Mixed")) else "")
+        spec = " | ".join(" ".join(stage) for _, stage in stages) + " > fc"
     units, head = spec.split(">")
     stem, *stages = [tuple(unit.split()) for unit in units.split("|")]
     return Layout(stem, tuple(stages), head.strip(), ("AuxLogits",) if name == "inception_v3" else ())
