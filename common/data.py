@@ -158,10 +158,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
     config = from_namespace(PrepareConfig, get_args_parser().parse_args(argv))
-    if config.zip is not None and config.url != DATASET_URL:
-        raise ValueError("give either --url or --zip, not both")
-    if config.source is not None and (config.zip is not None or config.url != DATASET_URL):
-        raise ValueError("--source splits your own folders, --zip and --url fetch the archive: give one")
+    if sum([config.zip is not None, config.url != DATASET_URL, config.source is not None]) > 1:
+        raise ValueError("--source splits your own folders, --zip or --url fetches the archive: give one")
     return config
 
 
