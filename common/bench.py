@@ -82,9 +82,8 @@ class E2EBenchConfig:
 
 
 def trainer(name: str, options: dict, steps: int) -> tuple[Callable, device_lib.Policy]:
-    """What ``python part_a/train.py`` (``name`` part_a) or ``python part_b/train.py --model resnet50``
-    (resnet50) trains with these options: its model, optimizer, precision, flags and wrappers, as
-    ``epoch(loader)`` (``engine.train_one_epoch``), and its device policy."""
+    """What ``part_a/train.py`` (``name`` part_a) or ``part_b/train.py --model resnet50`` trains with these
+    options (model, optimizer, precision, flags, wrappers) as ``epoch(loader)``, and its device policy."""
     kind = "part_a" if name == "part_a" else "part_b"
     part, script = (importlib.import_module(f"{kind}.{module}") for module in ("model", "train"))
     if kind == "part_b":

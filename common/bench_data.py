@@ -88,16 +88,21 @@ def _photo_like(task: tuple[int, Path]) -> None:
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def generate_split(root: Path, images: int) -> tuple[float, Path]:
-    """``images`` training and 10 test images (prepare needs one per class) in the archive's layout, their
-    content independent of the class; then the seconds that ``prepare`` takes to split them, and the split."""
+def generate(root: Path, n_train: int, n_test: int = len(CLASSES)) -> None:
+    """``n_train`` training and ``n_test`` test images (prepare needs one per class) over 10 classes, in
+    the archive's layout (tools/gpu_check.sh: the real counts); their content does not depend on the class."""
     tasks = []
-    for origin, count in (("train", images), ("val", len(CLASSES))):
+    for origin, count in (("train", n_train), ("val", n_test)):
         for i in range(count):
             folder = root / DATASET_DIR / origin / CLASSES[i % len(CLASSES)]
             folder.mkdir(parents=True, exist_ok=True)
             tasks.append((len(tasks), folder / f"{i:05d}.jpg"))
     list(parallel_map(_photo_like, tasks, "generate"))
+
+
+def generate_split(root: Path, images: int) -> tuple[float, Path]:
+    """``generate``, then the seconds that ``prepare`` takes to validate and split them, and the split."""
+    generate(root, images)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
         return timed(prepare, root, val_fraction=VAL_FRACTION)
 
