@@ -47,8 +47,7 @@ def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
 
 
 def download_into(url: str, part: Path, timeout: float = NETWORK_TIMEOUT_S) -> None:
-    """Append the rest of ``url`` to ``part`` (an HTTP Range request after the bytes already there), or
-    start over when the server cannot continue. What arrived stays for the next try."""
+    """Append the rest of ``url`` to ``part`` (HTTP Range), or start over if the server cannot resume."""
     part.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):  # a second try only after the server refused to resume: then from byte 0
         have = part.stat().st_size if part.is_file() else 0
@@ -91,8 +90,7 @@ def is_hidden(name: str) -> bool:
 
 
 def extract(zip_path: Path, root: Path) -> Path:
-    """Unpack the archive's dataset folder (the one holding ``train/<Class>/*`` and ``val/<Class>/*``,
-    at any depth) to ``root/inaturalist_12K`` and return that folder."""
+    """Unpack the archive's folder of train/<Class>/ and val/<Class>/ (any depth) to root/inaturalist_12K."""
     target, partial = Path(root) / DATASET_DIR, Path(root) / f"{DATASET_DIR}.partial"
     try:
         archive = zipfile.ZipFile(zip_path)
