@@ -159,7 +159,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
     config = from_namespace(PrepareConfig, get_args_parser().parse_args(argv))
     if sum([config.zip is not None, config.url != DATASET_URL, config.source is not None]) > 1:
-        raise ValueError("--source splits your own folders, --zip or --url fetches the archive: give one")
+        raise ValueError("give one of --source (your own folders), --zip or --url (the archive)")
     return config
 
 
