@@ -82,9 +82,8 @@ class E2EBenchConfig:
 
 
 def trainer(name: str, options: dict, steps: int) -> tuple[Callable, device_lib.Policy]:
-    """What ``python part_a/train.py`` (``name`` part_a) or ``python part_b/train.py --model resnet50``
-    (resnet50) trains with these options: its model, optimizer, precision, flags and wrappers, as
-    ``epoch(loader)`` (``engine.train_one_epoch``), and its device policy."""
+    """What ``part_a/train.py`` (``name`` part_a) or ``part_b/train.py --model resnet50`` trains with these
+    options (model, optimizer, precision, flags, wrappers) as ``epoch(loader)``, and its device policy."""
     kind = "part_a" if name == "part_a" else "part_b"
     part, script = (importlib.import_module(f"{kind}.{module}") for module in ("model", "train"))
     if kind == "part_b":
@@ -100,8 +99,7 @@ def trainer(name: str, options: dict, steps: int) -> tuple[Callable, device_lib.
 
 
 def gpu_busy_share(run: Callable[[], object], device: torch.device) -> float | None:
-    """The share of ``run``'s wall time in which the GPU executes kernels or copies (torch.profiler);
-    None off CUDA, where the question does not arise."""
+    """The share of ``run``'s wall time the GPU is busy (kernels, copies; torch.profiler); None off CUDA."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -200,11 +198,8 @@ def run_e2e(config: E2EBenchConfig) -> dict:
     return dict(result, plain_imagefolder_eager=plain, ratio=ours_rate / plain_rate)
 
 
-SECTIONS = {
-    "data": (DataBenchConfig, run_data),
-    "step": (StepBenchConfig, run_step),
-    "e2e": (E2EBenchConfig, run_e2e),
-}
+SECTIONS = {"data": (DataBenchConfig, run_data), "step": (StepBenchConfig, run_step)}
+SECTIONS["e2e"] = (E2EBenchConfig, run_e2e)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

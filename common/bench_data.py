@@ -90,15 +90,14 @@ def _photo_like(task: tuple[int, Path]) -> None:
 
 def generate(root: Path, n_train: int, n_test: int = len(CLASSES)) -> None:
     """``n_train`` training and ``n_test`` test images (prepare needs one per class) over 10 classes, in
-    the archive's layout; their content does not depend on the class."""
+    the archive's layout (tools/gpu_check.sh: the real counts); their content does not depend on the class."""
     tasks = []
     for origin, count in (("train", n_train), ("val", n_test)):
         for i in range(count):
             folder = root / DATASET_DIR / origin / CLASSES[i % len(CLASSES)]
             folder.mkdir(parents=True, exist_ok=True)
             tasks.append((len(tasks), folder / f"{i:05d}.jpg"))
-    for _ in parallel_map(_photo_like, tasks, "generate"):
-        pass
+    list(parallel_map(_photo_like, tasks, "generate"))
 
 
 def generate_split(root: Path, images: int) -> tuple[float, Path]:

@@ -76,14 +76,9 @@ class DeviceLoader:
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [N, S, S, 3], got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != images.shape[:1] or not 0 <= rank < world_size:
-            raise ValueError(f"{len(labels)} labels for {len(images)} images, rank {rank} of {world_size}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if augment and not train:
-            raise ValueError("augment=True is for training loaders: evaluation sees the images as they are")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values with std > 0, got mean={mean} std={std}")
+        if labels.shape != images.shape[:1] or not 0 <= rank < world_size or batch_size < 1:
+            got = f"{len(labels)} labels, {len(images)} images, rank {rank}/{world_size}"
+            raise ValueError(f"DeviceLoader: {got}, batch_size {batch_size}")
         self.device, self.size, self.epoch = torch.device(device), images.shape[1], 0
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
@@ -163,10 +158,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> PrepareConfig:
     config = from_namespace(PrepareConfig, get_args_parser().parse_args(argv))
-    if config.zip is not None and config.url != DATASET_URL:
-        raise ValueError("give either --url or --zip, not both")
-    if config.source is not None and (config.zip is not None or config.url != DATASET_URL):
-        raise ValueError("--source splits your own folders, --zip and --url fetch the archive: give one")
+    if sum([config.zip is not None, config.url != DATASET_URL, config.source is not None]) > 1:
+        raise ValueError("give one of --source (your own folders), --zip or --url (the archive)")
     return config
 
 

@@ -34,8 +34,7 @@ class DataError(UserError):
 
 def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
     """``url`` to ``dest`` through ``dest.part``, which a rerun continues; a failure says what to do."""
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
+    dest, part = Path(dest), Path(f"{dest}.part")
     if not dest.is_file():
         try:
             download_into(url, part, timeout)
@@ -48,8 +47,7 @@ def download(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> Path:
 
 
 def download_into(url: str, part: Path, timeout: float = NETWORK_TIMEOUT_S) -> None:
-    """Append the rest of ``url`` to ``part`` (an HTTP Range request after the bytes already there), or
-    start over when the server cannot continue. What arrived stays for the next try."""
+    """Append the rest of ``url`` to ``part`` (HTTP Range), or start over if the server cannot resume."""
     part.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):  # a second try only after the server refused to resume: then from byte 0
         have = part.stat().st_size if part.is_file() else 0
@@ -92,8 +90,7 @@ def is_hidden(name: str) -> bool:
 
 
 def extract(zip_path: Path, root: Path) -> Path:
-    """Unpack the archive's dataset folder (the one holding ``train/<Class>/*`` and ``val/<Class>/*``,
-    at any depth) to ``root/inaturalist_12K`` and return that folder."""
+    """Unpack the archive's folder of train/<Class>/ and val/<Class>/ (any depth) to root/inaturalist_12K."""
     target, partial = Path(root) / DATASET_DIR, Path(root) / f"{DATASET_DIR}.partial"
     try:
         archive = zipfile.ZipFile(zip_path)
@@ -125,8 +122,7 @@ def extract(zip_path: Path, root: Path) -> Path:
                     bar.update(entry.file_size)
             except (zipfile.BadZipFile, zlib.error, EOFError) as error:
                 shutil.rmtree(partial, ignore_errors=True)
-                raise DataError(
-                    f"{zip_path} is damaged ({entry.filename}: {error}); delete it and download it again"
-                ) from error
+                damaged = f"{zip_path} is damaged ({entry.filename}: {error})"
+                raise DataError(f"{damaged}; delete it and download it again") from error
     os.replace(partial, target)
     return target

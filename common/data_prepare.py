@@ -177,9 +177,8 @@ def _split_problem(split_dir: Path, rows: list[dict[str, str]]) -> str | None:
         except OSError:
             return f"{row['path']} is missing"
         except (AttributeError, IndexError, KeyError, ValueError) as error:
-            raise DataError(
-                f"{split_dir / MANIFEST} is damaged (line {line}): restore it, or make a new split"
-            ) from error
+            damaged = f"{split_dir / MANIFEST} is damaged (line {line})"
+            raise DataError(f"{damaged}: restore it, or make a new split") from error
     return None
 
 
@@ -254,8 +253,7 @@ def _make_split(root: Path, files: list[ImageFile], rows: list[dict] | None, sta
 
 
 def _write_split(root: Path, assigned: dict, checks: dict, skipped: list[list]) -> None:
-    """Build the split (``assigned``: file -> split) with its csv files in a fresh folder, then swap it in,
-    so a crash never leaves half a split; warn of files in several splits."""
+    """Build the split and its csv files in a fresh folder, then swap it in: never half a split."""
     split_dir, building, old = root / "split", root / "split.partial", root / "split.old"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
@@ -286,8 +284,7 @@ def _write_split(root: Path, assigned: dict, checks: dict, skipped: list[list]) 
 
 
 def _changes(now: dict, before: dict) -> str:
-    """What a refresh did, e.g. 'added 1 image (Aves: 1 train), removed 0'; ``now`` and ``before`` map
-    ``ImageFile.key`` to (split, sha256)."""
+    """What a refresh did, e.g. 'added 1 image (Aves: 1 train), removed 0'; key -> (split, sha256)."""
 
     def listed(keys: set, images: dict) -> str:
         counts = Counter((key[1], images[key][0]) for key in keys)  # (class, split)

@@ -4,9 +4,8 @@
                            [--out_dir runs] [--data_dir data] [--set epochs=10 input_size=128 ...]
     python common/sweep.py report --study NAME [--storage URL] [--out DIR]
 
-Each trial is one run of the sweep's ``program`` (its ``config_from_args`` and ``run``) in
-``out_dir/<study>/trial_<number>``. Workers and machines share the study's database as Optuna shows
-(each process calls ``study.optimize`` on it); docs/sweeps.md has the workflow.
+Each trial is one run of the sweep's ``program`` in ``out_dir/<study>/trial_<number>``; workers and
+machines share the study's database, each calling ``study.optimize`` on it (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ INTERRUPTED = "interrupted (Ctrl-C)"
 DRIVERS = {"psycopg": '"psycopg[binary]"', "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
 # A CUDA context and the kernels it loads live outside PyTorch's allocator, so outside a worker's share.
 CUDA_CONTEXT_BYTES = 1 << 30
+TABLE_LOCK = "SELECT pg_advisory_xact_lock(20240520)"  # any number that every machine uses
 
 
 @dataclass
@@ -68,13 +68,10 @@ def load_program(path: str) -> ModuleType:
         raise SweepConfigError(f"program {path} not found (looked in {Path.cwd()} and {ROOT})")
     if (file := file.resolve()).is_relative_to(ROOT):  # import under its real name (part_a.train), once
         module = importlib.import_module(".".join(file.relative_to(ROOT).with_suffix("").parts))
-    else:  # elsewhere (a test's fake program): load the file itself, once per path
-        name = f"sweep_program_{abs(hash(str(file)))}"
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, file)
-            sys.modules[name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(sys.modules[name])
-        module = sys.modules[name]
+    elif not (module := sys.modules.get(name := f"sweep_program_{abs(hash(str(file)))}")):  # once per path
+        spec = importlib.util.spec_from_file_location(name, file)  # elsewhere: a test's fake program
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     if missing := [name for name in PROGRAM_API if not hasattr(module, name)]:
         raise SweepConfigError(f"program {path} lacks {', '.join(missing)}; see docs/architecture.md")
     return module
@@ -123,11 +120,10 @@ class Sweep:
         # on-disk caches), kept in a folder the sweep owns rather than the user's temporary folder.
         cache = Path(self.out_dir, "sweeps", f"{self.study}_compile_cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-        trial.set_user_attr("program", self.spec.program)
-        trial.set_user_attr("fixed", self.fixed)
-        trial.set_user_attr("run_dir", str(trials_dir / name))
-        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("error", "")  # a retry starts with a copy of the retried trial's attributes
+        where = dict(run_dir=str(trials_dir / name), host=f"{socket.gethostname()}:{os.getpid()}")
+        # error "": a retry starts with a copy of the retried trial's attributes
+        for key, value in dict(program=self.spec.program, fixed=self.fixed, error="", **where).items():
+            trial.set_user_attr(key, value)
         reported: list[float] = []
 
         def report_epoch(epoch: int, metrics: dict) -> None:
@@ -145,22 +141,19 @@ class Sweep:
             program.run(parse_quietly(program.config_from_args, argv), epoch_callback=report_epoch)
             if not reported:
                 raise RuntimeError(f"the run finished without reporting {metric}")
-        except optuna.TrialPruned:
-            raise
-        except (Exception, KeyboardInterrupt) as error:  # Optuna records the trial as failed
-            stopped = isinstance(error, KeyboardInterrupt)
-            trial.set_user_attr("error", INTERRUPTED if stopped else f"{type(error).__name__}: {error}")
+        except (Exception, KeyboardInterrupt) as error:  # Optuna records the trial as failed (or pruned)
+            if not isinstance(error, optuna.TrialPruned):
+                stopped = isinstance(error, KeyboardInterrupt)
+                trial.set_user_attr("error", INTERRUPTED if stopped else f"{type(error).__name__}: {error}")
             raise
         return max(reported) if self.spec.goal == "maximize" else min(reported)
 
 
-def database_path(out_dir: str | Path, study: str) -> Path:
-    """The default study database, a SQLite file under ``out_dir/sweeps/``."""
+def database_path(out_dir: str | Path, study: str) -> Path:  # the default study database
     return (Path(out_dir) / "sweeps" / f"{study}.db").resolve()
 
 
 def default_storage(out_dir: str | Path, study: str) -> str:
-    """The Optuna URL of ``database_path``."""
     return f"sqlite:///{database_path(out_dir, study)}"
 
 
@@ -174,7 +167,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     heartbeat = {"heartbeat_interval": int(beat), "grace_period": 3 * int(beat)}
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait on locks
     try:
-        with _table_creation_lock(url), warnings.catch_warnings():
+        with contextlib.ExitStack() as lock, warnings.catch_warnings():
+            # Optuna creates its tables on a new database by check-then-create, so machines starting together
+            # on PostgreSQL would all create them and all but one die on a duplicate key: they take turns.
+            if url.startswith("postgresql"):  # the lock is held until this transaction ends
+                engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+                lock.enter_context(engine.begin()).execute(sqlalchemy.text(TABLE_LOCK))
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, for years
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
             return optuna.storages.RDBStorage(url, kwargs, **heartbeat, heartbeat_stale_trial_callback=retry)
@@ -185,20 +183,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError) as error:  # no password in these
         message = " ".join(str(getattr(error, "orig", None) or error).split())  # psycopg's has several lines
         raise UserError(f"cannot open the study database: {message}") from None
-
-
-@contextlib.contextmanager
-def _table_creation_lock(url: str):
-    """Optuna creates its tables on a new database by check-then-create, so machines starting together on
-    PostgreSQL all create them and all but one die on a duplicate key; this lock makes them take turns."""
-    if not url.startswith("postgresql"):
-        yield
-        return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    with engine.begin() as connection:  # held until this transaction ends
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(20240520)"))  # any number all share
-        yield
-    engine.dispose()
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
@@ -219,19 +203,18 @@ def gpu_shares(workers: int) -> list[tuple[str | None, float | None]]:
         return [(None, None)] * workers
     shares = {}
     for index, gpu in enumerate(gpus):
-        if (sharing := len(range(index, workers, len(gpus)))) == 1:
-            continue
-        free, total = torch.cuda.mem_get_info(index)
-        if (share := free / sharing - CUDA_CONTEXT_BYTES) < GPU_MARGIN_BYTES:  # a run's room for its model
-            need = f"{sharing} workers need {sharing * (GPU_MARGIN_BYTES + CUDA_CONTEXT_BYTES) >> 30} GiB"
-            raise UserError(f"GPU {gpu} has {free / 2**30:.1f} GiB free and {need}; use fewer --workers")
-        shares[gpu] = share / total
+        if (sharing := len(range(index, workers, len(gpus)))) > 1:
+            free, total = torch.cuda.mem_get_info(index)
+            if (share := free / sharing - CUDA_CONTEXT_BYTES) < GPU_MARGIN_BYTES:  # a run's room, its model
+                need = sharing * (GPU_MARGIN_BYTES + CUDA_CONTEXT_BYTES) >> 30
+                have = f"GPU {gpu} has {free / 2**30:.1f} GiB free and {sharing} workers need {need} GiB"
+                raise UserError(f"{have}; use fewer --workers")
+            shares[gpu] = share / total
     return [(gpus[i % len(gpus)], shares.get(gpus[i % len(gpus)])) for i in range(workers)]
 
 
 def _work(sweep: Sweep, trials: int, worker: int = 0, gpu: str | None = None, share: float | None = None):
-    """One worker: ``trials`` trials through ``study.optimize`` (fewer when a grid runs out), on ``gpu``
-    with ``share`` of its memory when given. Returns whether Ctrl-C stopped it."""
+    """One worker's ``trials`` trials (fewer when a grid runs out); returns whether Ctrl-C stopped it."""
     if gpu is not None:  # before the program touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if share is not None:
@@ -259,8 +242,7 @@ def _work(sweep: Sweep, trials: int, worker: int = 0, gpu: str | None = None, sh
 
 
 def run_sweep(sweep: Sweep, count: int, workers: int = 1) -> tuple[optuna.Study, bool]:
-    """Run ``count`` more trials of the study (created or continued, interrupted trials first); return it
-    and whether Ctrl-C stopped it."""
+    """Run ``count`` more trials (interrupted ones first); return the study and whether Ctrl-C stopped it."""
     storage, goal = open_storage(sweep.storage), sweep.spec.goal
     study = optuna.create_study(storage=storage, study_name=sweep.study, direction=goal, load_if_exists=True)
     if (direction := study.direction.name.lower()) != goal:
@@ -297,21 +279,6 @@ def run_sweep(sweep: Sweep, count: int, workers: int = 1) -> tuple[optuna.Study,
     return study, False
 
 
-def _prepare_data(program: ModuleType, spec: SweepSpec, fixed: dict[str, Any], workers: int) -> None:
-    """Prepare the data once here, so parallel workers never race to download, split or decode it (the
-    split options are the program's val_fraction and split_seed when the sweep fixes them)."""
-    from common import data
-
-    split = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}
-    split_dir = data.prepare(fixed["data_dir"], **{k: v for k, v in split.items() if v is not None})
-    default = program.get_args_parser().get_default("input_size")
-    size = spec.search_space.get("input_size", fixed.get("input_size", default))
-    # Every size a trial can train at: fixed, listed, or the default (a range has too many to decode ahead).
-    for each in getattr(size, "choices", [size]) if workers > 1 else []:  # 1: its first trial decodes them
-        for split_name in ("train", "val") if isinstance(each, int) else ():
-            data.load_cache(split_dir, split_name, each)
-
-
 def sweep_main(options: SweepOptions) -> None:
     spec = load_sweep(options.config, options.overrides)
     study = options.study or spec.name or Path(options.config).stem
@@ -326,9 +293,19 @@ def sweep_main(options: SweepOptions) -> None:
     url = options.storage or default_storage(out_dir, study)
     known = optuna.study.get_all_study_names(storage=open_storage(url))  # a bad URL fails before the data
     shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)  # to print
-    _prepare_data(program, spec, fixed, options.workers)
 
+    from common import data
     from common.sweep_report import best_command, write_trials_csv  # matplotlib: the parent only
+
+    # The data is prepared once here, so parallel workers never race to download, split or decode it.
+    split = {"val_fraction": fixed.get("val_fraction"), "seed": fixed.get("split_seed")}  # when fixed
+    split_dir = data.prepare(data_dir, **{k: v for k, v in split.items() if v is not None})
+    default = program.get_args_parser().get_default("input_size")
+    size = spec.search_space.get("input_size", fixed.get("input_size", default))
+    # Every size a trial can train at: fixed, listed, or the default (a range has too many to decode ahead).
+    for each in getattr(size, "choices", [size]) if options.workers > 1 else []:  # 1: its first trial does
+        for split_name in ("train", "val") if isinstance(each, int) else ():
+            data.load_cache(split_dir, split_name, each)
 
     trials_dir = Path(out_dir) / study
     if study not in known and trials_dir.is_dir() and any(trials_dir.iterdir()):

@@ -1,16 +1,8 @@
-"""Read a wandb sweep file (``sweep.yaml``) and map it onto Optuna.
+"""Read a wandb sweep file (``sweep.yaml``) and map it onto Optuna (the table: docs/sweeps.md).
 
 The same file drives ``wandb sweep`` online and ``common/sweep.py`` offline, so this module accepts
-the wandb format as it is and refuses, with the replacement to write, anything Optuna cannot
-reproduce faithfully:
-
-    method: bayes | random | grid       -> TPESampler | RandomSampler | GridSampler
-    metric: {name, goal}                -> the study direction (wandb's default goal is minimize)
-    early_terminate: {type: hyperband}  -> HyperbandPruner (min_iter, max_iter, eta, s)
-    values / value                      -> categorical / fixed
-    uniform, int_uniform, q_uniform     -> float / int / stepped float (int when all are ints)
-    log_uniform_values                  -> log-scaled float
-    only min and max                    -> int_uniform when both are ints, else uniform (as wandb)
+the wandb format as it is (wandb's default goal is minimize) and refuses, with the replacement to
+write, anything Optuna cannot reproduce faithfully.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ that shrinks the feature map to nothing fails with the block and the sizes befor
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -83,16 +83,8 @@ def conv_padding(padding: int | str, kernel: int, stride: int, size: int) -> tup
     raise ValueError(f"padding must be 'same', 'valid' or a non-negative int, got {padding!r}")
 
 
-class BlockShape(NamedTuple):
-    """Analytic shapes of one block: input side, conv padding, conv output side, pooled side."""
-
-    in_channels: int
-    out_channels: int
-    kernel: int
-    in_size: int
-    pad: tuple[int, int]
-    conv_size: int
-    pool_size: int
+# Analytic shapes of one block: channels, kernel, input side, conv padding (before, after), output sides.
+BlockShape = namedtuple("BlockShape", "in_channels out_channels kernel in_size pad conv_size pool_size")
 
 
 def block_shapes(config: ModelConfig) -> list[BlockShape]:
@@ -111,13 +103,11 @@ def block_shapes(config: ModelConfig) -> list[BlockShape]:
         pad = conv_padding(config.padding, k, config.stride, size)
         conv_size = (size + sum(pad) - k) // config.stride + 1
         pool_size = max(conv_size, 0) // 2
-        if pool_size < 1:
-            # Suggest padding='same' only where it is not already the padding.
-            fix = "a larger input_size, fewer blocks, a smaller kernel"
-            fix += "" if config.padding == "same" else " or padding='same'"
-            side = max(conv_size, 0)
+        if pool_size < 1:  # padding='same' is suggested only where it is not already the padding
+            side, same = max(conv_size, 0), "" if config.padding == "same" else " or padding='same'"
             conv = f"input {size}x{size}, kernel {k}, stride {config.stride}, padding {config.padding!r}"
-            gives = f"gives a {side}x{side} conv output and a {pool_size}x{pool_size} pooled output"
+            gives = f"gives a {side}x{side} conv output and a 0x0 pooled output"
+            fix = f"a larger input_size, fewer blocks, a smaller kernel{same}"
             raise ValueError(f"block {index} shrinks the feature map to nothing: {conv} {gives}; use {fix}")
         shapes.append(BlockShape(in_ch, out_ch, k, size, pad, conv_size, pool_size))
         size, in_ch = pool_size, out_ch
@@ -127,10 +117,8 @@ def block_shapes(config: ModelConfig) -> list[BlockShape]:
 class ConvNet(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        shapes = block_shapes(config)  # raises before any weight is made
-        self.config = config
-        act = activation_class(config.activation)
-        blocks = []
+        self.config, shapes = config, block_shapes(config)  # raises before any weight is made
+        act, blocks = activation_class(config.activation), []
         for shape in shapes:
             (before, after), symmetric = shape.pad, shape.pad[0] == shape.pad[1]
             # Asymmetric 'same' padding (even kernels) is a layer of its own.

@@ -1,30 +1,15 @@
-"""Part B: a pretrained torchvision backbone with a new head, and the freezing strategies.
+"""Part B: a pretrained torchvision backbone with a new head, and the freezing strategies (no training).
 
 Every supported family has a ``Layout``: the stem, the ordered stages, the classifier the new head
-replaces and any auxiliary branch. A strategy is then "how many backbone units, counted from the
-top, train in this epoch" (units = stem + stages):
-
-    head      0                          only the new head trains (feature extraction)
-    mlp_head  0                          the same, with a head of extra dense layers
-    freeze_k  stages - K                 the stem and the first K stages stay frozen
-    full      all                        everything trains, the backbone at backbone_lr_scale x LR
-    gradual   (epoch - 1) // E, capped   epoch 1 the head, then one more unit every E epochs
-
-A frozen unit runs in eval mode even while the model trains: its batch-norm running statistics stay
-the pretrained ones and its dropout is off, so it is the same fixed function in training and
-evaluation. ``train()`` re-applies this each time, ``set_epoch`` whenever what is frozen changes.
-
-inception_v3's ``AuxLogits`` is kept (a torchvision file loads strictly) and gets ``num_classes``
-outputs, but it is frozen and never run: forward returns the main logits only. The shared loop takes
-one logits tensor, the auxiliary loss mainly helps networks trained from scratch, and skipping the
-branch lets inception_v3 train below 299 px, where its 5x5 pooling has nothing left to pool.
-googlenet's auxiliary heads have no pretrained weights (torchvision drops them), so they are not built.
-
-No training code lives here.
+replaces and any auxiliary branch. A strategy says how many backbone units (stem + stages), counted
+from the top, train in an epoch; frozen units run in eval mode even while the model trains (``train()``
+and ``set_epoch`` re-apply it). inception_v3's ``AuxLogits`` is kept (a torchvision file loads strictly)
+but frozen and never run; googlenet's untrained auxiliary heads are not built. docs/part_b.md says why.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -79,7 +64,7 @@ class Layout:
 
 
 # Model-name prefixes -> their layout, "stem | stage 1 | ... | top stage > head", each unit the dotted
-# paths of its modules; None: the depth varies, so ``_layout`` reads it from the built model.
+# paths of its modules; None: ``_layout`` reads it from the built model.
 FAMILIES = {
     ("resnet", "resnext", "wide_resnet"): "conv1 bn1 | layer1 | layer2 | layer3 | layer4 > fc",
     # stem, stage 1, then (downsample, stage) pairs; the norm before the head is pretrained
@@ -87,24 +72,12 @@ FAMILIES = {
         "features.0 | features.1 | features.2 features.3 | features.4 features.5"
         " | features.6 features.7 classifier.0 > classifier.2"
     ),
-    "googlenet": (
-        "conv1 conv2 conv3 | inception3a inception3b"
-        " | inception4a inception4b inception4c inception4d inception4e | inception5a inception5b > fc"
-    ),
-    "inception_v3": (
-        "Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3 Conv2d_3b_1x1 Conv2d_4a_3x3 | Mixed_5b Mixed_5c Mixed_5d"
-        " | Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e | Mixed_7a Mixed_7b Mixed_7c > fc"
-    ),
-    ("efficientnet", "vit", "vgg"): None,
+    ("efficientnet", "vit", "vgg", "googlenet", "inception_v3"): None,
 }
 
 
 def _family(name: str) -> str | None:
     return next((prefix for prefix in FAMILIES if name.startswith(prefix)), None)
-
-
-def supported_models() -> list[str]:
-    return [name for name in list_models(module=torchvision.models) if _family(name)]
 
 
 def _layout(name: str, net: nn.Module) -> Layout:
@@ -118,20 +91,22 @@ def _layout(name: str, net: nn.Module) -> Layout:
         top = len(net.classifier) - 1
         blocks = [f"features.{i}" + " |" * isinstance(m, nn.MaxPool2d) for i, m in enumerate(net.features)]
         spec = f"| {' '.join(blocks)} {' '.join(f'classifier.{i}' for i in range(top))} > classifier.{top}"
+    elif name in ("googlenet", "inception_v3"):  # the stem's convs, then a stage per inception3*, Mixed_5*...
+        blocks = [n for n, m in net.named_children() if list(m.parameters()) and n not in ("fc", "AuxLogits")]
+        stages = itertools.groupby(blocks, lambda n: n[:-1] if n.startswith(("inception", "Mixed")) else "")
+        spec = " | ".join(" ".join(stage) for _, stage in stages) + " > fc"
     units, head = spec.split(">")
     stem, *stages = [tuple(unit.split()) for unit in units.split("|")]
     return Layout(stem, tuple(stages), head.strip(), ("AuxLogits",) if name == "inception_v3" else ())
 
 
 def resolve_config(config: ModelBConfig | dict) -> ModelBConfig:
-    """Validate ``config`` and fill in what depends on the model: input size, default head layers.
-
-    Raises ``ValueError`` naming the bad option. Touches no file: a checkpoint's config must rebuild
-    on a machine where its weights file is gone.
-    """
+    """Validate ``config`` (a ValueError names the bad option) and fill in the input size and default head
+    layers. Touches no file: a checkpoint's config must rebuild where its weights file is gone."""
     config = from_namespace(ModelBConfig, config) if isinstance(config, dict) else config
     if _family(config.model) is None:
-        raise ValueError(f"unsupported model {config.model!r}; choose one of {', '.join(supported_models())}")
+        supported = ", ".join(name for name in list_models(module=torchvision.models) if _family(name))
+        raise ValueError(f"unsupported model {config.model!r}; choose one of {supported}")
     head_layers = config.head_layers
     if head_layers is None:
         head_layers = [512, 256] if config.strategy == "mlp_head" else []
@@ -180,16 +155,14 @@ def _new_head(width: int, config: ModelBConfig) -> nn.Module:
 
 
 class FineTuneNet(nn.Module):
-    """The torchvision model of a resolved config with new heads and random weights; knows which units
-    are frozen and keeps them in eval mode."""
+    """The torchvision model with new heads and random weights; keeps its frozen units in eval mode."""
 
     def __init__(self, config: ModelBConfig):
         super().__init__()
         name, kwargs, pretrained = config.model, {}, weights_lib.is_pretrained(config.weights)
         if name in ("googlenet", "inception_v3"):
-            # The ported Google weights expect inputs scaled to [-1, 1]; transform_input converts from
-            # ImageNet normalisation, as torchvision does whenever it loads these weights. The random
-            # init is skipped when pretrained weights (or a checkpoint) will overwrite it anyway.
+            # Google's ported weights expect [-1, 1] inputs (transform_input, as torchvision sets it with
+            # them); their slow random init is skipped where the weights overwrite it anyway.
             kwargs = dict(transform_input=pretrained, init_weights=not pretrained)
             kwargs["aux_logits"] = name == "inception_v3"
         elif name.startswith("vit"):
@@ -228,10 +201,7 @@ class FineTuneNet(nn.Module):
 
     def train(self, mode: bool = True) -> FineTuneNet:
         super().train(mode)
-        if self.layout.aux:
-            # Inception3 reads its own ``training`` flag only to run the auxiliary classifier and return
-            # a (logits, aux) tuple; its layers (dropout, batch norm) read their own flags. Clearing just
-            # that flag makes forward return plain logits and skip the frozen, unused aux branch.
+        if self.layout.aux:  # Inception3's own flag only runs AuxLogits (its layers read their own flags)
             self.net.training = False
         if mode:
             frozen = [path for unit in self.layout.units[: self.frozen_units] for path in unit]
@@ -251,12 +221,9 @@ class FineTuneNet(nn.Module):
     def extra_repr(self) -> str:
         """What trains, as the log shows it at the start and whenever ``set_epoch`` changes it."""
         stages, frozen = len(self.layout.stages), self.frozen_units - 1  # frozen stages, after the stem
-        if frozen < 0:
-            what = "nothing frozen"
-        elif frozen == 0:
-            what = f"stem frozen, all {stages} stages train"
-        else:
-            what = f"stem + stage{'s 1-' if frozen > 1 else ' '}{frozen} of {stages} frozen"
+        what = f"stem + stage{'s 1-' if frozen > 1 else ' '}{frozen} of {stages} frozen"
+        if frozen <= 0:
+            what = "nothing frozen" if frozen < 0 else f"stem frozen, all {stages} stages train"
         trainable, frozen_params = parameter_counts(self).values()
         return f"{what} | {trainable:,} trainable, {frozen_params:,} frozen parameters"
 

@@ -1,11 +1,7 @@
-"""Pretrained weights that work offline: torchvision names, the torch hub cache, or a file.
-
-``--weights`` is a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``, ...), ``none``, or a
-path. A named entry is read from the torch hub cache (``torch.hub.get_dir()/checkpoints/<file name
-from the URL>``, where torchvision keeps it) and downloaded by ``torch.hub`` only when it is not
-there, its sha256 checked against the prefix in its name. A machine without network fails in seconds
-with the URL and the exact path to put the file at, never a hang. Files may be a plain state dict
-or a dict holding one under ``"state_dict"`` or ``"model"``.
+"""Pretrained weights that work offline: ``--weights`` is a torchvision weights name (``DEFAULT``,
+``IMAGENET1K_V1``, ...), ``none``, or a file (a state dict, or one under ``"state_dict"`` or ``"model"``).
+A name is read from the torch hub cache, where torchvision keeps it, and downloaded by ``torch.hub``
+(sha256 checked) only when missing; without network it fails in seconds saying where to put the file.
 """
 from __future__ import annotations
 
@@ -36,8 +32,7 @@ def named_weights(model_name: str, spec: str) -> WeightsEnum | None:
 
 
 def preset(model_name: str, spec: str) -> WeightsEnum:
-    """The entry whose preprocessing (input size, mean, std) fits ``spec``: for a file or ``none``, the
-    DEFAULT one (a file is assumed to hold weights trained like torchvision's)."""
+    """The entry whose preprocessing fits ``spec``; for a file (assumed trained alike) or none, DEFAULT."""
     return named_weights(model_name, spec) or get_model_weights(model_name).DEFAULT
 
 
@@ -51,8 +46,7 @@ def check_spec(model_name: str, spec: str) -> None:
 
 
 def fetch(url: str, timeout: float = NETWORK_TIMEOUT_S) -> Path:
-    """The torch hub cache's file for ``url``, downloaded by torch.hub (to a temporary file renamed when
-    complete and checked) only when missing; offline, fails fast saying what to do."""
+    """The hub cache's file for ``url``, downloaded (hash checked) when missing; offline, fails fast."""
     dest = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     if dest.is_file():
         return dest
@@ -65,12 +59,10 @@ def fetch(url: str, timeout: float = NETWORK_TIMEOUT_S) -> Path:
         torch.hub.download_url_to_file(url, str(dest), match and match.group(1))
     except (OSError, HTTPException, RuntimeError) as error:  # no network, timeouts, cut-off, wrong hash
         reason = getattr(error, "reason", error)  # a URLError's cause, e.g. "Network is unreachable"
-        raise WeightsError(
-            f"pretrained weights are not in the local cache and the download failed ({url}: {reason}).\n"
-            f"  Download {url}\n  on a machine with internet and copy it to {dest}\n"
-            "  (that folder is $TORCH_HOME/hub/checkpoints), or pass --weights /path/to/file.pth, "
-            "or --weights none to train from scratch."
-        ) from error
+        failed = f"pretrained weights are not in the local cache and the download failed ({url}: {reason})"
+        where = f"copy it to {dest}\n  (that folder is $TORCH_HOME/hub/checkpoints)"
+        fix = f"Download {url}\n  on a machine with internet and {where}, or pass --weights /path/to/file.pth"
+        raise WeightsError(f"{failed}.\n  {fix}, or --weights none to train from scratch.") from error
     finally:
         socket.setdefaulttimeout(previous)
     return dest
