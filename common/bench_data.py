@@ -9,14 +9,13 @@ ImageFolder's is its second epoch (the first starts the workers). docs/benchmark
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import platform
 import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.config import option
 from common.data import DeviceLoader, load_cache, prepare
 from common.data_cache import parallel_map
 from common.data_fetch import DATASET_DIR
@@ -33,11 +33,6 @@ from part_a.model import MEAN, STD  # the data the benchmark serves is the Part 
 
 CLASSES = "Amphibia Animalia Arachnida Aves Fungi Insecta Mammalia Mollusca Plantae Reptilia".split()
 VAL_FRACTION = 0.01  # prepare needs a val split: this moves 1 image per class there (at least 1)
-
-
-def option(default, help: str, **metadata):
-    """A field that ``common.config`` makes an option of (a list default is copied for each config)."""
-    return field(default_factory=lambda: copy.copy(default), metadata={"help": help, **metadata})
 
 
 def check_options(config) -> None:

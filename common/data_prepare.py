@@ -23,11 +23,12 @@ import shutil
 import unicodedata
 import urllib.parse
 from collections import Counter, namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
+from common.config import option
 from common.data_cache import MANIFEST, open_rgb, parallel_map, read_manifest
 from common.data_fetch import DATASET_DIR, DATASET_URL, DataError, download, extract, is_hidden
 from common.files import read_json, write_json
@@ -37,10 +38,6 @@ SPLITS = ("train", "val", "test")
 PREPARE_FORMAT = 2  # 2: origin "test" (was "val"), own sources
 nfc = functools.partial(unicodedata.normalize, "NFC")  # names as typed: macOS writes them decomposed
 FileCheck = namedtuple("FileCheck", "bytes sha256 problem")  # problem: why the image is left out, or None
-
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

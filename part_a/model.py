@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from common.activations import ACTIVATIONS, activation_class
-from common.config import from_namespace
+from common.config import from_namespace, option
 
 FILTER_STRATEGIES = ("same", "double", "half")
 # Inputs are normalised to [-1, 1]; the network trains from scratch, so no dataset statistics are needed.
 MEAN = STD = (0.5, 0.5, 0.5)
 SAME_HELP = "'same' (output size = ceil(input/stride), asymmetric for even kernels), 'valid', or an int"
-
-
-def option(default, help: str, **metadata):
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass

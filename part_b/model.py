@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torchvision
@@ -19,7 +19,7 @@ from torchvision.models import get_model, list_models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
 from common.activations import ACTIVATIONS
-from common.config import from_namespace
+from common.config import from_namespace, option
 from part_b import weights as weights_lib
 
 STRATEGIES = ("head", "freeze_k", "full", "gradual", "mlp_head")
@@ -27,10 +27,6 @@ HEAD_ACTIVATIONS = ("relu", "gelu", "silu")  # a subset of common.activations.AC
 # Auxiliary classifiers may be absent on either side of a weights file: googlenet's are not built
 # here but are in torchvision's file (untrained), and a file saved without them is still usable.
 AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
-
-
-def option(default, help: str, **metadata):
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
