@@ -24,7 +24,7 @@ from common import data as data_lib
 from common import device as device_lib
 from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
 from common.config import to_cli
-from conftest import CLASSES, RepeatLoader, make_image_tree
+from helpers import CLASSES, RepeatLoader, make_image_tree
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 from part_b import train as part_b_train

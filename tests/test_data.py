@@ -27,7 +27,7 @@ from common import data, data_cache, data_prepare
 from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
 from common.data_fetch import download
 from common.data import DataError, DeviceLoader, load_cache, prepare
-from conftest import class_image, make_image_tree
+from helpers import class_image, make_image_tree
 
 REPO = Path(__file__).resolve().parents[1]
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

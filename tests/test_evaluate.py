@@ -24,10 +24,7 @@ from common import evaluate
 from common.config import to_cli
 from part_a import train as part_a_train
 from part_a.model import build_model
-
-CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
-           "Plantae", "Reptilia"]
-
+from helpers import CLASSES
 
 def tiny_model(**overrides) -> nn.Module:
     config = dict(input_size=32, n_filters=6, n_blocks=3, kernel_size=3, dense_neurons=16,

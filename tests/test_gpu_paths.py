@@ -22,7 +22,7 @@ from common import evaluate
 from common.config import to_cli
 from common.training import RunConfig
 from part_a import train as part_a_train
-from conftest import CLASSES, make_image_tree
+from helpers import CLASSES, make_image_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")

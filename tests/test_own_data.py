@@ -6,22 +6,10 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from common import data as data_lib
-from conftest import class_image
-
-
-def make_folders(root: Path, classes: dict[str, int], size=(40, 32)) -> Path:
-    """``root/<Class>/NNN.png`` with ``classes[name]`` images each; returns ``root``."""
-    for index, (name, count) in enumerate(classes.items()):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng([index, len(str(root))])
-        for i in range(count):
-            class_image(index, rng, size).save(folder / f"{i:03d}.png")
-    return root
+from helpers import make_folders
 
 
 def digest(tree: Path) -> dict[str, str]:

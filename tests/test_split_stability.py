@@ -13,9 +13,8 @@ import torch
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import evaluate
-from conftest import class_image
+from helpers import class_image, make_folders
 from part_a import train as part_a_train
-from test_own_data import make_folders
 
 TINY = ["--input_size", "32", "--n_filters", "4", "--n_blocks", "3", "--kernel_size", "3", "--dense_neurons",
         "8", "--batch_size", "8", "--device", "cpu", "--wandb_mode", "disabled", "--compile", "false"]

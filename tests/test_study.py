@@ -32,7 +32,7 @@ from common import checkpoint as ckpt_io
 from common import data, evaluate, files, flops, study, study_report, sweep, sweep_report
 from common.config import UserError, to_cli
 from common.sweep_space import load_sweep
-from conftest import class_image
+from helpers import class_image
 
 pytestmark = pytest.mark.slow
 optuna.logging.set_verbosity(optuna.logging.WARNING)

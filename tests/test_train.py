@@ -22,7 +22,7 @@ from common import device as device_lib
 from common import engine, training
 from common.config import UserError, to_cli
 from common.data import DeviceLoader
-from conftest import RepeatLoader
+from helpers import RepeatLoader
 from common.training import RESUME_MUST_MATCH, RunConfig
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
