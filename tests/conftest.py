@@ -17,6 +17,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def wandb_off(tmp_path_factory):
+    """wandb disabled for every test, module fixture and program a test starts (they inherit the
+    environment), every folder it could write in a temporary one: never the network, never ~/.
+    Tests of wandb itself set WANDB_MODE (or --wandb_mode) to what they test."""
+    folder = tmp_path_factory.mktemp("wandb")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "disabled")
+        patch.setenv("WANDB_SILENT", "true")
+        for name in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+            patch.setenv(name, str(folder / name.lower()))
+        yield
+
+
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory) -> Path:
     """A data root with the 10 real class names, 10 train + 3 test images each, already prepared.

@@ -38,7 +38,7 @@ LEVEL = 1 / 255  # one uint8 step of an image, in [0, 1] units
 def tiny(data_root: Path, out_dir: Path, name: str, **overrides) -> tuple[ModelConfig, training.RunConfig]:
     values = dict(data_dir=str(data_root), out_dir=str(out_dir), name=name, input_size=32, n_filters=4, n_blocks=3,
                   kernel_size=3, dense_neurons=16, epochs=2, batch_size=8, eval_batch_size=16, learning_rate=3e-3,
-                  wandb_mode="disabled", device="cuda", compile=False)
+                  device="cuda", compile=False)
     return part_a_train.config_from_args(to_cli({**values, **overrides}))
 
 
@@ -184,7 +184,7 @@ def test_cuda_graphs_capture_each_trainable_set_of_gradual_unfreezing(tmp_path, 
     config = part_b_train.config_from_args(to_cli(dict(
         data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), name="gradual", model="resnet18",
         weights="none", strategy="gradual", input_size=64, epochs=3, batch_size=4, eval_batch_size=4,
-        compile=False, cuda_graphs=True, test=True, wandb_mode="disabled", device="cuda")))
+        compile=False, cuda_graphs=True, test=True, device="cuda")))
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and math.isfinite(summary["test_loss"])
     assert len(captures) == 4  # three trainable sets; one validation step (its model stays the same)
@@ -288,7 +288,7 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
     config = part_b_train.config_from_args(to_cli(dict(
         data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), name="gradual", model="resnet18",
         weights="none", strategy="gradual", input_size=64, epochs=3, batch_size=8, compile=True, test=True,
-        wandb_mode="disabled", device="cuda")))
+        device="cuda")))
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and summary["epochs_run"] == 3 and 0 <= summary["test_acc"] <= 1
     state = ckpt_io.load_checkpoint(tmp_path / "runs" / "gradual" / "last.pt")
@@ -302,8 +302,7 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
 def test_two_gpus_train_like_one_with_the_global_batch(prepared_data, tmp_path):
     common = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
               "--batch_norm=false", "--dropout=0", "--epochs=2", "--device=cuda", "--compile=false", "--precision=fp32",
-              "--learning_rate=0.003", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--eval_batch_size=7",
-              "--wandb_mode=disabled"]
+              "--learning_rate=0.003", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--eval_batch_size=7"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for launcher, args in (([sys.executable], ["--batch_size=8", "--name=single"]),
                            ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],

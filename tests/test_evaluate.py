@@ -251,19 +251,6 @@ def test_guided_backprop_figure_pairs_each_image_with_its_gradient():
 FIGURES = ("confusion_matrix.png", "prediction_grid.png", "first_layer_filters.png", "guided_backprop.png")
 
 
-def isolate_wandb(patch: pytest.MonkeyPatch, folder: Path) -> None:
-    """wandb offline, with every folder it writes (runs, artifact staging, cache) under ``folder``."""
-    patch.setenv("WANDB_MODE", "offline")
-    patch.setenv("WANDB_SILENT", "true")
-    for variable in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        patch.setenv(variable, str(folder / variable.lower()))
-
-
-@pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    isolate_wandb(monkeypatch, tmp_path)
-
-
 @pytest.fixture(scope="module")
 def trained_run(prepared_data, tmp_path_factory) -> Path:
     """best.pt of a 1-epoch Part A run on the tiny dataset (read-only: copy before changing)."""
@@ -271,7 +258,7 @@ def trained_run(prepared_data, tmp_path_factory) -> Path:
     config = part_a_train.config_from_args(to_cli(dict(
         data_dir=str(prepared_data), out_dir=str(out_dir), name="tiny", input_size=32, n_filters=12, n_blocks=3,
         kernel_size=3, dense_neurons=16, activation="gelu", epochs=1, batch_size=8, eval_batch_size=16,
-        wandb_mode="disabled", device="cpu", compile=False)))
+        device="cpu", compile=False)))
     part_a_train.run(config)
     return out_dir / "tiny" / "best.pt"
 
@@ -292,11 +279,9 @@ def evaluated(trained_run, prepared_data, tmp_path_factory) -> tuple[Path, int, 
     checkpoint.write_bytes(trained_run.read_bytes())
     (run_dir / "summary.json").write_text(json.dumps({"best_val_acc": 0.5, "best_epoch": 1}))
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        isolate_wandb(patch, run_dir)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = evaluate.main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data),
-                                  "--device", "cpu", "--batch_size", "7", "--wandb_mode", "offline"])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = evaluate.main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data),
+                              "--device", "cpu", "--batch_size", "7", "--wandb_mode", "offline"])
     return run_dir, code, out.getvalue(), err.getvalue()
 
 
@@ -350,7 +335,7 @@ def test_tta_evaluation_averages_each_image_with_its_mirror_image(trained_run, p
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(trained_run.read_bytes())
     code, out, err = run_main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data), "--device", "cpu",
-                               "--batch_size", "7", "--tta", "--wandb_mode", "disabled"], capsys)
+                               "--batch_size", "7", "--tta"], capsys)
     assert code == 0, err
     assert "mirror image" in out.splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())

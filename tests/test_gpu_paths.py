@@ -27,7 +27,7 @@ from helpers import CLASSES, make_image_tree
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
 TINY = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
-        "--device=cpu", "--compile=false", "--learning_rate=0.003", "--eval_batch_size=7", "--wandb_mode=disabled"]
+        "--device=cpu", "--compile=false", "--learning_rate=0.003", "--eval_batch_size=7"]
 
 
 @pytest.fixture
@@ -212,11 +212,11 @@ def test_test_accuracy_is_the_same_from_train_and_from_evaluate(prepared_data, t
     config = part_a_train.config_from_args(to_cli(dict(
         data_dir=str(prepared_data), out_dir=str(tmp_path), name="bf16", input_size=32, n_filters=4, n_blocks=3,
         kernel_size=3, dense_neurons=16, epochs=1, batch_size=8, precision="bf16", test=True,
-        wandb_mode="disabled", device="cpu", compile=False)))
+        device="cpu", compile=False)))
     trained = part_a_train.run(config)
     assert trained["test_precision"] == "fp32"
     evaluated = evaluate.evaluate_checkpoint(tmp_path / "bf16" / "best.pt", prepared_data, tmp_path / "figures",
-                                             device="cpu", wandb_mode="disabled")
+                                             device="cpu")
     assert evaluated["test_loss"] == trained["test_loss"] and evaluated["test_acc"] == trained["test_acc"]
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["test_precision"] == "fp32"
 
@@ -244,7 +244,7 @@ def test_deterministic_runs_use_deterministic_kernels_and_the_next_run_goes_back
         config = part_a_train.config_from_args(to_cli(dict(
             data_dir=str(prepared_data), out_dir=str(tmp_path), name=name, input_size=32, n_filters=4, n_blocks=3,
             kernel_size=3, dense_neurons=16, epochs=1, batch_size=8, deterministic=deterministic,
-            wandb_mode="disabled", device="cpu", compile=False)))
+            device="cpu", compile=False)))
         part_a_train.run(config, epoch_callback=lambda epoch, metrics: seen.append(
             (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)))
     assert seen == [(True, False), (False, True)]
@@ -259,7 +259,7 @@ def _free_port() -> int:
 
 
 def _launch(launcher: list[str], script: str, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([*launcher, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -294,7 +294,7 @@ def test_two_ranks_resume_each_with_its_own_random_stream(prepared_data, tmp_pat
 def test_part_b_under_torchrun_prints_once_and_builds_the_test_cache_once(tmp_path):
     make_image_tree(tmp_path / "data", CLASSES, n_train=6, n_test=2)
     args = ["--model=resnet18", "--weights=none", "--input_size=32", "--epochs=1", "--batch_size=4", "--device=cpu",
-            "--compile=false", "--test", "--wandb_mode=disabled", f"--data_dir={tmp_path / 'data'}",
+            "--compile=false", "--test", f"--data_dir={tmp_path / 'data'}",
             f"--out_dir={tmp_path / 'runs'}", "--name=ft"]
     out, err = _finish(_launch(_torchrun(), "part_b/train.py", args))
     assert out.count("resnet18 | weights none") == 1, out

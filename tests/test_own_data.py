@@ -109,7 +109,7 @@ def test_both_parts_train_and_evaluate_on_three_classes(tmp_path):
     data_dir = tmp_path / "data"
     assert data_lib.main(["prepare", "--root", str(data_dir), "--source", str(source)]) == 0
     common = ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "runs"), "--input_size", "32",
-              "--epochs", "1", "--batch_size", "6", "--device", "cpu", "--wandb_mode", "disabled", "--test"]
+              "--epochs", "1", "--batch_size", "6", "--device", "cpu", "--test"]
     assert part_a_train.main([*common, "--name", "a", "--n_filters", "4", "--kernel_size", "3",
                               "--dense_neurons", "8"]) == 0
     weights = tmp_path / "resnet18.pth"
@@ -122,6 +122,6 @@ def test_both_parts_train_and_evaluate_on_three_classes(tmp_path):
         assert state["model"][head].shape[0] == 3
         assert json.loads((tmp_path / "runs" / name / "summary.json").read_text())["test_samples"] == 6
     result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "a" / "best.pt", data_dir, tmp_path / "figures",
-                                          batch_size=4, device="cpu", wandb_mode="disabled")
+                                          batch_size=4, device="cpu")
     assert list(result["test_per_class_acc"]) == ["cats", "dogs", "owls"]
     assert (tmp_path / "figures" / "confusion_matrix.png").is_file()

@@ -377,7 +377,7 @@ def test_the_optimizer_trains_the_backbone_at_backbone_lr_scale_times_the_head_s
     model_config, run_config = part_b_train.config_from_args([
         "--model=resnet18", "--weights=none", "--input_size=32", "--backbone_lr_scale=0.25", "--epochs=1",
         "--warmup_epochs=2", "--learning_rate=0.01", "--batch_size=8", "--device=cpu", "--compile=false",
-        "--wandb_mode=disabled", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=lr"])
+        f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=lr"])
     part_b_train.run((model_config, run_config))
     state = torch.load(tmp_path / "lr" / "last.pt", weights_only=True)
     groups = {group["name"]: group for group in state["optimizer"]["param_groups"]}
@@ -439,7 +439,7 @@ def test_bad_options_fail_before_any_data_is_read(tmp_path, capsys, argv, fragme
 def test_cli_end_to_end_fine_tunes_gradually_and_writes_the_run_folder(prepared_data, tmp_path):
     from common import checkpoint as ckpt_io
     args = ["--model=resnet18", "--weights=none", "--input_size=32", "--strategy=gradual", "--epochs=2",
-            "--batch_size=8", "--device=cpu", "--compile=false", "--wandb_mode=disabled", "--test",
+            "--batch_size=8", "--device=cpu", "--compile=false", "--test",
             f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=ft"]
     result = subprocess.run([sys.executable, "part_b/train.py", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
@@ -472,7 +472,7 @@ def test_compiled_gradual_unfreezing_stays_compiled_through_every_stage(prepared
     monkeypatch.setattr(torch._dynamo.config, limit_hit, True)
     config = part_b_train.config_from_args([
         "--model=resnet18", "--weights=none", "--input_size=32", "--strategy=gradual", "--epochs=6",
-        "--batch_size=8", "--device=cpu", "--compile=true", "--wandb_mode=disabled",
+        "--batch_size=8", "--device=cpu", "--compile=true",
         f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=compiled"])
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and summary["epochs_run"] == 6

@@ -17,7 +17,7 @@ from helpers import class_image, make_folders
 from part_a import train as part_a_train
 
 TINY = ["--input_size", "32", "--n_filters", "4", "--n_blocks", "3", "--kernel_size", "3", "--dense_neurons",
-        "8", "--batch_size", "8", "--device", "cpu", "--wandb_mode", "disabled", "--compile", "false"]
+        "8", "--batch_size", "8", "--device", "cpu", "--compile", "false"]
 
 
 def splits(split_dir: Path) -> dict[str, str]:
@@ -127,7 +127,7 @@ def test_evaluating_on_a_changed_test_split_is_refused(tmp_path, capsys):
     (source / "test" / "dogs" / "000.png").unlink()
     assert refresh(tmp_path / "data") == 0
     capsys.readouterr()
-    arguments = ["--data_dir", str(tmp_path / "data"), "--device", "cpu", "--wandb_mode", "disabled"]
+    arguments = ["--data_dir", str(tmp_path / "data"), "--device", "cpu"]
     assert evaluate.main(["--checkpoint", str(best), *arguments]) == 1
     assert "1 image removed from test" in error_line(capsys.readouterr().err)
 
@@ -161,6 +161,5 @@ def test_class_order_is_one_rule_for_cased_spaced_and_decomposed_names(tmp_path)
         assert data_lib.load_cache(split_dir, split, 16).classes == order
     assert train(tmp_path / "data", tmp_path / "runs", "--name", "r", "--epochs", "1") == 0
     assert ckpt_io.load_checkpoint(tmp_path / "runs" / "r" / "best.pt")["classes"] == order
-    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "r" / "best.pt", tmp_path / "data",
-                                          device="cpu", wandb_mode="disabled")
+    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "r" / "best.pt", tmp_path / "data", device="cpu")
     assert list(result["test_per_class_acc"]) == order

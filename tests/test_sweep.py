@@ -73,12 +73,6 @@ def run(config, epoch_callback=None):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-
-
 def fake_sweep(tmp_path, parameters: dict, *, method="random", early_terminate=None):
     """A sweep file for the fake program; returns its spec."""
     program = tmp_path / "fake_train.py"
@@ -469,7 +463,7 @@ def test_the_data_goes_on_the_gpu_only_if_it_fits_in_the_workers_share(monkeypat
 def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
     out_dir = tmp_path / "runs"
     tiny = ["epochs=2", "input_size=32", "batch_size=8", "n_filters=4", "dense_neurons=8", "kernel_size=3",
-            "padding=same", "device=cpu", "compile=false", "wandb_mode=disabled"]
+            "padding=same", "device=cpu", "compile=false"]
     code = sweep.main(["sweep.yaml", "--count", "3", "--study", "e2e", "--out_dir", str(out_dir),
                        "--data_dir", str(prepared_data), "--set", *tiny])
     assert code == 0
@@ -499,7 +493,7 @@ def test_a_sweep_can_search_the_recipe_options(prepared_data, tmp_path):
     recipe = {"ema_decay": {"values": [0.5, 0.9]}, "mixup_alpha": {"distribution": "uniform", "min": 0.1, "max": 0.4},
               "cutmix_alpha": {"values": [0.0, 1.0]}, "tta": {"values": [True, False]}}
     tiny = {"epochs": 1, "input_size": 32, "batch_size": 8, "n_filters": 4, "dense_neurons": 8, "kernel_size": 3,
-            "device": "cpu", "compile": False, "wandb_mode": "disabled", "test": True}
+            "device": "cpu", "compile": False, "test": True}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"program": "part_a/train.py", "method": "random", "name": "recipe",
                                     "metric": {"name": "val_acc", "goal": "maximize"},
