@@ -1,4 +1,4 @@
-"""What several test files share: generated images and a stand-in for a loader.
+"""What several test files share: generated images, the tiny training run and a stand-in for a loader.
 
 Images of one class share a colour (plus noise and a class-dependent stripe), so a tiny model can
 learn the classes in a few steps; train and test images come from different random streams, so no
@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from common.config import to_cli
+from part_a import train as part_a_train
+from part_b import train as part_b_train
 
 CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
            "Plantae", "Reptilia"]
@@ -52,6 +56,24 @@ def make_folders(root: Path, classes: dict[str, int], size=(40, 32)) -> Path:
         for i in range(count):
             class_image(index, rng, size).save(folder / f"{i:03d}.png")
     return root
+
+
+# A run small enough for a 2-core CPU: Part A's CNN, or Part B's ResNet-18 with random weights.
+TINY = dict(input_size=32, epochs=2, batch_size=8, device="cpu", compile=False)
+TINY_MODEL = {"a": dict(n_filters=4, n_blocks=3, kernel_size=3, dense_neurons=16, eval_batch_size=16,
+                        learning_rate=3e-3),
+              "b": dict(model="resnet18", weights="none")}
+
+
+def tiny_argv(data_dir: str | Path, out_dir: str | Path, part: str = "a", **overrides) -> list[str]:
+    """The command line of a tiny run of ``part`` ("a" or "b"); ``overrides`` change or add options."""
+    return to_cli({"data_dir": data_dir, "out_dir": out_dir, **TINY, **TINY_MODEL[part], **overrides})
+
+
+def tiny_config(data_dir: str | Path, out_dir: str | Path, name: str, part: str = "a", **overrides) -> tuple:
+    """(model config, run config) of a tiny run, parsed as the command line parses them."""
+    script = part_a_train if part == "a" else part_b_train
+    return script.config_from_args(tiny_argv(data_dir, out_dir, part, name=name, **overrides))
 
 
 class RepeatLoader:

@@ -21,10 +21,9 @@ from torch import nn
 from common import checkpoint as ckpt_io
 from common import figures
 from common import evaluate
-from common.config import to_cli
 from part_a import train as part_a_train
 from part_a.model import build_model
-from helpers import CLASSES
+from helpers import CLASSES, tiny_config
 
 def tiny_model(**overrides) -> nn.Module:
     config = dict(input_size=32, n_filters=6, n_blocks=3, kernel_size=3, dense_neurons=16,
@@ -255,11 +254,7 @@ FIGURES = ("confusion_matrix.png", "prediction_grid.png", "first_layer_filters.p
 def trained_run(prepared_data, tmp_path_factory) -> Path:
     """best.pt of a 1-epoch Part A run on the tiny dataset (read-only: copy before changing)."""
     out_dir = tmp_path_factory.mktemp("runs")
-    config = part_a_train.config_from_args(to_cli(dict(
-        data_dir=str(prepared_data), out_dir=str(out_dir), name="tiny", input_size=32, n_filters=12, n_blocks=3,
-        kernel_size=3, dense_neurons=16, activation="gelu", epochs=1, batch_size=8, eval_batch_size=16,
-        device="cpu", compile=False)))
-    part_a_train.run(config)
+    part_a_train.run(tiny_config(prepared_data, out_dir, "tiny", n_filters=12, activation="gelu", epochs=1))
     return out_dir / "tiny" / "best.pt"
 
 

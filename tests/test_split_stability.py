@@ -13,11 +13,9 @@ import torch
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import evaluate
-from helpers import class_image, make_folders
+from helpers import class_image, make_folders, tiny_argv
 from part_a import train as part_a_train
 
-TINY = ["--input_size", "32", "--n_filters", "4", "--n_blocks", "3", "--kernel_size", "3", "--dense_neurons",
-        "8", "--batch_size", "8", "--device", "cpu", "--compile", "false"]
 
 
 def splits(split_dir: Path) -> dict[str, str]:
@@ -44,7 +42,7 @@ def refresh(root: Path) -> int:
 
 
 def train(data_dir: Path, out_dir: Path, *options: str) -> int:
-    return part_a_train.main(["--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY, *options])
+    return part_a_train.main([*tiny_argv(data_dir, out_dir), *options])
 
 
 def test_added_images_take_the_quotas_of_the_new_total_and_move_no_other(tmp_path, capsys):
