@@ -1,4 +1,5 @@
-"""What several test files share: generated images, the tiny training run and a stand-in for a loader.
+"""What several test files share: generated images, the tiny training run, a stand-in for a loader and
+an HTTP server.
 
 Images of one class share a colour (plus noise and a class-dependent stripe), so a tiny model can
 learn the classes in a few steps; train and test images come from different random streams, so no
@@ -6,7 +7,10 @@ two files are byte-identical across splits.
 """
 from __future__ import annotations
 
+import http.server
+import threading
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +94,15 @@ class RepeatLoader:
 
     def __iter__(self):
         return iter([(self.images, self.labels)] * self.steps)
+
+
+@contextmanager
+def http_server(handler):
+    """A server on 127.0.0.1 answering with ``handler`` from a thread; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -22,7 +22,7 @@ from torch import nn
 from part_b import weights as weights_lib
 from part_b.model import ModelBConfig, build_from_config, build_model, parameter_counts
 from part_b.weights import WeightsError
-from helpers import tiny_argv, tiny_config
+from helpers import http_server, tiny_argv, tiny_config
 
 FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_v2_s", "convnext_tiny", "vit_b_16",
             "vgg16", "googlenet", "inception_v3"]
@@ -329,12 +329,8 @@ def file_server(tmp_path):
     folder.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(handler) as base:
+        yield folder, base
 
 
 def test_download_lands_in_the_cache_and_checks_the_hash(torch_home, file_server):
