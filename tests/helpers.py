@@ -1,5 +1,5 @@
-"""What several test files share: generated images, the tiny training run, a stand-in for a loader and
-an HTTP server.
+"""What several test files share: generated images, the tiny training run, a fake training program for
+sweeps, a stand-in for a loader and an HTTP server.
 
 Images of one class share a colour (plus noise and a class-dependent stripe), so a tiny model can
 learn the classes in a few steps; train and test images come from different random streams, so no
@@ -14,9 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from common.config import to_cli
+from common.sweep_space import load_sweep
 from part_a import train as part_a_train
 from part_b import train as part_b_train
 
@@ -78,6 +80,57 @@ def tiny_config(data_dir: str | Path, out_dir: str | Path, name: str, part: str 
     """(model config, run config) of a tiny run, parsed as the command line parses them."""
     script = part_a_train if part == "a" else part_b_train
     return script.config_from_args(tiny_argv(data_dir, out_dir, part, name=name, **overrides))
+
+
+# A training program with the three functions of part_a/train.py that reports val_acc per epoch
+# in milliseconds: sweep tests run it through the real runner.
+FAKE_PROGRAM = '''
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser()
+    for name in ("out_dir", "name", "wandb_group", "data_dir"):
+        parser.add_argument(f"--{name}")
+    parser.add_argument("--quality", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--crash", choices=["no", "yes"], default="no")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    return parser
+
+
+def config_from_args(argv):
+    return get_args_parser().parse_args(argv)
+
+
+def run(config, epoch_callback=None):
+    Path(config.out_dir, config.name).mkdir(parents=True)
+    env = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES")}
+    Path(config.out_dir, config.name, "env.json").write_text(json.dumps(env))
+    if config.crash == "yes":
+        raise RuntimeError("CUDA out of memory (simulated)")
+    time.sleep(config.sleep)
+    for epoch in range(1, config.epochs + 1):
+        epoch_callback(epoch, {"val_acc": config.quality * epoch / config.epochs, "epoch": epoch})
+    return {"best_val_acc": config.quality}
+'''
+
+
+def fake_sweep(tmp_path, parameters: dict, *, method="random", early_terminate=None):
+    """A sweep of ``parameters`` over FAKE_PROGRAM, both written to tmp_path; returns its spec."""
+    program = tmp_path / "fake_train.py"
+    program.write_text(FAKE_PROGRAM)
+    config = {"program": str(program), "method": method, "metric": {"name": "val_acc", "goal": "maximize"},
+              "parameters": parameters}
+    if early_terminate:
+        config["early_terminate"] = early_terminate
+    path = tmp_path / "fake_sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_sweep(path)
 
 
 class RepeatLoader:

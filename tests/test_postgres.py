@@ -17,9 +17,9 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_sweep import fake_sweep
 
 from common import sweep
+from helpers import fake_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
