@@ -1,8 +1,8 @@
 """The sweep: sweep.yaml -> Optuna mapping, the local runner, parallel workers, pruning, the report.
 
-Most runner tests drive a fake training program (helpers.FAKE_PROGRAM, written to tmp_path) through the same code path as
-part_a/train.py: it has the same three functions and reports val_acc per epoch, but takes
-milliseconds. One end-to-end test trains the real CNN on the tiny generated dataset.
+Most runner tests drive a fake training program (helpers.FAKE_PROGRAM, written to tmp_path) through
+the same code path as part_a/train.py: it has the same three functions and reports val_acc per epoch,
+but takes milliseconds. One end-to-end test trains the real CNN on the tiny generated dataset.
 """
 from __future__ import annotations
 
