@@ -176,8 +176,9 @@ def test_cuda_graph_training_matches_eager_training_and_resumes_bit_for_bit(prep
 def test_cuda_graphs_capture_each_trainable_set_of_gradual_unfreezing(tmp_path, monkeypatch):
     captures = _graph_captures(monkeypatch)
     make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual", input_size=64,
-                         epochs=3, batch_size=4, eval_batch_size=4, cuda_graphs=True, test=True, device="cuda")
+    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual",
+                         input_size=64, epochs=3, batch_size=4, eval_batch_size=4, cuda_graphs=True,
+                         test=True, device="cuda")
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and math.isfinite(summary["test_loss"])
     assert len(captures) == 4  # three trainable sets; one validation step (its model stays the same)
@@ -278,8 +279,8 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise instead of running eager
         monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual", input_size=64,
-                         epochs=3, compile=True, test=True, device="cuda")
+    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual",
+                         input_size=64, epochs=3, compile=True, test=True, device="cuda")
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and summary["epochs_run"] == 3 and 0 <= summary["test_acc"] <= 1
     state = ckpt_io.load_checkpoint(tmp_path / "runs" / "gradual" / "last.pt")

@@ -206,7 +206,8 @@ def test_resumed_optimizer_keeps_the_implementation_flags_built_for_this_device(
 
 
 def test_test_accuracy_is_the_same_from_train_and_from_evaluate(prepared_data, tmp_path):
-    trained = part_a_train.run(tiny_config(prepared_data, tmp_path, "bf16", epochs=1, precision="bf16", test=True))
+    config = tiny_config(prepared_data, tmp_path, "bf16", epochs=1, precision="bf16", test=True)
+    trained = part_a_train.run(config)
     assert trained["test_precision"] == "fp32"
     evaluated = evaluate.evaluate_checkpoint(tmp_path / "bf16" / "best.pt", prepared_data, tmp_path / "figures",
                                              batch_size=16, device="cpu")  # the run's eval_batch_size

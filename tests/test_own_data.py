@@ -108,11 +108,11 @@ def test_both_parts_train_and_evaluate_on_three_classes(tmp_path):
     source = make_folders(tmp_path / "photos", {"cats": 10, "dogs": 10, "owls": 10})
     data_dir = tmp_path / "data"
     assert data_lib.main(["prepare", "--root", str(data_dir), "--source", str(source)]) == 0
-    options = dict(epochs=1, batch_size=6, test=True)
-    assert part_a_train.main(tiny_argv(data_dir, tmp_path / "runs", name="a", **options)) == 0
+    runs, options = tmp_path / "runs", dict(epochs=1, batch_size=6, test=True)
+    assert part_a_train.main(tiny_argv(data_dir, runs, name="a", **options)) == 0
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    assert part_b_train.main(tiny_argv(data_dir, tmp_path / "runs", "b", name="b", weights=weights, **options)) == 0
+    assert part_b_train.main(tiny_argv(data_dir, runs, "b", name="b", weights=weights, **options)) == 0
 
     for name, head in (("a", "classifier.4.weight"), ("b", "net.fc.weight")):
         state = ckpt_io.load_checkpoint(tmp_path / "runs" / name / "best.pt")

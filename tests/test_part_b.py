@@ -371,8 +371,8 @@ def test_the_optimizer_trains_the_backbone_at_backbone_lr_scale_times_the_head_s
     """A run's own optimizer, after one epoch of 10 steps into a 20-step warm-up: the backbone's group
     holds every pretrained parameter at 0.25 x the head's rate, both at 11/20 of --learning_rate."""
     from part_b import train as part_b_train
-    model_config, run_config = tiny_config(prepared_data, tmp_path, "lr", "b", backbone_lr_scale=0.25, epochs=1,
-                                           warmup_epochs=2, learning_rate=0.01)
+    model_config, run_config = tiny_config(prepared_data, tmp_path, "lr", "b", backbone_lr_scale=0.25,
+                                           epochs=1, warmup_epochs=2, learning_rate=0.01)
     part_b_train.run((model_config, run_config))
     state = torch.load(tmp_path / "lr" / "last.pt", weights_only=True)
     groups = {group["name"]: group for group in state["optimizer"]["param_groups"]}

@@ -159,5 +159,6 @@ def test_class_order_is_one_rule_for_cased_spaced_and_decomposed_names(tmp_path)
         assert data_lib.load_cache(split_dir, split, 16).classes == order
     assert train(tmp_path / "data", tmp_path / "runs", "--name", "r", "--epochs", "1") == 0
     assert ckpt_io.load_checkpoint(tmp_path / "runs" / "r" / "best.pt")["classes"] == order
-    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "r" / "best.pt", tmp_path / "data", device="cpu")
+    best = tmp_path / "runs" / "r" / "best.pt"
+    result = evaluate.evaluate_checkpoint(best, tmp_path / "data", device="cpu")
     assert list(result["test_per_class_acc"]) == order
