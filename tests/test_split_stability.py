@@ -17,7 +17,6 @@ from helpers import class_image, make_folders, tiny_argv
 from part_a import train as part_a_train
 
 
-
 def splits(split_dir: Path) -> dict[str, str]:
     """class/file -> split, from the manifest."""
     with open(split_dir / "manifest.csv", newline="", encoding="utf-8") as handle:
