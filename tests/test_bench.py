@@ -27,8 +27,7 @@ def test_the_step_benchmark_times_the_step_a_run_trains_with(monkeypatch):
     steps = []
     real_step = engine.train_step
     monkeypatch.setattr(engine, "train_step", lambda *args: steps.append(args) or real_step(*args))
-    epoch, policy = bench.trainer("resnet50", dict(device="cpu", batch_size=2, input_size=32,
-                                                   wandb_mode="disabled"), 1)
+    epoch, policy = bench.trainer("resnet50", dict(device="cpu", batch_size=2, input_size=32), 1)
     batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
     assert epoch([batch] * 2)["images_per_s"] > 0 and len(steps) == 2
     model, optimizer = steps[0][0], steps[0][1]

@@ -23,8 +23,7 @@ from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import device as device_lib
 from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
-from common.config import to_cli
-from conftest import CLASSES, RepeatLoader, make_image_tree
+from helpers import CLASSES, RepeatLoader, make_image_tree, tiny_argv, tiny_config
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 from part_b import train as part_b_train
@@ -35,11 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVEL = 1 / 255  # one uint8 step of an image, in [0, 1] units
 
 
-def tiny(data_root: Path, out_dir: Path, name: str, **overrides) -> tuple[ModelConfig, training.RunConfig]:
-    values = dict(data_dir=str(data_root), out_dir=str(out_dir), name=name, input_size=32, n_filters=4, n_blocks=3,
-                  kernel_size=3, dense_neurons=16, epochs=2, batch_size=8, eval_batch_size=16, learning_rate=3e-3,
-                  wandb_mode="disabled", device="cuda", compile=False)
-    return part_a_train.config_from_args(to_cli({**values, **overrides}))
+tiny = functools.partial(tiny_config, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -181,10 +176,9 @@ def test_cuda_graph_training_matches_eager_training_and_resumes_bit_for_bit(prep
 def test_cuda_graphs_capture_each_trainable_set_of_gradual_unfreezing(tmp_path, monkeypatch):
     captures = _graph_captures(monkeypatch)
     make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = part_b_train.config_from_args(to_cli(dict(
-        data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), name="gradual", model="resnet18",
-        weights="none", strategy="gradual", input_size=64, epochs=3, batch_size=4, eval_batch_size=4,
-        compile=False, cuda_graphs=True, test=True, wandb_mode="disabled", device="cuda")))
+    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual",
+                         input_size=64, epochs=3, batch_size=4, eval_batch_size=4, cuda_graphs=True,
+                         test=True, device="cuda")
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and math.isfinite(summary["test_loss"])
     assert len(captures) == 4  # three trainable sets; one validation step (its model stays the same)
@@ -285,10 +279,8 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise instead of running eager
         monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = part_b_train.config_from_args(to_cli(dict(
-        data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), name="gradual", model="resnet18",
-        weights="none", strategy="gradual", input_size=64, epochs=3, batch_size=8, compile=True, test=True,
-        wandb_mode="disabled", device="cuda")))
+    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual",
+                         input_size=64, epochs=3, compile=True, test=True, device="cuda")
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and summary["epochs_run"] == 3 and 0 <= summary["test_acc"] <= 1
     state = ckpt_io.load_checkpoint(tmp_path / "runs" / "gradual" / "last.pt")
@@ -300,10 +292,8 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_train_like_one_with_the_global_batch(prepared_data, tmp_path):
-    common = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
-              "--batch_norm=false", "--dropout=0", "--epochs=2", "--device=cuda", "--compile=false", "--precision=fp32",
-              "--learning_rate=0.003", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--eval_batch_size=7",
-              "--wandb_mode=disabled"]
+    common = tiny_argv(prepared_data, tmp_path, batch_norm=False, dropout=0, device="cuda", precision="fp32",
+                       eval_batch_size=7)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for launcher, args in (([sys.executable], ["--batch_size=8", "--name=single"]),
                            ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],

@@ -27,7 +27,7 @@ from common import data, data_cache, data_prepare
 from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
 from common.data_fetch import download
 from common.data import DataError, DeviceLoader, load_cache, prepare
-from conftest import class_image, make_image_tree
+from helpers import class_image, http_server, make_image_tree
 
 REPO = Path(__file__).resolve().parents[1]
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -574,14 +574,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 @contextmanager
 def serve(payload: bytes, ignore_range: bool = False):
     handler = type("Handler", (RangeHandler,), {"payload": payload, "ignore_range": ignore_range, "requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/nature_12K.zip", handler.requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(handler) as base:
+        yield f"{base}/nature_12K.zip", handler.requests
 
 
 def test_prepare_downloads_extracts_and_ignores_macosx(tmp_path):

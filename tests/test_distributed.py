@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
+from helpers import tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(args: list[str], tmp_path: Path, launcher: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, "part_a/train.py", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -28,9 +29,7 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(prepa
     # No batch norm (per-process statistics on CPU, where SyncBatchNorm does not run) and no
     # dropout (per-process random masks): everything else is deterministic and must agree, the
     # weight average (validated and saved) included.
-    common = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
-              "--batch_norm=false", "--dropout=0", "--epochs=2", "--device=cpu", "--compile=false", "--ema_decay=0.8",
-              "--learning_rate=0.003", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--eval_batch_size=7"]
+    common = tiny_argv(prepared_data, tmp_path, batch_norm=False, dropout=0, ema_decay=0.8, eval_batch_size=7)
     _train([*common, "--batch_size=8", "--name=single"], tmp_path, [sys.executable])
     ddp = _train([*common, "--batch_size=4", "--name=ddp"], tmp_path,
                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])

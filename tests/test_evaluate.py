@@ -21,13 +21,9 @@ from torch import nn
 from common import checkpoint as ckpt_io
 from common import figures
 from common import evaluate
-from common.config import to_cli
 from part_a import train as part_a_train
 from part_a.model import build_model
-
-CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
-           "Plantae", "Reptilia"]
-
+from helpers import CLASSES, tiny_config
 
 def tiny_model(**overrides) -> nn.Module:
     config = dict(input_size=32, n_filters=6, n_blocks=3, kernel_size=3, dense_neurons=16,
@@ -254,28 +250,11 @@ def test_guided_backprop_figure_pairs_each_image_with_its_gradient():
 FIGURES = ("confusion_matrix.png", "prediction_grid.png", "first_layer_filters.png", "guided_backprop.png")
 
 
-def isolate_wandb(patch: pytest.MonkeyPatch, folder: Path) -> None:
-    """wandb offline, with every folder it writes (runs, artifact staging, cache) under ``folder``."""
-    patch.setenv("WANDB_MODE", "offline")
-    patch.setenv("WANDB_SILENT", "true")
-    for variable in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        patch.setenv(variable, str(folder / variable.lower()))
-
-
-@pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    isolate_wandb(monkeypatch, tmp_path)
-
-
 @pytest.fixture(scope="module")
 def trained_run(prepared_data, tmp_path_factory) -> Path:
     """best.pt of a 1-epoch Part A run on the tiny dataset (read-only: copy before changing)."""
     out_dir = tmp_path_factory.mktemp("runs")
-    config = part_a_train.config_from_args(to_cli(dict(
-        data_dir=str(prepared_data), out_dir=str(out_dir), name="tiny", input_size=32, n_filters=12, n_blocks=3,
-        kernel_size=3, dense_neurons=16, activation="gelu", epochs=1, batch_size=8, eval_batch_size=16,
-        wandb_mode="disabled", device="cpu", compile=False)))
-    part_a_train.run(config)
+    part_a_train.run(tiny_config(prepared_data, out_dir, "tiny", n_filters=12, activation="gelu", epochs=1))
     return out_dir / "tiny" / "best.pt"
 
 
@@ -295,11 +274,9 @@ def evaluated(trained_run, prepared_data, tmp_path_factory) -> tuple[Path, int, 
     checkpoint.write_bytes(trained_run.read_bytes())
     (run_dir / "summary.json").write_text(json.dumps({"best_val_acc": 0.5, "best_epoch": 1}))
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        isolate_wandb(patch, run_dir)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = evaluate.main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data),
-                                  "--device", "cpu", "--batch_size", "7", "--wandb_mode", "offline"])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = evaluate.main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data),
+                              "--device", "cpu", "--batch_size", "7", "--wandb_mode", "offline"])
     return run_dir, code, out.getvalue(), err.getvalue()
 
 
@@ -353,7 +330,7 @@ def test_tta_evaluation_averages_each_image_with_its_mirror_image(trained_run, p
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(trained_run.read_bytes())
     code, out, err = run_main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data), "--device", "cpu",
-                               "--batch_size", "7", "--tta", "--wandb_mode", "disabled"], capsys)
+                               "--batch_size", "7", "--tta"], capsys)
     assert code == 0, err
     assert "mirror image" in out.splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -19,15 +19,12 @@ from common import data as data_lib
 from common import device as device_lib
 from common import distributed, engine, training
 from common import evaluate
-from common.config import to_cli
 from common.training import RunConfig
 from part_a import train as part_a_train
-from conftest import CLASSES, make_image_tree
+from helpers import CLASSES, make_image_tree, tiny_argv, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
-TINY = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
-        "--device=cpu", "--compile=false", "--learning_rate=0.003", "--eval_batch_size=7", "--wandb_mode=disabled"]
 
 
 @pytest.fixture
@@ -209,14 +206,11 @@ def test_resumed_optimizer_keeps_the_implementation_flags_built_for_this_device(
 
 
 def test_test_accuracy_is_the_same_from_train_and_from_evaluate(prepared_data, tmp_path):
-    config = part_a_train.config_from_args(to_cli(dict(
-        data_dir=str(prepared_data), out_dir=str(tmp_path), name="bf16", input_size=32, n_filters=4, n_blocks=3,
-        kernel_size=3, dense_neurons=16, epochs=1, batch_size=8, precision="bf16", test=True,
-        wandb_mode="disabled", device="cpu", compile=False)))
+    config = tiny_config(prepared_data, tmp_path, "bf16", epochs=1, precision="bf16", test=True)
     trained = part_a_train.run(config)
     assert trained["test_precision"] == "fp32"
     evaluated = evaluate.evaluate_checkpoint(tmp_path / "bf16" / "best.pt", prepared_data, tmp_path / "figures",
-                                             device="cpu", wandb_mode="disabled")
+                                             batch_size=16, device="cpu")  # the run's eval_batch_size
     assert evaluated["test_loss"] == trained["test_loss"] and evaluated["test_acc"] == trained["test_acc"]
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["test_precision"] == "fp32"
 
@@ -241,10 +235,7 @@ def test_test_evaluation_turns_tf32_off_and_restores_it():
 def test_deterministic_runs_use_deterministic_kernels_and_the_next_run_goes_back(prepared_data, tmp_path):
     seen = []
     for name, deterministic in (("exact", True), ("fast", False)):
-        config = part_a_train.config_from_args(to_cli(dict(
-            data_dir=str(prepared_data), out_dir=str(tmp_path), name=name, input_size=32, n_filters=4, n_blocks=3,
-            kernel_size=3, dense_neurons=16, epochs=1, batch_size=8, deterministic=deterministic,
-            wandb_mode="disabled", device="cpu", compile=False)))
+        config = tiny_config(prepared_data, tmp_path, name, epochs=1, deterministic=deterministic)
         part_a_train.run(config, epoch_callback=lambda epoch, metrics: seen.append(
             (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)))
     assert seen == [(True, False), (False, True)]
@@ -259,7 +250,7 @@ def _free_port() -> int:
 
 
 def _launch(launcher: list[str], script: str, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([*launcher, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -277,7 +268,7 @@ def _torchrun(nproc: int = 2) -> list[str]:
 @pytest.mark.slow
 def test_two_ranks_resume_each_with_its_own_random_stream(prepared_data, tmp_path):
     # Dropout draws from each rank's generator: rank 1 must get its own state back on resume.
-    common = [*TINY, "--dropout=0.5", "--batch_size=4", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}"]
+    common = tiny_argv(prepared_data, tmp_path, eval_batch_size=7, dropout=0.5, batch_size=4)
     _finish(_launch(_torchrun(), "part_a/train.py", [*common, "--epochs=2", "--name=straight"]))
     _finish(_launch(_torchrun(), "part_a/train.py", [*common, "--epochs=1", "--name=resumed"]))
     _finish(_launch(_torchrun(), "part_a/train.py", [*common, "--epochs=2", "--name=resumed", "--resume"]))
@@ -293,9 +284,7 @@ def test_two_ranks_resume_each_with_its_own_random_stream(prepared_data, tmp_pat
 @pytest.mark.slow
 def test_part_b_under_torchrun_prints_once_and_builds_the_test_cache_once(tmp_path):
     make_image_tree(tmp_path / "data", CLASSES, n_train=6, n_test=2)
-    args = ["--model=resnet18", "--weights=none", "--input_size=32", "--epochs=1", "--batch_size=4", "--device=cpu",
-            "--compile=false", "--test", "--wandb_mode=disabled", f"--data_dir={tmp_path / 'data'}",
-            f"--out_dir={tmp_path / 'runs'}", "--name=ft"]
+    args = tiny_argv(tmp_path / "data", tmp_path / "runs", "b", epochs=1, batch_size=4, test=True, name="ft")
     out, err = _finish(_launch(_torchrun(), "part_b/train.py", args))
     assert out.count("resnet18 | weights none") == 1, out
     assert err.count("cache test 32px: 100%") == 1, err  # rank 0 decoded it, before training
@@ -311,9 +300,9 @@ def test_two_machines_that_share_no_folder_each_prepare_their_own_data(tmp_path)
         make_image_tree(tmp_path / f"node{node}" / "data", CLASSES, n_train=4, n_test=2)
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                     f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
-        nodes.append(_launch(launcher, "part_a/train.py", [
-            *TINY, "--epochs=1", "--batch_size=4", "--test", "--name=two", f"--data_dir={tmp_path / f'node{node}' / 'data'}",
-            f"--out_dir={tmp_path / f'node{node}' / 'runs'}"]))
+        nodes.append(_launch(launcher, "part_a/train.py", tiny_argv(
+            tmp_path / f"node{node}" / "data", tmp_path / f"node{node}" / "runs", eval_batch_size=7, epochs=1,
+            batch_size=4, test=True, name="two")))
     for process in nodes:
         _finish(process)
     manifests = [(tmp_path / f"node{n}" / "data" / "split" / "manifest.csv").read_text() for n in (0, 1)]

@@ -6,22 +6,10 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from common import data as data_lib
-from conftest import class_image
-
-
-def make_folders(root: Path, classes: dict[str, int], size=(40, 32)) -> Path:
-    """``root/<Class>/NNN.png`` with ``classes[name]`` images each; returns ``root``."""
-    for index, (name, count) in enumerate(classes.items()):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng([index, len(str(root))])
-        for i in range(count):
-            class_image(index, rng, size).save(folder / f"{i:03d}.png")
-    return root
+from helpers import make_folders, tiny_argv
 
 
 def digest(tree: Path) -> dict[str, str]:
@@ -120,13 +108,11 @@ def test_both_parts_train_and_evaluate_on_three_classes(tmp_path):
     source = make_folders(tmp_path / "photos", {"cats": 10, "dogs": 10, "owls": 10})
     data_dir = tmp_path / "data"
     assert data_lib.main(["prepare", "--root", str(data_dir), "--source", str(source)]) == 0
-    common = ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "runs"), "--input_size", "32",
-              "--epochs", "1", "--batch_size", "6", "--device", "cpu", "--wandb_mode", "disabled", "--test"]
-    assert part_a_train.main([*common, "--name", "a", "--n_filters", "4", "--kernel_size", "3",
-                              "--dense_neurons", "8"]) == 0
+    runs, options = tmp_path / "runs", dict(epochs=1, batch_size=6, test=True)
+    assert part_a_train.main(tiny_argv(data_dir, runs, name="a", **options)) == 0
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    assert part_b_train.main([*common, "--name", "b", "--model", "resnet18", "--weights", str(weights)]) == 0
+    assert part_b_train.main(tiny_argv(data_dir, runs, "b", name="b", weights=weights, **options)) == 0
 
     for name, head in (("a", "classifier.4.weight"), ("b", "net.fc.weight")):
         state = ckpt_io.load_checkpoint(tmp_path / "runs" / name / "best.pt")
@@ -134,6 +120,6 @@ def test_both_parts_train_and_evaluate_on_three_classes(tmp_path):
         assert state["model"][head].shape[0] == 3
         assert json.loads((tmp_path / "runs" / name / "summary.json").read_text())["test_samples"] == 6
     result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "a" / "best.pt", data_dir, tmp_path / "figures",
-                                          batch_size=4, device="cpu", wandb_mode="disabled")
+                                          batch_size=4, device="cpu")
     assert list(result["test_per_class_acc"]) == ["cats", "dogs", "owls"]
     assert (tmp_path / "figures" / "confusion_matrix.png").is_file()

@@ -22,6 +22,7 @@ from torch import nn
 from part_b import weights as weights_lib
 from part_b.model import ModelBConfig, build_from_config, build_model, parameter_counts
 from part_b.weights import WeightsError
+from helpers import http_server, tiny_argv, tiny_config
 
 FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_v2_s", "convnext_tiny", "vit_b_16",
             "vgg16", "googlenet", "inception_v3"]
@@ -328,12 +329,8 @@ def file_server(tmp_path):
     folder.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(handler) as base:
+        yield folder, base
 
 
 def test_download_lands_in_the_cache_and_checks_the_hash(torch_home, file_server):
@@ -374,10 +371,8 @@ def test_the_optimizer_trains_the_backbone_at_backbone_lr_scale_times_the_head_s
     """A run's own optimizer, after one epoch of 10 steps into a 20-step warm-up: the backbone's group
     holds every pretrained parameter at 0.25 x the head's rate, both at 11/20 of --learning_rate."""
     from part_b import train as part_b_train
-    model_config, run_config = part_b_train.config_from_args([
-        "--model=resnet18", "--weights=none", "--input_size=32", "--backbone_lr_scale=0.25", "--epochs=1",
-        "--warmup_epochs=2", "--learning_rate=0.01", "--batch_size=8", "--device=cpu", "--compile=false",
-        "--wandb_mode=disabled", f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=lr"])
+    model_config, run_config = tiny_config(prepared_data, tmp_path, "lr", "b", backbone_lr_scale=0.25,
+                                           epochs=1, warmup_epochs=2, learning_rate=0.01)
     part_b_train.run((model_config, run_config))
     state = torch.load(tmp_path / "lr" / "last.pt", weights_only=True)
     groups = {group["name"]: group for group in state["optimizer"]["param_groups"]}
@@ -438,9 +433,7 @@ def test_bad_options_fail_before_any_data_is_read(tmp_path, capsys, argv, fragme
 
 def test_cli_end_to_end_fine_tunes_gradually_and_writes_the_run_folder(prepared_data, tmp_path):
     from common import checkpoint as ckpt_io
-    args = ["--model=resnet18", "--weights=none", "--input_size=32", "--strategy=gradual", "--epochs=2",
-            "--batch_size=8", "--device=cpu", "--compile=false", "--wandb_mode=disabled", "--test",
-            f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=ft"]
+    args = tiny_argv(prepared_data, tmp_path, "b", strategy="gradual", test=True, name="ft")
     result = subprocess.run([sys.executable, "part_b/train.py", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
@@ -470,10 +463,7 @@ def test_compiled_gradual_unfreezing_stays_compiled_through_every_stage(prepared
     if not hasattr(torch._dynamo.config, limit_hit):  # its name in torch 2.6
         limit_hit = "fail_on_cache_limit_hit"
     monkeypatch.setattr(torch._dynamo.config, limit_hit, True)
-    config = part_b_train.config_from_args([
-        "--model=resnet18", "--weights=none", "--input_size=32", "--strategy=gradual", "--epochs=6",
-        "--batch_size=8", "--device=cpu", "--compile=true", "--wandb_mode=disabled",
-        f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=compiled"])
+    config = tiny_config(prepared_data, tmp_path, "compiled", "b", strategy="gradual", epochs=6, compile=True)
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and summary["epochs_run"] == 6
     state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_sweep import fake_sweep
 
 from common import sweep
+from helpers import fake_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def new_database(postgres) -> str:
 def start_machine(tmp_path, prepared_data, new_database):
     """Starts one machine's `python common/sweep.py` on the fake sweep of tmp_path and new_database."""
     def start(machine: str, *options: str, storage: str = new_database) -> subprocess.Popen:
-        env = {**os.environ, "WANDB_MODE": "disabled", "SWEEP_HEARTBEAT": "1"}  # stale after 3 s, not 3 min
+        env = {**os.environ, "SWEEP_HEARTBEAT": "1"}  # stale after 3 s, not 3 min
         command = [sys.executable, "common/sweep.py", str(tmp_path / "fake_sweep.yaml"), "--study", "s",
                    "--storage", storage, "--data_dir", str(prepared_data),
                    "--out_dir", str(tmp_path / machine), *options]

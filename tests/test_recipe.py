@@ -11,7 +11,7 @@ from torch import nn
 
 from common import engine, training
 from common.training import RunConfig
-from conftest import RepeatLoader
+from helpers import RepeatLoader
 
 CPU = torch.device("cpu")
 

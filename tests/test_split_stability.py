@@ -13,12 +13,8 @@ import torch
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import evaluate
-from conftest import class_image
+from helpers import class_image, make_folders, tiny_argv
 from part_a import train as part_a_train
-from test_own_data import make_folders
-
-TINY = ["--input_size", "32", "--n_filters", "4", "--n_blocks", "3", "--kernel_size", "3", "--dense_neurons",
-        "8", "--batch_size", "8", "--device", "cpu", "--wandb_mode", "disabled", "--compile", "false"]
 
 
 def splits(split_dir: Path) -> dict[str, str]:
@@ -45,7 +41,7 @@ def refresh(root: Path) -> int:
 
 
 def train(data_dir: Path, out_dir: Path, *options: str) -> int:
-    return part_a_train.main(["--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY, *options])
+    return part_a_train.main([*tiny_argv(data_dir, out_dir), *options])
 
 
 def test_added_images_take_the_quotas_of_the_new_total_and_move_no_other(tmp_path, capsys):
@@ -128,7 +124,7 @@ def test_evaluating_on_a_changed_test_split_is_refused(tmp_path, capsys):
     (source / "test" / "dogs" / "000.png").unlink()
     assert refresh(tmp_path / "data") == 0
     capsys.readouterr()
-    arguments = ["--data_dir", str(tmp_path / "data"), "--device", "cpu", "--wandb_mode", "disabled"]
+    arguments = ["--data_dir", str(tmp_path / "data"), "--device", "cpu"]
     assert evaluate.main(["--checkpoint", str(best), *arguments]) == 1
     assert "1 image removed from test" in error_line(capsys.readouterr().err)
 
@@ -162,6 +158,6 @@ def test_class_order_is_one_rule_for_cased_spaced_and_decomposed_names(tmp_path)
         assert data_lib.load_cache(split_dir, split, 16).classes == order
     assert train(tmp_path / "data", tmp_path / "runs", "--name", "r", "--epochs", "1") == 0
     assert ckpt_io.load_checkpoint(tmp_path / "runs" / "r" / "best.pt")["classes"] == order
-    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "r" / "best.pt", tmp_path / "data",
-                                          device="cpu", wandb_mode="disabled")
+    best = tmp_path / "runs" / "r" / "best.pt"
+    result = evaluate.evaluate_checkpoint(best, tmp_path / "data", device="cpu")
     assert list(result["test_per_class_acc"]) == order

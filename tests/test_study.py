@@ -32,7 +32,7 @@ from common import checkpoint as ckpt_io
 from common import data, evaluate, files, flops, study, study_report, sweep, sweep_report
 from common.config import UserError, to_cli
 from common.sweep_space import load_sweep
-from conftest import class_image
+from helpers import class_image
 
 pytestmark = pytest.mark.slow
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -74,7 +74,6 @@ def chain(tmp_path_factory):
     out = SimpleNamespace(root=root, runs=runs, weights=weights, argv=argv)
     from part_b import train as part_b_train
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "disabled")
         patch.setenv("TORCH_HOME", str(root / "torch"))  # an empty hub cache
         for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):  # any download is refused at once
             patch.setenv(name, "http://127.0.0.1:9")
@@ -214,7 +213,7 @@ def test_a_step_whose_every_run_failed_fails_and_is_retried(chain):
     assert [t.params for t in retried] == [t.params for t in failed]
 
 
-def test_an_interrupted_part_b_continues_and_ends_with_an_uninterrupted_runs_figures(chain, tmp_path, monkeypatch):
+def test_an_interrupted_part_b_continues_and_ends_with_an_uninterrupted_runs_figures(chain, tmp_path):
     interrupted = chain.interrupted.trials["part_b_strategies_quick"][5:]
     assert [t.state for t in interrupted] == [TrialState.COMPLETE, TrialState.FAIL] + [TrialState.WAITING] * 3
     assert interrupted[1].user_attrs["error"] == sweep.INTERRUPTED
@@ -225,7 +224,6 @@ def test_an_interrupted_part_b_continues_and_ends_with_an_uninterrupted_runs_fig
     assert sum(t.state == TrialState.COMPLETE for t in finished) == 5 and len(finished) == 11
     assert "interrupted" not in chain.finished.report.split("## Part B")[1]  # its retry finished
     # The interrupted strategy, trained again by the study, has the figures of a run never interrupted.
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     from part_b import train as part_b_train
     strategy = chain.interrupted_strategy
     argv = to_cli({**study.QUICK_PART_B, "batch_size": 18, "weights": chain.weights, "strategy": strategy,
@@ -249,9 +247,8 @@ def test_a_second_run_reuses_every_finished_step(chain):
     assert drop_dates(again.report) == drop_dates(finished.report)
 
 
-def test_deleted_outputs_are_made_again_and_nothing_else_is_lost(chain, monkeypatch):
+def test_deleted_outputs_are_made_again_and_nothing_else_is_lost(chain):
     """Last of the chain's tests: it deletes the best run's folder, a figure and a Part B run's folder."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     before = chain.again
     best_dir = Path(before.results["best_model"]["run_dir"])
     lost_strategy, lost_row = next(iter(before.results["part_b"]["rows"].items()))

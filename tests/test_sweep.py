@@ -1,8 +1,8 @@
 """The sweep: sweep.yaml -> Optuna mapping, the local runner, parallel workers, pruning, the report.
 
-Most runner tests drive a fake training program (written to tmp_path) through the same code path as
-part_a/train.py: it has the same three functions and reports val_acc per epoch, but takes
-milliseconds. One end-to-end test trains the real CNN on the tiny generated dataset.
+Most runner tests drive a fake training program (helpers.FAKE_PROGRAM, written to tmp_path) through
+the same code path as part_a/train.py: it has the same three functions and reports val_acc per epoch,
+but takes milliseconds. One end-to-end test trains the real CNN on the tiny generated dataset.
 """
 from __future__ import annotations
 
@@ -34,62 +34,9 @@ from common.sweep_space import (
     parse_parameter,
     suggest,
 )
+from helpers import fake_sweep
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-FAKE_PROGRAM = '''
-import argparse
-import json
-import os
-import time
-from pathlib import Path
-
-
-def get_args_parser():
-    parser = argparse.ArgumentParser()
-    for name in ("out_dir", "name", "wandb_group", "data_dir"):
-        parser.add_argument(f"--{name}")
-    parser.add_argument("--quality", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--crash", choices=["no", "yes"], default="no")
-    parser.add_argument("--sleep", type=float, default=0.0)
-    return parser
-
-
-def config_from_args(argv):
-    return get_args_parser().parse_args(argv)
-
-
-def run(config, epoch_callback=None):
-    Path(config.out_dir, config.name).mkdir(parents=True)
-    env = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES")}
-    Path(config.out_dir, config.name, "env.json").write_text(json.dumps(env))
-    if config.crash == "yes":
-        raise RuntimeError("CUDA out of memory (simulated)")
-    time.sleep(config.sleep)
-    for epoch in range(1, config.epochs + 1):
-        epoch_callback(epoch, {"val_acc": config.quality * epoch / config.epochs, "epoch": epoch})
-    return {"best_val_acc": config.quality}
-'''
-
-
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-
-
-def fake_sweep(tmp_path, parameters: dict, *, method="random", early_terminate=None):
-    """A sweep file for the fake program; returns its spec."""
-    program = tmp_path / "fake_train.py"
-    program.write_text(FAKE_PROGRAM)
-    config = {"program": str(program), "method": method, "metric": {"name": "val_acc", "goal": "maximize"},
-              "parameters": parameters}
-    if early_terminate:
-        config["early_terminate"] = early_terminate
-    path = tmp_path / "fake_sweep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return load_sweep(path)
 
 
 def run_fake(tmp_path, spec, study, count, workers=1, enqueue=(), seed=None):
@@ -483,7 +430,7 @@ def test_the_data_goes_on_the_gpu_only_if_it_fits_in_the_workers_share(monkeypat
 def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
     out_dir = tmp_path / "runs"
     tiny = ["epochs=2", "input_size=32", "batch_size=8", "n_filters=4", "dense_neurons=8", "kernel_size=3",
-            "padding=same", "device=cpu", "compile=false", "wandb_mode=disabled"]
+            "padding=same", "device=cpu", "compile=false"]
     code = sweep.main(["sweep.yaml", "--count", "3", "--study", "e2e", "--out_dir", str(out_dir),
                        "--data_dir", str(prepared_data), "--set", *tiny])
     assert code == 0
@@ -513,7 +460,7 @@ def test_a_sweep_can_search_the_recipe_options(prepared_data, tmp_path):
     recipe = {"ema_decay": {"values": [0.5, 0.9]}, "mixup_alpha": {"distribution": "uniform", "min": 0.1, "max": 0.4},
               "cutmix_alpha": {"values": [0.0, 1.0]}, "tta": {"values": [True, False]}}
     tiny = {"epochs": 1, "input_size": 32, "batch_size": 8, "n_filters": 4, "dense_neurons": 8, "kernel_size": 3,
-            "device": "cpu", "compile": False, "wandb_mode": "disabled", "test": True}
+            "device": "cpu", "compile": False, "test": True}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"program": "part_a/train.py", "method": "random", "name": "recipe",
                                     "metric": {"name": "val_acc", "goal": "maximize"},

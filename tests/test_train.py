@@ -22,28 +22,13 @@ from common import device as device_lib
 from common import engine, training
 from common.config import UserError, to_cli
 from common.data import DeviceLoader
-from conftest import RepeatLoader
+from helpers import RepeatLoader, tiny_argv, tiny_config
 from common.training import RESUME_MUST_MATCH, RunConfig
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_NAMES = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"}
-
-
-@pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-
-
-def tiny_config(data_root: Path, out_dir: Path, name: str, **overrides) -> tuple[ModelConfig, RunConfig]:
-    """A model and run small enough for a 2-core CPU, exercising dropout, BN and augmentation."""
-    values = dict(data_dir=str(data_root), out_dir=str(out_dir), name=name, input_size=32, n_filters=4,
-                  n_blocks=3, kernel_size=3, dense_neurons=16, epochs=2, batch_size=8, eval_batch_size=16,
-                  learning_rate=3e-3, wandb_mode="disabled", device="cpu", compile=False)
-    return part_a_train.config_from_args(to_cli({**values, **overrides}))
 
 
 # ---------------------------------------------------------------- options
@@ -624,9 +609,7 @@ def test_injected_nan_stops_training_and_keeps_the_last_good_checkpoint(prepared
 
 
 def test_cli_end_to_end_writes_every_file_and_an_offline_wandb_run(prepared_data, tmp_path):
-    env_args = ["--input_size=32", "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--dense_neurons=16",
-                "--epochs=2", "--batch_size=8", "--device=cpu", "--compile=false", "--test",
-                f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=e2e", "--wandb_mode=offline"]
+    env_args = tiny_argv(prepared_data, tmp_path, test=True, name="e2e", wandb_mode="offline")
     result = subprocess.run([sys.executable, "part_a/train.py", *env_args], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -649,9 +632,7 @@ def test_cli_end_to_end_writes_every_file_and_an_offline_wandb_run(prepared_data
 
 def test_a_run_whose_last_pt_cannot_be_written_stops_with_one_line_and_keeps_what_it_wrote(prepared_data, tmp_path,
                                                                                             monkeypatch, capsys):
-    options = [f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--name=full", "--device=cpu", "--input_size=32",
-               "--n_filters=4", "--n_blocks=3", "--kernel_size=3", "--epochs=3", "--batch_size=8",
-               "--wandb_mode=disabled"]
+    options = tiny_argv(prepared_data, tmp_path, name="full", epochs=3)
     _full_disk(monkeypatch, ".last.pt.", after=1)  # epoch 1's last.pt is written, epoch 2's is not
     assert part_a_train.main(options) == 1
     err = capsys.readouterr().err.splitlines()
@@ -687,8 +668,7 @@ def test_an_output_folder_that_is_a_file_is_one_line_naming_it(prepared_data, tm
     from common import data as data_lib
     blocker = tmp_path / "runs"
     blocker.write_text("a file where a folder should be")
-    assert part_a_train.main([f"--data_dir={prepared_data}", f"--out_dir={blocker}", "--name=r", "--device=cpu",
-                              "--input_size=32", "--n_blocks=3", "--wandb_mode=disabled"]) == 1
+    assert part_a_train.main(tiny_argv(prepared_data, blocker, name="r")) == 1
     assert capsys.readouterr().err.startswith(f"error: {blocker / 'r'}: Not a directory;")
     assert data_lib.main(["prepare", "--root", str(blocker / "data"),
                           "--source", str(prepared_data / "inaturalist_12K")]) == 1
@@ -704,8 +684,7 @@ def test_missing_data_without_network_is_one_clear_line(tmp_path, monkeypatch, c
     def offline_prepare(root, **kwargs):
         raise data_lib.DataError("cannot download the archive: no network. ... pass --zip FILE")
     monkeypatch.setattr(data_lib, "prepare", offline_prepare)
-    code = part_a_train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path}", "--device=cpu",
-                              "--wandb_mode=disabled", "--input_size=32", "--n_blocks=3"])
+    code = part_a_train.main(tiny_argv(tmp_path / "data", tmp_path))
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: cannot download") and "--zip" in err
     assert "Traceback" not in err
