@@ -43,8 +43,7 @@ def cli_main(parse: Callable, work: Callable, argv: list[str] | None = None) -> 
         print(f"error: {where}{error.strerror or error}; {hint}, then run the command again", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # what finished is saved: last.pt, the split, a study's steps
-        print("error: interrupted (Ctrl-C); run the same command again to continue (a run: with --resume)",
-              file=sys.stderr)
+        print("error: interrupted (Ctrl-C); run it again to continue (a run: with --resume)", file=sys.stderr)
         return 130
     return 0
 

@@ -61,8 +61,8 @@ def _cuda_graphs_problem(config, device: torch.device, amp_dtype, world_size: in
     if world_size > 1:
         return "not under torchrun: DDP's gradient all-reduce is not captured here"
     if config.optimizer == "nadam" and amp_dtype == torch.float16:
-        return ("nadam has no fused kernel, so fp16 loss scaling reads its overflow check on the host "
-                "every step; use adam, adamw or sgd, or --precision bf16 or fp32")
+        why = "nadam has no fused kernel, so fp16 loss scaling reads its overflow check on the host per step"
+        return f"{why}; use adam, adamw or sgd, or --precision bf16 or fp32"
     return None
 
 
@@ -79,9 +79,8 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in AVAILABLE:
         raise ValueError(f"--device {name}: use auto, cpu, cuda, cuda:N, mps or xpu")
     if not AVAILABLE[device.type]():
-        build = f"torch {torch.__version__}, CUDA build: {torch.version.cuda}"
-        raise ValueError(f"--device {name} asks for {device.type.upper()}, but torch sees none here "
-                         f"({build}); use --device cpu")
+        kind, build = device.type.upper(), f"torch {torch.__version__}, CUDA build: {torch.version.cuda}"
+        raise ValueError(f"--device {name} asks for {kind}, but {build} sees none here; use --device cpu")
     count = getattr(torch, device.type).device_count() if device.type in ("cuda", "xpu") else 1
     if device.index is not None and device.index >= count:
         raise ValueError(f"--device {name}: only {count} {device.type.upper()} device(s) are visible")
@@ -96,8 +95,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         return torch.bfloat16 if device.type in ("mps", "xpu") else None
     if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise ValueError(f"--precision bf16: {_gpu_name(device)} has no bf16 arithmetic (it needs compute "
-                         "capability 8.0 or newer); use --precision auto (fp16 with loss scaling) or fp32")
+        why = f"{_gpu_name(device)} has no bf16 arithmetic (it needs compute capability 8.0 or newer)"
+        raise ValueError(f"--precision bf16: {why}; use --precision auto (fp16 with loss scaling) or fp32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
@@ -110,8 +109,8 @@ def resolve_compile(requested: bool | None, device: torch.device, sync_bn: bool 
     use_compile = device.type == "cuda" if requested is None else requested
     if use_compile and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
         if requested:
-            raise ValueError(f"--compile true: torch.compile needs compute capability 7.0 or newer and "
-                             f"{_gpu_name(device)} is older; drop --compile")
+            why = f"torch.compile needs compute capability 7.0 or newer and {_gpu_name(device)} is older"
+            raise ValueError(f"--compile true: {why}; drop --compile")
         return False, f"notice: {_gpu_name(device)} is too old for torch.compile (Triton); it trains eager"
     if use_compile and sync_bn:
         return False, "notice: --sync_bn splits compiled graphs at every batch norm: no torch.compile"

@@ -38,8 +38,8 @@ def init_distributed(device_type: str) -> DistInfo:
     cuda = device_type == "cuda"
     if cuda and local_rank >= (gpus := torch.cuda.device_count()):
         started = os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)
-        raise ValueError(f"torchrun started {started} processes here but {gpus} CUDA GPU(s) are visible; "
-                         f"use --nproc_per_node {gpus} (one process per GPU)")
+        what = f"torchrun started {started} processes here but {gpus} CUDA GPU(s) are visible"
+        raise ValueError(f"{what}; use --nproc_per_node {gpus} (one process per GPU)")
     if not dist.is_initialized():
         device_id = torch.device("cuda", local_rank) if cuda else None
         if cuda:

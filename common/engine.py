@@ -125,9 +125,8 @@ def _capture(fn: Callable[[], Any]) -> Callable[[], None]:
         with torch.cuda.graph(graph):
             fn()
     except RuntimeError as error:  # e.g. something in the step waited for the GPU
-        reason = str(error).strip().splitlines()[0]
-        raise UserError(f"--cuda_graphs: the training step could not be captured as a CUDA graph ({reason}); "
-                        "train without --cuda_graphs") from error
+        what = f"the step could not be captured as a CUDA graph ({str(error).strip().splitlines()[0]})"
+        raise UserError(f"--cuda_graphs: {what}; train without --cuda_graphs") from error
     return graph.replay
 
 
@@ -155,9 +154,8 @@ def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
         dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the earliest bad step of any rank
     bad = int(first.item())
     if bad != none:
-        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {bad + 1}: training stopped, the "
-                                 "last good checkpoint kept; try a lower --learning_rate, --grad_clip 1.0 "
-                                 "or --precision fp32")
+        what = f"non-finite loss at epoch {epoch}, step {bad + 1}: stopped, the last good checkpoint kept"
+        raise NonFiniteLossError(f"{what}; try a lower --learning_rate, --grad_clip 1.0 or --precision fp32")
 
 
 @contextlib.contextmanager
@@ -166,8 +164,8 @@ def out_of_memory_hint(batch_size: int, epoch: int):
     try:
         yield
     except torch.cuda.OutOfMemoryError as error:
-        raise UserError(f"CUDA ran out of memory at batch size {batch_size} (epoch {epoch}); "
-                        f"try --batch_size {max(1, batch_size // 2)}") from error
+        what = f"CUDA ran out of memory at batch size {batch_size} (epoch {epoch})"
+        raise UserError(f"{what}; try --batch_size {max(1, batch_size // 2)}") from error
 
 
 def train_step(model, optimizer, loss_fn, ctx: StepContext, params, sums: Sums, images, targets, labels):

@@ -330,9 +330,8 @@ def _data(config: RunConfig, input_size: int, info: DistInfo, options: dict) -> 
     train_options = dict(train=True, augment=config.augment, seed=config.seed)
     train_loader = loader(train_set.images, train_set.labels, config.batch_size, **train_options)
     if len(train_loader) == 0:
-        count = len(train_set.labels)
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {count} training images per "
-                         "process; use a smaller --batch_size")
+        what = f"batch_size {config.batch_size} is larger than the {len(train_set.labels)} training images"
+        raise ValueError(f"{what} per process; use a smaller --batch_size")
     val_loader = loader(val_set.images, val_set.labels, config.eval_batch_size, train=False)
     return Data(split_dir, train_set, train_loader, val_loader, options)
 
@@ -351,10 +350,10 @@ def _describe(summary: dict, config: RunConfig, policy: device_lib.Policy, data:
     dtype = "" if policy.amp_dtype is None else f" ({str(policy.amp_dtype).removeprefix('torch.')})"
     size, train, val = data.train_loader.size, len(data.train_set.labels), len(data.val_loader.labels)
     where = f"{summary['kind']} | {summary['run_dir']} | device {summary['device']} x{summary['world_size']}"
-    return (f"{notice}{where} | precision {config.precision}{dtype} | compile {policy.compile} | "
-            f"cuda_graphs {policy.cuda_graphs} | channels_last {config.channels_last} | "
-            f"params {summary['params']:,} ({summary['trainable_params']:,} trainable) | "
-            f"train {train} val {val} images at {size}x{size}")
+    how = f"precision {config.precision}{dtype} | compile {policy.compile} | cuda_graphs {policy.cuda_graphs}"
+    params = f"params {summary['params']:,} ({summary['trainable_params']:,} trainable)"
+    what = f"{params} | train {train} val {val} images at {size}x{size}"
+    return f"{notice}{where} | {how} | channels_last {config.channels_last} | {what}"
 
 
 def _loss(config: RunConfig, labels: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:
@@ -411,13 +410,12 @@ def _resume(run_dir: Path, config: RunConfig, record: dict, parts: Training, inf
     checks = {"model": (state["model_config"], record["model_config"]), "training": (saved_run, given_run)}
     for what, (saved, given) in checks.items():
         if diff := {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}:
-            raise ValueError(f"--resume: {what} options differ from those in {path} (saved, given): {diff}; "
-                             "a resumed run must use its original values")
+            differ = f"--resume: {what} options differ from those in {path} (saved, given): {diff}"
+            raise ValueError(f"{differ}; a resumed run must use its original values")
     splits = ("train", "val", "test") if config.test else ("train", "val")  # test: this run will be tested
     if changes := data_lib.split_changes(state.get("split"), Path(config.data_dir) / "split", splits):
-        raise ValueError(f"--resume: the split in {config.data_dir} changed since this run started "
-                         f"({changes}); a run trains on one split: start a new run on this one (another "
-                         "--name, without --resume)")
+        what = f"--resume: the split in {config.data_dir} changed since this run started ({changes})"
+        raise ValueError(f"{what}; a run trains on one split: start a new one (another --name, no --resume)")
     parts.model.load_state_dict(state["model"])
     if parts.ema is not None:  # an older last.pt lacks the count: one update per step, like the schedule's
         parts.ema.module.load_state_dict(state["ema"])
@@ -472,8 +470,8 @@ def _train_and_validate(models, data: Data, parts: Training, epoch: int, config:
     (trained, validated), start = models, time.perf_counter()
     data.train_loader.set_epoch(epoch)
     with engine.out_of_memory_hint(config.batch_size, epoch):
-        metrics = engine.train_one_epoch(trained, data.train_loader, parts.optimizer, parts.scheduler,
-                                         parts.loss_fn, parts.ctx, epoch)
+        step = (parts.optimizer, parts.scheduler, parts.loss_fn, parts.ctx)
+        metrics = engine.train_one_epoch(trained, data.train_loader, *step, epoch)
         if parts.ema is not None:  # rank 0's BN statistics in every rank's average, as DDP gives the model
             broadcast_tensors(parts.ema.module.buffers(), info)
         metrics.update(engine.evaluate(validated, data.val_loader, parts.ctx))
@@ -493,10 +491,11 @@ def _save_checkpoints(run_dir: Path, state: dict, improved: bool, parts: Trainin
 
 
 def _format_epoch(metrics: dict, epochs: int) -> str:
-    return (f"epoch {metrics['epoch']:>3}/{epochs} | train loss {metrics['train_loss']:.4f} "
-            f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} "
-            f"acc {metrics['val_acc']:.4f} | lr {metrics['lr']:.2e} | {metrics['epoch_time_s']:6.1f} s | "
-            f"{metrics['images_per_s']:8.0f} img/s")
+    m = metrics
+    train = f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+    val = f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
+    speed = f"{m['epoch_time_s']:6.1f} s | {m['images_per_s']:8.0f} img/s"
+    return f"epoch {m['epoch']:>3}/{epochs} | {train} | {val} | lr {m['lr']:.2e} | {speed}"
 
 
 def _test(model: nn.Module, run_dir: Path, data: Data, config: RunConfig, record: dict, info: DistInfo):

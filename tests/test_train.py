@@ -408,8 +408,7 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(capsys):
     def work(config):
         raise KeyboardInterrupt
     assert cli_main(lambda argv: None, work, []) == 130
-    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again to continue "
-                                       "(a run: with --resume)\n")
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C); run it again to continue (a run: with --resume)\n"
 
 
 def test_corrupt_or_foreign_checkpoints_get_errors_naming_the_file(tmp_path):
