@@ -37,8 +37,9 @@ def prepared_data(tmp_path_factory) -> Path:
 
     Shared by the whole session: tests must not change it (copy it first if they need to).
     """
-    from common.data import prepare
     from helpers import CLASSES, make_image_tree
+
+    from common.data import prepare
 
     root = tmp_path_factory.mktemp("data")
     make_image_tree(root, CLASSES, n_train=10, n_test=3)

@@ -76,7 +76,7 @@ def test_quick_replaces_only_the_options_left_at_their_defaults():
                            (["step", "--quick", "--steps", "2"], dict(steps=2, repeats=1, batch_sizes=[8]))]:
         seen = {}
         config_class, _ = bench.SECTIONS[argv[0]]
-        bench.SECTIONS[argv[0]] = (config_class, lambda config: seen.update(vars(config)) or {})
+        bench.SECTIONS[argv[0]] = (config_class, lambda config, seen=seen: seen.update(vars(config)) or {})
         try:
             assert bench.main(argv) == 0
         finally:

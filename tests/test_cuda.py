@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLASSES, RepeatLoader, make_image_tree, tiny_argv, tiny_config
 from torch import nn
 
 from common import bench, engine, training
@@ -23,7 +24,6 @@ from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import device as device_lib
 from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
-from helpers import CLASSES, RepeatLoader, make_image_tree, tiny_argv, tiny_config
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
 from part_b import train as part_b_train
@@ -73,7 +73,7 @@ def test_fused_adam_steps_like_the_reference_implementation():
             optimizer.zero_grad()
             net(x).square().mean().backward()
             optimizer.step()
-    for ours, theirs in zip(model.parameters(), reference.parameters()):
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -214,7 +214,7 @@ def test_gpu_loaders_give_the_batches_of_the_cpu_loader(resident, train, augment
     assert len(cpu_batches) == len(gpu_batches) == len(cpu) > 0
     # The CPU kernel rounds crops to uint8 (<= 1 level), the GPU's matmul kernel does not.
     tolerance = 1.5 * LEVEL / 0.2 if augment else 1e-5
-    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(cpu_batches, gpu_batches):
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(cpu_batches, gpu_batches, strict=True):
         assert x_gpu.is_cuda and x_gpu.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(x_gpu.cpu(), x_cpu, atol=tolerance, rtol=0)
         assert torch.equal(y_gpu.cpu(), y_cpu)

@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import class_image, http_server, make_image_tree
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from common import data, data_cache, data_prepare
+from common import data_cache, data_prepare
 from common.augment import crop_flip, matmul_crops, resize_crops, sample_crops, sample_flips
-from common.data_fetch import download
 from common.data import DataError, DeviceLoader, load_cache, prepare
-from helpers import class_image, http_server, make_image_tree
+from common.data_fetch import download
 
 REPO = Path(__file__).resolve().parents[1]
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -194,7 +194,7 @@ def test_split_is_stratified_disjoint_reproducible_and_free_the_second_time(tmp_
     assert tree_digest(dataset) == originals
 
     # The same seed on another copy gives the same split; another seed gives another one.
-    for copy, seed in (("b", 7), ("c", 8)):
+    for copy in ("b", "c"):
         add_train_images(make_image_tree(tmp_path / copy, ["Aves", "Fungi", "Plantae"], n_train=10, n_test=3)
                          / "train" / "Plantae", range(10, 20))
     again = read_csv(prepare(tmp_path / "b", val_fraction=0.2, seed=7) / "manifest.csv")
@@ -275,7 +275,7 @@ def test_cache_matches_torchvision_resize_and_rebuilds_when_files_or_size_change
     dataset = tmp_path / "inaturalist_12K"
     samples = mode_samples()
     for origin in ("train", "val"):
-        for i, (name, (img, fmt, _)) in enumerate(samples.items()):
+        for i, (_name, (img, fmt, _)) in enumerate(samples.items()):
             folder = dataset / origin / ("Aves" if i % 2 else "Fungi")
             folder.mkdir(parents=True, exist_ok=True)
             img.resize((img.width + 7 * i, img.height + 3 * i)).save(folder / f"{origin}{i}.{fmt.lower()}", fmt)
@@ -288,7 +288,7 @@ def test_cache_matches_torchvision_resize_and_rebuilds_when_files_or_size_change
     assert cached.images.dtype == torch.uint8 and cached.images.shape == (len(cached.paths), size, size, 3)
     assert cached.classes == ["Aves", "Fungi"]
     resize = transforms.Resize((size, size))
-    for image, label, path in zip(cached.images, cached.labels, cached.paths):
+    for image, label, path in zip(cached.images, cached.labels, cached.paths, strict=True):
         assert cached.classes[label] == path.parent.name
         reference = np.asarray(resize(data_cache.open_rgb(path))).astype(int)
         assert np.array_equal(image.numpy().astype(int), reference), path  # JPEGs too: no draft decoding
@@ -390,7 +390,7 @@ def test_augmentation_is_per_image_and_a_pure_function_of_seed_and_epoch():
     assert all(not torch.equal(flat[i], flat[j]) for i in range(8) for j in range(i + 1, 8))
 
     replay = DeviceLoader(images, labels, 8, "cpu", train=True, augment=True, seed=5, **NORM)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, epoch_batches(replay, 0)))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, epoch_batches(replay, 0), strict=True))
     assert not torch.equal(first[0][0], epoch_batches(loader, 1)[0][0])
 
     plain = DeviceLoader(images, labels, 8, "cpu", train=True, seed=5, **NORM)
@@ -443,12 +443,12 @@ def test_held_batches_never_change_and_channels_last_is_optional():
         held.append(x[:2] if len(held) == 3 else x)
         copies.append(held[-1].clone())
     assert len({x.data_ptr() for x in held}) == len(held) == 16
-    assert all(torch.equal(x, c) for x, c in zip(held, copies))
+    assert all(torch.equal(x, c) for x, c in zip(held, copies, strict=True))
     # channels_last=False gives contiguous tensors with the same values.
     plain = DeviceLoader(images, labels, 4, "cpu", train=True, augment=True, seed=0, channels_last=False, **NORM)
     first = [x for x, _ in epoch_batches(plain, 1)]
     assert all(x.is_contiguous() for x in first)
-    assert all(torch.equal(a, b[0].contiguous()) for a, b in zip(first, epoch_batches(loader, 1)))
+    assert all(torch.equal(a, b[0].contiguous()) for a, b in zip(first, epoch_batches(loader, 1), strict=True))
 
 
 def _loader_in_forked_child(queue) -> None:
@@ -480,7 +480,7 @@ def test_cpu_loader_works_in_a_forked_child():
 def reference_crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
     """torchvision, one image at a time, in float: ``hflip(resized_crop(...))`` of each ``[H, W, 3]`` image."""
     out = []
-    for image, (top, left, height, width), flip in zip(images, crops.long().tolist(), flips.tolist()):
+    for image, (top, left, height, width), flip in zip(images, crops.long().tolist(), flips.tolist(), strict=True):
         resized = TF.resized_crop(image.permute(2, 0, 1).float(), top, left, height, width, [size, size],
                                   antialias=False)
         out.append(TF.hflip(resized) if flip else resized)

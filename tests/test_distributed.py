@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_argv
 
 from common.checkpoint import load_checkpoint
-from helpers import tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,10 +38,12 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(prepa
     for weights in ("model", "ema"):
         for key, value in single_state[weights].items():
             torch.testing.assert_close(ddp_state[weights][key], value, rtol=1e-4, atol=1e-5, msg=(weights, key))
-    single_metrics = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    ddp_metrics = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    single_metrics, ddp_metrics = (
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("single", "ddp")
+    )
     assert len(ddp_metrics) == 2  # one line per epoch: only rank 0 writes
-    for one, two in zip(single_metrics, ddp_metrics):
+    for one, two in zip(single_metrics, ddp_metrics, strict=True):
         assert two["val_acc"] == pytest.approx(one["val_acc"])  # every val sample counted once across ranks
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import CLASSES, tiny_config
 from PIL import Image
 from torch import nn
 
 from common import checkpoint as ckpt_io
-from common import figures
-from common import evaluate
+from common import evaluate, figures
 from part_a import train as part_a_train
 from part_a.model import build_model
-from helpers import CLASSES, tiny_config
+
 
 def tiny_model(**overrides) -> nn.Module:
     config = dict(input_size=32, n_filters=6, n_blocks=3, kernel_size=3, dense_neurons=16,
@@ -370,7 +370,7 @@ def test_images_option_prints_the_top_three_classes(trained_run, tmp_path, capsy
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 2
-    for path, line in zip(paths, lines):
+    for path, line in zip(paths, lines, strict=True):
         assert line.startswith(f"{path}: ")
         top = re.findall(r"(\w+) (\d\.\d{3})", line[len(path) + 2:])
         assert len(top) == 3 and all(name in CLASSES for name, _ in top)

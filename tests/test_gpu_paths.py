@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLASSES, make_image_tree, tiny_argv, tiny_config
 
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import device as device_lib
-from common import distributed, engine, training
-from common import evaluate
+from common import distributed, engine, evaluate, training
 from common.training import RunConfig
 from part_a import train as part_a_train
-from helpers import CLASSES, make_image_tree, tiny_argv, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")

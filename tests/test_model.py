@@ -3,8 +3,15 @@ import pytest
 import torch
 from torch import nn
 
-from part_a.model import (ACTIVATIONS, ModelConfig, block_shapes, build_model, conv_padding,
-                          filter_counts, kernel_sizes)
+from part_a.model import (
+    ACTIVATIONS,
+    ModelConfig,
+    block_shapes,
+    build_model,
+    conv_padding,
+    filter_counts,
+    kernel_sizes,
+)
 
 # Small enough to run in milliseconds, large enough for five 2x2 pools (32 -> 1).
 SMALL = dict(n_filters=4, kernel_size=3, dense_neurons=8, input_size=32)
@@ -59,7 +66,7 @@ def test_int_padding_and_strides_match_the_analytic_shapes(padding, stride, size
     shapes = block_shapes(config)
     model = build_model(config)
     x = torch.randn(1, 3, size, size)
-    for block, shape in zip(model.features, shapes):
+    for block, shape in zip(model.features, shapes, strict=True):
         x = block(x)
         assert x.shape[-1] == shape.pool_size
     assert model(torch.randn(1, 3, size, size)).shape == (1, 10)

@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import make_folders, tiny_argv
 
 from common import data as data_lib
-from helpers import make_folders, tiny_argv
 
 
 def digest(tree: Path) -> dict[str, str]:

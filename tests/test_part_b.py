@@ -17,12 +17,12 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
+from helpers import http_server, tiny_argv, tiny_config
 from torch import nn
 
 from part_b import weights as weights_lib
 from part_b.model import ModelBConfig, build_from_config, build_model, parameter_counts
 from part_b.weights import WeightsError
-from helpers import http_server, tiny_argv, tiny_config
 
 FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_v2_s", "convnext_tiny", "vit_b_16",
             "vgg16", "googlenet", "inception_v3"]
@@ -457,6 +457,7 @@ def test_compiled_gradual_unfreezing_stays_compiled_through_every_stage(prepared
     import functools
 
     import torch._dynamo
+
     from part_b import train as part_b_train
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     limit_hit = "fail_on_recompile_limit_hit"

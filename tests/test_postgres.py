@@ -16,10 +16,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import fake_sweep
 from optuna.trial import TrialState
 
 from common import sweep
-from helpers import fake_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

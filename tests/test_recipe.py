@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import RepeatLoader
 from torch import nn
 
 from common import engine, training
 from common.training import RunConfig
-from helpers import RepeatLoader
 
 CPU = torch.device("cpu")
 
@@ -98,7 +98,7 @@ def test_the_weight_average_of_a_trained_model_is_the_closed_form_ema_of_weights
     averaged = average.module.state_dict()
     for key, value in averaged.items():
         if value.is_floating_point():  # weights, biases, BN running mean and variance
-            expected = sum(share * state[key] for share, state in zip(_ema_shares(steps, decay), history))
+            expected = sum(share * state[key] for share, state in zip(_ema_shares(steps, decay), history, strict=True))
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
             assert torch.equal(model.state_dict()[key], history[-1][key]), key  # the same trajectory
     assert not torch.allclose(averaged["4.weight"], history[-1]["4.weight"])  # an average, not the last step
@@ -176,7 +176,7 @@ def test_the_loss_and_its_gradient_are_those_of_the_mixed_soft_targets(mixup_alp
     assert result["train_loss"] == pytest.approx(loss.item(), rel=1e-5) != pytest.approx(hard.item(), rel=1e-3)
     loss.backward()
     with torch.no_grad():
-        for trained, start in zip(model.parameters(), reference.parameters()):
+        for trained, start in zip(model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(trained, start - 0.1 * start.grad)  # _train's SGD, lr 0.1
 
 

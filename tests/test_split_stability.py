@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import class_image, make_folders, tiny_argv
 
 from common import checkpoint as ckpt_io
 from common import data as data_lib
 from common import evaluate
-from helpers import class_image, make_folders, tiny_argv
 from part_a import train as part_a_train
 
 

@@ -25,6 +25,7 @@ import optuna
 import pytest
 import torch
 import torchvision
+from helpers import class_image
 from matplotlib import pyplot as plt
 from optuna.trial import TrialState
 
@@ -32,7 +33,6 @@ from common import checkpoint as ckpt_io
 from common import data, evaluate, files, flops, study, study_report, sweep, sweep_report
 from common.config import UserError, to_cli
 from common.sweep_space import load_sweep
-from helpers import class_image
 
 pytestmark = pytest.mark.slow
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -292,7 +292,7 @@ def test_every_input_that_changes_a_result_redoes_its_step_and_no_other(tmp_path
                  "part_b": study.make_plan(study.PART_B_SWEEP, config, data, weights=str(weights))}
         ran.clear()
         for name, plan in plans.items():
-            steps.run(name, dataclasses.asdict(plan), lambda: ran.append(name) or {"outputs": [str(weights)]})
+            steps.run(name, dataclasses.asdict(plan), lambda n=name: ran.append(n) or {"outputs": [str(weights)]})
         return set(ran)
 
     assert run() == {"sweep", "part_b"} and run() == set()

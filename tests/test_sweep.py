@@ -20,6 +20,7 @@ import matplotlib
 import optuna
 import pytest
 import yaml
+from helpers import fake_sweep
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -34,7 +35,6 @@ from common.sweep_space import (
     parse_parameter,
     suggest,
 )
-from helpers import fake_sweep
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

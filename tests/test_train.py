@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
+import itertools
 import json
 import math
 import os
@@ -11,18 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import functools
-import itertools
-
 import pytest
 import torch
+from helpers import RepeatLoader, tiny_argv, tiny_config
 
 from common import checkpoint as ckpt_io
 from common import device as device_lib
 from common import engine, training
 from common.config import UserError, to_cli
 from common.data import DeviceLoader
-from helpers import RepeatLoader, tiny_argv, tiny_config
 from common.training import RESUME_MUST_MATCH, RunConfig
 from part_a import train as part_a_train
 from part_a.model import ModelConfig, build_model
@@ -259,7 +258,7 @@ def no_host_reads(monkeypatch):
             inside.pop()
     monkeypatch.setattr(engine, "train_step", watched)
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
-        def read(self, *args, _original=getattr(torch.Tensor, name), _name=name):
+        def read(self, *args, _original=getattr(torch.Tensor, name), _name=name):  # noqa: B008 (bound now)
             if inside:
                 raise HostRead(f"Tensor.{_name} inside the training step")
             return _original(self, *args)
@@ -648,6 +647,7 @@ def test_a_full_disk_while_building_the_cache_is_an_error_naming_it(prepared_dat
     """The cache claims its space before the decoded images are written into its memory map: without
     that, a full disk killed the process with SIGBUS in the middle of the copy."""
     import shutil
+
     from common.data import load_cache
     split_dir = tmp_path / "split"
     shutil.copytree(prepared_data / "split", split_dir)
