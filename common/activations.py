@@ -1,4 +1,5 @@
 """The one activation table: the names options accept, and the sets of classes other code asks about."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -3,6 +3,7 @@
 Parameters are drawn per image on the CPU from a ``torch.Generator`` (a seed gives the same crops on
 any device), as torchvision's ``RandomResizedCrop.get_params`` draws them, and ``crop_flip`` applies them.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,7 @@ def resize_crops(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor,
     resized = []
     boxes = crops.to(torch.int64).tolist()
     for image, (top, left, height, width), flip in zip(images, boxes, flips.tolist(), strict=True):
-        crop = image[top:top + height, left:left + width].permute(2, 0, 1)[None]
+        crop = image[top : top + height, left : left + width].permute(2, 0, 1)[None]
         crop = crop.flip(3) if flip else crop  # bilinear resizing (half-pixel centres) commutes with a flip
         # antialias selects torch's fast uint8 kernel; upsampling (every training crop) it is plain bilinear.
         antialias = height <= size and width <= size

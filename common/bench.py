@@ -8,6 +8,7 @@
 wrappers come from the part's own command line and ``training.build_training``, and the clock is
 ``engine.train_one_epoch``'s. A section is a config dataclass (the options) and a ``run``.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ Both loaders serve the same images at the same size, augmentation (random resize
 own (it also pages the cache file in), then the median of ``epochs``, with and without augmentation;
 ImageFolder's is its second epoch (the first starts the workers). docs/benchmarks.md has the figures.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """Checkpoints that are never half-written (``files.atomic_path``) and always loadable with
 ``weights_only=True``: a plain dict of tensors and plain data (see docs/architecture.md)."""
+
 from __future__ import annotations
 
 import functools

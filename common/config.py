@@ -3,6 +3,7 @@
 A field (``option``) gives its option's default, help and choices, its type how it is parsed. Booleans
 accept what wandb and people write: ``--flag``, ``--no-flag``, ``--flag=True``, ``--flag false``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,6 +85,7 @@ def _int_list(text: str) -> int | list[int]:
 def _list_of(item: type):
     def parse_list(text: str) -> list:
         return [item(p) for p in text.strip().strip("[]()").replace(" ", "").split(",") if p]
+
     return parse_list
 
 
@@ -103,6 +105,7 @@ def _parser_for(tp: Any):
 
     def parse_optional(text: str):
         return None if text.strip().lower() in {"none", "null", ""} else parse(text)
+
     return parse_optional
 
 

@@ -4,6 +4,7 @@ it (``data_cache``), iterate a ``DeviceLoader``: batches from the uint8 cache, p
     python common/data.py prepare --root data [--url URL | --zip FILE | --source DIR] [--val_fraction 0.2]
                                   [--seed 42] [--test_fraction 0.2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,7 +102,7 @@ class DeviceLoader:
             per_rank = -(-n // self.world_size)
             start, stop = min(self.rank * per_rank, n), min((self.rank + 1) * per_rank, n)
             indices = torch.full((batches * b,), -1, dtype=torch.int64)
-            indices[:stop - start] = torch.arange(start, stop)
+            indices[: stop - start] = torch.arange(start, stop)
             return indices.view(batches, b), None, None
         # A well-mixed 63-bit seed that depends only on (seed, epoch).
         digest = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()

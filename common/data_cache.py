@@ -4,6 +4,7 @@ manifest rows and S, so a stale cache is never read; the file is written atomica
 builders (sweep workers) write identical bytes. ``open_rgb`` turns every mode PIL reads into correct RGB;
 resizing matches ``transforms.Resize((S, S))`` exactly (no JPEG drafting: 4 levels off, docs/benchmarks.md).
 """
+
 from __future__ import annotations
 
 import contextlib

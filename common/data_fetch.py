@@ -2,6 +2,7 @@
 (renamed when complete, continued by a rerun with an HTTP Range request); extraction checks every entry
 before writing any, into a ``.partial`` folder renamed at the end: nothing half-done passes for done.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ with ``DIR/test/`` or ``DIR/val/`` as the test set. A split never moves: a refre
 from its source and adds new ones without moving any other (``assign_splits``). Classes are folder names
 in Unicode NFC (macOS zips decompose them), ``sorted`` (``Bee`` before ``ant``) as in ``ImageFolder``.
 """
+
 from __future__ import annotations
 
 import csv

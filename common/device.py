@@ -7,6 +7,7 @@ torch.compile, CUDA graphs, backend flags, and how a model is placed and wrapped
 
 CUDA and the CPU are tested; MPS and XPU follow torch's documented support, untested here.
 """
+
 from __future__ import annotations
 
 import os

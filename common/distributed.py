@@ -1,6 +1,7 @@
 """torchrun support: the process group and the few collectives the run needs (under a plain launch,
 one process, and nothing to do).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ Features are switches on one code path: autocast and GradScaler take ``enabled=`
 plain, compiled or DDP-wrapped, and with ``cuda_graphs`` the same step is captured once and replayed.
 No step reads back to the host: metrics and the non-finite check are read only at log points.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,6 +34,7 @@ class NonFiniteLossError(UserError):
 @dataclass
 class StepContext:
     """What the step needs besides model and data: device, precision and the update rule."""
+
     device: torch.device
     amp_dtype: torch.dtype | None  # None: full fp32
     scaler: torch.amp.GradScaler
@@ -291,4 +293,5 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor

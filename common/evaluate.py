@@ -5,6 +5,7 @@ confusion_matrix.png, prediction_grid.png, first_layer_filters.png and guided_ba
 checkpoint unless --out_dir says otherwise) and logs them to wandb when a run is active or --wandb_mode
 asks for one. ``--images`` prints the top-3 classes of image files instead and needs no dataset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,7 +97,7 @@ def predict_test_set(model: nn.Module, loader, device: torch.device, feature_lay
     # last, so the first N rows are the real images.
     per_batch = len(strengths) // len(loader)
     per_forward = per_batch // 2 if tta else per_batch
-    return result, torch.cat(strengths[per_forward - 1::per_batch])[:result["test_samples"]]
+    return result, torch.cat(strengths[per_forward - 1 :: per_batch])[: result["test_samples"]]
 
 
 def format_table(metrics: dict[str, Any], matrix: torch.Tensor, checkpoint_path: Path) -> str:
@@ -148,8 +149,9 @@ def log_to_wandb(mode, checkpoint: dict, checkpoint_path: Path, metrics: dict, f
         run.finish()
 
 
-def evaluate_checkpoint(checkpoint_path, data_dir="data", out_dir=None, batch_size=256, device="auto",
-                        wandb_mode=None, tta=False) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint_path, data_dir="data", out_dir=None, batch_size=256, device="auto", wandb_mode=None, tta=False
+) -> dict[str, Any]:
     """Test metrics and figures for one checkpoint; returns the metrics and the figures' paths."""
     checkpoint_path = Path(checkpoint_path)
     model, checkpoint, torch_device = load_model(checkpoint_path, device)

@@ -4,6 +4,7 @@ Plotting functions return a matplotlib ``Figure`` in constrained layout (labels 
 backpropagation (Springenberg et al., 2015) passes a gradient back through a ReLU only where the forward
 input *and* the gradient are positive, through hooks removed afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib

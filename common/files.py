@@ -1,4 +1,5 @@
 """Files that are never half-written, and the JSON records of runs and data."""
+
 from __future__ import annotations
 
 import contextlib

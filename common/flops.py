@@ -6,6 +6,7 @@ Counts are per image, by ``CONVENTIONS`` (dropout, flatten and padding are free)
 counts the Part A network from its block shapes alone (Question 1); ``count_module`` any module, per
 layer, from one forward pass under ``FlopCounterMode``; ``verify`` checks a count against both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -233,13 +234,15 @@ runs at w/2^(i-1) and the last 2x2 pool leaves (w/32)^2 pixels; n dense neurons;
 def question1_text(config, exact: Report) -> str:
     """The derivation, then the formula for ``config`` checked against ``exact``, or why it does not apply."""
     kernels = {config.kernel_size} if isinstance(config.kernel_size, int) else set(config.kernel_size)
-    checks = {"n_blocks is not 5": config.n_blocks == 5,
-              "filter_strategy is not 'same'": config.filter_strategy == "same",
-              "kernel_size differs per block": len(kernels) == 1,
-              "padding is not 'same'": config.padding == "same",
-              "stride is not 1": config.stride == 1,
-              "input_size is not divisible by 32": config.input_size % 32 == 0,
-              "not 3 channels in, 10 classes out": config.in_channels == 3 and config.num_classes == 10}
+    checks = {
+        "n_blocks is not 5": config.n_blocks == 5,
+        "filter_strategy is not 'same'": config.filter_strategy == "same",
+        "kernel_size differs per block": len(kernels) == 1,
+        "padding is not 'same'": config.padding == "same",
+        "stride is not 1": config.stride == 1,
+        "input_size is not divisible by 32": config.input_size % 32 == 0,
+        "not 3 channels in, 10 classes out": config.in_channels == 3 and config.num_classes == 10,
+    }
     if misfits := [reason for reason, ok in checks.items() if not ok]:
         return f"{QUESTION1_DERIVATION}\n  (not evaluated for this configuration: {'; '.join(misfits)})"
     m, k, n, w = config.n_filters, kernels.pop(), config.dense_neurons, config.input_size

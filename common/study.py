@@ -6,6 +6,7 @@
 Steps are recorded in OUT_DIR/study/state.json: a rerun reuses one that finished with the same inputs
 and whose outputs all exist, and redoes any other from its run folders and database.
 """
+
 from __future__ import annotations
 
 import sys

@@ -2,6 +2,7 @@
 and results.json with the same numbers. One ``*_results`` function per section collects its facts from the
 split, run folders, sweep databases and step records; ``render`` fills ``study_report.md.j2`` with them.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,6 +84,7 @@ def sweep_results(result: dict, study_dir: Path) -> dict:
 def question1_results(run_dir: Path) -> dict:
     """Question 1 for the trained configuration (``common/flops.py``), and the model's own count."""
     from part_a.model import ModelConfig
+
     config = from_namespace(ModelConfig, files.read_json(run_dir / "config.json"))
     counts = count_config(config)
     results = {name: getattr(counts, name) for name in ("macs", "flops", "element_ops", "params")}
@@ -107,6 +109,7 @@ def _strategy_row(run_dir: Path) -> dict:
     from torchvision.models import get_model_weights
 
     from part_b.model import build_from_config, normalisation, resolve_config
+
     saved, summary = files.read_json(run_dir / "config.json"), files.read_json(run_dir / "summary.json")
     with torch.device("meta"):
         model = build_from_config(saved)

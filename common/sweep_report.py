@@ -1,6 +1,7 @@
 """What a sweep found: the trials table, the best command, and a report (summary.md from sweep_report.md.j2,
 two figures). common/study_report.py reuses each table and figure; Optuna computes and draws them.
 """
+
 from __future__ import annotations
 
 import contextlib

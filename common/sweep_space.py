@@ -183,4 +183,3 @@ def suggest(trial: optuna.Trial, search_space: dict[str, BaseDistribution]) -> d
             suggest_number = trial.suggest_int if isinstance(dist, IntDistribution) else trial.suggest_float
             params[name] = suggest_number(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return params
-

@@ -1,6 +1,7 @@
 """Experiment tracking: the run folder (config.json, metrics.jsonl, summary.json) always, mirrored to
 wandb when wanted: online with credentials, else offline (``wandb sync`` later), never waiting long.
 """
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 A part's model and normalisation come in as arguments, its command line from ``get_args_parser``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -146,8 +147,10 @@ def seed_rank(seed: int, rank: int) -> None:
 def build_optimizer(config: RunConfig, model: nn.Module, param_groups: list[dict] | None, policy):
     """A group's ``lr_scale`` multiplies the learning rate. Fused kernels where the device has them (then
     fp16 loss scaling needs no host sync; nadam has none), capturable for CUDA graphs."""
-    groups = [{**group, "lr_scale": float(group.get("lr_scale", 1.0))}
-              for group in param_groups or [{"params": list(model.parameters())}]]
+    groups = [
+        {**group, "lr_scale": float(group.get("lr_scale", 1.0))}
+        for group in param_groups or [{"params": list(model.parameters())}]
+    ]
     groups = [{**group, "lr": config.learning_rate * group["lr_scale"]} for group in groups]
     common = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
     fused = {"fused": True} if policy.fused else {}
@@ -164,8 +167,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """``optimizer.load_state_dict(state)`` keeping the flags chosen for this device (a run saved on the
     CPU resumes with fused Adam on CUDA) and a learning rate it keeps in a tensor (CUDA graphs)."""
     flags = ("fused", "foreach", "capturable", "differentiable")
-    groups = [{**saved, **{k: group[k] for k in flags if k in group}}
-              for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True)]
+    groups = [
+        {**saved, **{k: group[k] for k in flags if k in group}}
+        for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True)
+    ]
     rates = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict({**state, "param_groups": groups})
     for group, rate in zip(optimizer.param_groups, rates, strict=True):

@@ -5,6 +5,7 @@
 
 The work is in common/evaluate.py, since it serves both parts.
 """
+
 import sys
 from pathlib import Path
 

@@ -6,6 +6,7 @@
 No training code lives here. Shapes are derived analytically (``block_shapes``), so a configuration
 that shrinks the feature map to nothing fails with the block and the sizes before any weight exists.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,7 +127,7 @@ class ConvNet(nn.Module):
             layers += [nn.Dropout(config.block_dropout)] if config.block_dropout else []
             blocks.append(nn.Sequential(*layers))
         self.features = nn.Sequential(*blocks)
-        flat = shapes[-1].out_channels * shapes[-1].pool_size**2
+        flat = shapes[-1].out_channels * shapes[-1].pool_size ** 2
         dense_act = activation_class(config.dense_activation or config.activation)
         dense = [nn.Flatten(), nn.Linear(flat, config.dense_neurons), dense_act(), nn.Dropout(config.dropout)]
         self.classifier = nn.Sequential(*dense, nn.Linear(config.dense_neurons, config.num_classes))

@@ -5,6 +5,7 @@
 Also the program ``wandb agent`` runs for sweep.yaml (wandb passes ``--name=value``). Options are the
 fields of ``ModelConfig`` (part_a/model.py) and ``RunConfig`` (common/training.py), by group in ``--help``.
 """
+
 from __future__ import annotations
 
 import sys

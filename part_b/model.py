@@ -6,6 +6,7 @@ from the top, train in an epoch; frozen units run in eval mode even while the mo
 and ``set_epoch`` re-apply it). inception_v3's ``AuxLogits`` is kept (a torchvision file loads strictly)
 but frozen and never run; googlenet's untrained auxiliary heads are not built. docs/part_b.md says why.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -189,7 +190,7 @@ class FineTuneNet(nn.Module):
         gradual = min((epoch - 1) // config.unfreeze_every, len(units))
         trains = dict(full=len(units), freeze_k=len(units) - 1 - config.freeze_stages, gradual=gradual)
         self.frozen_units = len(units) - trains.get(config.strategy, 0)  # head and mlp_head: 0
-        training = [path for unit in units[self.frozen_units:] for path in unit] + [self.layout.head]
+        training = [path for unit in units[self.frozen_units :] for path in unit] + [self.layout.head]
         for name, param in self.net.named_parameters():
             param.requires_grad_(_under(name, training))
         self.train(self.training)  # which units run in eval mode may have changed

@@ -8,6 +8,7 @@ Input size and normalisation come from the chosen weights' torchvision transform
 models, 299 for inception_v3, 384 for efficientnet_v2_s); ``--input_size`` overrides the size for
 quick runs. Weights are read offline from the torch hub cache or a file: see docs/part_b.md.
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,8 +51,10 @@ def _build(config: ModelBConfig) -> FineTuneNet:
     model = build_model(config)
     if is_main_process():
         what = f"{config.model} | weights {config.weights} | strategy {config.strategy}"
-        print(f"{what} | input {config.input_size}px | {config.num_classes} classes | {model.extra_repr()}",
-              flush=True)
+        print(
+            f"{what} | input {config.input_size}px | {config.num_classes} classes | {model.extra_repr()}",
+            flush=True,
+        )
     return model
 
 

@@ -3,6 +3,7 @@
 A name is read from the torch hub cache, where torchvision keeps it, and downloaded by ``torch.hub``
 (sha256 checked) only when missing; without network it fails in seconds saying where to put the file.
 """
+
 from __future__ import annotations
 
 import os

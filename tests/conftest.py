@@ -1,4 +1,5 @@
 """Fixtures and hooks every test file gets; the helpers they share are in helpers.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 def pytest_collection_modifyitems(config, items):
     """``cuda`` tests skip, with the reason, where torch sees no GPU (CI); they run wherever one is."""
     import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")

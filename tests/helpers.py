@@ -5,6 +5,7 @@ Images of one class share a colour (plus noise and a class-dependent stripe), so
 learn the classes in a few steps; train and test images come from different random streams, so no
 two files are byte-identical across splits.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -22,8 +23,18 @@ from common.sweep_space import load_sweep
 from part_a import train as part_a_train
 from part_b import train as part_b_train
 
-CLASSES = ["Amphibia", "Animalia", "Arachnida", "Aves", "Fungi", "Insecta", "Mammalia", "Mollusca",
-           "Plantae", "Reptilia"]
+CLASSES = [
+    "Amphibia",
+    "Animalia",
+    "Arachnida",
+    "Aves",
+    "Fungi",
+    "Insecta",
+    "Mammalia",
+    "Mollusca",
+    "Plantae",
+    "Reptilia",
+]
 
 
 def class_image(label_index: int, rng: np.random.Generator, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -32,12 +43,13 @@ def class_image(label_index: int, rng: np.random.Generator, size: tuple[int, int
     hue = np.array([(label_index * 73) % 256, (label_index * 151 + 40) % 256, (label_index * 29 + 90) % 256])
     pixels = hue + rng.normal(0, 20, (height, width, 3))
     stripe = (label_index * width) // 10
-    pixels[:, stripe:stripe + max(1, width // 10)] = 255 - hue
+    pixels[:, stripe : stripe + max(1, width // 10)] = 255 - hue
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def make_image_tree(root: str | Path, classes: list[str], n_train: int, n_test: int,
-                    size: tuple[int, int] = (48, 40)) -> Path:
+def make_image_tree(
+    root: str | Path, classes: list[str], n_train: int, n_test: int, size: tuple[int, int] = (48, 40)
+) -> Path:
     """Write ``root/inaturalist_12K/{train,val}/<Class>/NNNN.jpg`` and return ``root/inaturalist_12K``.
 
     A count of 0 writes no class folders for that side (for tests of mismatched class sets).
@@ -66,9 +78,12 @@ def make_folders(root: Path, classes: dict[str, int], size=(40, 32)) -> Path:
 
 # A run small enough for a 2-core CPU: Part A's CNN, or Part B's ResNet-18 with random weights.
 TINY = dict(input_size=32, epochs=2, batch_size=8, device="cpu", compile=False)
-TINY_MODEL = {"a": dict(n_filters=4, n_blocks=3, kernel_size=3, dense_neurons=16, eval_batch_size=16,
-                        learning_rate=3e-3),
-              "b": dict(model="resnet18", weights="none")}
+TINY_MODEL = {
+    "a": dict(
+        n_filters=4, n_blocks=3, kernel_size=3, dense_neurons=16, eval_batch_size=16, learning_rate=3e-3
+    ),
+    "b": dict(model="resnet18", weights="none"),
+}
 
 
 def tiny_argv(data_dir: str | Path, out_dir: str | Path, part: str = "a", **overrides) -> list[str]:
@@ -84,7 +99,7 @@ def tiny_config(data_dir: str | Path, out_dir: str | Path, name: str, part: str 
 
 # A training program with the three functions of part_a/train.py that reports val_acc per epoch
 # in milliseconds: sweep tests run it through the real runner.
-FAKE_PROGRAM = '''
+FAKE_PROGRAM = """
 import argparse
 import json
 import os
@@ -117,15 +132,19 @@ def run(config, epoch_callback=None):
     for epoch in range(1, config.epochs + 1):
         epoch_callback(epoch, {"val_acc": config.quality * epoch / config.epochs, "epoch": epoch})
     return {"best_val_acc": config.quality}
-'''
+"""
 
 
 def fake_sweep(tmp_path, parameters: dict, *, method="random", early_terminate=None):
     """A sweep of ``parameters`` over FAKE_PROGRAM, both written to tmp_path; returns its spec."""
     program = tmp_path / "fake_train.py"
     program.write_text(FAKE_PROGRAM)
-    config = {"program": str(program), "method": method, "metric": {"name": "val_acc", "goal": "maximize"},
-              "parameters": parameters}
+    config = {
+        "program": str(program),
+        "method": method,
+        "metric": {"name": "val_acc", "goal": "maximize"},
+        "parameters": parameters,
+    }
     if early_terminate:
         config["early_terminate"] = early_terminate
     path = tmp_path / "fake_sweep.yaml"

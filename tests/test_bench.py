@@ -1,5 +1,6 @@
 """The benchmark sections run in quick mode, print one JSON object with their figures, and time the
 training step that a run trains with."""
+
 from __future__ import annotations
 
 import json
@@ -47,22 +48,28 @@ def test_quick_e2e_benchmark_prints_both_rates(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["ours"]["images_per_s"] > 0 and result["plain_imagefolder_eager"]["images_per_s"] > 0
     assert result["ratio"] == pytest.approx(
-        result["ours"]["images_per_s"] / result["plain_imagefolder_eager"]["images_per_s"])
+        result["ours"]["images_per_s"] / result["plain_imagefolder_eager"]["images_per_s"]
+    )
     assert result["ours"]["compile"] is False and result["ours"]["cuda_graphs"] is False  # the CPU's defaults
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["step", "--variants", "warp_speed"], "unknown variants or models ['warp_speed']"),
-    (["step", "--models", "vgg"], "unknown variants or models ['vgg']"),
-    (["step", "--batch_sizes", "0"], "--batch_sizes must be at least 1, got [0]"),
-    (["step", "--device", "tpu"], "--device tpu"),  # not a "skipped" entry per variant
-    (["data", "--epochs", "0"], "--epochs must be at least 1"),  # the median of no epochs
-    (["data", "--workers", "-1"], "--workers must be at least 0"),  # DataLoader's traceback
-    (["e2e", "--workers", "-1"], "--workers must be at least 0"),
-    (["e2e", "--batch_size", "0"], "--batch_size must be at least 1"),  # given, so --quick keeps it
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["step", "--variants", "warp_speed"], "unknown variants or models ['warp_speed']"),
+        (["step", "--models", "vgg"], "unknown variants or models ['vgg']"),
+        (["step", "--batch_sizes", "0"], "--batch_sizes must be at least 1, got [0]"),
+        (["step", "--device", "tpu"], "--device tpu"),  # not a "skipped" entry per variant
+        (["data", "--epochs", "0"], "--epochs must be at least 1"),  # the median of no epochs
+        (["data", "--workers", "-1"], "--workers must be at least 0"),  # DataLoader's traceback
+        (["e2e", "--workers", "-1"], "--workers must be at least 0"),
+        (["e2e", "--batch_size", "0"], "--batch_size must be at least 1"),  # given, so --quick keeps it
+    ],
+)
 def test_bad_options_are_one_error_line_before_anything_runs(capsys, monkeypatch, argv, fragment):
-    monkeypatch.setattr(bench_data, "generate", lambda *args: pytest.fail("images generated before the check"))
+    monkeypatch.setattr(
+        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
+    )
     with pytest.raises(SystemExit) as exit_:
         bench.main([*argv, "--quick", "--device", "cpu"] if "--device" not in argv else [*argv, "--quick"])
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
@@ -70,10 +77,12 @@ def test_bad_options_are_one_error_line_before_anything_runs(capsys, monkeypatch
 
 def test_quick_replaces_only_the_options_left_at_their_defaults():
     parser = bench.get_args_parser()
-    for argv, expected in [(["data", "--quick"], dict(images=60, batch_size=8, epochs=2, size=224)),
-                           (["data", "--quick", "--batch_size", "4"], dict(images=60, batch_size=4)),
-                           (["e2e", "--quick", "--input_size", "48"], dict(images=40, input_size=48)),
-                           (["step", "--quick", "--steps", "2"], dict(steps=2, repeats=1, batch_sizes=[8]))]:
+    for argv, expected in [
+        (["data", "--quick"], dict(images=60, batch_size=8, epochs=2, size=224)),
+        (["data", "--quick", "--batch_size", "4"], dict(images=60, batch_size=4)),
+        (["e2e", "--quick", "--input_size", "48"], dict(images=40, input_size=48)),
+        (["step", "--quick", "--steps", "2"], dict(steps=2, repeats=1, batch_sizes=[8])),
+    ]:
         seen = {}
         config_class, _ = bench.SECTIONS[argv[0]]
         bench.SECTIONS[argv[0]] = (config_class, lambda config, seen=seen: seen.update(vars(config)) or {})
@@ -86,7 +95,9 @@ def test_quick_replaces_only_the_options_left_at_their_defaults():
 
 
 def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(monkeypatch, capsys):
-    monkeypatch.setattr(bench_data, "generate", lambda *args: pytest.fail("images generated before the check"))
+    monkeypatch.setattr(
+        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
+    )
     with pytest.raises(SystemExit) as exit_:
         bench.main(["e2e", "--quick", "--device", "cpu", "--cuda_graphs", "true"])
     assert exit_.value.code == 2 and "CUDA graphs need a CUDA GPU" in capsys.readouterr().err

@@ -3,6 +3,7 @@ step that never synchronises with the host, CUDA graphs (against eager, with res
 gradual unfreezing), the GPU-resident and prefetching loaders, the matmul crop kernel, resume on the GPU,
 per-rank CUDA random streams, Part B's gradual unfreezing under compile, the benchmark's GPU busy
 share, and NCCL DDP. Run with ``python -m pytest -m cuda``; without a GPU they are skipped (conftest.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,9 @@ tiny = functools.partial(tiny_config, device="cuda")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_training_under_autocast_learns_with_fused_adam(dtype):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(input_size=32, n_filters=8, n_blocks=3, kernel_size=3, dense_neurons=32,
-                                    dropout=0.0)).to(DEVICE, memory_format=torch.channels_last)
+    model = build_model(
+        ModelConfig(input_size=32, n_filters=8, n_blocks=3, kernel_size=3, dense_neurons=32, dropout=0.0)
+    ).to(DEVICE, memory_format=torch.channels_last)
     images = torch.randn(16, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(16, device=DEVICE) % 10
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -52,8 +54,12 @@ def test_training_under_autocast_learns_with_fused_adam(dtype):
     assert optimizer.param_groups[0]["fused"] is True
     output_dtypes = []
     model.register_forward_hook(lambda module, inputs, output: output_dtypes.append(output.dtype))
-    first = engine.train_one_epoch(model, RepeatLoader(images, labels, 1), optimizer, None, nn.CrossEntropyLoss(), ctx, 1)
-    last = engine.train_one_epoch(model, RepeatLoader(images, labels, 150), optimizer, None, nn.CrossEntropyLoss(), ctx, 2)
+    first = engine.train_one_epoch(
+        model, RepeatLoader(images, labels, 1), optimizer, None, nn.CrossEntropyLoss(), ctx, 1
+    )
+    last = engine.train_one_epoch(
+        model, RepeatLoader(images, labels, 150), optimizer, None, nn.CrossEntropyLoss(), ctx, 2
+    )
     assert output_dtypes[0] == dtype  # the logits were computed in the autocast type
     assert first["train_loss"] > 1.5 and last["train_loss"] < 0.5 * first["train_loss"]
     if dtype == torch.float16:
@@ -64,8 +70,12 @@ def test_fused_adam_steps_like_the_reference_implementation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10)).to(DEVICE)
     reference = copy.deepcopy(model)
-    fused = training.build_optimizer(training.RunConfig(learning_rate=1e-3, weight_decay=1e-3), model, None,
-                                     device_lib.Policy(DEVICE, None, compile=False, cuda_graphs=False))
+    fused = training.build_optimizer(
+        training.RunConfig(learning_rate=1e-3, weight_decay=1e-3),
+        model,
+        None,
+        device_lib.Policy(DEVICE, None, compile=False, cuda_graphs=False),
+    )
     plain = torch.optim.Adam(reference.parameters(), lr=1e-3, weight_decay=1e-3, foreach=False)
     for _ in range(5):
         x = torch.randn(32, 64, device=DEVICE)
@@ -79,10 +89,13 @@ def test_fused_adam_steps_like_the_reference_implementation():
 
 def test_compiled_training_makes_one_train_and_one_eval_graph(prepared_data, tmp_path):
     from torch._dynamo.utils import counters
+
     counters.clear()
     frames = []
-    summary = part_a_train.run(tiny(prepared_data, tmp_path, "compiled", epochs=3, compile=True, eval_batch_size=7),
-                               epoch_callback=lambda epoch, metrics: frames.append(counters["frames"]["ok"]))
+    summary = part_a_train.run(
+        tiny(prepared_data, tmp_path, "compiled", epochs=3, compile=True, eval_batch_size=7),
+        epoch_callback=lambda epoch, metrics: frames.append(counters["frames"]["ok"]),
+    )
     assert summary["status"] == "finished"
     assert frames[0] > 0 and frames[0] == frames[1] == frames[2], frames
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
@@ -109,19 +122,37 @@ class SyncChecked:
             torch.cuda.set_sync_debug_mode("default")
 
 
-SYNC_CASES = [pytest.param(optimizer, precision, extras, graphs, ema,
-                           id=f"{optimizer}-{precision}-{'clip_mix' if extras else 'plain'}-"
-                              f"{'graphs' if graphs else 'eager'}-{'ema' if ema else 'no_ema'}")
-              for optimizer in training.OPTIMIZERS for precision in ("bf16", "fp16", "fp32")
-              for extras in (False, True) for graphs in (False, True) for ema in (False, True)]
+SYNC_CASES = [
+    pytest.param(
+        optimizer,
+        precision,
+        extras,
+        graphs,
+        ema,
+        id=f"{optimizer}-{precision}-{'clip_mix' if extras else 'plain'}-"
+        f"{'graphs' if graphs else 'eager'}-{'ema' if ema else 'no_ema'}",
+    )
+    for optimizer in training.OPTIMIZERS
+    for precision in ("bf16", "fp16", "fp32")
+    for extras in (False, True)
+    for graphs in (False, True)
+    for ema in (False, True)
+]
 
 
 @pytest.mark.parametrize("optimizer, precision, extras, graphs, ema", SYNC_CASES)
 def test_twenty_steps_never_synchronise_with_the_host(optimizer, precision, extras, graphs, ema):
     options = dict(grad_clip=1.0, mixup_alpha=0.4, cutmix_alpha=1.0, class_weights=True) if extras else {}
-    config = training.RunConfig(device="cuda", optimizer=optimizer, precision=precision, cuda_graphs=graphs,
-                                ema_decay=0.9 if ema else 0.0, compile=False, lr_schedule="onecycle",
-                                **options)
+    config = training.RunConfig(
+        device="cuda",
+        optimizer=optimizer,
+        precision=precision,
+        cuda_graphs=graphs,
+        ema_decay=0.9 if ema else 0.0,
+        compile=False,
+        lr_schedule="onecycle",
+        **options,
+    )
     if graphs and optimizer == "nadam" and precision == "fp16":
         with pytest.raises(ValueError, match="nadam has no fused kernel"):
             device_lib.resolve(config)
@@ -133,10 +164,26 @@ def test_twenty_steps_never_synchronise_with_the_host(optimizer, precision, extr
     images = torch.randint(0, 256, (8 * 20, 32, 32, 3), dtype=torch.uint8)
 
     def loader(batches: int) -> data_lib.DeviceLoader:
-        return data_lib.DeviceLoader(images[:8 * batches], torch.arange(8 * batches) % 10, 8, DEVICE,
-                                     train=True, augment=True, mean=(0.5,) * 3, std=(0.25,) * 3)
-    epoch = functools.partial(engine.train_one_epoch, parts.model, optimizer=parts.optimizer,
-                              scheduler=parts.scheduler, loss_fn=parts.loss_fn, ctx=parts.ctx, epoch=1)
+        return data_lib.DeviceLoader(
+            images[: 8 * batches],
+            torch.arange(8 * batches) % 10,
+            8,
+            DEVICE,
+            train=True,
+            augment=True,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+        )
+
+    epoch = functools.partial(
+        engine.train_one_epoch,
+        parts.model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        loss_fn=parts.loss_fn,
+        ctx=parts.ctx,
+        epoch=1,
+    )
     epoch(loader(engine.WARMUP_STEPS + 2))  # warm-up and capture: torch.cuda.graph synchronises once
     try:
         if optimizer == "nadam" and precision == "fp16":  # no fused NAdam: GradScaler reads its check
@@ -154,18 +201,28 @@ def _graph_captures(monkeypatch) -> list:
     return captures
 
 
-def test_cuda_graph_training_matches_eager_training_and_resumes_bit_for_bit(prepared_data, tmp_path,
-                                                                            monkeypatch):
+def test_cuda_graph_training_matches_eager_training_and_resumes_bit_for_bit(
+    prepared_data, tmp_path, monkeypatch
+):
     captures = _graph_captures(monkeypatch)
-    options = dict(epochs=3, dropout=0.0, augment=True, lr_schedule="cosine", deterministic=True,
-                   precision="fp32", eval_batch_size=7)
+    options = dict(
+        epochs=3,
+        dropout=0.0,
+        augment=True,
+        lr_schedule="cosine",
+        deterministic=True,
+        precision="fp32",
+        eval_batch_size=7,
+    )
     eager = part_a_train.run(tiny(prepared_data, tmp_path, "eager", **options))
     graphed = part_a_train.run(tiny(prepared_data, tmp_path, "graphed", cuda_graphs=True, **options))
     assert len(captures) == 2  # one training and one validation step, replayed for three epochs
     part_a_train.run(tiny(prepared_data, tmp_path, "resumed", cuda_graphs=True, **{**options, "epochs": 1}))
     part_a_train.run(tiny(prepared_data, tmp_path, "resumed", cuda_graphs=True, resume=True, **options))
-    weights = {name: ckpt_io.load_checkpoint(tmp_path / name / "last.pt")["model"]
-               for name in ("eager", "graphed", "resumed")}
+    weights = {
+        name: ckpt_io.load_checkpoint(tmp_path / name / "last.pt")["model"]
+        for name in ("eager", "graphed", "resumed")
+    }
     for key, value in weights["graphed"].items():
         # Close, not equal: the graphs read a float32 learning rate, eager steps a Python float.
         torch.testing.assert_close(weights["eager"][key], value, rtol=1e-4, atol=1e-5, msg=key)
@@ -176,9 +233,20 @@ def test_cuda_graph_training_matches_eager_training_and_resumes_bit_for_bit(prep
 def test_cuda_graphs_capture_each_trainable_set_of_gradual_unfreezing(tmp_path, monkeypatch):
     captures = _graph_captures(monkeypatch)
     make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual",
-                         input_size=64, epochs=3, batch_size=4, eval_batch_size=4, cuda_graphs=True,
-                         test=True, device="cuda")
+    config = tiny_config(
+        tmp_path / "data",
+        tmp_path / "runs",
+        "gradual",
+        "b",
+        strategy="gradual",
+        input_size=64,
+        epochs=3,
+        batch_size=4,
+        eval_batch_size=4,
+        cuda_graphs=True,
+        test=True,
+        device="cuda",
+    )
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and math.isfinite(summary["test_loss"])
     assert len(captures) == 4  # three trainable sets; one validation step (its model stays the same)
@@ -186,8 +254,9 @@ def test_cuda_graphs_capture_each_trainable_set_of_gradual_unfreezing(tmp_path, 
 
 def test_a_compiled_model_trains_inside_cuda_graphs(prepared_data, tmp_path, monkeypatch):
     captures = _graph_captures(monkeypatch)
-    summary = part_a_train.run(tiny(prepared_data, tmp_path, "both", epochs=2, compile=True, cuda_graphs=True,
-                                    ema_decay=0.0))
+    summary = part_a_train.run(
+        tiny(prepared_data, tmp_path, "both", epochs=2, compile=True, cuda_graphs=True, ema_decay=0.0)
+    )
     assert summary["status"] == "finished" and len(captures) == 2
 
 
@@ -205,7 +274,9 @@ def test_gpu_loaders_give_the_batches_of_the_cpu_loader(resident, train, augment
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (37, 24, 24, 3), dtype=torch.uint8, generator=generator)
     labels = torch.arange(37) % 10
-    options = dict(batch_size=8, train=train, augment=augment, seed=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    options = dict(
+        batch_size=8, train=train, augment=augment, seed=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)
+    )
     cpu, gpu = (data_lib.DeviceLoader(images, labels, device=device, **options) for device in ("cpu", "cuda"))
     assert gpu.prefetch is not resident
     cpu.set_epoch(2)
@@ -229,12 +300,15 @@ def test_matmul_crop_kernel_on_the_gpu_matches_the_cpu_kernels():
         cpu_matmul = matmul_crops(images, crops, flips, size)
         with engine.exact_fp32():
             gpu = crop_flip(images.to(DEVICE), crops, flips, size).cpu()
-        torch.testing.assert_close(gpu, cpu_matmul, atol=0.01, rtol=0)  # the same arithmetic (H200: 0.0018 apart)
+        torch.testing.assert_close(
+            gpu, cpu_matmul, atol=0.01, rtol=0
+        )  # the same arithmetic (H200: 0.0018 apart)
         assert (gpu - cpu_uint8).abs().max() <= 1.01  # within the uint8 kernel's rounding, in levels of 255
 
 
-def test_deterministic_resume_on_the_gpu_reaches_the_weights_of_an_uninterrupted_run_bit_for_bit(prepared_data,
-                                                                                                 tmp_path):
+def test_deterministic_resume_on_the_gpu_reaches_the_weights_of_an_uninterrupted_run_bit_for_bit(
+    prepared_data, tmp_path
+):
     options = dict(epochs=3, dropout=0.3, augment=True, lr_schedule="cosine", deterministic=True)
     part_a_train.run(tiny(prepared_data, tmp_path, "straight", **options))
     part_a_train.run(tiny(prepared_data, tmp_path, "resumed", **{**options, "epochs": 1}))
@@ -255,8 +329,11 @@ def test_a_run_saved_on_the_cpu_resumes_on_the_gpu_with_fused_adam(prepared_data
     straight = ckpt_io.load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = ckpt_io.load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert all(group["fused"] for group in resumed["optimizer"]["param_groups"])
-    worst = max((straight["model"][k].double() - v.double()).abs().max().item()
-                for k, v in resumed["model"].items() if v.is_floating_point())
+    worst = max(
+        (straight["model"][k].double() - v.double()).abs().max().item()
+        for k, v in resumed["model"].items()
+        if v.is_floating_point()
+    )
     record_property("max_abs_weight_difference_cpu_to_cuda", worst)
     # Close, not equal: one epoch in CPU fp32 and two in TF32 (H200: 0.055 apart, about what two
     # autotuned GPU runs differ by); a resume that lost the weights or the optimizer state is far off.
@@ -279,8 +356,18 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise instead of running eager
         monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = tiny_config(tmp_path / "data", tmp_path / "runs", "gradual", "b", strategy="gradual",
-                         input_size=64, epochs=3, compile=True, test=True, device="cuda")
+    config = tiny_config(
+        tmp_path / "data",
+        tmp_path / "runs",
+        "gradual",
+        "b",
+        strategy="gradual",
+        input_size=64,
+        epochs=3,
+        compile=True,
+        test=True,
+        device="cuda",
+    )
     summary = part_b_train.run(config)
     assert summary["status"] == "finished" and summary["epochs_run"] == 3 and 0 <= summary["test_acc"] <= 1
     state = ckpt_io.load_checkpoint(tmp_path / "runs" / "gradual" / "last.pt")
@@ -292,14 +379,31 @@ def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_train_like_one_with_the_global_batch(prepared_data, tmp_path):
-    common = tiny_argv(prepared_data, tmp_path, batch_norm=False, dropout=0, device="cuda", precision="fp32",
-                       eval_batch_size=7)
+    common = tiny_argv(
+        prepared_data,
+        tmp_path,
+        batch_norm=False,
+        dropout=0,
+        device="cuda",
+        precision="fp32",
+        eval_batch_size=7,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, args in (([sys.executable], ["--batch_size=8", "--name=single"]),
-                           ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-                            ["--batch_size=4", "--name=ddp"])):
-        result = subprocess.run([*launcher, "part_a/train.py", *common, *args], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=600)
+    for launcher, args in (
+        ([sys.executable], ["--batch_size=8", "--name=single"]),
+        (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+            ["--batch_size=4", "--name=ddp"],
+        ),
+    ):
+        result = subprocess.run(
+            [*launcher, "part_a/train.py", *common, *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     single = ckpt_io.load_checkpoint(tmp_path / "single" / "last.pt")["model"]
     ddp = ckpt_io.load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]

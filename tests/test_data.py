@@ -1,4 +1,5 @@
 """The data pipeline: download, extraction, validation, split, decode-once cache and the device loader."""
+
 from __future__ import annotations
 
 import csv
@@ -39,11 +40,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ---------------------------------------------------------------- decoding to RGB
+
 
 def mode_samples() -> dict[str, tuple[Image.Image, str, tuple[int, int, int]]]:
     """name -> (image, file format, the RGB colour every pixel must decode to)."""
@@ -78,7 +83,9 @@ def test_every_mode_decodes_to_correct_rgb(tmp_path, name):
     rgb = np.asarray(data_cache.open_rgb(path)).astype(int)
     assert rgb.shape == (img.height, img.width, 3)
     tolerance = 3 if fmt == "JPEG" else 1
-    assert np.abs(rgb - np.array(expected)).max() <= tolerance, f"{name}: got {rgb[0, 0]}, expected {expected}"
+    assert np.abs(rgb - np.array(expected)).max() <= tolerance, (
+        f"{name}: got {rgb[0, 0]}, expected {expected}"
+    )
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -92,6 +99,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 # ---------------------------------------------------------------- validation and split
+
 
 def write_bad_files(folder: Path) -> dict[str, str]:
     """Broken files in ``folder``; returns name -> a word its skip reason must contain."""
@@ -176,11 +184,22 @@ def test_split_is_stratified_disjoint_reproducible_and_free_the_second_time(tmp_
     counts = {(row["split"], row["class"]): 0 for row in manifest}
     for row in manifest:
         counts[(row["split"], row["class"])] += 1
-    assert counts == {("train", "Aves"): 8, ("val", "Aves"): 2, ("train", "Fungi"): 8, ("val", "Fungi"): 2,
-                      ("train", "Plantae"): 16, ("val", "Plantae"): 4,
-                      ("test", "Aves"): 3, ("test", "Fungi"): 3, ("test", "Plantae"): 3}
-    on_disk = {p.relative_to(split_dir).as_posix() for s in ("train", "val", "test")
-               for p in (split_dir / s).rglob("*.jpg")}
+    assert counts == {
+        ("train", "Aves"): 8,
+        ("val", "Aves"): 2,
+        ("train", "Fungi"): 8,
+        ("val", "Fungi"): 2,
+        ("train", "Plantae"): 16,
+        ("val", "Plantae"): 4,
+        ("test", "Aves"): 3,
+        ("test", "Fungi"): 3,
+        ("test", "Plantae"): 3,
+    }
+    on_disk = {
+        p.relative_to(split_dir).as_posix()
+        for s in ("train", "val", "test")
+        for p in (split_dir / s).rglob("*.jpg")
+    }
     assert on_disk == {row["path"] for row in manifest}  # each file in exactly one split folder
     train_names = {row["path"].split("/", 1)[1] for row in manifest if row["split"] == "train"}
     val_names = {row["path"].split("/", 1)[1] for row in manifest if row["split"] == "val"}
@@ -195,12 +214,18 @@ def test_split_is_stratified_disjoint_reproducible_and_free_the_second_time(tmp_
 
     # The same seed on another copy gives the same split; another seed gives another one.
     for copy in ("b", "c"):
-        add_train_images(make_image_tree(tmp_path / copy, ["Aves", "Fungi", "Plantae"], n_train=10, n_test=3)
-                         / "train" / "Plantae", range(10, 20))
+        add_train_images(
+            make_image_tree(tmp_path / copy, ["Aves", "Fungi", "Plantae"], n_train=10, n_test=3)
+            / "train"
+            / "Plantae",
+            range(10, 20),
+        )
     again = read_csv(prepare(tmp_path / "b", val_fraction=0.2, seed=7) / "manifest.csv")
     assert again == manifest
     other = read_csv(prepare(tmp_path / "c", val_fraction=0.2, seed=8) / "manifest.csv")
-    assert {r["path"] for r in other if r["split"] == "val"} != {r["path"] for r in manifest if r["split"] == "val"}
+    assert {r["path"] for r in other if r["split"] == "val"} != {
+        r["path"] for r in manifest if r["split"] == "val"
+    }
 
     # A second run with the same options, even a refresh from the source, decodes and rewrites nothing.
     stamp = (split_dir / "manifest.csv").stat().st_mtime_ns
@@ -216,7 +241,9 @@ def test_split_is_stratified_disjoint_reproducible_and_free_the_second_time(tmp_
     assert (split_dir / "manifest.csv").stat().st_mtime_ns == stamp
 
 
-def test_prepare_rebuilds_a_damaged_split_and_notices_content_changes_that_keep_size_and_mtime(tmp_path, capsys):
+def test_prepare_rebuilds_a_damaged_split_and_notices_content_changes_that_keep_size_and_mtime(
+    tmp_path, capsys
+):
     dataset = make_image_tree(tmp_path, ["Aves", "Fungi"], n_train=5, n_test=2)
     split_dir = prepare(tmp_path)
     manifest = read_csv(split_dir / "manifest.csv")
@@ -254,7 +281,9 @@ def test_symlinked_images_are_followed_and_dangling_ones_reported(tmp_path, caps
     linked = next(split_dir.glob("*/Aves/linked.jpg"))
     assert linked.read_bytes() == target.read_bytes()  # the image, not a link that broke when moved
     skipped = read_csv(split_dir / "skipped.csv")
-    assert [Path(r["path"]).name for r in skipped] == ["dangling.jpg"] and "cannot read" in skipped[0]["reason"]
+    assert [Path(r["path"]).name for r in skipped] == ["dangling.jpg"] and "cannot read" in skipped[0][
+        "reason"
+    ]
     assert "dangling.jpg" in capsys.readouterr().out
 
 
@@ -271,6 +300,7 @@ def test_identical_files_across_splits_are_reported(tmp_path, capsys):
 
 # ---------------------------------------------------------------- decode-once cache
 
+
 def test_cache_matches_torchvision_resize_and_rebuilds_when_files_or_size_change(tmp_path, monkeypatch):
     dataset = tmp_path / "inaturalist_12K"
     samples = mode_samples()
@@ -278,7 +308,9 @@ def test_cache_matches_torchvision_resize_and_rebuilds_when_files_or_size_change
         for i, (_name, (img, fmt, _)) in enumerate(samples.items()):
             folder = dataset / origin / ("Aves" if i % 2 else "Fungi")
             folder.mkdir(parents=True, exist_ok=True)
-            img.resize((img.width + 7 * i, img.height + 3 * i)).save(folder / f"{origin}{i}.{fmt.lower()}", fmt)
+            img.resize((img.width + 7 * i, img.height + 3 * i)).save(
+                folder / f"{origin}{i}.{fmt.lower()}", fmt
+            )
     big = dataset / "train" / "Aves" / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8)).save(big, quality=95)
     split_dir = prepare(tmp_path, val_fraction=0.3)
@@ -315,7 +347,9 @@ def test_concurrent_builds_of_one_cache_are_safe(prepared_data, tmp_path, monkey
     from concurrent.futures import ThreadPoolExecutor
 
     # Without the shared fixture's caches, which other tests may have built already.
-    split_dir = shutil.copytree(prepared_data / "split", tmp_path / "split", ignore=shutil.ignore_patterns("cache"))
+    split_dir = shutil.copytree(
+        prepared_data / "split", tmp_path / "split", ignore=shutil.ignore_patterns("cache")
+    )
     both_writing = threading.Barrier(2, timeout=30)
 
     def in_step(fn, items, desc, chunksize=16):  # both builders are mid-write before either finishes
@@ -331,6 +365,7 @@ def test_concurrent_builds_of_one_cache_are_safe(prepared_data, tmp_path, monkey
 
 # ---------------------------------------------------------------- device loader
 
+
 def numbered_images(n: int, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Image i is filled with the value i (so batches can be traced back), label i."""
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, size, size, 3).contiguous()
@@ -342,7 +377,9 @@ def test_eval_loader_yields_every_sample_once_padded_with_minus_one():
     for world_size in (1, 2, 3):
         seen, lengths = [], set()
         for rank in range(world_size):
-            loader = DeviceLoader(images, labels, 4, "cpu", train=False, rank=rank, world_size=world_size, **NORM)
+            loader = DeviceLoader(
+                images, labels, 4, "cpu", train=False, rank=rank, world_size=world_size, **NORM
+            )
             lengths.add(len(loader))
             batches = list(loader)
             assert len(batches) == len(loader)
@@ -428,7 +465,9 @@ def test_cpu_loader_normalises_per_channel_like_the_formula(augment):
     indices, crops, flips = loader._plan()
     for step, (x, y) in enumerate(loader):
         raw = images[indices[step]]
-        pixels = (crop_flip(raw, crops[step], flips[step], 16) if augment else raw).permute(0, 3, 1, 2).float()
+        pixels = (
+            (crop_flip(raw, crops[step], flips[step], 16) if augment else raw).permute(0, 3, 1, 2).float()
+        )
         expected = (pixels / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         assert torch.equal(y, labels[indices[step]])
         torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
@@ -445,10 +484,14 @@ def test_held_batches_never_change_and_channels_last_is_optional():
     assert len({x.data_ptr() for x in held}) == len(held) == 16
     assert all(torch.equal(x, c) for x, c in zip(held, copies, strict=True))
     # channels_last=False gives contiguous tensors with the same values.
-    plain = DeviceLoader(images, labels, 4, "cpu", train=True, augment=True, seed=0, channels_last=False, **NORM)
+    plain = DeviceLoader(
+        images, labels, 4, "cpu", train=True, augment=True, seed=0, channels_last=False, **NORM
+    )
     first = [x for x, _ in epoch_batches(plain, 1)]
     assert all(x.is_contiguous() for x in first)
-    assert all(torch.equal(a, b[0].contiguous()) for a, b in zip(first, epoch_batches(loader, 1), strict=True))
+    assert all(
+        torch.equal(a, b[0].contiguous()) for a, b in zip(first, epoch_batches(loader, 1), strict=True)
+    )
 
 
 def _loader_in_forked_child(queue) -> None:
@@ -477,12 +520,17 @@ def test_cpu_loader_works_in_a_forked_child():
     assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
 
 
-def reference_crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+def reference_crop_flip(
+    images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int
+) -> torch.Tensor:
     """torchvision, one image at a time, in float: ``hflip(resized_crop(...))`` of each ``[H, W, 3]`` image."""
     out = []
-    for image, (top, left, height, width), flip in zip(images, crops.long().tolist(), flips.tolist(), strict=True):
-        resized = TF.resized_crop(image.permute(2, 0, 1).float(), top, left, height, width, [size, size],
-                                  antialias=False)
+    for image, (top, left, height, width), flip in zip(
+        images, crops.long().tolist(), flips.tolist(), strict=True
+    ):
+        resized = TF.resized_crop(
+            image.permute(2, 0, 1).float(), top, left, height, width, [size, size], antialias=False
+        )
         out.append(TF.hflip(resized) if flip else resized)
     return torch.stack(out)
 
@@ -490,8 +538,12 @@ def reference_crop_flip(images: torch.Tensor, crops: torch.Tensor, flips: torch.
 def test_crop_flip_matches_torchvision_resized_crop_and_hflip():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 20, 30, 3), dtype=torch.uint8, generator=generator)
-    crops = torch.cat([torch.tensor([[3, 5, 12, 16], [0, 0, 20, 30], [19, 29, 1, 1]], dtype=torch.float32),
-                       sample_crops(21, 20, 30, generator)])
+    crops = torch.cat(
+        [
+            torch.tensor([[3, 5, 12, 16], [0, 0, 20, 30], [19, 29, 1, 1]], dtype=torch.float32),
+            sample_crops(21, 20, 30, generator),
+        ]
+    )
     flips = torch.arange(24) % 2 == 0
     size = 18
     reference = reference_crop_flip(images, crops, flips, size)
@@ -517,7 +569,9 @@ def test_crop_flip_kernels_agree_at_training_size():
 def test_sampled_crops_obey_scale_and_ratio_bounds():
     crops = sample_crops(2000, 40, 60, torch.Generator().manual_seed(0))
     top, left, height, width = crops.unbind(1)
-    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 40).all() and (left + width <= 60).all()
+    assert (
+        (top >= 0).all() and (left >= 0).all() and (top + height <= 40).all() and (left + width <= 60).all()
+    )
     area = height * width / (40 * 60)
     assert area.min() > 0.2 and area.max() <= 1.0
     ratio = width / height
@@ -526,6 +580,7 @@ def test_sampled_crops_obey_scale_and_ratio_bounds():
 
 
 # ---------------------------------------------------------------- download and extraction
+
 
 def dataset_zip(tmp_path: Path, prefix: str = "inaturalist_12K/", with_junk: bool = True) -> bytes:
     source = make_image_tree(tmp_path / "zipsource", ["Aves", "Fungi"], n_train=5, n_test=2, size=(20, 16))
@@ -541,6 +596,7 @@ def dataset_zip(tmp_path: Path, prefix: str = "inaturalist_12K/", with_junk: boo
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``payload`` at any path, honouring ``Range: bytes=N-`` unless ``ignore_range`` is set."""
+
     payload = b""
     ignore_range = False
     requests: list[tuple[str | None, int, int]] = []  # (Range header, status, body bytes sent)
@@ -573,7 +629,9 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
 @contextmanager
 def serve(payload: bytes, ignore_range: bool = False):
-    handler = type("Handler", (RangeHandler,), {"payload": payload, "ignore_range": ignore_range, "requests": []})
+    handler = type(
+        "Handler", (RangeHandler,), {"payload": payload, "ignore_range": ignore_range, "requests": []}
+    )
     with http_server(handler) as base:
         yield f"{base}/nature_12K.zip", handler.requests
 
@@ -665,6 +723,7 @@ def test_an_interrupted_cache_build_leaves_no_temporary_file(tmp_path, monkeypat
     def interrupted(fn, items, desc, chunksize=16):
         yield fn(items[0])
         raise KeyboardInterrupt
+
     monkeypatch.setattr(data_cache, "parallel_map", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_cache(split_dir, "train", 8)
@@ -676,16 +735,35 @@ def test_an_interrupted_cache_build_leaves_no_temporary_file(tmp_path, monkeypat
 def test_cli_prepares_from_a_zip_in_a_subfolder(tmp_path):
     archive_path = tmp_path / "nested.zip"
     archive_path.write_bytes(dataset_zip(tmp_path, prefix="download/nature_12K/inaturalist_12K/"))
-    result = subprocess.run([sys.executable, "common/data.py", "prepare", "--root", str(tmp_path / "data"),
-                             "--zip", str(archive_path), "--val_fraction=0.4", "--seed", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "common/data.py",
+            "prepare",
+            "--root",
+            str(tmp_path / "data"),
+            "--zip",
+            str(archive_path),
+            "--val_fraction=0.4",
+            "--seed",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     state = json.loads((tmp_path / "data" / "split" / "prepare.json").read_text())
     assert state["seed"] == 1 and state["val_fraction"] == 0.4
-    assert sorted(p.name for p in (tmp_path / "data" / "inaturalist_12K" / "train").iterdir()) == ["Aves", "Fungi"]
+    assert sorted(p.name for p in (tmp_path / "data" / "inaturalist_12K" / "train").iterdir()) == [
+        "Aves",
+        "Fungi",
+    ]
 
 
 # ---------------------------------------------------------------- benchmark
+
 
 def test_bench_data_quick_prints_json_with_both_rates(capsys, tmp_path):
     from common import bench

@@ -1,4 +1,5 @@
 """torchrun with two CPU processes (gloo) trains like one process with the same global batch."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _train(args: list[str], tmp_path: Path, launcher: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, "part_a/train.py", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [*launcher, "part_a/train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -31,13 +33,21 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(prepa
     # weight average (validated and saved) included.
     common = tiny_argv(prepared_data, tmp_path, batch_norm=False, dropout=0, ema_decay=0.8, eval_batch_size=7)
     _train([*common, "--batch_size=8", "--name=single"], tmp_path, [sys.executable])
-    ddp = _train([*common, "--batch_size=4", "--name=ddp"], tmp_path,
-                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    ddp = _train(
+        [*common, "--batch_size=4", "--name=ddp"],
+        tmp_path,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    )
 
-    single_state, ddp_state = load_checkpoint(tmp_path / "single" / "last.pt"), load_checkpoint(tmp_path / "ddp" / "last.pt")
+    single_state, ddp_state = (
+        load_checkpoint(tmp_path / "single" / "last.pt"),
+        load_checkpoint(tmp_path / "ddp" / "last.pt"),
+    )
     for weights in ("model", "ema"):
         for key, value in single_state[weights].items():
-            torch.testing.assert_close(ddp_state[weights][key], value, rtol=1e-4, atol=1e-5, msg=(weights, key))
+            torch.testing.assert_close(
+                ddp_state[weights][key], value, rtol=1e-4, atol=1e-5, msg=(weights, key)
+            )
     single_metrics, ddp_metrics = (
         [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         for run in ("single", "ddp")

@@ -1,4 +1,5 @@
 """The README and docs list every option the scripts accept (they are written by hand)."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _options(parser) -> set[str]:
-    return {opt for action in parser._actions for opt in action.option_strings
-            if opt.startswith("--") and not opt.startswith("--no-") and opt != "--help"}
+    return {
+        opt
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and not opt.startswith("--no-") and opt != "--help"
+    }
 
 
 @pytest.mark.parametrize("module, doc", [("part_a.train", "README.md"), ("part_b.train", "docs/part_b.md")])
@@ -22,6 +27,7 @@ def test_every_option_is_documented(module, doc):
     missing = _options(parser) - documented
     if doc != "README.md":  # docs/part_b.md lists the model options; the run options are Part A's
         from part_a.train import get_args_parser as part_a_parser
+
         missing -= _options(part_a_parser())
     assert not missing, f"{doc} does not document {sorted(missing)}"
 
@@ -54,6 +60,7 @@ def test_every_tool_option_is_in_the_readme_with_its_default():
         rows = dict(re.findall(r"^\| `(--[a-z_]+)` \| `([^`]*)` \|", table, flags=re.M))
         if tool == "common/flops.py":  # the Part A model options are in the training table
             from part_a.train import get_args_parser as part_a_parser
+
             rows.update({option: None for option in _options(part_a_parser())})
         for action in parser._actions:
             option = next((o for o in action.option_strings if o.startswith("--")), None)
@@ -61,11 +68,14 @@ def test_every_tool_option_is_in_the_readme_with_its_default():
                 continue
             assert option in rows, f"README.md: {tool} {option} is not documented"
             if rows[option] is not None and not action.required and action.default not in (None, []):
-                assert rows[option] == str(action.default), f"README.md: {tool} {option} default {rows[option]!r}"
+                assert rows[option] == str(action.default), (
+                    f"README.md: {tool} {option} default {rows[option]!r}"
+                )
 
 
 def test_default_run_names_differ_and_follow_a_wandb_agent(monkeypatch):
     from common.training import default_run_name
+
     monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
     assert default_run_name("part_a") != default_run_name("part_a")
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc")

@@ -1,4 +1,5 @@
 """Report figures, guided backprop and evaluation (common/evaluate.py, run as part_a/evaluate.py) end to end."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,16 @@ from part_a.model import build_model
 
 
 def tiny_model(**overrides) -> nn.Module:
-    config = dict(input_size=32, n_filters=6, n_blocks=3, kernel_size=3, dense_neurons=16,
-                  activation="relu", batch_norm=True, dropout=0.2)
+    config = dict(
+        input_size=32,
+        n_filters=6,
+        n_blocks=3,
+        kernel_size=3,
+        dense_neurons=16,
+        activation="relu",
+        batch_norm=True,
+        dropout=0.2,
+    )
     config.update(overrides)
     torch.manual_seed(0)
     return build_model(config)
@@ -39,6 +48,7 @@ def image_axes(fig):
 
 
 # ---------------------------------------------------------------- confusion matrix
+
 
 def test_confusion_matrix_counts_rows_as_true_and_columns_as_predicted():
     labels = torch.tensor([0, 0, 1, 2, 2, 2])
@@ -62,6 +72,7 @@ def test_confusion_matrix_figure_has_two_labelled_panels():
 
 # ---------------------------------------------------------------- prediction grid
 
+
 def test_prediction_grid_shows_every_image_captioned_and_marks_mistakes():
     images = torch.randint(0, 256, (30, 32, 32, 3), dtype=torch.uint8)
     true = [i // 3 for i in range(30)]
@@ -80,6 +91,7 @@ def test_prediction_grid_shows_every_image_captioned_and_marks_mistakes():
 
 
 # ---------------------------------------------------------------- filters
+
 
 def test_first_layer_filters_are_drawn_one_per_filter_and_min_max_normalised():
     model = tiny_model(n_filters=7, kernel_size=5)
@@ -104,6 +116,7 @@ def test_save_figure_writes_a_png(tmp_path):
 
 
 # ---------------------------------------------------------------- guided backprop
+
 
 class _ReferenceGuidedReLU(torch.autograd.Function):
     """Textbook guided ReLU, written independently of common.figures."""
@@ -134,7 +147,9 @@ def _with_reference_relus(model: nn.Module) -> nn.Module:
 
 
 def _hook_state(model: nn.Module) -> list[int]:
-    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+    return [
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    ]
 
 
 def test_guided_backprop_matches_an_independent_guided_relu():
@@ -275,8 +290,20 @@ def evaluated(trained_run, prepared_data, tmp_path_factory) -> tuple[Path, int, 
     (run_dir / "summary.json").write_text(json.dumps({"best_val_acc": 0.5, "best_epoch": 1}))
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = evaluate.main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data),
-                              "--device", "cpu", "--batch_size", "7", "--wandb_mode", "offline"])
+        code = evaluate.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--data_dir",
+                str(prepared_data),
+                "--device",
+                "cpu",
+                "--batch_size",
+                "7",
+                "--wandb_mode",
+                "offline",
+            ]
+        )
     return run_dir, code, out.getvalue(), err.getvalue()
 
 
@@ -322,15 +349,30 @@ def test_test_metrics_agree_with_a_direct_forward_pass(evaluated, trained_run, p
     with torch.no_grad():
         logits = model(evaluate.normalise(test_set.images, (0.5,) * 3, (0.5,) * 3))
     assert summary["test_acc"] == pytest.approx((logits.argmax(1) == test_set.labels).double().mean().item())
-    assert summary["test_loss"] == pytest.approx(nn.functional.cross_entropy(logits, test_set.labels).item(),
-                                                 rel=1e-5)
+    assert summary["test_loss"] == pytest.approx(
+        nn.functional.cross_entropy(logits, test_set.labels).item(), rel=1e-5
+    )
 
 
-def test_tta_evaluation_averages_each_image_with_its_mirror_image(trained_run, prepared_data, tmp_path, capsys):
+def test_tta_evaluation_averages_each_image_with_its_mirror_image(
+    trained_run, prepared_data, tmp_path, capsys
+):
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(trained_run.read_bytes())
-    code, out, err = run_main(["--checkpoint", str(checkpoint), "--data_dir", str(prepared_data), "--device", "cpu",
-                               "--batch_size", "7", "--tta"], capsys)
+    code, out, err = run_main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data_dir",
+            str(prepared_data),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "7",
+            "--tta",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "mirror image" in out.splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -341,11 +383,13 @@ def test_tta_evaluation_averages_each_image_with_its_mirror_image(trained_run, p
         probabilities = (model(images).softmax(dim=1) + model(images.flip(3)).softmax(dim=1)) / 2
     assert summary["test_tta"] is True
     assert summary["test_loss"] == pytest.approx(
-        -probabilities[torch.arange(len(test_set.labels)), test_set.labels].log().mean().item(), rel=1e-5)
+        -probabilities[torch.arange(len(test_set.labels)), test_set.labels].log().mean().item(), rel=1e-5
+    )
 
     # Guided backprop picks its images by their own feature maps, not by their mirror images'.
-    loader = evaluate.data_lib.DeviceLoader(test_set.images, test_set.labels, 7, device, train=False,
-                                            mean=state["mean"], std=state["std"])
+    loader = evaluate.data_lib.DeviceLoader(
+        test_set.images, test_set.labels, 7, device, train=False, mean=state["mean"], std=state["std"]
+    )
     layer = figures.feature_activation(model, images[:1])
     strengths = [evaluate.predict_test_set(model, loader, device, layer, tta)[1] for tta in (False, True)]
     torch.testing.assert_close(strengths[1], strengths[0])
@@ -365,14 +409,16 @@ def test_images_option_prints_the_top_three_classes(trained_run, tmp_path, capsy
         path = tmp_path / f"photo{index}.png"
         Image.fromarray(np.random.default_rng(index).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
         paths.append(str(path))
-    code, out, err = run_main(["--checkpoint", str(trained_run), "--device", "cpu", "--data_dir", "nowhere",
-                               "--images", *paths], capsys)
+    code, out, err = run_main(
+        ["--checkpoint", str(trained_run), "--device", "cpu", "--data_dir", "nowhere", "--images", *paths],
+        capsys,
+    )
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 2
     for path, line in zip(paths, lines, strict=True):
         assert line.startswith(f"{path}: ")
-        top = re.findall(r"(\w+) (\d\.\d{3})", line[len(path) + 2:])
+        top = re.findall(r"(\w+) (\d\.\d{3})", line[len(path) + 2 :])
         assert len(top) == 3 and all(name in CLASSES for name, _ in top)
         probabilities = [float(p) for _, p in top]
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0005
@@ -391,8 +437,9 @@ def test_missing_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, prep
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     for path in (missing, corrupt, foreign):
-        code, _, err = run_main(["--checkpoint", str(path), "--data_dir", str(prepared_data), "--device", "cpu"],
-                                capsys)
+        code, _, err = run_main(
+            ["--checkpoint", str(path), "--data_dir", str(prepared_data), "--device", "cpu"], capsys
+        )
         _assert_user_error(code, err, str(path))
 
 
@@ -400,7 +447,9 @@ def test_a_checkpoint_from_other_classes_is_a_clear_error(trained_run, prepared_
     state = ckpt_io.load_checkpoint(trained_run)
     state["classes"] = [name.lower() for name in state["classes"]]
     other = ckpt_io.save_checkpoint(tmp_path / "other.pt", state)
-    code, _, err = run_main(["--checkpoint", str(other), "--data_dir", str(prepared_data), "--device", "cpu"], capsys)
+    code, _, err = run_main(
+        ["--checkpoint", str(other), "--data_dir", str(prepared_data), "--device", "cpu"], capsys
+    )
     _assert_user_error(code, err, str(other))
     assert "classes" in err
 
@@ -416,16 +465,29 @@ def test_weights_that_do_not_fit_the_config_are_a_clear_error(trained_run, tmp_p
 def test_unreadable_image_and_missing_dataset_are_clear_errors(trained_run, tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
-    code, _, err = run_main(["--checkpoint", str(trained_run), "--images", str(bad), "--device", "cpu"], capsys)
+    code, _, err = run_main(
+        ["--checkpoint", str(trained_run), "--images", str(bad), "--device", "cpu"], capsys
+    )
     _assert_user_error(code, err, str(bad))
-    code, _, err = run_main(["--checkpoint", str(trained_run), "--data_dir", str(tmp_path / "none"),
-                             "--device", "cpu"], capsys)
+    code, _, err = run_main(
+        ["--checkpoint", str(trained_run), "--data_dir", str(tmp_path / "none"), "--device", "cpu"], capsys
+    )
     _assert_user_error(code, err, "prepare")
 
 
 def test_the_documented_script_runs_part_a_evaluate_with_the_exit_code_rule(tmp_path):
     script = Path(__file__).resolve().parents[1] / "part_a" / "evaluate.py"
-    missing = subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu"],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, str(script), "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     _assert_user_error(missing.returncode, missing.stderr, str(tmp_path / "none.pt"))
-    assert subprocess.run([sys.executable, str(script)], capture_output=True, cwd=tmp_path, timeout=120).returncode == 2
+    assert (
+        subprocess.run(
+            [sys.executable, str(script)], capture_output=True, cwd=tmp_path, timeout=120
+        ).returncode
+        == 2
+    )

@@ -1,5 +1,6 @@
 """The analytic counter agrees exactly with PyTorch's FlopCounterMode, parameter counts, the
 Question 1 closed form, and torchvision's documented ResNet50 figures."""
+
 import json
 import random
 import subprocess
@@ -27,12 +28,19 @@ def random_configs(count: int, seed: int = 0) -> list[ModelConfig]:
         n_blocks = rng.randint(1, 5)
         kernel = rng.randint(1, 6) if rng.random() < 0.6 else [rng.randint(1, 6) for _ in range(n_blocks)]
         config = ModelConfig(
-            n_blocks=n_blocks, n_filters=rng.randint(1, 6),
-            filter_strategy=rng.choice(["same", "double", "half"]), kernel_size=kernel,
-            stride=rng.choice([1, 1, 2]), padding=rng.choice(["same", "valid", 0, 1, 2]),
-            activation=rng.choice(["relu", "gelu", "tanh", "mish"]), dense_neurons=rng.randint(1, 12),
-            batch_norm=rng.random() < 0.5, conv_bias=rng.random() < 0.5, input_size=rng.randint(8, 48),
-            num_classes=rng.randint(2, 10))
+            n_blocks=n_blocks,
+            n_filters=rng.randint(1, 6),
+            filter_strategy=rng.choice(["same", "double", "half"]),
+            kernel_size=kernel,
+            stride=rng.choice([1, 1, 2]),
+            padding=rng.choice(["same", "valid", 0, 1, 2]),
+            activation=rng.choice(["relu", "gelu", "tanh", "mish"]),
+            dense_neurons=rng.randint(1, 12),
+            batch_norm=rng.random() < 0.5,
+            conv_bias=rng.random() < 0.5,
+            input_size=rng.randint(8, 48),
+            num_classes=rng.randint(2, 10),
+        )
         try:
             block_shapes(config)
         except ValueError:  # shrinks to nothing: draw again
@@ -50,11 +58,15 @@ def test_random_configs_cover_every_option():
     assert {c.stride for c in CONFIGS} == {1, 2} and {c.batch_norm for c in CONFIGS} == {True, False}
     assert {c.conv_bias for c in CONFIGS} == {True, False}
     assert any(isinstance(c.kernel_size, list) for c in CONFIGS)
-    kernels = {k for c in CONFIGS for k in ([c.kernel_size] if isinstance(c.kernel_size, int) else c.kernel_size)}
+    kernels = {
+        k for c in CONFIGS for k in ([c.kernel_size] if isinstance(c.kernel_size, int) else c.kernel_size)
+    }
     assert {2, 4, 6} <= kernels  # even kernels, which need asymmetric 'same' padding
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.filter_strategy}-{c.padding}-{c.kernel_size}-s{c.stride}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"{c.filter_strategy}-{c.padding}-{c.kernel_size}-s{c.stride}"
+)
 def test_analytic_count_matches_flop_counter_and_parameters_exactly(config):
     torch.manual_seed(0)
     model = build_model(config)
@@ -63,6 +75,7 @@ def test_analytic_count_matches_flop_counter_and_parameters_exactly(config):
     assert verify(model, input_shape, report) == []
     # The hook-based generic counter sees the same layers with the same counts.
     observed = count_module(model, input_shape)
+
     def strip(counts):
         return [(row.type, row.output_shape, row.macs, row.element_ops, row.params) for row in counts.layers]
 
@@ -87,16 +100,23 @@ def test_verify_reports_each_mismatch():
     assert problems[1].startswith("params:") and "difference +5" in problems[1]
 
 
-@pytest.mark.parametrize("m,k,n,w", [(1, 1, 1, 32), (3, 2, 5, 64), (8, 5, 16, 96), (4, 7, 3, 224),
-                                     (64, 5, 128, 224), (16, 4, 32, 256)])
+@pytest.mark.parametrize(
+    "m,k,n,w",
+    [(1, 1, 1, 32), (3, 2, 5, 64), (8, 5, 16, 96), (4, 7, 3, 224), (64, 5, 128, 224), (16, 4, 32, 256)],
+)
 @pytest.mark.parametrize("conv_bias,batch_norm", [(True, True), (True, False), (False, True), (False, False)])
 def test_question1_formula_equals_the_exact_count(m, k, n, w, conv_bias, batch_norm):
-    config = ModelConfig(n_filters=m, kernel_size=k, dense_neurons=n, input_size=w,
-                         conv_bias=conv_bias, batch_norm=batch_norm)
+    config = ModelConfig(
+        n_filters=m, kernel_size=k, dense_neurons=n, input_size=w, conv_bias=conv_bias, batch_norm=batch_norm
+    )
     exact = count_config(config)
     answer = question1_formula(m, k, n, w, conv_bias=conv_bias, batch_norm=batch_norm)
     assert (answer.macs, answer.flops, answer.element_ops, answer.params) == (
-        exact.macs, exact.flops, exact.element_ops, exact.params)
+        exact.macs,
+        exact.flops,
+        exact.element_ops,
+        exact.params,
+    )
 
 
 def test_question1_smallest_case_by_hand():
@@ -142,8 +162,14 @@ def test_count_module_covers_transposed_grouped_shared_and_loose_parameters():
     model = Odd()
     report = count_module(model, (4, 5, 5))
     assert verify(model, (4, 5, 5), report) == []
-    assert [row.name for row in report.layers] == ["up", "grouped", "pool", "shared", "shared",
-                                              "(parameters outside the layers above)"]
+    assert [row.name for row in report.layers] == [
+        "up",
+        "grouped",
+        "pool",
+        "shared",
+        "shared",
+        "(parameters outside the layers above)",
+    ]
     assert report.layers[2].element_ops == 8 * 6 * 3 * 3  # 3x3 window: 8 comparisons per output
     assert report.layers[4].params == 0  # the second call of a shared layer adds no parameters
     assert report.layers[-1].params == 7
@@ -156,14 +182,21 @@ def test_count_module_restores_training_mode():
 
 
 def test_cli_json_with_verify_on_the_default_config():
-    result = subprocess.run([sys.executable, "common/flops.py", "--json", "--verify"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "common/flops.py", "--json", "--verify"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)  # exactly one JSON object and nothing else
     assert output["verified"] is True and output["mismatches"] == []
     assert output["macs"] == count_config(ModelConfig()).macs and output["flops"] == 2 * output["macs"]
     assert output["params"] == sum(p.numel() for p in build_model(ModelConfig()).parameters())
-    assert {"name", "type", "output_shape", "macs", "flops", "element_ops", "params"} <= set(output["layers"][0])
+    assert {"name", "type", "output_shape", "macs", "flops", "element_ops", "params"} <= set(
+        output["layers"][0]
+    )
     assert output["layers"][0]["output_shape"] == [64, 224, 224]
 
 
@@ -196,7 +229,9 @@ def test_cli_counts_a_torchvision_model(capsys):
 def test_attention_run_by_functional_ops_is_counted_exactly():
     # One encoder layer over 5 tokens (4 patches of 16x16 and the class token) of width 8, 2 heads.
     def tiny_vit():
-        return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+        return VisionTransformer(
+            image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16
+        )
 
     torch.manual_seed(0)
     report = count_module(tiny_vit(), (3, 32, 32))  # real CPU tensors: fused attention kernels exist here

@@ -1,6 +1,7 @@
 """GPU-path decisions that can be checked without a GPU: old-GPU fallbacks, the cache size check,
 NCCL setup, per-rank random streams, optimizer flags on resume, one test-precision rule, and
 torchrun runs (several ranks, several machines) on the CPU with gloo."""
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,9 @@ def test_an_old_gpu_refuses_bf16_and_auto_picks_fp16(old_gpu):
 
 def test_explicit_compile_on_an_old_gpu_fails_before_any_data_is_read(old_gpu, tmp_path, capsys):
     data_dir = tmp_path / "never_created"
-    code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cuda", "--compile=true"])
+    code = part_a_train.main(
+        [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cuda", "--compile=true"]
+    )
     assert code == 2 and "compute capability 7.0" in capsys.readouterr().err
     assert not data_dir.exists()
 
@@ -75,8 +78,9 @@ def modern_gpu(monkeypatch):
 
 def test_cuda_graphs_on_a_cpu_are_refused_before_any_data_is_read(tmp_path, capsys):
     data_dir = tmp_path / "never_created"
-    code = part_a_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu",
-                              "--cuda_graphs"])
+    code = part_a_train.main(
+        [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cpu", "--cuda_graphs"]
+    )
     assert code == 2 and "--cuda_graphs true: CUDA graphs need a CUDA GPU" in capsys.readouterr().err
     assert not data_dir.exists()
 
@@ -84,6 +88,7 @@ def test_cuda_graphs_on_a_cpu_are_refused_before_any_data_is_read(tmp_path, caps
 def test_cuda_graphs_are_refused_with_nadam_in_fp16_and_under_torchrun(modern_gpu, monkeypatch):
     def graphs(**options):
         return device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True, **options)).cuda_graphs
+
     with pytest.raises(ValueError, match="nadam has no fused kernel"):
         graphs(optimizer="nadam", precision="fp16")
     assert graphs(optimizer="nadam") and graphs(precision="fp16")  # nadam in bf16; fp16 with fused adam
@@ -95,6 +100,7 @@ def test_cuda_graphs_are_refused_with_nadam_in_fp16_and_under_torchrun(modern_gp
 def test_the_cuda_graphs_default_is_per_model_and_never_fails(modern_gpu, monkeypatch):
     def graphs(kind="part_a", **options):
         return device_lib.resolve(RunConfig(**{"device": "cuda", **options}), kind).cuda_graphs
+
     assert not graphs()  # off until measured
     monkeypatch.setitem(device_lib.CUDA_GRAPHS, "part_a", True)
     assert graphs() and not graphs("part_b")
@@ -105,13 +111,19 @@ def test_the_cuda_graphs_default_is_per_model_and_never_fails(modern_gpu, monkey
 def test_cuda_graphs_get_capturable_optimizers_and_cuda_fused_ones(modern_gpu):
     model = torch.nn.Linear(3, 2)
     graphs = device_lib.resolve(RunConfig(device="cuda", cuda_graphs=True))
-    for name, flags in (("adam", ("fused", "capturable")), ("adamw", ("fused", "capturable")),
-                        ("sgd", ("fused",)), ("nadam", ("capturable",))):
+    for name, flags in (
+        ("adam", ("fused", "capturable")),
+        ("adamw", ("fused", "capturable")),
+        ("sgd", ("fused",)),
+        ("nadam", ("capturable",)),
+    ):
         group = training.build_optimizer(RunConfig(optimizer=name), model, None, graphs).param_groups[0]
         assert all(group[flag] for flag in flags), (name, group)
     plain = device_lib.resolve(RunConfig(device="cuda"))
-    sgd, adam = (training.build_optimizer(RunConfig(optimizer=name), model, None, plain).param_groups[0]
-                 for name in ("sgd", "adam"))
+    sgd, adam = (
+        training.build_optimizer(RunConfig(optimizer=name), model, None, plain).param_groups[0]
+        for name in ("sgd", "adam")
+    )
     assert sgd["fused"] and adam["fused"] and not adam["capturable"]
 
 
@@ -128,9 +140,16 @@ def test_device_auto_takes_the_current_accelerator_with_defaults_it_supports(mon
     assert device_lib.resolve(RunConfig()).device == torch.device("cpu")
 
 
-@pytest.mark.parametrize("name, fragment", [("mps", "asks for MPS"), ("xpu:1", "asks for XPU"),
-                                            ("gpu", "use auto"), ("meta", "use auto"),
-                                            ("cuda:7", "asks for CUDA")])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("mps", "asks for MPS"),
+        ("xpu:1", "asks for XPU"),
+        ("gpu", "use auto"),
+        ("meta", "use auto"),
+        ("cuda:7", "asks for CUDA"),
+    ],
+)
 def test_a_device_torch_cannot_use_here_is_one_clear_error(name, fragment):
     with pytest.raises(ValueError, match=fragment):
         device_lib.resolve_device(name)
@@ -178,7 +197,9 @@ def test_nccl_gets_the_device_and_a_timeout_for_compiling_ranks(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
     info = distributed.init_distributed("cuda")
     assert (info.rank, info.local_rank, info.world_size) == (1, 1, 2)
-    assert calls == [{"backend": "nccl", "timeout": timedelta(minutes=30), "device_id": torch.device("cuda", 1)}]
+    assert calls == [
+        {"backend": "nccl", "timeout": timedelta(minutes=30), "device_id": torch.device("cuda", 1)}
+    ]
 
 
 def test_each_rank_draws_its_own_random_numbers_and_rank_0_those_of_one_process():
@@ -186,6 +207,7 @@ def test_each_rank_draws_its_own_random_numbers_and_rank_0_those_of_one_process(
         training.seed_everything(42)
         training.seed_rank(42, rank)
         return torch.rand(8)
+
     single = (training.seed_everything(42), torch.rand(8))[1]
     assert torch.equal(draws(0), single)
     assert not torch.equal(draws(1), single) and not torch.equal(draws(1), draws(2))
@@ -199,7 +221,9 @@ def test_resumed_optimizer_keeps_the_implementation_flags_built_for_this_device(
     resumed = torch.optim.Adam([weight], lr=0.1, foreach=False)
     training.load_optimizer_state(resumed, saved.state_dict())
     assert resumed.param_groups[0]["foreach"] is False
-    assert resumed.param_groups[0]["lr"] == 0.1 and int(resumed.state[weight]["step"]) == 1  # the rest is loaded
+    assert (
+        resumed.param_groups[0]["lr"] == 0.1 and int(resumed.state[weight]["step"]) == 1
+    )  # the rest is loaded
     resumed.step()  # and it keeps stepping
     assert int(resumed.state[weight]["step"]) == 2
 
@@ -208,8 +232,9 @@ def test_test_accuracy_is_the_same_from_train_and_from_evaluate(prepared_data, t
     config = tiny_config(prepared_data, tmp_path, "bf16", epochs=1, precision="bf16", test=True)
     trained = part_a_train.run(config)
     assert trained["test_precision"] == "fp32"
-    evaluated = evaluate.evaluate_checkpoint(tmp_path / "bf16" / "best.pt", prepared_data, tmp_path / "figures",
-                                             batch_size=16, device="cpu")  # the run's eval_batch_size
+    evaluated = evaluate.evaluate_checkpoint(
+        tmp_path / "bf16" / "best.pt", prepared_data, tmp_path / "figures", batch_size=16, device="cpu"
+    )  # the run's eval_batch_size
     assert evaluated["test_loss"] == trained["test_loss"] and evaluated["test_acc"] == trained["test_acc"]
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["test_precision"] == "fp32"
 
@@ -223,8 +248,11 @@ def test_test_evaluation_turns_tf32_off_and_restores_it():
         def forward(self, x):
             seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
             return torch.zeros(len(x), 2)
+
     try:
-        engine.evaluate_test(Probe(), [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))], torch.device("cpu"))
+        engine.evaluate_test(
+            Probe(), [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))], torch.device("cpu")
+        )
         assert seen == [(False, False)]
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
@@ -235,12 +263,17 @@ def test_deterministic_runs_use_deterministic_kernels_and_the_next_run_goes_back
     seen = []
     for name, deterministic in (("exact", True), ("fast", False)):
         config = tiny_config(prepared_data, tmp_path, name, epochs=1, deterministic=deterministic)
-        part_a_train.run(config, epoch_callback=lambda epoch, metrics: seen.append(
-            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)))
+        part_a_train.run(
+            config,
+            epoch_callback=lambda epoch, metrics: seen.append(
+                (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+            ),
+        )
     assert seen == [(True, False), (False, True)]
 
 
 # ---------------------------------------------------------------- torchrun on the CPU (gloo)
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -250,8 +283,14 @@ def _free_port() -> int:
 
 def _launch(launcher: list[str], script: str, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*launcher, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*launcher, script, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(process: subprocess.Popen) -> tuple[str, str]:
@@ -297,11 +336,31 @@ def test_two_machines_that_share_no_folder_each_prepare_their_own_data(tmp_path)
     nodes = []
     for node in (0, 1):
         make_image_tree(tmp_path / f"node{node}" / "data", CLASSES, n_train=4, n_test=2)
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                    f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
-        nodes.append(_launch(launcher, "part_a/train.py", tiny_argv(
-            tmp_path / f"node{node}" / "data", tmp_path / f"node{node}" / "runs", eval_batch_size=7, epochs=1,
-            batch_size=4, test=True, name="two")))
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+        ]
+        nodes.append(
+            _launch(
+                launcher,
+                "part_a/train.py",
+                tiny_argv(
+                    tmp_path / f"node{node}" / "data",
+                    tmp_path / f"node{node}" / "runs",
+                    eval_batch_size=7,
+                    epochs=1,
+                    batch_size=4,
+                    test=True,
+                    name="two",
+                ),
+            )
+        )
     for process in nodes:
         _finish(process)
     manifests = [(tmp_path / f"node{n}" / "data" / "split" / "manifest.csv").read_text() for n in (0, 1)]

@@ -1,4 +1,5 @@
 """The Part A network: shapes, gradients, every structural option, and early, clear errors."""
+
 import pytest
 import torch
 from torch import nn
@@ -55,7 +56,12 @@ def test_valid_padding_shapes_match_the_analytic_shapes():
     config = small(padding="valid", kernel_size=3, input_size=94)
     # 94 -conv-> 92 -pool-> 46 -> 44 -> 22 -> 20 -> 10 -> 8 -> 4 -> 2 -> 1
     assert [(s.conv_size, s.pool_size) for s in block_shapes(config)] == [
-        (92, 46), (44, 22), (20, 10), (8, 4), (2, 1)]
+        (92, 46),
+        (44, 22),
+        (20, 10),
+        (8, 4),
+        (2, 1),
+    ]
     features = build_model(config).features(torch.randn(2, 3, 94, 94))
     assert features.shape == (2, 4, 1, 1)
 
@@ -72,8 +78,10 @@ def test_int_padding_and_strides_match_the_analytic_shapes(padding, stride, size
     assert model(torch.randn(1, 3, size, size)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("strategy,expected", [
-    ("same", [8, 8, 8, 8, 8]), ("double", [8, 16, 32, 64, 128]), ("half", [8, 4, 2, 1, 1])])
+@pytest.mark.parametrize(
+    "strategy,expected",
+    [("same", [8, 8, 8, 8, 8]), ("double", [8, 16, 32, 64, 128]), ("half", [8, 4, 2, 1, 1])],
+)
 def test_filter_strategies(strategy, expected):
     config = small(n_filters=8, filter_strategy=strategy)
     assert filter_counts(config) == expected
@@ -120,11 +128,17 @@ def test_build_model_accepts_a_dict_with_extra_keys():
 
 
 BAD_CONFIGS = [
-    (dict(activation="swishy"), r"unknown activation 'swishy'; choose one of: relu, gelu, silu, mish, "
-                                r"elu, selu, leaky_relu, tanh"),
+    (
+        dict(activation="swishy"),
+        r"unknown activation 'swishy'; choose one of: relu, gelu, silu, mish, "
+        r"elu, selu, leaky_relu, tanh",
+    ),
     (dict(dense_activation="nope"), r"unknown activation 'nope'; choose one of: relu"),
     (dict(input_size=16), r"block 5 shrinks the feature map to nothing: input 1x1"),
-    (dict(padding="valid", kernel_size=7, input_size=32), r"block 3 shrinks the feature map.*input 3x3, kernel 7"),
+    (
+        dict(padding="valid", kernel_size=7, input_size=32),
+        r"block 3 shrinks the feature map.*input 3x3, kernel 7",
+    ),
     (dict(kernel_size=[3, 3]), r"kernel_size lists 2 values but there are 5 blocks"),
     (dict(kernel_size=[3, 0, 3, 3, 3]), r"kernel sizes must be positive integers"),
     (dict(padding="full"), r"padding must be 'same', 'valid' or a non-negative int, got 'full'"),

@@ -1,4 +1,5 @@
 """Your own image folders: `prepare --source DIR` splits them like the iNaturalist archive."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,11 @@ from common import data as data_lib
 
 
 def digest(tree: Path) -> dict[str, str]:
-    return {p.relative_to(tree).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(tree.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(tree).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(tree.rglob("*"))
+        if p.is_file()
+    }
 
 
 def split_counts(split_dir: Path) -> Counter:
@@ -27,12 +31,24 @@ def test_a_folder_of_class_folders_is_split_three_ways_and_left_unchanged(tmp_pa
     before = digest(source)
     assert data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--source", str(source)]) == 0
     counts = split_counts(tmp_path / "data" / "split")
-    assert counts == {("train", "cats"): 6, ("val", "cats"): 2, ("test", "cats"): 2,
-                      ("train", "dogs"): 6, ("val", "dogs"): 2, ("test", "dogs"): 2,
-                      ("train", "owls"): 12, ("val", "owls"): 4, ("test", "owls"): 4}
+    assert counts == {
+        ("train", "cats"): 6,
+        ("val", "cats"): 2,
+        ("test", "cats"): 2,
+        ("train", "dogs"): 6,
+        ("val", "dogs"): 2,
+        ("test", "dogs"): 2,
+        ("train", "owls"): 12,
+        ("val", "owls"): 4,
+        ("test", "owls"): 4,
+    }
     assert digest(source) == before
     for split in ("train", "val", "test"):
-        assert sorted(p.name for p in (tmp_path / "data" / "split" / split).iterdir()) == ["cats", "dogs", "owls"]
+        assert sorted(p.name for p in (tmp_path / "data" / "split" / split).iterdir()) == [
+            "cats",
+            "dogs",
+            "owls",
+        ]
     cached = data_lib.load_cache(tmp_path / "data" / "split", "test", 16)
     assert cached.classes == ["cats", "dogs", "owls"] and len(cached.labels) == 8
 
@@ -43,8 +59,14 @@ def test_a_train_folder_with_its_own_test_folder(tmp_path, test_folder):
     make_folders(source / "train", {"cats": 10, "dogs": 5})
     make_folders(source / test_folder, {"cats": 3, "dogs": 2})
     split_dir = data_lib.prepare(tmp_path / "data", source=source)
-    assert split_counts(split_dir) == {("train", "cats"): 8, ("val", "cats"): 2, ("train", "dogs"): 4,
-                                       ("val", "dogs"): 1, ("test", "cats"): 3, ("test", "dogs"): 2}
+    assert split_counts(split_dir) == {
+        ("train", "cats"): 8,
+        ("val", "cats"): 2,
+        ("train", "dogs"): 4,
+        ("val", "dogs"): 1,
+        ("test", "cats"): 3,
+        ("test", "dogs"): 2,
+    }
 
 
 def test_later_prepares_without_source_reuse_it(tmp_path, capsys):
@@ -58,11 +80,14 @@ def test_later_prepares_without_source_reuse_it(tmp_path, capsys):
     assert split_counts(tmp_path / "data" / "split")[("test", "cats")] == 2
 
 
-@pytest.mark.parametrize("layout, fragment", [
-    ({"cats": 10, "dogs": 0}, "class folders with no images"),
-    ({"cats": 10}, "needs at least 2"),
-    ({"cats": 10, "dogs": 2}, "class dogs has 2 readable image(s) to split: too few"),
-])
+@pytest.mark.parametrize(
+    "layout, fragment",
+    [
+        ({"cats": 10, "dogs": 0}, "class folders with no images"),
+        ({"cats": 10}, "needs at least 2"),
+        ({"cats": 10, "dogs": 2}, "class dogs has 2 readable image(s) to split: too few"),
+    ],
+)
 def test_bad_folders_are_clear_errors(tmp_path, capsys, layout, fragment):
     source = make_folders(tmp_path / "photos", layout)
     code = data_lib.main(["prepare", "--root", str(tmp_path / "data"), "--source", str(source)])
@@ -119,7 +144,8 @@ def test_both_parts_train_and_evaluate_on_three_classes(tmp_path):
         assert state["classes"] == ["cats", "dogs", "owls"] and state["model_config"]["num_classes"] == 3
         assert state["model"][head].shape[0] == 3
         assert json.loads((tmp_path / "runs" / name / "summary.json").read_text())["test_samples"] == 6
-    result = evaluate.evaluate_checkpoint(tmp_path / "runs" / "a" / "best.pt", data_dir, tmp_path / "figures",
-                                          batch_size=4, device="cpu")
+    result = evaluate.evaluate_checkpoint(
+        tmp_path / "runs" / "a" / "best.pt", data_dir, tmp_path / "figures", batch_size=4, device="cpu"
+    )
     assert list(result["test_per_class_acc"]) == ["cats", "dogs", "owls"]
     assert (tmp_path / "figures" / "confusion_matrix.png").is_file()

@@ -1,4 +1,5 @@
 """Part B: heads for every family, freezing strategies, frozen batch norm, offline weights, the CLI."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,18 @@ from part_b import weights as weights_lib
 from part_b.model import ModelBConfig, build_from_config, build_model, parameter_counts
 from part_b.weights import WeightsError
 
-FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_v2_s", "convnext_tiny", "vit_b_16",
-            "vgg16", "googlenet", "inception_v3"]
+FAMILIES = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "efficientnet_v2_s",
+    "convnext_tiny",
+    "vit_b_16",
+    "vgg16",
+    "googlenet",
+    "inception_v3",
+]
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
 
@@ -38,7 +49,9 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 
 def names_under(model: nn.Module, *prefixes: str) -> set[str]:
-    return {name for name, _ in model.named_parameters() if name.startswith(tuple(f"net.{p}." for p in prefixes))}
+    return {
+        name for name, _ in model.named_parameters() if name.startswith(tuple(f"net.{p}." for p in prefixes))
+    }
 
 
 def train_steps(model: nn.Module, steps: int = 2) -> None:
@@ -60,11 +73,14 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ---- every family: new head, layout ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_gets_a_new_head_with_one_output_per_class(name):
     with torch.device("meta"):  # structure only: no memory, no init time
         model = build_from_config({"model": name, "weights": "DEFAULT"})
-    heads = [model.net.get_submodule(model.layout.head)] + [model.net.get_submodule(a) for a in model.layout.aux]
+    heads = [model.net.get_submodule(model.layout.head)] + [
+        model.net.get_submodule(a) for a in model.layout.aux
+    ]
     for head in heads:
         last_linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
         assert last_linear.out_features == 10
@@ -77,8 +93,16 @@ def test_every_family_gets_a_new_head_with_one_output_per_class(name):
 
 def test_mlp_head_has_hidden_layers_activation_and_dropout():
     with torch.device("meta"):
-        model = build_from_config({"model": "vgg16", "weights": "none", "strategy": "mlp_head",
-                                   "head_layers": [64, 32], "head_activation": "gelu", "head_dropout": 0.2})
+        model = build_from_config(
+            {
+                "model": "vgg16",
+                "weights": "none",
+                "strategy": "mlp_head",
+                "head_layers": [64, 32],
+                "head_activation": "gelu",
+                "head_dropout": 0.2,
+            }
+        )
     head = model.net.classifier[6]
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(4096, 64), (64, 32), (32, 10)]
@@ -88,10 +112,14 @@ def test_mlp_head_has_hidden_layers_activation_and_dropout():
 
 def test_input_size_and_normalisation_come_from_the_weights():
     from part_b.model import normalisation, resolve_config
+
     assert resolve_config({"model": "inception_v3"}).input_size == 299
     assert resolve_config({"model": "resnet50", "weights": "IMAGENET1K_V1"}).input_size == 224
     assert resolve_config({"model": "resnet50", "input_size": 32}).input_size == 32
-    assert normalisation(resolve_config({"model": "resnet50"})) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert normalisation(resolve_config({"model": "resnet50"})) == (
+        [0.485, 0.456, 0.406],
+        [0.229, 0.224, 0.225],
+    )
 
 
 def test_googlenet_and_inception_scale_inputs_only_for_pretrained_weights():
@@ -101,15 +129,18 @@ def test_googlenet_and_inception_scale_inputs_only_for_pretrained_weights():
             assert build_from_config({"model": name, "weights": "none"}).net.transform_input is False
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"strategy": "freeze_k", "freeze_stages": 5}, "more than the 4 stages"),
-    ({"strategy": "mlp_head", "head_layers": []}, "head_layers must be hidden sizes for mlp_head"),
-    ({"strategy": "unfreeze_all"}, "strategy must be one of head, freeze_k"),
-    ({"model": "alexnet"}, "unsupported model 'alexnet'"),
-    ({"model": "vit_b_16", "input_size": 40}, "multiple of 16"),
-    ({"model": "inception_v3", "input_size": 64}, ">= 75"),
-    ({"unfreeze_every": 0}, "unfreeze_every"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"strategy": "freeze_k", "freeze_stages": 5}, "more than the 4 stages"),
+        ({"strategy": "mlp_head", "head_layers": []}, "head_layers must be hidden sizes for mlp_head"),
+        ({"strategy": "unfreeze_all"}, "strategy must be one of head, freeze_k"),
+        ({"model": "alexnet"}, "unsupported model 'alexnet'"),
+        ({"model": "vit_b_16", "input_size": 40}, "multiple of 16"),
+        ({"model": "inception_v3", "input_size": 64}, ">= 75"),
+        ({"unfreeze_every": 0}, "unfreeze_every"),
+    ],
+)
 def test_bad_options_fail_with_the_option_named(options, message):
     config = {"model": "resnet18", "weights": "none", **options}
     with torch.device("meta"), pytest.raises(ValueError, match=message):
@@ -118,14 +149,18 @@ def test_bad_options_fail_with_the_option_named(options, message):
 
 # ---- strategies -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, trains", [
-    ({"strategy": "head"}, ("fc",)),
-    ({"strategy": "mlp_head"}, ("fc",)),
-    ({"strategy": "freeze_k", "freeze_stages": 2}, ("layer3", "layer4", "fc")),
-    ({"strategy": "freeze_k", "freeze_stages": 0}, ("layer1", "layer2", "layer3", "layer4", "fc")),
-    ({"strategy": "full"}, ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")),
-    ({"strategy": "gradual"}, ("fc",)),  # epoch 1: the head only
-])
+
+@pytest.mark.parametrize(
+    "options, trains",
+    [
+        ({"strategy": "head"}, ("fc",)),
+        ({"strategy": "mlp_head"}, ("fc",)),
+        ({"strategy": "freeze_k", "freeze_stages": 2}, ("layer3", "layer4", "fc")),
+        ({"strategy": "freeze_k", "freeze_stages": 0}, ("layer1", "layer2", "layer3", "layer4", "fc")),
+        ({"strategy": "full"}, ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")),
+        ({"strategy": "gradual"}, ("fc",)),  # epoch 1: the head only
+    ],
+)
 def test_exactly_the_strategy_s_parameters_train_and_only_they_change(options, trains):
     model = resnet18(**options)
     expected = names_under(model, *trains)
@@ -152,10 +187,16 @@ def test_param_groups_cover_every_parameter_once_with_the_backbone_scaled():
 
 def test_gradual_unfreezes_one_stage_from_the_top_every_e_epochs():
     model = resnet18(strategy="gradual", unfreeze_every=2)
-    schedule = {1: ("fc",), 2: ("fc",), 3: ("layer4", "fc"), 4: ("layer4", "fc"), 5: ("layer3", "layer4", "fc"),
-                9: ("layer1", "layer2", "layer3", "layer4", "fc"),
-                11: ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"),
-                40: ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")}
+    schedule = {
+        1: ("fc",),
+        2: ("fc",),
+        3: ("layer4", "fc"),
+        4: ("layer4", "fc"),
+        5: ("layer3", "layer4", "fc"),
+        9: ("layer1", "layer2", "layer3", "layer4", "fc"),
+        11: ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"),
+        40: ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"),
+    }
     for epoch, trains in schedule.items():
         model.set_epoch(epoch)
         assert trainable_names(model) == names_under(model, *trains), f"epoch {epoch}"
@@ -166,9 +207,13 @@ def test_gradual_unfreezes_one_stage_from_the_top_every_e_epochs():
 
 # ---- frozen batch norm ---------------------------------------------------------------------------------
 
+
 def bn_buffers(model: nn.Module, *prefixes: str) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if k.startswith(tuple(f"net.{p}" for p in prefixes)) and "running_" in k}
+    return {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(tuple(f"net.{p}" for p in prefixes)) and "running_" in k
+    }
 
 
 def test_frozen_batch_norm_keeps_its_running_statistics_in_train_mode():
@@ -176,7 +221,9 @@ def test_frozen_batch_norm_keeps_its_running_statistics_in_train_mode():
     frozen_before, trained_before = bn_buffers(model, "bn1", "layer1", "layer2"), bn_buffers(model, "layer4")
     train_steps(model, steps=3)
     assert model.training and not model.net.layer2.training and model.net.layer3.training
-    assert all(torch.equal(v, bn_buffers(model, "bn1", "layer1", "layer2")[k]) for k, v in frozen_before.items())
+    assert all(
+        torch.equal(v, bn_buffers(model, "bn1", "layer1", "layer2")[k]) for k, v in frozen_before.items()
+    )
     after = bn_buffers(model, "layer4")
     assert all(not torch.equal(v, after[k]) for k, v in trained_before.items())
 
@@ -196,9 +243,12 @@ def test_gradual_unfreezing_hands_batch_norm_back_to_training():
 
 # ---- auxiliary heads ----------------------------------------------------------------------------------
 
+
 def test_inception_v3_returns_plain_logits_in_train_and_eval_and_keeps_aux_frozen():
     # DEFAULT (not loaded by build_from_config) skips inception's slow random init.
-    model = build_from_config({"model": "inception_v3", "weights": "DEFAULT", "input_size": 75, "strategy": "head"})
+    model = build_from_config(
+        {"model": "inception_v3", "weights": "DEFAULT", "input_size": 75, "strategy": "head"}
+    )
     x = torch.randn(2, 3, 75, 75)
     model.train()
     logits = model(x)  # the aux branch would fail on 75 px input if it ran
@@ -214,13 +264,21 @@ def test_inception_v3_returns_plain_logits_in_train_and_eval_and_keeps_aux_froze
 
 # ---- weights files ----------------------------------------------------------------------------------
 
+
 def torchvision_state(name: str, **kwargs) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
     return torchvision.models.get_model(name, weights=None, **kwargs).state_dict()
 
 
-@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: {"state_dict": s, "epoch": 3}, lambda s: {"model": s},
-                                  lambda s: {f"module.{k}": v for k, v in s.items()}])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: s,
+        lambda s: {"state_dict": s, "epoch": 3},
+        lambda s: {"model": s},
+        lambda s: {f"module.{k}": v for k, v in s.items()},
+    ],
+)
 def test_a_torchvision_weights_file_loads_into_the_backbone(tmp_path, wrap):
     state = torchvision_state("resnet18")
     path = tmp_path / "resnet18.pth"
@@ -275,6 +333,7 @@ def test_vit_position_embeddings_are_resampled_for_another_input_size(monkeypatc
 
 
 # ---- the hub cache and downloads ------------------------------------------------------------------------
+
 
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch) -> Path:
@@ -351,6 +410,7 @@ def test_download_lands_in_the_cache_and_checks_the_hash(torch_home, file_server
 
 # ---- checkpoints --------------------------------------------------------------------------------------
 
+
 def test_model_config_is_enough_to_rebuild_the_model_without_weights(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision_state("resnet18"), path)
@@ -367,12 +427,24 @@ def test_model_config_is_enough_to_rebuild_the_model_without_weights(tmp_path):
 
 # ---- the command line -----------------------------------------------------------------------------------
 
-def test_the_optimizer_trains_the_backbone_at_backbone_lr_scale_times_the_head_s_rate(prepared_data, tmp_path):
+
+def test_the_optimizer_trains_the_backbone_at_backbone_lr_scale_times_the_head_s_rate(
+    prepared_data, tmp_path
+):
     """A run's own optimizer, after one epoch of 10 steps into a 20-step warm-up: the backbone's group
     holds every pretrained parameter at 0.25 x the head's rate, both at 11/20 of --learning_rate."""
     from part_b import train as part_b_train
-    model_config, run_config = tiny_config(prepared_data, tmp_path, "lr", "b", backbone_lr_scale=0.25,
-                                           epochs=1, warmup_epochs=2, learning_rate=0.01)
+
+    model_config, run_config = tiny_config(
+        prepared_data,
+        tmp_path,
+        "lr",
+        "b",
+        backbone_lr_scale=0.25,
+        epochs=1,
+        warmup_epochs=2,
+        learning_rate=0.01,
+    )
     part_b_train.run((model_config, run_config))
     state = torch.load(tmp_path / "lr" / "last.pt", weights_only=True)
     groups = {group["name"]: group for group in state["optimizer"]["param_groups"]}
@@ -388,43 +460,72 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_options_parse_into_the_config():
     from part_b import train as part_b_train
-    model_config, run_config = part_b_train.config_from_args([
-        "--model=resnet18", "--weights=none", "--strategy=mlp_head", "--head_layers=64,32", "--input_size=48",
-        "--backbone_lr_scale=0.5"])
-    assert (model_config.model, model_config.strategy, model_config.head_layers, model_config.input_size) == \
-        ("resnet18", "mlp_head", [64, 32], 48)
+
+    model_config, run_config = part_b_train.config_from_args(
+        [
+            "--model=resnet18",
+            "--weights=none",
+            "--strategy=mlp_head",
+            "--head_layers=64,32",
+            "--input_size=48",
+            "--backbone_lr_scale=0.5",
+        ]
+    )
+    assert (model_config.model, model_config.strategy, model_config.head_layers, model_config.input_size) == (
+        "resnet18",
+        "mlp_head",
+        [64, 32],
+        48,
+    )
     assert model_config.backbone_lr_scale == 0.5
     # Fine-tuning defaults, not Part A's; the mlp_head default layers are resolved once, here.
-    assert (run_config.epochs, run_config.optimizer, run_config.learning_rate, run_config.weight_decay) == \
-        (10, "adamw", 1e-3, 0.05)
-    assert part_b_train.config_from_args(["--strategy=mlp_head", "--weights=none"])[0].head_layers == [512, 256]
+    assert (run_config.epochs, run_config.optimizer, run_config.learning_rate, run_config.weight_decay) == (
+        10,
+        "adamw",
+        1e-3,
+        0.05,
+    )
+    assert part_b_train.config_from_args(["--strategy=mlp_head", "--weights=none"])[0].head_layers == [
+        512,
+        256,
+    ]
 
 
 def test_a_run_resolves_its_config_and_builds_its_model_once_to_check_and_once_to_train(monkeypatch):
     from part_b import model as model_lib
     from part_b import train as part_b_train
+
     calls = []
 
     def counting(function, name):
         def wrapper(*args, **kwargs):
             calls.append(name)
             return function(*args, **kwargs)
+
         return wrapper
+
     monkeypatch.setattr(model_lib, "resolve_config", counting(model_lib.resolve_config, "resolve"))
     monkeypatch.setattr(model_lib, "get_model", counting(model_lib.get_model, "build"))
-    monkeypatch.setattr(part_b_train.training, "run", lambda run_config, model_config, build, **kwargs:
-                        build(model_config) and {})  # the real run builds once, after the data
+    monkeypatch.setattr(
+        part_b_train.training,
+        "run",
+        lambda run_config, model_config, build, **kwargs: build(model_config) and {},
+    )  # the real run builds once, after the data
     part_b_train.run(part_b_train.config_from_args(["--model=resnet18", "--weights=none", "--input_size=32"]))
     assert calls == ["resolve", "build", "resolve", "build"]  # the check (on the meta device), then the model
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--strategy=freeze_k", "--freeze_stages=7"], "freeze_stages 7"),
-    (["--weights=/nonexistent/resnet18.pth"], "nor an existing file"),
-    (["--model=squeezenet1_0"], "unsupported model"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--strategy=freeze_k", "--freeze_stages=7"], "freeze_stages 7"),
+        (["--weights=/nonexistent/resnet18.pth"], "nor an existing file"),
+        (["--model=squeezenet1_0"], "unsupported model"),
+    ],
+)
 def test_bad_options_fail_before_any_data_is_read(tmp_path, capsys, argv, fragment):
     from part_b import train as part_b_train
+
     data_dir = tmp_path / "no_data_here"
     code = part_b_train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--model=resnet18", *argv])
     assert code == 2 and fragment in capsys.readouterr().err
@@ -433,9 +534,11 @@ def test_bad_options_fail_before_any_data_is_read(tmp_path, capsys, argv, fragme
 
 def test_cli_end_to_end_fine_tunes_gradually_and_writes_the_run_folder(prepared_data, tmp_path):
     from common import checkpoint as ckpt_io
+
     args = tiny_argv(prepared_data, tmp_path, "b", strategy="gradual", test=True, name="ft")
-    result = subprocess.run([sys.executable, "part_b/train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "part_b/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "ft"
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
@@ -459,6 +562,7 @@ def test_compiled_gradual_unfreezing_stays_compiled_through_every_stage(prepared
     import torch._dynamo
 
     from part_b import train as part_b_train
+
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     limit_hit = "fail_on_recompile_limit_hit"
     if not hasattr(torch._dynamo.config, limit_hit):  # its name in torch 2.6

@@ -1,6 +1,7 @@
 """Sweeps across machines on a real PostgreSQL server: a throwaway cluster on 127.0.0.1 (Debian's
 postgresql binaries, which .ci/run installs), and `python common/sweep.py` processes as the machines.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,15 +49,33 @@ def postgres():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     data = root / "data"
-    subprocess.run([*as_server, binaries / "initdb", "-D", data, "-U", "sweeps", "--auth=trust",
-                    "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*as_server, binaries / "pg_ctl", "-D", data, "-l", root / "log", "-w", "start",
-                    "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_server, binaries / "initdb", "-D", data, "-U", "sweeps", "--auth=trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_server,
+            binaries / "pg_ctl",
+            "-D",
+            data,
+            "-l",
+            root / "log",
+            "-w",
+            "start",
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"sweeps@127.0.0.1:{port}"
     finally:
-        subprocess.run([*as_server, binaries / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_server, binaries / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(root)
 
 
@@ -65,6 +84,7 @@ def new_database(postgres) -> str:
     """The storage URL of a new, empty database (Optuna has created no table in it yet), with the
     driver that docs/sweeps.md names."""
     import psycopg
+
     name = f"sweeps_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(f"postgresql://{postgres}/postgres", autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
@@ -74,13 +94,27 @@ def new_database(postgres) -> str:
 @pytest.fixture
 def start_machine(tmp_path, prepared_data, new_database):
     """Starts one machine's `python common/sweep.py` on the fake sweep of tmp_path and new_database."""
+
     def start(machine: str, *options: str, storage: str = new_database) -> subprocess.Popen:
         env = {**os.environ, "SWEEP_HEARTBEAT": "1"}  # stale after 3 s, not 3 min
-        command = [sys.executable, "common/sweep.py", str(tmp_path / "fake_sweep.yaml"), "--study", "s",
-                   "--storage", storage, "--data_dir", str(prepared_data),
-                   "--out_dir", str(tmp_path / machine), *options]
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        command = [
+            sys.executable,
+            "common/sweep.py",
+            str(tmp_path / "fake_sweep.yaml"),
+            "--study",
+            "s",
+            "--storage",
+            storage,
+            "--data_dir",
+            str(prepared_data),
+            "--out_dir",
+            str(tmp_path / machine),
+            *options,
+        ]
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
     return start
 
 
@@ -90,19 +124,35 @@ def finish(machine: subprocess.Popen) -> str:
     return out
 
 
-@pytest.mark.parametrize("url, module, package", [("postgresql+psycopg", "psycopg", '"psycopg[binary]"'),
-                                                  ("postgresql+psycopg2", "psycopg2", "psycopg2-binary")])
-def test_a_missing_driver_or_server_is_one_error_line(tmp_path, prepared_data, capsys, monkeypatch,
-                                                      url, module, package):
+@pytest.mark.parametrize(
+    "url, module, package",
+    [
+        ("postgresql+psycopg", "psycopg", '"psycopg[binary]"'),
+        ("postgresql+psycopg2", "psycopg2", "psycopg2-binary"),
+    ],
+)
+def test_a_missing_driver_or_server_is_one_error_line(
+    tmp_path, prepared_data, capsys, monkeypatch, url, module, package
+):
     fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
-    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "1", "--storage",
-            f"{url}://u:secret@127.0.0.1:1/db", "--out_dir", str(tmp_path / "runs"),
-            "--data_dir", str(prepared_data)]
+    argv = [
+        str(tmp_path / "fake_sweep.yaml"),
+        "--count",
+        "1",
+        "--storage",
+        f"{url}://u:secret@127.0.0.1:1/db",
+        "--out_dir",
+        str(tmp_path / "runs"),
+        "--data_dir",
+        str(prepared_data),
+    ]
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, module, None)  # not installed
         assert sweep.main(argv) == 1
-    assert capsys.readouterr().err == (f"error: the {url} storage needs the database driver {module}, "
-                                       f"which is not installed: pip install {package}\n")
+    assert capsys.readouterr().err == (
+        f"error: the {url} storage needs the database driver {module}, "
+        f"which is not installed: pip install {package}\n"
+    )
     if module == "psycopg":  # installed: port 1 has no server
         assert sweep.main(argv) == 1
         err = capsys.readouterr().err
@@ -110,8 +160,9 @@ def test_a_missing_driver_or_server_is_one_error_line(tmp_path, prepared_data, c
         assert "secret" not in err
 
 
-def test_two_machines_started_together_on_a_new_database_share_the_study(tmp_path, new_database,
-                                                                          start_machine):
+def test_two_machines_started_together_on_a_new_database_share_the_study(
+    tmp_path, new_database, start_machine
+):
     fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
     with_password = new_database.replace("sweeps@", "sweeps:secret@")  # the server trusts, ignores it
     machines = [start_machine(name, "--count", "3", storage=with_password) for name in "ab"]
@@ -124,8 +175,9 @@ def test_two_machines_started_together_on_a_new_database_share_the_study(tmp_pat
     assert len(ran[0]) == len(ran[1]) == 3 and ran[0] | ran[1] == set(range(6))
 
 
-def test_a_machine_killed_mid_trial_has_its_trial_run_again_by_a_machine_still_running(tmp_path, new_database,
-                                                                                        start_machine):
+def test_a_machine_killed_mid_trial_has_its_trial_run_again_by_a_machine_still_running(
+    tmp_path, new_database, start_machine
+):
     fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 1}})
     killed = start_machine("a", "--count", "1", "--set", "sleep=600")
     running = start_machine("b", "--count", "8", "--set", "sleep=1")

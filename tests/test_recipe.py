@@ -1,5 +1,6 @@
 """The training recipe options: weight average (EMA), MixUp/CutMix and test-time flip, each checked
 against an independent computation. Whole runs with them are in test_train.py."""
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,15 @@ def _ctx(**options) -> engine.StepContext:
 
 def _train(model, images, labels, steps, **options) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no state: one call per step is the same run
-    return engine.train_one_epoch(model, RepeatLoader(images, labels, steps), optimizer, None, nn.CrossEntropyLoss(),
-                                  _ctx(**options), epoch=1)
+    return engine.train_one_epoch(
+        model,
+        RepeatLoader(images, labels, steps),
+        optimizer,
+        None,
+        nn.CrossEntropyLoss(),
+        _ctx(**options),
+        epoch=1,
+    )
 
 
 def _ema_shares(steps: int, decay: float) -> list[float]:
@@ -45,13 +53,14 @@ def test_the_average_follows_the_closed_form_of_the_warm_up_and_forgets_the_init
         model.weight.copy_(torch.eye(steps + 1)[:, :1])
         average = training.WeightAverage(model, decay)
         for j in range(1, steps + 1):
-            model.weight.copy_(torch.eye(steps + 1)[:, j:j + 1])
+            model.weight.copy_(torch.eye(steps + 1)[:, j : j + 1])
             model.num_batches_tracked += 1
             average.update()
     shares = average.module.weight[:, 0]
-    torch.testing.assert_close(shares, torch.tensor(_ema_shares(steps, decay), dtype=torch.float64),
-                               rtol=1e-5, atol=1e-9)
-    assert shares[0] < 1e-6 < 0.99 ** steps  # the initial weights are gone (a constant decay keeps 0.99^k)
+    torch.testing.assert_close(
+        shares, torch.tensor(_ema_shares(steps, decay), dtype=torch.float64), rtol=1e-5, atol=1e-9
+    )
+    assert shares[0] < 1e-6 < 0.99**steps  # the initial weights are gone (a constant decay keeps 0.99^k)
     assert shares[: steps // 2].sum() < 0.005  # the first half of training counts little, too
     assert int(average.updates) == int(average.module.num_batches_tracked) == steps
 
@@ -61,7 +70,9 @@ def test_the_weight_average_update_reads_no_tensor_back_to_the_host(monkeypatch)
     raise during the updates (torch's AveragedModel made one at every step, ``bool`` of its count)."""
     average = training.WeightAverage(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0.99)
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *args, _name=name: pytest.fail(f"Tensor.{_name}"))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *args, _name=name: pytest.fail(f"Tensor.{_name}")
+        )
     for _ in range(20):
         average.update()
     monkeypatch.undo()
@@ -98,7 +109,9 @@ def test_the_weight_average_of_a_trained_model_is_the_closed_form_ema_of_weights
     averaged = average.module.state_dict()
     for key, value in averaged.items():
         if value.is_floating_point():  # weights, biases, BN running mean and variance
-            expected = sum(share * state[key] for share, state in zip(_ema_shares(steps, decay), history, strict=True))
+            expected = sum(
+                share * state[key] for share, state in zip(_ema_shares(steps, decay), history, strict=True)
+            )
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
             assert torch.equal(model.state_dict()[key], history[-1][key]), key  # the same trajectory
     assert not torch.allclose(averaged["4.weight"], history[-1]["4.weight"])  # an average, not the last step
@@ -111,8 +124,10 @@ def _own_share(mixed: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return (mixed - previous) / (images - previous)
 
 
-@pytest.mark.parametrize("mixup_alpha, cutmix_alpha, kinds", [
-    (0.4, 0.0, {"mixup"}), (0.0, 1.0, {"cutmix"}), (0.4, 1.0, {"mixup", "cutmix"})])
+@pytest.mark.parametrize(
+    "mixup_alpha, cutmix_alpha, kinds",
+    [(0.4, 0.0, {"mixup"}), (0.0, 1.0, {"cutmix"}), (0.4, 1.0, {"mixup", "cutmix"})],
+)
 def test_mixed_targets_sum_to_one_and_match_each_image_s_share(mixup_alpha, cutmix_alpha, kinds):
     num_classes, batch = 7, 6
     mix = training._mixing(RunConfig(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha), num_classes)
@@ -139,7 +154,9 @@ def test_soft_targets_keep_label_smoothing_and_train_acc_counts_the_dominant_lab
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]])
     loss_fn = training._loss(RunConfig(label_smoothing=0.1), torch.tensor([0, 2]), 3, CPU)
     smoothed = 0.9 * targets + 0.1 / 3
-    torch.testing.assert_close(loss_fn(logits, targets), -(smoothed * logits.log_softmax(dim=1)).sum(dim=1).mean())
+    torch.testing.assert_close(
+        loss_fn(logits, targets), -(smoothed * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    )
 
     # A model that predicts each batch's own labels, trained on mixes in which the label of the next
     # image dominates: train_acc counts the dominant label, so it is 0 here (1 against the original).
@@ -150,6 +167,7 @@ def test_soft_targets_keep_label_smoothing_and_train_acc_counts_the_dominant_lab
 
     def mix(images, labels):
         return images, 0.6 * shifted + 0.4 * nn.functional.one_hot(labels, 3).float()
+
     one_hot = nn.functional.one_hot(labels, 3).float() * 10
     assert _train(model, one_hot, labels, 1)["train_acc"] == 1.0
     assert _train(model, one_hot, labels, 1, mix=mix)["train_acc"] == 0.0
@@ -173,7 +191,9 @@ def test_the_loss_and_its_gradient_are_those_of_the_mixed_soft_targets(mixup_alp
     assert not torch.equal(mixed, images) and soft.shape == (6, num_classes)
     loss = -(soft * reference(mixed).log_softmax(dim=1)).sum(dim=1).mean()
     hard = nn.functional.cross_entropy(reference(mixed), labels)
-    assert result["train_loss"] == pytest.approx(loss.item(), rel=1e-5) != pytest.approx(hard.item(), rel=1e-3)
+    assert (
+        result["train_loss"] == pytest.approx(loss.item(), rel=1e-5) != pytest.approx(hard.item(), rel=1e-3)
+    )
     loss.backward()
     with torch.no_grad():
         for trained, start in zip(model.parameters(), reference.parameters(), strict=True):
@@ -193,21 +213,33 @@ def test_class_weights_weigh_each_class_by_its_inverse_frequency():
         nll = -logits.log_softmax(dim=1)[torch.arange(2), targets]
         weight = loss_fn.weight[targets]
         torch.testing.assert_close(loss_fn(logits, targets), (nll * weight).sum() / weight.sum())
-    torch.testing.assert_close(plain(wrong_on_common, targets), plain(wrong_on_rare, targets))  # equally wrong
-    assert loss_fn(wrong_on_rare, targets) > 2 * loss_fn(wrong_on_common, targets)  # the rare class's counts more
+    torch.testing.assert_close(
+        plain(wrong_on_common, targets), plain(wrong_on_rare, targets)
+    )  # equally wrong
+    assert loss_fn(wrong_on_rare, targets) > 2 * loss_fn(
+        wrong_on_common, targets
+    )  # the rare class's counts more
 
 
 def test_tta_is_the_mean_softmax_of_two_explicit_passes():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Flatten(), nn.Linear(5 * 4 * 6, 4)).eval()  # not mirror-symmetric
-    images, labels = torch.randn(10, 3, 6, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, -1, -1])  # 2 padding rows
-    result = engine.evaluate_test(model, RepeatLoader(images, labels, 1), CPU, return_predictions=True, tta=True)
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3), nn.Flatten(), nn.Linear(5 * 4 * 6, 4)
+    ).eval()  # not mirror-symmetric
+    images, labels = (
+        torch.randn(10, 3, 6, 8),
+        torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, -1, -1]),
+    )  # 2 padding rows
+    result = engine.evaluate_test(
+        model, RepeatLoader(images, labels, 1), CPU, return_predictions=True, tta=True
+    )
     with torch.no_grad():
         probabilities = (model(images).softmax(dim=1) + model(images.flip(3)).softmax(dim=1))[:8] / 2
     plain = engine.evaluate_test(model, RepeatLoader(images, labels, 1), CPU)
     assert result["test_samples"] == 8
     torch.testing.assert_close(result["probabilities"], probabilities)
     assert result["test_acc"] == (probabilities.argmax(dim=1) == labels[:8]).double().mean().item()
-    assert result["test_loss"] == pytest.approx(-probabilities[torch.arange(8), labels[:8]].log().mean().item(),
-                                                rel=1e-6)
+    assert result["test_loss"] == pytest.approx(
+        -probabilities[torch.arange(8), labels[:8]].log().mean().item(), rel=1e-6
+    )
     assert result["test_loss"] != pytest.approx(plain["test_loss"], rel=1e-6)

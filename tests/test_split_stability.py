@@ -1,5 +1,6 @@
 """A split never moves: a refresh adds and removes images without moving any other, a run records the
 split it trained on, and a resume or an evaluation on another split is refused."""
+
 from __future__ import annotations
 
 import csv
@@ -69,8 +70,10 @@ def test_removed_images_leave_and_the_rest_stay(tmp_path, capsys):
     source = make_folders(tmp_path / "photos", {"cats": 20, "dogs": 10})
     split_dir = data_lib.prepare(tmp_path / "data", source=source)
     before = splits(split_dir)
-    gone = [next(name for name, split in before.items() if name.startswith("cats/") and split == wanted)
-            for wanted in ("train", "val")]
+    gone = [
+        next(name for name, split in before.items() if name.startswith("cats/") and split == wanted)
+        for wanted in ("train", "val")
+    ]
     for name in gone:
         (source / name).unlink()
     capsys.readouterr()
@@ -85,9 +88,11 @@ def test_other_split_options_for_an_existing_split_are_refused(tmp_path, capsys)
     split_dir = data_lib.prepare(tmp_path / "data", source=source)
     before = splits(split_dir)
     prepare = ["prepare", "--root", str(tmp_path / "data")]
-    for command in (lambda: data_lib.main([*prepare, "--seed", "7"]),
-                    lambda: data_lib.main([*prepare, "--source", str(source), "--test_fraction", "0.4"]),
-                    lambda: train(tmp_path / "data", tmp_path / "runs", "--val_fraction", "0.3")):
+    for command in (
+        lambda: data_lib.main([*prepare, "--seed", "7"]),
+        lambda: data_lib.main([*prepare, "--source", str(source), "--test_fraction", "0.4"]),
+        lambda: train(tmp_path / "data", tmp_path / "runs", "--val_fraction", "0.3"),
+    ):
         capsys.readouterr()
         assert command() == 1
         assert "never move" in error_line(capsys.readouterr().err)

@@ -10,6 +10,7 @@
 7. (in the last of its tests) with the best run's folder, a figure and a Part B run's folder deleted:
    exactly those are made again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,13 +49,14 @@ def _snapshot(runs: Path) -> SimpleNamespace:
     """What a run of the study leaves: its state, results and report, every checkpoint's mtime, and the
     trials of each sweep database."""
     report = runs / "study" / "report.md"
-    return SimpleNamespace(state=files.read_json(runs / "study" / "state.json"),
-                           results=files.read_json(runs / "study" / "results.json"),
-                           report=report.read_text() if report.is_file() else "",
-                           mtimes={str(p): p.stat().st_mtime_ns for p in sorted(runs.rglob("*.pt"))},
-                           figures={p.name: p.stat().st_mtime_ns for p in (runs / "study").glob("*.png")},
-                           trials={db.stem.rsplit("_", 1)[0]: _trials(runs, db.stem)
-                                   for db in (runs / "sweeps").glob("*.db")})
+    return SimpleNamespace(
+        state=files.read_json(runs / "study" / "state.json"),
+        results=files.read_json(runs / "study" / "results.json"),
+        report=report.read_text() if report.is_file() else "",
+        mtimes={str(p): p.stat().st_mtime_ns for p in sorted(runs.rglob("*.pt"))},
+        figures={p.name: p.stat().st_mtime_ns for p in (runs / "study").glob("*.png")},
+        trials={db.stem.rsplit("_", 1)[0]: _trials(runs, db.stem) for db in (runs / "sweeps").glob("*.db")},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +75,15 @@ def chain(tmp_path_factory):
     with_weights = [*argv, "--part_b_weights", str(weights)]
     out = SimpleNamespace(root=root, runs=runs, weights=weights, argv=argv)
     from part_b import train as part_b_train
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", str(root / "torch"))  # an empty hub cache
-        for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):  # any download is refused at once
+        for name in (
+            "https_proxy",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "HTTP_PROXY",
+        ):  # any download is refused at once
             patch.setenv(name, "http://127.0.0.1:9")
         patch.setenv("no_proxy", "")
         patch.setenv("NO_PROXY", "")
@@ -100,6 +108,7 @@ def chain(tmp_path_factory):
         out.all_failed, out.all_failed_stderr = _snapshot(runs), stderr.getvalue()
 
         from common import engine
+
         train_one_epoch, calls = engine.train_one_epoch, []
 
         def ctrl_c_in_the_second_run(model, *args):  # every Part B epoch (2 per run)
@@ -154,9 +163,16 @@ def test_the_report_numbers_are_the_run_folders(chain):
     params = sum(p.numel() for p in model.parameters())
     assert (results["question1"]["macs"], results["question1"]["params"]) == (macs, params)
     assert f"**{macs:,} multiply-accumulates" in report and f"**{params:,} parameters**" in report
-    for name in ("prediction_grid", "confusion_matrix", "first_layer_filters", "guided_backprop",
-                 "sweep_metric_per_trial"):
-        assert f"({name}.png)" in report and (chain.runs / "study" / f"{name}.png").stat().st_size > 5_000, name
+    for name in (
+        "prediction_grid",
+        "confusion_matrix",
+        "first_layer_filters",
+        "guided_backprop",
+        "sweep_metric_per_trial",
+    ):
+        assert f"({name}.png)" in report and (chain.runs / "study" / f"{name}.png").stat().st_size > 5_000, (
+            name
+        )
     assert "## Observations" in report
 
 
@@ -169,15 +185,27 @@ def test_the_part_b_table_is_the_strategies_run_folders(chain):
         assert config["strategy"] == strategy and config["weights"] == str(chain.weights)
         assert config["batch_size"] == 18  # the quick study's 64, fitted to 36 training images
         assert (row["test_acc"], row["best_val_acc"], row["epochs"], row["trainable_params"]) == (
-            summary["test_acc"], summary["best_val_acc"], summary["epochs_run"], summary["trainable_params"])
+            summary["test_acc"],
+            summary["best_val_acc"],
+            summary["epochs_run"],
+            summary["trainable_params"],
+        )
         assert f"{row['best_val_acc']:.4f} | {row['test_acc']:.4f} |" in chain.finished.report
     rows = part_b["rows"]
-    assert rows["head"]["trainable_params"] < rows["freeze_k"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert (
+        rows["head"]["trainable_params"]
+        < rows["freeze_k"]["trainable_params"]
+        < rows["full"]["trainable_params"]
+    )
     assert rows["gradual"]["trainable_params"] == rows["head"]["trainable_params"]  # epoch 1: the head only
-    assert rows["gradual"]["trainable_params_last_epoch"] > rows["gradual"]["trainable_params"]  # epoch 2: + layer4
+    assert (
+        rows["gradual"]["trainable_params_last_epoch"] > rows["gradual"]["trainable_params"]
+    )  # epoch 2: + layer4
     assert rows["mlp_head"]["head"] == [512, 512, 256, 4] and rows["full"]["head"] == [512, 4]
-    assert "The 1,000-class ImageNet classifier `fc` was replaced by a new, randomly initialised head with " \
-           "4 outputs" in chain.finished.report
+    assert (
+        "The 1,000-class ImageNet classifier `fc` was replaced by a new, randomly initialised head with "
+        "4 outputs" in chain.finished.report
+    )
 
 
 def test_part_b_without_weights_is_reported_and_the_rest_completes(chain):
@@ -186,7 +214,9 @@ def test_part_b_without_weights_is_reported_and_the_rest_completes(chain):
     assert all(state[name]["status"] == "done" for name in ("part_a_sweep", "part_a_best"))
     hub_file = chain.root / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert "Not run (skipped)" in report and str(hub_file) in report and "--part_b_weights FILE" in report
-    assert "| test (loss" in report and "part_b_strategies_quick" not in chain.without_weights.trials  # no trial ran
+    assert (
+        "| test (loss" in report and "part_b_strategies_quick" not in chain.without_weights.trials
+    )  # no trial ran
 
 
 def test_a_crashed_step_is_redone_and_nothing_finished_is_lost(chain):
@@ -207,8 +237,10 @@ def test_a_step_whose_every_run_failed_fails_and_is_retried(chain):
     assert "the first error: RuntimeError: simulated failure of every Part B run" in stderr
     assert "Not finished (failed)" in chain.all_failed.report and "| test (loss" in chain.all_failed.report
     # The next run retried each failed strategy (as a new trial) before anything else.
-    failed, retried = chain.all_failed.trials["part_b_strategies_quick"], chain.finished.trials[
-        "part_b_strategies_quick"][5:10]
+    failed, retried = (
+        chain.all_failed.trials["part_b_strategies_quick"],
+        chain.finished.trials["part_b_strategies_quick"][5:10],
+    )
     assert [t.user_attrs.get("retry_of") for t in retried] == [0, 1, 2, 3, 4]
     assert [t.params for t in retried] == [t.params for t in failed]
 
@@ -225,10 +257,20 @@ def test_an_interrupted_part_b_continues_and_ends_with_an_uninterrupted_runs_fig
     assert "interrupted" not in chain.finished.report.split("## Part B")[1]  # its retry finished
     # The interrupted strategy, trained again by the study, has the figures of a run never interrupted.
     from part_b import train as part_b_train
+
     strategy = chain.interrupted_strategy
-    argv = to_cli({**study.QUICK_PART_B, "batch_size": 18, "weights": chain.weights, "strategy": strategy,
-                   "test": True, "data_dir": chain.root / "data", "out_dir": tmp_path,
-                   "name": "uninterrupted"})
+    argv = to_cli(
+        {
+            **study.QUICK_PART_B,
+            "batch_size": 18,
+            "weights": chain.weights,
+            "strategy": strategy,
+            "test": True,
+            "data_dir": chain.root / "data",
+            "out_dir": tmp_path,
+            "name": "uninterrupted",
+        }
+    )
     assert part_b_train.main(argv) == 0
     alone = files.read_json(tmp_path / "uninterrupted" / "summary.json")
     row = chain.finished.results["part_b"]["rows"][strategy]
@@ -238,10 +280,16 @@ def test_an_interrupted_part_b_continues_and_ends_with_an_uninterrupted_runs_fig
 def test_a_second_run_reuses_every_finished_step(chain):
     finished, again = chain.finished, chain.again
     assert again.state == finished.state  # no step ran: the same finish times and durations
-    assert again.mtimes == finished.mtimes and again.figures.keys() >= {"prediction_grid.png", "guided_backprop.png"}
+    assert again.mtimes == finished.mtimes and again.figures.keys() >= {
+        "prediction_grid.png",
+        "guided_backprop.png",
+    }
     assert {k: v for k, v in again.figures.items() if not k.startswith("sweep_")} == {
-        k: v for k, v in finished.figures.items() if not k.startswith("sweep_")}  # evaluation not redone
-    assert {name: len(t) for name, t in again.trials.items()} == {name: len(t) for name, t in finished.trials.items()}
+        k: v for k, v in finished.figures.items() if not k.startswith("sweep_")
+    }  # evaluation not redone
+    assert {name: len(t) for name, t in again.trials.items()} == {
+        name: len(t) for name, t in finished.trials.items()
+    }
     assert all(f"study: {name}: reused" in chain.again_printed for name in finished.state)
     drop_dates = lambda text: [line for line in text.splitlines() if not line.startswith("Written by")]  # noqa: E731
     assert drop_dates(again.report) == drop_dates(finished.report)
@@ -264,8 +312,10 @@ def test_deleted_outputs_are_made_again_and_nothing_else_is_lost(chain):
     best = after.results["best_model"]
     assert best["retrained"] and Path(best["run_dir"]) != best_dir
     assert Path(best["run_dir"], "best.pt").is_file()
-    assert (best["val_acc"], best["train_acc"]) == (before.results["best_model"]["val_acc"],
-                                                    before.results["best_model"]["train_acc"])
+    assert (best["val_acc"], best["train_acc"]) == (
+        before.results["best_model"]["val_acc"],
+        before.results["best_model"]["train_acc"],
+    )
     assert (chain.runs / "study" / "guided_backprop.png").is_file()
     assert "(guided_backprop.png)" in after.report
     # The lost strategy ran again, as one more trial, to the same numbers; the other strategies were kept.
@@ -274,9 +324,13 @@ def test_deleted_outputs_are_made_again_and_nothing_else_is_lost(chain):
     assert len(after.trials["part_b_strategies_quick"]) == 12
     assert rows[lost_strategy]["test_acc"] == old_rows[lost_strategy]["test_acc"]
     assert {k: v for k, v in rows.items() if k != lost_strategy} == {
-        k: v for k, v in old_rows.items() if k != lost_strategy}
-    kept = {path: mtime for path, mtime in before.mtimes.items()
-            if not path.startswith((str(best_dir), lost_row["run_dir"]))}
+        k: v for k, v in old_rows.items() if k != lost_strategy
+    }
+    kept = {
+        path: mtime
+        for path, mtime in before.mtimes.items()
+        if not path.startswith((str(best_dir), lost_row["run_dir"]))
+    }
     assert {path: after.mtimes[path] for path in kept} == kept
 
 
@@ -288,21 +342,30 @@ def test_every_input_that_changes_a_result_redoes_its_step_and_no_other(tmp_path
 
     def run(config: study.StudyConfig = base, data: study.Dataset = dataset) -> set[str]:
         """The steps that ran, of the two sweeps planned for ``config`` and ``data``."""
-        plans = {"sweep": study.make_plan(study.PART_A_SWEEP, config, data, config.count or 5),
-                 "part_b": study.make_plan(study.PART_B_SWEEP, config, data, weights=str(weights))}
+        plans = {
+            "sweep": study.make_plan(study.PART_A_SWEEP, config, data, config.count or 5),
+            "part_b": study.make_plan(study.PART_B_SWEEP, config, data, weights=str(weights)),
+        }
         ran.clear()
         for name, plan in plans.items():
-            steps.run(name, dataclasses.asdict(plan), lambda n=name: ran.append(n) or {"outputs": [str(weights)]})
+            steps.run(
+                name, dataclasses.asdict(plan), lambda n=name: ran.append(n) or {"outputs": [str(weights)]}
+            )
         return set(ran)
 
     assert run() == {"sweep", "part_b"} and run() == set()
-    both, other_data, bigger_data = {"sweep", "part_b"}, dataclasses.replace(dataset, fingerprint="b" * 64), \
-        dataclasses.replace(dataset, train_images=999)
-    for config, changed_data, redone in [(dataclasses.replace(base, workers=2), dataset, set()),  # no result
-                                         (dataclasses.replace(base, count=6), dataset, {"sweep"}),
-                                         (dataclasses.replace(base, seed=1), dataset, both),
-                                         (base, other_data, both),
-                                         (dataclasses.replace(base, quick=False), bigger_data, both)]:
+    both, other_data, bigger_data = (
+        {"sweep", "part_b"},
+        dataclasses.replace(dataset, fingerprint="b" * 64),
+        dataclasses.replace(dataset, train_images=999),
+    )
+    for config, changed_data, redone in [
+        (dataclasses.replace(base, workers=2), dataset, set()),  # no result
+        (dataclasses.replace(base, count=6), dataset, {"sweep"}),
+        (dataclasses.replace(base, seed=1), dataset, both),
+        (base, other_data, both),
+        (dataclasses.replace(base, quick=False), bigger_data, both),
+    ]:
         assert run(config, changed_data) == redone
         assert run() == redone  # and back
     weights.write_bytes(b"other weights, same file name")
@@ -334,33 +397,79 @@ def test_the_report_says_what_the_test_set_is(prepared_data, tmp_path):
 
 def test_the_test_row_shows_the_test_accuracy(tmp_path):
     """A run whose validation and test accuracy differ: each row shows its own."""
-    files.write_json(tmp_path / "summary.json", {
-        "best_epoch": 2, "epochs_run": 3, "best_val_acc": 0.5, "test_acc": 0.75, "test_loss": 0.625,
-        "test_per_class_acc": {"ant": 1.0, "bee": 0.5}, "device": "cpu"})
+    files.write_json(
+        tmp_path / "summary.json",
+        {
+            "best_epoch": 2,
+            "epochs_run": 3,
+            "best_val_acc": 0.5,
+            "test_acc": 0.75,
+            "test_loss": 0.625,
+            "test_per_class_acc": {"ant": 1.0, "bee": 0.5},
+            "device": "cpu",
+        },
+    )
     files.write_json(tmp_path / "config.json", {"augment": False})
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_acc": e / 10}) + "\n"
-                                                    for e in (1, 2, 3)))
-    best = study_report.best_model_results({"run_dir": str(tmp_path), "trial": 0, "retrained": False,
-                                            "figures": []})
-    data = {"split_dir": "split", "classes": ["ant", "bee"], "images": {"train": 4, "val": 2, "test": 2},
-            "test": "a test folder", "val": "a stratified 20% of each class of `photos`"}
-    question1 = {"input_size": 8, "macs": 1, "flops": 2, "element_ops": 3, "params": 4, "model_params": 4,
-                 "text": ""}
-    sweep = {"study": "s", "file": "sweep.yaml", "method": "bayes", "metric": "val_acc", "maximize": True,
-             "trials": {"complete": 1}, "complete": 1, "space": {}, "fixed": {}, "figures": [], "order": [],
-             "best": {"trial": 0, "value": 0.5, "params": {}, "command": "", "run_dir": str(tmp_path)},
-             "importance": {}, "importance_method": "too few trials", "correlations": {}, "observations": []}
-    lines = study_report.render({"written": "now", "data": data, "question1": question1, "sweep": sweep,
-                                 "best_model": best, "part_b": {"status": "not run", "reason": ""},
-                                 "steps": {}}).splitlines()
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "train_acc": e / 10}) + "\n" for e in (1, 2, 3))
+    )
+    best = study_report.best_model_results(
+        {"run_dir": str(tmp_path), "trial": 0, "retrained": False, "figures": []}
+    )
+    data = {
+        "split_dir": "split",
+        "classes": ["ant", "bee"],
+        "images": {"train": 4, "val": 2, "test": 2},
+        "test": "a test folder",
+        "val": "a stratified 20% of each class of `photos`",
+    }
+    question1 = {
+        "input_size": 8,
+        "macs": 1,
+        "flops": 2,
+        "element_ops": 3,
+        "params": 4,
+        "model_params": 4,
+        "text": "",
+    }
+    sweep = {
+        "study": "s",
+        "file": "sweep.yaml",
+        "method": "bayes",
+        "metric": "val_acc",
+        "maximize": True,
+        "trials": {"complete": 1},
+        "complete": 1,
+        "space": {},
+        "fixed": {},
+        "figures": [],
+        "order": [],
+        "best": {"trial": 0, "value": 0.5, "params": {}, "command": "", "run_dir": str(tmp_path)},
+        "importance": {},
+        "importance_method": "too few trials",
+        "correlations": {},
+        "observations": [],
+    }
+    lines = study_report.render(
+        {
+            "written": "now",
+            "data": data,
+            "question1": question1,
+            "sweep": sweep,
+            "best_model": best,
+            "part_b": {"status": "not run", "reason": ""},
+            "steps": {},
+        }
+    ).splitlines()
     assert "| test (loss 0.6250) | 0.7500 |" in lines
     assert "| validation (best val_acc: epoch 2 of 3) | 0.5000 |" in lines
     assert "| train (epoch 2, on the batches as they trained) | 0.2000 |" in lines  # config.json: no augment
 
 
 def _small_study(objective) -> optuna.Study:
-    small = optuna.create_study(study_name="small", direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+    small = optuna.create_study(
+        study_name="small", direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0)
+    )
     small.set_user_attr("metric", "val_acc")
     small.optimize(lambda t: objective(t.suggest_float("lr", 0.1, 1.0), t.suggest_int("k", 1, 3)), n_trials=6)
     return small
@@ -373,7 +482,8 @@ def test_the_importance_figure_has_one_title():
     titles = [figure.axes[0].get_title(loc) for loc in ("left", "center", "right")]
     plt.close(figure)
     assert importance and [title for title in titles if title] == [
-        f"small:\nparameter importance ({method.split(' (')[0]})"]
+        f"small:\nparameter importance ({method.split(' (')[0]})"
+    ]
 
 
 def test_a_metric_that_never_varied_ranks_no_parameter():
@@ -386,6 +496,7 @@ def test_a_metric_that_never_varied_ranks_no_parameter():
 
 def test_part_b_sweep_is_a_grid_of_the_strategies_that_part_b_train_accepts():
     from part_b.model import STRATEGIES
+
     spec = load_sweep("part_b/sweep.yaml")
     assert spec.program == "part_b/train.py" and spec.method == "grid" and spec.metric == "val_acc"
     assert list(spec.search_space) == ["strategy"] and spec.search_space["strategy"].choices == STRATEGIES

@@ -4,6 +4,7 @@ Most runner tests drive a fake training program (helpers.FAKE_PROGRAM, written t
 the same code path as part_a/train.py: it has the same three functions and reports val_acc per epoch,
 but takes milliseconds. One end-to-end test trains the real CNN on the tiny generated dataset.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,18 +52,28 @@ def run_fake(tmp_path, spec, study, count, workers=1, enqueue=(), seed=None):
 
 # --- sweep.yaml -> Optuna -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, expected", [
-    ({"values": [16, 32, 64]}, CategoricalDistribution([16, 32, 64])),
-    ({"values": [True, False]}, CategoricalDistribution([True, False])),
-    ({"values": [[3, 5, 5], [3, 3, 3]]}, CategoricalDistribution(["3,5,5", "3,3,3"])),
-    ({"distribution": "uniform", "min": 0.1, "max": 0.6}, FloatDistribution(0.1, 0.6)),
-    ({"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01}, FloatDistribution(1e-4, 1e-2, log=True)),
-    ({"distribution": "int_uniform", "min": 2, "max": 9}, IntDistribution(2, 9)),
-    ({"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25}, FloatDistribution(0.0, 1.0, step=0.25)),
-    ({"distribution": "q_uniform", "min": 16, "max": 128, "q": 16}, IntDistribution(16, 128, step=16)),
-    ({"min": 1, "max": 5}, IntDistribution(1, 5)),  # inferred as wandb does: both ints -> int_uniform
-    ({"min": 1, "max": 5.0}, FloatDistribution(1.0, 5.0)),
-])
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ({"values": [16, 32, 64]}, CategoricalDistribution([16, 32, 64])),
+        ({"values": [True, False]}, CategoricalDistribution([True, False])),
+        ({"values": [[3, 5, 5], [3, 3, 3]]}, CategoricalDistribution(["3,5,5", "3,3,3"])),
+        ({"distribution": "uniform", "min": 0.1, "max": 0.6}, FloatDistribution(0.1, 0.6)),
+        (
+            {"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01},
+            FloatDistribution(1e-4, 1e-2, log=True),
+        ),
+        ({"distribution": "int_uniform", "min": 2, "max": 9}, IntDistribution(2, 9)),
+        (
+            {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25},
+            FloatDistribution(0.0, 1.0, step=0.25),
+        ),
+        ({"distribution": "q_uniform", "min": 16, "max": 128, "q": 16}, IntDistribution(16, 128, step=16)),
+        ({"min": 1, "max": 5}, IntDistribution(1, 5)),  # inferred as wandb does: both ints -> int_uniform
+        ({"min": 1, "max": 5.0}, FloatDistribution(1.0, 5.0)),
+    ],
+)
 def test_distribution_maps_and_samples_stay_in_range(spec, expected):
     dist = parse_parameter("p", spec)
     assert dist == expected
@@ -85,27 +96,45 @@ def test_distribution_maps_and_samples_stay_in_range(spec, expected):
 
 
 def test_fixed_value_is_not_searched(tmp_path):
-    spec = fake_sweep(tmp_path, {"quality": {"value": 0.7}, "epochs": {"distribution": "constant", "value": 2},
-                                 "crash": {"values": ["no"]}})
+    spec = fake_sweep(
+        tmp_path,
+        {
+            "quality": {"value": 0.7},
+            "epochs": {"distribution": "constant", "value": 2},
+            "crash": {"values": ["no"]},
+        },
+    )
     assert spec.fixed == {"quality": 0.7, "epochs": 2}
     assert list(spec.search_space) == ["crash"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"distribution": "log_uniform", "min": -9.21, "max": -4.61}, "log_uniform_values with min: 0.0001"),
-    ({"distribution": "normal", "mu": 0, "sigma": 1}, "cannot be mapped to Optuna; use one of uniform, int_"),
-    ({"distribution": "q_log_uniform_values", "min": 1, "max": 64, "q": 1}, "q_uniform, log_uniform_values"),
-    ({"distribution": "q_uniform", "min": 0, "max": 10, "q": 3}, "multiple of q"),
-    ({"distribution": "q_uniform", "min": 0, "max": 10, "q": 0}, "`step > 0` must hold"),  # Optuna's check
-    ({"distribution": "int_uniform", "min": 0.5, "max": 10}, "int_uniform needs integer min and max"),
-    ({"distribution": "uniform", "min": "1e-4", "max": 0.1}, "write 1.0e-4"),
-    ({"distribution": "uniform", "min": 1.0, "max": 0.1}, "`low <= high` must hold"),
-    ({"distribution": "log_uniform_values", "min": 0.0, "max": 0.1}, "`low > 0` must hold"),
-    ({"distribution": "uniform", "max": 0.1}, "needs min and max"),
-    ({"distribution": "cauchy", "min": 0, "max": 1}, "distribution cauchy cannot be mapped"),
-    ({"values": [1, 2], "probabilities": [0.5, 0.5]}, "probabilities"),
-    ({"values": []}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"distribution": "log_uniform", "min": -9.21, "max": -4.61}, "log_uniform_values with min: 0.0001"),
+        (
+            {"distribution": "normal", "mu": 0, "sigma": 1},
+            "cannot be mapped to Optuna; use one of uniform, int_",
+        ),
+        (
+            {"distribution": "q_log_uniform_values", "min": 1, "max": 64, "q": 1},
+            "q_uniform, log_uniform_values",
+        ),
+        ({"distribution": "q_uniform", "min": 0, "max": 10, "q": 3}, "multiple of q"),
+        (
+            {"distribution": "q_uniform", "min": 0, "max": 10, "q": 0},
+            "`step > 0` must hold",
+        ),  # Optuna's check
+        ({"distribution": "int_uniform", "min": 0.5, "max": 10}, "int_uniform needs integer min and max"),
+        ({"distribution": "uniform", "min": "1e-4", "max": 0.1}, "write 1.0e-4"),
+        ({"distribution": "uniform", "min": 1.0, "max": 0.1}, "`low <= high` must hold"),
+        ({"distribution": "log_uniform_values", "min": 0.0, "max": 0.1}, "`low > 0` must hold"),
+        ({"distribution": "uniform", "max": 0.1}, "needs min and max"),
+        ({"distribution": "cauchy", "min": 0, "max": 1}, "distribution cauchy cannot be mapped"),
+        ({"values": [1, 2], "probabilities": [0.5, 0.5]}, "probabilities"),
+        ({"values": []}, "non-empty list"),
+    ],
+)
 def test_unmappable_parameter_errors_name_the_fix(spec, message):
     with pytest.raises(SweepConfigError, match="parameter 'p'") as raised:
         parse_parameter("p", spec)
@@ -113,15 +142,21 @@ def test_unmappable_parameter_errors_name_the_fix(spec, message):
 
 
 def test_methods_goal_and_hyperband_map(tmp_path):
-    spec = fake_sweep(tmp_path, {"quality": {"values": [0.1, 0.9]}}, method="grid",
-                      early_terminate={"type": "hyperband", "min_iter": 3, "eta": 2})
+    spec = fake_sweep(
+        tmp_path,
+        {"quality": {"values": [0.1, 0.9]}},
+        method="grid",
+        early_terminate={"type": "hyperband", "min_iter": 3, "eta": 2},
+    )
     assert isinstance(make_sampler(spec), optuna.samplers.GridSampler)
     pruner = make_pruner(spec)
     assert isinstance(pruner, optuna.pruners.HyperbandPruner)
     assert (pruner._min_resource, pruner._reduction_factor) == (3, 2)
     assert spec.goal == "maximize"
-    assert isinstance(make_sampler(fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}})),
-                      optuna.samplers.RandomSampler)
+    assert isinstance(
+        make_sampler(fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}})),
+        optuna.samplers.RandomSampler,
+    )
     with pytest.raises(SweepConfigError, match="grid search needs values"):
         fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}}, method="grid")
     with pytest.raises(SweepConfigError, match="early_terminate"):
@@ -130,15 +165,30 @@ def test_methods_goal_and_hyperband_map(tmp_path):
 
 # --- the project's sweep.yaml against part_a/train.py ---------------------------------------------
 
+
 def test_sweep_yaml_is_a_valid_wandb_sweep_for_part_a_train():
     raw = yaml.safe_load(open("sweep.yaml"))
     assert raw["program"] == "part_a/train.py" and raw["method"] == "bayes"
     assert raw["metric"] == {"name": "val_acc", "goal": "maximize"}
     assert raw["early_terminate"]["type"] == "hyperband" and raw["early_terminate"]["min_iter"] >= 1
     assert raw["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
-    expected = {"n_filters", "activation", "filter_strategy", "augment", "batch_norm", "conv_bias", "dropout",
-                "learning_rate", "weight_decay", "epochs", "kernel_size", "padding", "dense_neurons",
-                "batch_size", "optimizer"}
+    expected = {
+        "n_filters",
+        "activation",
+        "filter_strategy",
+        "augment",
+        "batch_norm",
+        "conv_bias",
+        "dropout",
+        "learning_rate",
+        "weight_decay",
+        "epochs",
+        "kernel_size",
+        "padding",
+        "dense_neurons",
+        "batch_size",
+        "optimizer",
+    }
     spec = load_sweep("sweep.yaml")
     assert expected <= set(spec.search_space)
     assert spec.search_space["learning_rate"] == FloatDistribution(1e-4, 1e-2, log=True)
@@ -148,6 +198,7 @@ def test_sweep_yaml_is_a_valid_wandb_sweep_for_part_a_train():
 
 def test_every_sweep_value_parses_as_a_train_option():
     from part_a import train
+
     spec = load_sweep("sweep.yaml")
     sweep.check_program_accepts(sweep.load_program(spec.program), spec, spec.fixed)
     # Each parameter alone: an option of the script that keeps the proposed value.
@@ -173,11 +224,23 @@ def test_a_parameter_the_program_lacks_fails_before_any_trial(tmp_path):
 
 # --- the runner -----------------------------------------------------------------------------------
 
+
 def test_crashing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path):
-    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "crash": {"values": ["no", "yes"]},
-                                 "epochs": {"value": 2}})
-    study, interrupted = run_fake(tmp_path, spec, "crashy", count=3, enqueue=[
-        {"quality": 0.3, "crash": "no"}, {"quality": 0.9, "crash": "yes"}, {"quality": 0.6, "crash": "no"}])
+    spec = fake_sweep(
+        tmp_path,
+        {"quality": {"min": 0.0, "max": 1.0}, "crash": {"values": ["no", "yes"]}, "epochs": {"value": 2}},
+    )
+    study, interrupted = run_fake(
+        tmp_path,
+        spec,
+        "crashy",
+        count=3,
+        enqueue=[
+            {"quality": 0.3, "crash": "no"},
+            {"quality": 0.9, "crash": "yes"},
+            {"quality": 0.6, "crash": "no"},
+        ],
+    )
     assert not interrupted
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
@@ -191,11 +254,18 @@ def test_crashing_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path):
     assert rows[0]["epochs"] == "2" and rows[2]["crash"] == "no"  # fixed and searched parameters
     command = best_command(study)
     assert shlex.split(command)[:2] == ["python", spec.program]
-    assert sorted(shlex.split(command)[2:]) == ["--crash=no", "--epochs=2", "--name=crashy_best", "--quality=0.6"]
+    assert sorted(shlex.split(command)[2:]) == [
+        "--crash=no",
+        "--epochs=2",
+        "--name=crashy_best",
+        "--quality=0.6",
+    ]
 
 
 def test_an_interrupted_grid_point_runs_again_when_the_study_continues(tmp_path, monkeypatch):
-    spec = fake_sweep(tmp_path, {"quality": {"values": [0.2, 0.5, 0.8]}, "epochs": {"value": 1}}, method="grid")
+    spec = fake_sweep(
+        tmp_path, {"quality": {"values": [0.2, 0.5, 0.8]}, "epochs": {"value": 1}}, method="grid"
+    )
     program = sweep.load_program(spec.program)
     finish = program.run
 
@@ -207,7 +277,8 @@ def test_an_interrupted_grid_point_runs_again_when_the_study_continues(tmp_path,
     monkeypatch.setattr(program, "run", ctrl_c_at_half)
     study, interrupted = run_fake(tmp_path, spec, "grid", count=3, seed=3)
     assert interrupted and [t.user_attrs["error"] for t in study.trials if t.state == TrialState.FAIL] == [
-        sweep.INTERRUPTED]
+        sweep.INTERRUPTED
+    ]
     monkeypatch.setattr(program, "run", finish)
     study, interrupted = run_fake(tmp_path, spec, "grid", count=3, seed=3)
     complete = [t.params["quality"] for t in study.trials if t.state == TrialState.COMPLETE]
@@ -246,8 +317,9 @@ def test_a_seeded_sweep_proposes_the_same_trials_and_a_continued_one_new_ones(tm
 
 
 def test_two_workers_finish_exactly_the_requested_trials(tmp_path):
-    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "sleep": {"value": 0.3},
-                                 "epochs": {"value": 2}})
+    spec = fake_sweep(
+        tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "sleep": {"value": 0.3}, "epochs": {"value": 2}}
+    )
     study, _ = run_fake(tmp_path, spec, "shared", count=6, workers=2)
     trials = study.get_trials()
     assert sorted(t.number for t in trials) == list(range(6))
@@ -279,11 +351,21 @@ def test_a_dead_workers_trial_is_run_again_by_a_sweep_already_running(tmp_path, 
 
 def test_a_storage_url_that_does_not_parse_is_one_error_line(tmp_path, prepared_data, capsys):
     fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
-    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "1", "--storage", "not-a-url", "--data_dir",
-            str(prepared_data), "--out_dir", str(tmp_path)]
+    argv = [
+        str(tmp_path / "fake_sweep.yaml"),
+        "--count",
+        "1",
+        "--storage",
+        "not-a-url",
+        "--data_dir",
+        str(prepared_data),
+        "--out_dir",
+        str(tmp_path),
+    ]
     assert sweep.main(argv) == 1
-    assert capsys.readouterr().err == ("error: cannot open the study database: Could not parse SQLAlchemy URL "
-                                       "from given URL string\n")
+    assert capsys.readouterr().err == (
+        "error: cannot open the study database: Could not parse SQLAlchemy URL from given URL string\n"
+    )
 
 
 def test_the_heartbeat_is_read_from_the_environment(monkeypatch):
@@ -298,19 +380,26 @@ def test_the_heartbeat_is_read_from_the_environment(monkeypatch):
 
 
 def test_hyperband_prunes_a_clearly_bad_trial(tmp_path):
-    spec = fake_sweep(tmp_path, {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 9}},
-                      early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 9, "eta": 3})
+    spec = fake_sweep(
+        tmp_path,
+        {"quality": {"min": 0.0, "max": 1.0}, "epochs": {"value": 9}},
+        early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 9, "eta": 3},
+    )
     good, bad = [0.9, 0.88, 0.92, 0.9], [0.05, 0.04, 0.06]
     study, _ = run_fake(tmp_path, spec, "pruning", count=7, enqueue=[{"quality": q} for q in good + bad])
     assert study.trials[0].state == TrialState.COMPLETE
-    stopped_early = [t for t in study.trials[len(good):]
-                     if t.state == TrialState.PRUNED and len(t.intermediate_values) < 9]
+    stopped_early = [
+        t
+        for t in study.trials[len(good) :]
+        if t.state == TrialState.PRUNED and len(t.intermediate_values) < 9
+    ]
     assert stopped_early, [(t.params, t.state, len(t.intermediate_values)) for t in study.trials]
 
 
 def test_report_on_a_small_study(tmp_path):
-    study = optuna.create_study(study_name="small", direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(seed=1))
+    study = optuna.create_study(
+        study_name="small", direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1)
+    )
     study.set_user_attr("metric", "val_acc")
     for _ in range(12):  # val_acc driven by learning_rate; the rest is noise
         trial = study.ask()
@@ -366,6 +455,7 @@ def gpus(monkeypatch):
     def set_gpus(count, free):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free * GIB, 80 * GIB))
+
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return set_gpus
 
@@ -384,12 +474,22 @@ def test_workers_beyond_the_gpus_share_them_each_within_a_fraction(gpus, monkeyp
     assert sweep.gpu_shares(3) == [(None, None)] * 3
 
 
-def test_workers_that_do_not_fit_on_a_gpu_are_one_error_before_any_trial(gpus, tmp_path, prepared_data,
-                                                                         capsys):
+def test_workers_that_do_not_fit_on_a_gpu_are_one_error_before_any_trial(
+    gpus, tmp_path, prepared_data, capsys
+):
     gpus(1, 14)  # 3 workers need 3 x (4 GiB for model and activations + 1 GiB of CUDA context)
     fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
-    argv = [str(tmp_path / "fake_sweep.yaml"), "--count", "3", "--workers", "3", "--out_dir", str(tmp_path),
-            "--data_dir", str(prepared_data)]
+    argv = [
+        str(tmp_path / "fake_sweep.yaml"),
+        "--count",
+        "3",
+        "--workers",
+        "3",
+        "--out_dir",
+        str(tmp_path),
+        "--data_dir",
+        str(prepared_data),
+    ]
     assert sweep.main(argv) == 1
     message = "GPU 0 has 14.0 GiB free and 3 workers need 15 GiB; use fewer --workers"
     assert capsys.readouterr().err == f"error: {message}\n"
@@ -399,6 +499,7 @@ def test_workers_that_do_not_fit_on_a_gpu_are_one_error_before_any_trial(gpus, t
 
 def test_a_worker_trains_on_its_gpu_within_its_share(tmp_path, monkeypatch):
     import torch
+
     fractions = []
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, _=None: fractions.append(f))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
@@ -414,6 +515,7 @@ def test_the_data_goes_on_the_gpu_only_if_it_fits_in_the_workers_share(monkeypat
     import torch
 
     from common import data
+
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (79 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
@@ -426,13 +528,36 @@ def test_the_data_goes_on_the_gpu_only_if_it_fits_in_the_workers_share(monkeypat
 
 # --- end to end: the real CNN on the tiny generated dataset ---------------------------------------
 
+
 @pytest.mark.slow
 def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
     out_dir = tmp_path / "runs"
-    tiny = ["epochs=2", "input_size=32", "batch_size=8", "n_filters=4", "dense_neurons=8", "kernel_size=3",
-            "padding=same", "device=cpu", "compile=false"]
-    code = sweep.main(["sweep.yaml", "--count", "3", "--study", "e2e", "--out_dir", str(out_dir),
-                       "--data_dir", str(prepared_data), "--set", *tiny])
+    tiny = [
+        "epochs=2",
+        "input_size=32",
+        "batch_size=8",
+        "n_filters=4",
+        "dense_neurons=8",
+        "kernel_size=3",
+        "padding=same",
+        "device=cpu",
+        "compile=false",
+    ]
+    code = sweep.main(
+        [
+            "sweep.yaml",
+            "--count",
+            "3",
+            "--study",
+            "e2e",
+            "--out_dir",
+            str(out_dir),
+            "--data_dir",
+            str(prepared_data),
+            "--set",
+            *tiny,
+        ]
+    )
     assert code == 0
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{out_dir / 'sweeps' / 'e2e.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
@@ -444,6 +569,7 @@ def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
     assert len(rows) == 3 and rows[0]["input_size"] == "32"
 
     from part_a import train
+
     command = capsys.readouterr().out.split("best configuration:\n")[1].splitlines()[0]
     args = shlex.split(command)
     assert args[:2] == ["python", "part_a/train.py"]
@@ -453,25 +579,56 @@ def test_real_sweep_end_to_end_and_report(prepared_data, tmp_path, capsys):
 
     assert sweep.main(["report", "--study", "e2e", "--out_dir", str(out_dir)]) == 0
     report = out_dir / "sweeps" / "e2e_report"
-    assert {p.name for p in report.iterdir()} == {"summary.md", "parallel_coordinates.png", "metric_per_trial.png"}
+    assert {p.name for p in report.iterdir()} == {
+        "summary.md",
+        "parallel_coordinates.png",
+        "metric_per_trial.png",
+    }
 
 
 def test_a_sweep_can_search_the_recipe_options(prepared_data, tmp_path):
-    recipe = {"ema_decay": {"values": [0.5, 0.9]}, "mixup_alpha": {"distribution": "uniform", "min": 0.1, "max": 0.4},
-              "cutmix_alpha": {"values": [0.0, 1.0]}, "tta": {"values": [True, False]}}
-    tiny = {"epochs": 1, "input_size": 32, "batch_size": 8, "n_filters": 4, "dense_neurons": 8, "kernel_size": 3,
-            "device": "cpu", "compile": False, "test": True}
+    recipe = {
+        "ema_decay": {"values": [0.5, 0.9]},
+        "mixup_alpha": {"distribution": "uniform", "min": 0.1, "max": 0.4},
+        "cutmix_alpha": {"values": [0.0, 1.0]},
+        "tta": {"values": [True, False]},
+    }
+    tiny = {
+        "epochs": 1,
+        "input_size": 32,
+        "batch_size": 8,
+        "n_filters": 4,
+        "dense_neurons": 8,
+        "kernel_size": 3,
+        "device": "cpu",
+        "compile": False,
+        "test": True,
+    }
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"program": "part_a/train.py", "method": "random", "name": "recipe",
-                                    "metric": {"name": "val_acc", "goal": "maximize"},
-                                    "parameters": {**recipe, **{k: {"value": v} for k, v in tiny.items()}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "program": "part_a/train.py",
+                "method": "random",
+                "name": "recipe",
+                "metric": {"name": "val_acc", "goal": "maximize"},
+                "parameters": {**recipe, **{k: {"value": v} for k, v in tiny.items()}},
+            }
+        )
+    )
     spec = load_sweep(path)
     assert set(recipe) <= set(spec.search_space)
     out_dir = tmp_path / "runs"
-    assert sweep.main([str(path), "--count", "1", "--out_dir", str(out_dir), "--data_dir", str(prepared_data)]) == 0
+    assert (
+        sweep.main([str(path), "--count", "1", "--out_dir", str(out_dir), "--data_dir", str(prepared_data)])
+        == 0
+    )
     study = optuna.load_study(study_name="recipe", storage=f"sqlite:///{out_dir / 'sweeps' / 'recipe.db'}")
     trial = study.trials[0]
     assert trial.state == TrialState.COMPLETE
     ran_with = json.loads((out_dir / "recipe" / "trial_0" / "config.json").read_text())
     assert {name: ran_with[name] for name in recipe} == trial.params
-    assert json.loads((out_dir / "recipe" / "trial_0" / "summary.json").read_text())["test_tta"] == trial.params["tta"]
+    assert (
+        json.loads((out_dir / "recipe" / "trial_0" / "summary.json").read_text())["test_tta"]
+        == trial.params["tta"]
+    )

@@ -1,4 +1,5 @@
 """wandb mode selection and the fallback when the server cannot be reached."""
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,9 @@ def test_unreachable_server_falls_back_to_offline_quickly(clean_wandb_env, monke
     run_dir = clean_wandb_env / "run"
     run_dir.mkdir()
     started = time.monotonic()
-    run = tracking.start_wandb(None, project="p", entity=None, name="n", group=None, config={"a": 1},
-                               run_dir=run_dir)
+    run = tracking.start_wandb(
+        None, project="p", entity=None, name="n", group=None, config={"a": 1}, run_dir=run_dir
+    )
     try:
         assert run is not None and run.settings.mode == "offline"
         run.log({"val_acc": 0.5})
