@@ -69,7 +69,7 @@ def mode_samples() -> dict[str, tuple[Image.Image, str, tuple[int, int, int]]]:
 
 
 def exif_rotated_image() -> Image.Image:
-    """40x20 stored, left half red, right half blue, EXIF orientation 6: shown rotated 90 degrees clockwise."""
+    """40x20 stored, left half red, right half blue, EXIF orientation 6: shown turned 90 degrees clockwise."""
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 20, 20))
     return img
@@ -523,7 +523,7 @@ def test_cpu_loader_works_in_a_forked_child():
 def reference_crop_flip(
     images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int
 ) -> torch.Tensor:
-    """torchvision, one image at a time, in float: ``hflip(resized_crop(...))`` of each ``[H, W, 3]`` image."""
+    """torchvision, one image at a time, in float: ``hflip(resized_crop(...))`` of each [H, W, 3] image."""
     out = []
     for image, (top, left, height, width), flip in zip(
         images, crops.long().tolist(), flips.tolist(), strict=True

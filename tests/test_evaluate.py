@@ -1,4 +1,4 @@
-"""Report figures, guided backprop and evaluation (common/evaluate.py, run as part_a/evaluate.py) end to end."""
+"""Report figures, guided backprop and evaluation (common/evaluate.py, as part_a/evaluate.py) end to end."""
 
 from __future__ import annotations
 

@@ -484,11 +484,13 @@ def test_files_written_atomically_get_the_mode_the_umask_gives_any_file(tmp_path
     [
         (
             PermissionError(errno.EACCES, "Permission denied", "/shared/runs/r"),
-            "error: /shared/runs/r: Permission denied; check the path and its permissions, then run the command again",
+            "error: /shared/runs/r: Permission denied; check the path and its permissions, "
+            "then run the command again",
         ),
         (
             NotADirectoryError(errno.ENOTDIR, "Not a directory", "/home/me/runs/r"),
-            "error: /home/me/runs/r: Not a directory; check the path and its permissions, then run the command again",
+            "error: /home/me/runs/r: Not a directory; check the path and its permissions, "
+            "then run the command again",
         ),
         (
             OSError(errno.ENOSPC, "No space left on device"),
@@ -496,7 +498,8 @@ def test_files_written_atomically_get_the_mode_the_umask_gives_any_file(tmp_path
         ),
         (
             OSError(errno.EROFS, "Read-only file system", "/mnt/ro/runs"),
-            "error: /mnt/ro/runs: Read-only file system; check the path and its permissions, then run the command again",
+            "error: /mnt/ro/runs: Read-only file system; check the path and its permissions, "
+            "then run the command again",
         ),
     ],
 )
@@ -613,7 +616,8 @@ def test_every_run_option_either_must_match_on_resume_or_may_change():
     must_match = set(RESUME_MUST_MATCH)
     assert not must_match & RESUME_MAY_CHANGE
     assert must_match | RESUME_MAY_CHANGE == {f.name for f in dataclasses.fields(RunConfig)}, (
-        "a new option: add it to RESUME_MUST_MATCH if it changes the weights' trajectory, else to RESUME_MAY_CHANGE"
+        "a new option: add it to RESUME_MUST_MATCH if it changes the weights' trajectory, "
+        "else to RESUME_MAY_CHANGE"
     )
 
 
@@ -838,7 +842,8 @@ def test_a_run_whose_last_pt_cannot_be_written_stops_with_one_line_and_keeps_wha
     assert part_a_train.main(options) == 1
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if "error" in line.lower() or "Traceback" in line] == [
-        f"error: {tmp_path / 'full' / 'last.pt'}: No space left on device; free some space, then run the command again"
+        f"error: {tmp_path / 'full' / 'last.pt'}: No space left on device; "
+        "free some space, then run the command again"
     ]
     assert ckpt_io.load_checkpoint(tmp_path / "full" / "last.pt")["epoch"] == 1
     assert ckpt_io.load_checkpoint(tmp_path / "full" / "best.pt")["epoch"] in (1, 2)
