@@ -27,6 +27,7 @@ SAME_HELP = "'same' (output size = ceil(input/stride), asymmetric for even kerne
 
 @dataclass
 class ModelConfig:
+    input_size: int = option(224, "input images are input_size x input_size")
     n_blocks: int = option(5, "number of conv blocks")
     n_filters: int = option(64, "filters in the first conv layer (m)")
     filter_strategy: str = option("same", "how filter counts change per block", choices=FILTER_STRATEGIES)
@@ -40,7 +41,6 @@ class ModelConfig:
     conv_bias: bool = option(True, "bias term in conv layers")
     dropout: float = option(0.31396, "dropout before the output layer")
     block_dropout: float = option(0.0, "dropout after each conv block")
-    input_size: int = option(224, "input images are input_size x input_size")
     in_channels: int = option(3, "input channels", cli=False)
     num_classes: int = option(10, "output classes (training: the data's)", cli=False)
 

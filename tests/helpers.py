@@ -9,6 +9,8 @@ two files are byte-identical across splits.
 from __future__ import annotations
 
 import http.server
+import subprocess
+import sys
 import threading
 import zlib
 from contextlib import contextmanager
@@ -152,6 +154,18 @@ def fake_sweep(tmp_path, parameters: dict, *, method="random", early_terminate=N
     return load_sweep(path)
 
 
+def fake_sweep_argv(tmp_path, data_dir, out_dir, *options: str) -> list[str]:
+    """``sweep.py``'s command line for the sweep ``fake_sweep`` wrote to tmp_path."""
+    return [
+        str(tmp_path / "fake_sweep.yaml"),
+        "--data_dir",
+        str(data_dir),
+        "--out_dir",
+        str(out_dir),
+        *options,
+    ]
+
+
 class RepeatLoader:
     """The same batch, ``steps`` times: an epoch of a loader for engine tests."""
 
@@ -178,3 +192,14 @@ def http_server(handler):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def train_cli(script: str, args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    """``script`` run as a user runs it: it must succeed and write every file of its run folder."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, script, *args]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    return result

@@ -230,24 +230,19 @@ def test_cuda_graph_training_matches_eager_training_and_resumes_bit_for_bit(
     assert graphed["best_val_acc"] == pytest.approx(eager["best_val_acc"], abs=0.05)
 
 
+def _gradual_run(tmp_path: Path, **options) -> dict:
+    """A tested 3-epoch Part B run on the GPU that unfreezes gradually."""
+    make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
+    where = (tmp_path / "data", tmp_path / "runs", "gradual", "b")
+    config = tiny_config(
+        *where, strategy="gradual", input_size=64, epochs=3, test=True, device="cuda", **options
+    )
+    return part_b_train.run(config)
+
+
 def test_cuda_graphs_capture_each_trainable_set_of_gradual_unfreezing(tmp_path, monkeypatch):
     captures = _graph_captures(monkeypatch)
-    make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = tiny_config(
-        tmp_path / "data",
-        tmp_path / "runs",
-        "gradual",
-        "b",
-        strategy="gradual",
-        input_size=64,
-        epochs=3,
-        batch_size=4,
-        eval_batch_size=4,
-        cuda_graphs=True,
-        test=True,
-        device="cuda",
-    )
-    summary = part_b_train.run(config)
+    summary = _gradual_run(tmp_path, batch_size=4, eval_batch_size=4, cuda_graphs=True)
     assert summary["status"] == "finished" and math.isfinite(summary["test_loss"])
     assert len(captures) == 4  # three trainable sets; one validation step (its model stays the same)
 
@@ -355,20 +350,7 @@ def test_each_rank_has_its_own_cuda_random_stream_and_it_is_saved():
 def test_part_b_gradual_unfreezing_trains_compiled_without_hitting_the_recompile_limit(tmp_path, monkeypatch):
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise instead of running eager
         monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    make_image_tree(tmp_path / "data", CLASSES, n_train=8, n_test=2)
-    config = tiny_config(
-        tmp_path / "data",
-        tmp_path / "runs",
-        "gradual",
-        "b",
-        strategy="gradual",
-        input_size=64,
-        epochs=3,
-        compile=True,
-        test=True,
-        device="cuda",
-    )
-    summary = part_b_train.run(config)
+    summary = _gradual_run(tmp_path, compile=True)
     assert summary["status"] == "finished" and summary["epochs_run"] == 3 and 0 <= summary["test_acc"] <= 1
     state = ckpt_io.load_checkpoint(tmp_path / "runs" / "gradual" / "last.pt")
     trained = ckpt_io.build_model_from_checkpoint(state)

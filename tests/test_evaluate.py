@@ -273,6 +273,17 @@ def trained_run(prepared_data, tmp_path_factory) -> Path:
     return out_dir / "tiny" / "best.pt"
 
 
+def eval_argv(checkpoint: Path, data_dir: Path) -> list[str]:
+    """On the CPU, in batches of 7: the last of the 30 test images' batches is padded."""
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--data_dir",
+        str(data_dir),
+        *"--device cpu --batch_size 7".split(),
+    ]
+
+
 def run_main(argv, capsys) -> tuple[int, str, str]:
     code = evaluate.main(argv)
     captured = capsys.readouterr()
@@ -290,20 +301,7 @@ def evaluated(trained_run, prepared_data, tmp_path_factory) -> tuple[Path, int, 
     (run_dir / "summary.json").write_text(json.dumps({"best_val_acc": 0.5, "best_epoch": 1}))
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = evaluate.main(
-            [
-                "--checkpoint",
-                str(checkpoint),
-                "--data_dir",
-                str(prepared_data),
-                "--device",
-                "cpu",
-                "--batch_size",
-                "7",
-                "--wandb_mode",
-                "offline",
-            ]
-        )
+        code = evaluate.main([*eval_argv(checkpoint, prepared_data), "--wandb_mode", "offline"])
     return run_dir, code, out.getvalue(), err.getvalue()
 
 
@@ -359,20 +357,7 @@ def test_tta_evaluation_averages_each_image_with_its_mirror_image(
 ):
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(trained_run.read_bytes())
-    code, out, err = run_main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--data_dir",
-            str(prepared_data),
-            "--device",
-            "cpu",
-            "--batch_size",
-            "7",
-            "--tta",
-        ],
-        capsys,
-    )
+    code, out, err = run_main([*eval_argv(checkpoint, prepared_data), "--tta"], capsys)
     assert code == 0, err
     assert "mirror image" in out.splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -27,13 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture
-def old_gpu(monkeypatch):
-    """torch believes a Tesla P100 (compute capability 6.0) is present."""
+def pretend_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
+    """torch believes one GPU called ``name`` with this compute capability is present."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.fixture
+def old_gpu(monkeypatch):
+    pretend_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
 
 
 def test_an_old_gpu_trains_eager_by_default_and_refuses_an_explicit_compile(old_gpu):
@@ -69,11 +73,7 @@ def test_sync_bn_turns_compile_off_with_a_notice(monkeypatch):
 
 @pytest.fixture
 def modern_gpu(monkeypatch):
-    """torch believes an H100 (compute capability 9.0) is present."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    pretend_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
 
 
 def test_cuda_graphs_on_a_cpu_are_refused_before_any_data_is_read(tmp_path, capsys):

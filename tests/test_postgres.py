@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import fake_sweep
+from helpers import fake_sweep, fake_sweep_argv
 from optuna.trial import TrialState
 
 from common import sweep
@@ -97,18 +97,13 @@ def start_machine(tmp_path, prepared_data, new_database):
 
     def start(machine: str, *options: str, storage: str = new_database) -> subprocess.Popen:
         env = {**os.environ, "SWEEP_HEARTBEAT": "1"}  # stale after 3 s, not 3 min
+        where = fake_sweep_argv(
+            tmp_path, prepared_data, tmp_path / machine, "--study", "s", "--storage", storage
+        )
         command = [
             sys.executable,
             "common/sweep.py",
-            str(tmp_path / "fake_sweep.yaml"),
-            "--study",
-            "s",
-            "--storage",
-            storage,
-            "--data_dir",
-            str(prepared_data),
-            "--out_dir",
-            str(tmp_path / machine),
+            *where,
             *options,
         ]
         return subprocess.Popen(
@@ -135,17 +130,8 @@ def test_a_missing_driver_or_server_is_one_error_line(
     tmp_path, prepared_data, capsys, monkeypatch, url, module, package
 ):
     fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
-    argv = [
-        str(tmp_path / "fake_sweep.yaml"),
-        "--count",
-        "1",
-        "--storage",
-        f"{url}://u:secret@127.0.0.1:1/db",
-        "--out_dir",
-        str(tmp_path / "runs"),
-        "--data_dir",
-        str(prepared_data),
-    ]
+    storage = f"{url}://u:secret@127.0.0.1:1/db"
+    argv = fake_sweep_argv(tmp_path, prepared_data, tmp_path / "runs", "--count", "1", "--storage", storage)
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, module, None)  # not installed
         assert sweep.main(argv) == 1

@@ -21,7 +21,7 @@ import matplotlib
 import optuna
 import pytest
 import yaml
-from helpers import fake_sweep
+from helpers import fake_sweep, fake_sweep_argv
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -351,17 +351,7 @@ def test_a_dead_workers_trial_is_run_again_by_a_sweep_already_running(tmp_path, 
 
 def test_a_storage_url_that_does_not_parse_is_one_error_line(tmp_path, prepared_data, capsys):
     fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
-    argv = [
-        str(tmp_path / "fake_sweep.yaml"),
-        "--count",
-        "1",
-        "--storage",
-        "not-a-url",
-        "--data_dir",
-        str(prepared_data),
-        "--out_dir",
-        str(tmp_path),
-    ]
+    argv = fake_sweep_argv(tmp_path, prepared_data, tmp_path, "--count", "1", "--storage", "not-a-url")
     assert sweep.main(argv) == 1
     assert capsys.readouterr().err == (
         "error: cannot open the study database: Could not parse SQLAlchemy URL from given URL string\n"
@@ -479,17 +469,7 @@ def test_workers_that_do_not_fit_on_a_gpu_are_one_error_before_any_trial(
 ):
     gpus(1, 14)  # 3 workers need 3 x (4 GiB for model and activations + 1 GiB of CUDA context)
     fake_sweep(tmp_path, {"quality": {"values": [0.5]}})
-    argv = [
-        str(tmp_path / "fake_sweep.yaml"),
-        "--count",
-        "3",
-        "--workers",
-        "3",
-        "--out_dir",
-        str(tmp_path),
-        "--data_dir",
-        str(prepared_data),
-    ]
+    argv = fake_sweep_argv(tmp_path, prepared_data, tmp_path, "--count", "3", "--workers", "3")
     assert sweep.main(argv) == 1
     message = "GPU 0 has 14.0 GiB free and 3 workers need 15 GiB; use fewer --workers"
     assert capsys.readouterr().err == f"error: {message}\n"
