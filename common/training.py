@@ -420,7 +420,7 @@ def _resume(run_dir: Path, config: RunConfig, record: dict, parts: Training, inf
     splits = ("train", "val", "test") if config.test else ("train", "val")  # test: this run will be tested
     if changes := data_lib.split_changes(state.get("split"), Path(config.data_dir) / "split", splits):
         what = f"--resume: the split in {config.data_dir} changed since this run started ({changes})"
-        raise ValueError(f"{what}; a run trains on one split: start a new one (another --name, no --resume)")
+        raise ValueError(f"{what}; a run trains on one split: start a new run (another --name, no --resume)")
     parts.model.load_state_dict(state["model"])
     if parts.ema is not None:  # an older last.pt lacks the count: one update per step, like the schedule's
         parts.ema.module.load_state_dict(state["ema"])
