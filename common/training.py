@@ -422,9 +422,9 @@ def _resume(run_dir: Path, config: RunConfig, record: dict, parts: Training, inf
         what = f"--resume: the split in {config.data_dir} changed since this run started ({changes})"
         raise ValueError(f"{what}; a run trains on one split: start a new run (another --name, no --resume)")
     parts.model.load_state_dict(state["model"])
-    if parts.ema is not None:  # an older last.pt lacks the count: one update per step, like the schedule's
+    if parts.ema is not None:  # its update count is the schedule's step count: one update per step
         parts.ema.module.load_state_dict(state["ema"])
-        parts.ema.updates.fill_(state.get("ema_updates", state["scheduler"]["last_epoch"]))
+        parts.ema.updates.fill_(state["scheduler"]["last_epoch"])
     load_optimizer_state(parts.optimizer, state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     if parts.ctx.scaler.is_enabled() and state["scaler"]:  # a run saved without fp16 has an empty one
@@ -487,7 +487,7 @@ def _train_and_validate(models, data: Data, parts: Training, epoch: int, config:
 def _save_checkpoints(run_dir: Path, state: dict, improved: bool, parts: Training, rng: list) -> None:
     """best.pt (the validated weights: the EMA's if any) when val_acc improved; last.pt each epoch."""
     ema, model = parts.ema, parts.model.state_dict()
-    averaged = {} if ema is None else {"ema": ema.module.state_dict(), "ema_updates": int(ema.updates)}
+    averaged = {} if ema is None else {"ema": ema.module.state_dict()}
     if improved:
         ckpt_io.save_checkpoint(run_dir / "best.pt", {**state, "model": averaged.get("ema", model)})
     resume = dict(optimizer=parts.optimizer.state_dict(), scheduler=parts.scheduler.state_dict(), rng=rng)

@@ -51,10 +51,8 @@ def _build(config: ModelBConfig) -> FineTuneNet:
     model = build_model(config)
     if is_main_process():
         what = f"{config.model} | weights {config.weights} | strategy {config.strategy}"
-        print(
-            f"{what} | input {config.input_size}px | {config.num_classes} classes | {model.extra_repr()}",
-            flush=True,
-        )
+        size = f"input {config.input_size}px | {config.num_classes} classes"
+        print(f"{what} | {size} | {model.extra_repr()}", flush=True)
     return model
 
 

@@ -647,27 +647,6 @@ def test_resume_refuses_each_option_that_must_match_when_it_changed(one_epoch_ru
     assert last.read_bytes() == saved
 
 
-def test_a_last_pt_without_the_average_s_update_count_resumes_to_the_same_average(prepared_data, tmp_path):
-    """Runs saved before the count was kept took one update per step: the schedule's step count."""
-    options = dict(epochs=2, ema_decay=0.99)
-    part_a_train.run(tiny_config(prepared_data, tmp_path, "straight", **options))
-
-    def stop(epoch, metrics):
-        raise Interrupt
-
-    with pytest.raises(Interrupt):
-        part_a_train.run(tiny_config(prepared_data, tmp_path, "old", **options), epoch_callback=stop)
-    last = tmp_path / "old" / "last.pt"
-    state = torch.load(last, weights_only=True)
-    assert state["ema_updates"] == state["scheduler"]["last_epoch"] > 0
-    del state["ema_updates"]
-    torch.save(state, last)
-    part_a_train.run(tiny_config(prepared_data, tmp_path, "old", resume=True, **options))
-    straight, resumed = (ckpt_io.load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "old"))
-    assert straight["ema_updates"] == resumed["ema_updates"]
-    assert all(torch.equal(straight["ema"][key], resumed["ema"][key]) for key in straight["ema"])
-
-
 def test_resume_refuses_changed_training_options(prepared_data, tmp_path):
     part_a_train.run(tiny_config(prepared_data, tmp_path, "run", epochs=1))
     with pytest.raises(ValueError, match="learning_rate"):
