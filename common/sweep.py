@@ -331,7 +331,7 @@ def sweep_main(options: SweepOptions) -> None:
     storage += f" --out_dir {shlex.quote(out_dir)}" if out_dir != "runs" else ""
     print(f"report: python common/sweep.py report --study {study}{storage}")
     if interrupted:
-        raise UserError("interrupted (Ctrl-C); run the same command again to continue the study")
+        raise UserError(f"{INTERRUPTED}; run the same command again to continue the study")
 
 
 def report_main(args: argparse.Namespace) -> None:
