@@ -163,14 +163,13 @@ def run_plan(plan: Plan, config: StudyConfig, rerun_lost: bool = False) -> dict:
     failed one while none completed, and with ``rerun_lost`` a completed one whose run folder is gone."""
     storage, out_dir = sweep.default_storage(config.out_dir, plan.study), config.out_dir
     trials = study_trials(out_dir, plan.study)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    completed = any(t.state == TrialState.COMPLETE for t in trials)
+    retried, completed = sweep.retried(trials), any(t.state == TrialState.COMPLETE for t in trials)
     # Ended: counts towards plan.trials (a trial stopped by Ctrl-C runs again, a retried one is replaced).
     ended = [t for t in trials if t.state.is_finished() and not (was_interrupted(t) or t.number in retried)]
     redo = [t for t in ended if (failed(t) and not completed) or (rerun_lost and lost(t))]
-    for trial in redo:  # queued: the runner takes them before proposing new trials
-        study = optuna.load_study(study_name=plan.study, storage=storage)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    if redo:  # queued as the runner queues interrupted trials: it takes them before proposing new ones
+        database = sweep.open_storage(storage)
+        sweep.requeue(database, optuna.load_study(study_name=plan.study, storage=database), redo)
     if (missing := plan.trials - len(ended) + len(redo)) > 0:
         where = {name: getattr(config, name) for name in ("workers", "out_dir", "data_dir", "seed")}
         options = sweep.SweepOptions(str(ROOT / plan.file), missing, plan.study, **where)

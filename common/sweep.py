@@ -190,6 +190,16 @@ def was_interrupted(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and (trial.user_attrs.get("error") or INTERRUPTED) == INTERRUPTED
 
 
+def retried(trials: list[FrozenTrial]) -> set[int]:  # the trials ``requeue`` replaced by a new one
+    return {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+
+
+def requeue(storage: optuna.storages.RDBStorage, study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    """Queue each trial again as Optuna queues a dead process's: its parameters and grid point."""
+    for trial in trials:
+        storage.get_heartbeat_stale_trial_callback()(study, trial)
+
+
 def gpu_shares(workers: int) -> list[tuple[str | None, float | None]]:
     """Each worker's GPU (worker i: GPU i % count of the visible ones) and, where several share one, the
     fraction of its memory each may allocate: the memory free now, split evenly, less a CUDA context each."""
@@ -249,11 +259,10 @@ def run_sweep(sweep: Sweep, count: int, workers: int = 1) -> tuple[optuna.Study,
         raise SweepConfigError(f"study {sweep.study} {direction}s, the file {goal}s; use another --study")
     study.set_user_attr("metric", sweep.spec.metric)  # for the report
     trials = study.get_trials(deepcopy=False)
-    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
-    if lost := [t for t in trials if was_interrupted(t) and t.number not in retried]:
+    again = retried(trials)
+    if lost := [t for t in trials if was_interrupted(t) and t.number not in again]:
         print(f"running the {len(lost)} interrupted trial(s) of study {sweep.study} again first")
-    for trial in lost:  # queued as Optuna queues a dead process's trial: parameters and grid point
-        storage.get_heartbeat_stale_trial_callback()(study, trial)
+    requeue(storage, study, lost)
     if (workers := min(workers, count)) == 1:
         return study, _work(sweep, count)
     context, processes = multiprocessing.get_context("spawn"), []  # spawn: CUDA cannot be forked
@@ -322,7 +331,7 @@ def sweep_main(options: SweepOptions) -> None:
     storage += f" --out_dir {shlex.quote(out_dir)}" if out_dir != "runs" else ""
     print(f"report: python common/sweep.py report --study {study}{storage}")
     if interrupted:
-        raise UserError("interrupted (Ctrl-C); run the same command again to continue the study")
+        raise UserError(f"{INTERRUPTED}; run the same command again to continue the study")
 
 
 def report_main(args: argparse.Namespace) -> None:

@@ -241,7 +241,7 @@ def test_a_step_whose_every_run_failed_fails_and_is_retried(chain):
         chain.all_failed.trials["part_b_strategies_quick"],
         chain.finished.trials["part_b_strategies_quick"][5:10],
     )
-    assert [t.user_attrs.get("retry_of") for t in retried] == [0, 1, 2, 3, 4]
+    assert [t.system_attrs.get("failed_trial") for t in retried] == [0, 1, 2, 3, 4]
     assert [t.params for t in retried] == [t.params for t in failed]
 
 
