@@ -255,7 +255,10 @@ def test_guided_backprop_figure_pairs_each_image_with_its_gradient():
     fig = figures.plot_guided_backprop(images, gradients, [f"channel {i}" for i in range(10)])
     axes = image_axes(fig)
     assert len(axes) == 20
-    assert sum(ax.get_title().startswith("channel") for ax in axes) == 10
+    for i, (image_ax, gradient_ax) in enumerate(zip(axes[::2], axes[1::2], strict=True)):
+        assert image_ax.get_title() == f"channel {i}"  # each image beside its own gradient, in order
+        assert np.array_equal(image_ax.images[0].get_array(), images[i].numpy())
+        np.testing.assert_allclose(gradient_ax.images[0].get_array(), figures.gradient_to_image(gradients[i]))
     shown = figures.gradient_to_image(gradients[0])
     assert shown.shape == (32, 32, 3) and shown.min() >= 0 and shown.max() <= 1
 
