@@ -207,11 +207,13 @@ def test_gradual_unfreezes_one_stage_from_the_top_every_e_epochs():
 
 
 def bn_buffers(model: nn.Module, *prefixes: str) -> dict[str, torch.Tensor]:
-    return {
+    buffers = {
         k: v.clone()
         for k, v in model.state_dict().items()
         if k.startswith(tuple(f"net.{p}" for p in prefixes)) and "running_" in k
     }
+    assert buffers, f"no batch norm statistics under {prefixes}"  # all() over none would always pass
+    return buffers
 
 
 def test_frozen_batch_norm_keeps_its_running_statistics_in_train_mode():
