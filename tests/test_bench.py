@@ -75,21 +75,18 @@ def test_bad_options_are_one_error_line_before_anything_runs(capsys, monkeypatch
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
 
 
-def test_quick_replaces_only_the_options_left_at_their_defaults():
-    parser = bench.get_args_parser()
+def test_quick_replaces_only_the_options_left_at_their_defaults(monkeypatch):
+    parser, seen = bench.get_args_parser(), {}
     for argv, expected in [
         (["data", "--quick"], dict(images=60, batch_size=8, epochs=2, size=224)),
         (["data", "--quick", "--batch_size", "4"], dict(images=60, batch_size=4)),
         (["e2e", "--quick", "--input_size", "48"], dict(images=40, input_size=48)),
         (["step", "--quick", "--steps", "2"], dict(steps=2, repeats=1, batch_sizes=[8])),
     ]:
-        seen = {}
+        seen.clear()
         config_class, _ = bench.SECTIONS[argv[0]]
-        bench.SECTIONS[argv[0]] = (config_class, lambda config, seen=seen: seen.update(vars(config)) or {})
-        try:
-            assert bench.main(argv) == 0
-        finally:
-            bench.SECTIONS[argv[0]] = (config_class, _)
+        monkeypatch.setitem(bench.SECTIONS, argv[0], (config_class, lambda c: seen.update(vars(c)) or {}))
+        assert bench.main(argv) == 0
         assert {k: seen[k] for k in expected} == expected, argv
     assert parser.parse_args(["data"]).batch_size == 64  # the parser's own defaults are untouched
 
