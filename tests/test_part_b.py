@@ -167,8 +167,7 @@ def test_exactly_the_strategy_s_parameters_train_and_only_they_change(options, t
     assert counts["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in expected)
     assert counts["trainable_params"] + counts["frozen_params"] == sum(p.numel() for p in model.parameters())
 
-    before = dict(model.named_parameters())
-    before = {n: p.detach().clone() for n, p in before.items()}
+    before = snapshot(model)
     train_steps(model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == expected
