@@ -307,8 +307,10 @@ def test_shape_mismatch_is_refused(tmp_path):
 
 def test_googlenet_file_with_untrained_aux_heads_loads(tmp_path):
     path = tmp_path / "googlenet.pth"
-    torch.save(torchvision_state("googlenet", aux_logits=True, init_weights=False), path)
+    state = torchvision_state("googlenet", aux_logits=True, init_weights=False)
+    torch.save(state, path)
     model = build_model(ModelBConfig(model="googlenet", weights=str(path)))
+    assert torch.equal(model.net.inception5b.branch1.conv.weight, state["inception5b.branch1.conv.weight"])
     assert model.net.aux1 is None and model.net.transform_input
     assert model.net.fc.out_features == 10
 
