@@ -395,11 +395,10 @@ def file_server(tmp_path):
 
 def test_download_lands_in_the_cache_and_checks_the_hash(torch_home, file_server):
     folder, base = file_server
-    payload_path = tmp = folder / "payload"
-    torch.save(torchvision_state("resnet18"), tmp)
-    digest = hashlib.sha256(payload_path.read_bytes()).hexdigest()
-    good, bad = f"tiny-{digest[:8]}.pth", "tiny-deadbeef.pth"
-    payload_path.rename(folder / good)
+    payload = folder / "payload"
+    torch.save(torchvision_state("resnet18"), payload)
+    good, bad = f"tiny-{hashlib.sha256(payload.read_bytes()).hexdigest()[:8]}.pth", "tiny-deadbeef.pth"
+    payload.rename(folder / good)
     (folder / bad).write_bytes((folder / good).read_bytes())
 
     path = weights_lib.fetch(f"{base}/{good}")
