@@ -53,6 +53,14 @@ def test_quick_e2e_benchmark_prints_both_rates(capsys):
     assert result["ours"]["compile"] is False and result["ours"]["cuda_graphs"] is False  # the CPU's defaults
 
 
+@pytest.fixture
+def no_images(monkeypatch):
+    """The test fails if a benchmark writes its images: bad options must be refused before that."""
+    monkeypatch.setattr(
+        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
+    )
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -66,10 +74,7 @@ def test_quick_e2e_benchmark_prints_both_rates(capsys):
         (["e2e", "--batch_size", "0"], "--batch_size must be at least 1"),  # given, so --quick keeps it
     ],
 )
-def test_bad_options_are_one_error_line_before_anything_runs(capsys, monkeypatch, argv, fragment):
-    monkeypatch.setattr(
-        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
-    )
+def test_bad_options_are_one_error_line_before_anything_runs(capsys, no_images, argv, fragment):
     with pytest.raises(SystemExit) as exit_:
         bench.main([*argv, "--quick", "--device", "cpu"] if "--device" not in argv else [*argv, "--quick"])
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
@@ -91,21 +96,14 @@ def test_quick_replaces_only_the_options_left_at_their_defaults(monkeypatch):
     assert parser.parse_args(["data"]).batch_size == 64  # the parser's own defaults are untouched
 
 
-def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(monkeypatch, capsys):
-    monkeypatch.setattr(
-        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
-    )
+def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(no_images, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["e2e", "--quick", "--device", "cpu", "--cuda_graphs", "true"])
     assert exit_.value.code == 2 and "CUDA graphs need a CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("section", ["data", "e2e"])
-def test_too_few_images_for_one_batch_is_refused_before_any_image_is_written(section, monkeypatch, capsys):
-    def no_images(*args):
-        raise AssertionError("images generated before the options were checked")
-
-    monkeypatch.setattr(bench_data, "generate", no_images)
+def test_too_few_images_for_one_batch_is_refused_before_any_image_is_written(section, no_images, capsys):
     # 20 images leave 10 for training (one per class goes to validation): no batch of 16, so an
     # epoch would time nothing and its images/s divide by zero.
     with pytest.raises(SystemExit) as exit_:
