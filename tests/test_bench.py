@@ -53,6 +53,14 @@ def test_quick_e2e_benchmark_prints_both_rates(capsys):
     assert result["ours"]["compile"] is False and result["ours"]["cuda_graphs"] is False  # the CPU's defaults
 
 
+@pytest.fixture
+def no_images(monkeypatch):
+    """The test fails if a benchmark writes its images: bad options must be refused before that."""
+    monkeypatch.setattr(
+        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
+    )
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -66,49 +74,36 @@ def test_quick_e2e_benchmark_prints_both_rates(capsys):
         (["e2e", "--batch_size", "0"], "--batch_size must be at least 1"),  # given, so --quick keeps it
     ],
 )
-def test_bad_options_are_one_error_line_before_anything_runs(capsys, monkeypatch, argv, fragment):
-    monkeypatch.setattr(
-        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
-    )
+def test_bad_options_are_one_error_line_before_anything_runs(capsys, no_images, argv, fragment):
     with pytest.raises(SystemExit) as exit_:
         bench.main([*argv, "--quick", "--device", "cpu"] if "--device" not in argv else [*argv, "--quick"])
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
 
 
-def test_quick_replaces_only_the_options_left_at_their_defaults():
-    parser = bench.get_args_parser()
+def test_quick_replaces_only_the_options_left_at_their_defaults(monkeypatch):
+    parser, seen = bench.get_args_parser(), {}
     for argv, expected in [
         (["data", "--quick"], dict(images=60, batch_size=8, epochs=2, size=224)),
         (["data", "--quick", "--batch_size", "4"], dict(images=60, batch_size=4)),
         (["e2e", "--quick", "--input_size", "48"], dict(images=40, input_size=48)),
         (["step", "--quick", "--steps", "2"], dict(steps=2, repeats=1, batch_sizes=[8])),
     ]:
-        seen = {}
+        seen.clear()
         config_class, _ = bench.SECTIONS[argv[0]]
-        bench.SECTIONS[argv[0]] = (config_class, lambda config, seen=seen: seen.update(vars(config)) or {})
-        try:
-            assert bench.main(argv) == 0
-        finally:
-            bench.SECTIONS[argv[0]] = (config_class, _)
+        monkeypatch.setitem(bench.SECTIONS, argv[0], (config_class, lambda c: seen.update(vars(c)) or {}))
+        assert bench.main(argv) == 0
         assert {k: seen[k] for k in expected} == expected, argv
     assert parser.parse_args(["data"]).batch_size == 64  # the parser's own defaults are untouched
 
 
-def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(monkeypatch, capsys):
-    monkeypatch.setattr(
-        bench_data, "generate", lambda *args: pytest.fail("images generated before the check")
-    )
+def test_an_e2e_run_that_cannot_train_here_is_refused_before_any_image_is_written(no_images, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["e2e", "--quick", "--device", "cpu", "--cuda_graphs", "true"])
     assert exit_.value.code == 2 and "CUDA graphs need a CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("section", ["data", "e2e"])
-def test_too_few_images_for_one_batch_is_refused_before_any_image_is_written(section, monkeypatch, capsys):
-    def no_images(*args):
-        raise AssertionError("images generated before the options were checked")
-
-    monkeypatch.setattr(bench_data, "generate", no_images)
+def test_too_few_images_for_one_batch_is_refused_before_any_image_is_written(section, no_images, capsys):
     # 20 images leave 10 for training (one per class goes to validation): no batch of 16, so an
     # epoch would time nothing and its images/s divide by zero.
     with pytest.raises(SystemExit) as exit_:

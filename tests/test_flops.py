@@ -177,8 +177,9 @@ def test_count_module_covers_transposed_grouped_shared_and_loose_parameters():
 
 def test_count_module_restores_training_mode():
     model = build_model(CONFIGS[0])
-    count_module(model, (3, CONFIGS[0].input_size, CONFIGS[0].input_size))
-    assert model.training
+    for training in (True, False):  # the mode it had, not always train mode
+        count_module(model.train(training), (3, CONFIGS[0].input_size, CONFIGS[0].input_size))
+        assert model.training is training
 
 
 def test_cli_json_with_verify_on_the_default_config():

@@ -167,8 +167,7 @@ def test_exactly_the_strategy_s_parameters_train_and_only_they_change(options, t
     assert counts["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in expected)
     assert counts["trainable_params"] + counts["frozen_params"] == sum(p.numel() for p in model.parameters())
 
-    before = dict(model.named_parameters())
-    before = {n: p.detach().clone() for n, p in before.items()}
+    before = snapshot(model)
     train_steps(model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == expected
@@ -207,11 +206,13 @@ def test_gradual_unfreezes_one_stage_from_the_top_every_e_epochs():
 
 
 def bn_buffers(model: nn.Module, *prefixes: str) -> dict[str, torch.Tensor]:
-    return {
+    buffers = {
         k: v.clone()
         for k, v in model.state_dict().items()
         if k.startswith(tuple(f"net.{p}" for p in prefixes)) and "running_" in k
     }
+    assert buffers, f"no batch norm statistics under {prefixes}"  # all() over none would always pass
+    return buffers
 
 
 def test_frozen_batch_norm_keeps_its_running_statistics_in_train_mode():
@@ -306,8 +307,10 @@ def test_shape_mismatch_is_refused(tmp_path):
 
 def test_googlenet_file_with_untrained_aux_heads_loads(tmp_path):
     path = tmp_path / "googlenet.pth"
-    torch.save(torchvision_state("googlenet", aux_logits=True, init_weights=False), path)
+    state = torchvision_state("googlenet", aux_logits=True, init_weights=False)
+    torch.save(state, path)
     model = build_model(ModelBConfig(model="googlenet", weights=str(path)))
+    assert torch.equal(model.net.inception5b.branch1.conv.weight, state["inception5b.branch1.conv.weight"])
     assert model.net.aux1 is None and model.net.transform_input
     assert model.net.fc.out_features == 10
 
@@ -392,11 +395,10 @@ def file_server(tmp_path):
 
 def test_download_lands_in_the_cache_and_checks_the_hash(torch_home, file_server):
     folder, base = file_server
-    payload_path = tmp = folder / "payload"
-    torch.save(torchvision_state("resnet18"), tmp)
-    digest = hashlib.sha256(payload_path.read_bytes()).hexdigest()
-    good, bad = f"tiny-{digest[:8]}.pth", "tiny-deadbeef.pth"
-    payload_path.rename(folder / good)
+    payload = folder / "payload"
+    torch.save(torchvision_state("resnet18"), payload)
+    good, bad = f"tiny-{hashlib.sha256(payload.read_bytes()).hexdigest()[:8]}.pth", "tiny-deadbeef.pth"
+    payload.rename(folder / good)
     (folder / bad).write_bytes((folder / good).read_bytes())
 
     path = weights_lib.fetch(f"{base}/{good}")
